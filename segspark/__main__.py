@@ -1,0 +1,5 @@
+import sys
+
+from segspark.cli import main
+
+sys.exit(main())

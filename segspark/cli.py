@@ -1,0 +1,177 @@
+"""Command line: `segspark generate|run ...` (also `python -m segspark`).
+
+Thin: parses arguments, loads the config, gets a session and calls the library. Exit codes:
+0 success, 2 bad usage/config/input schema (one clear message, no traceback), 1 failure at run time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import click
+
+from segspark.errors import UsageError
+
+log = logging.getLogger("segspark")
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("py4j", "urllib3", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _session(app_name: str, master: str | None = None, conf: dict | None = None):
+    from segspark.session import get_spark, stop_if_owned
+
+    spark = get_spark(app_name=app_name, master=master or "local[2]", conf=conf)
+    try:
+        yield spark
+    finally:
+        # Stop before exit: a process that loaded delta-rs and left Spark running was seen
+        # aborting at exit with code 134, which would hide the real exit status.
+        stop_if_owned(spark)
+
+
+def _parse_date(ctx, param, value: str | None) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date like 2026-10-31") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def cli(verbose: bool, quiet: bool) -> None:
+    """segspark: customer segmentation on Apache Spark, written to Delta tables.
+
+    \b
+    Examples:
+      segspark generate --out sample --users 5000
+      segspark run --config conf/local.yaml --set input.path=sample/events
+    """
+    _configure_logging(verbose, quiet)
+
+
+@cli.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--users", required=True, type=click.IntRange(min=1), help="Number of users.")
+@click.option("--days", default=90, show_default=True, type=click.IntRange(min=1), help="Days of history.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Random seed (same seed, same data).")
+@click.option("--format", "fmt", default="parquet", show_default=True, type=click.Choice(["parquet", "json", "csv"]))
+@click.option("--duplicates", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events emitted twice.")
+@click.option("--missing-prices", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events without price.")
+@click.option("--malformed", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of extra malformed lines (json/csv).")
+@click.option("--master", default=None, help="Spark master for a local session (default local[2]).")
+def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, master) -> None:
+    """Write a synthetic clickstream with planted personas.
+
+    DIR/events/ holds the events in the chosen format, DIR/truth/ (Parquet) each user's persona.
+
+    \b
+    Example:
+      segspark generate --out sample --users 10000 --days 60 --format json --duplicates 0.01
+    """
+    from segspark.datagen import GenerateSpec, write_dataset
+
+    spec = GenerateSpec(
+        users=users,
+        days=days,
+        seed=seed,
+        duplicate_share=duplicates,
+        missing_price_share=missing_prices,
+        malformed_share=malformed,
+    )
+    with _session("segspark-generate", master) as spark:
+        summary = write_dataset(spark, spec, out_dir, fmt)
+    click.echo(f"events: {out_dir}/events ({fmt})   truth: {out_dir}/truth")
+    for key, value in summary.items():
+        click.echo(f"  {key}: {value}")
+
+
+@cli.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--run-id", default=None, help="Run id (default: a new one). Re-running an id replaces its rows.")
+@click.option("--as-of", default=None, callback=_parse_date, help="Feature date YYYY-MM-DD (default: end of data).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
+    """Run the whole batch pipeline: ingest, features, segments, Delta tables.
+
+    \b
+    Examples:
+      segspark run --config conf/local.yaml
+      segspark run --config conf/local.yaml --run-id daily-2026-10-31 --as-of 2026-10-31 \\
+          --set input.path=/data/events output.root=/tmp/segspark
+    """
+    from segspark import pipeline
+    from segspark.config import load_config
+
+    cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+        result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of)
+    _print_summary(result)
+
+
+def _overrides(flagged: Sequence[str], trailing: Sequence[str]) -> list[str]:
+    """`--set a=1 --set b=2` and `--set a=1 b=2` (DESIGN.md's form) mean the same."""
+    for text in trailing:
+        if "=" not in text:
+            raise click.UsageError(f"unexpected argument {text!r}: overrides look like --set dotted.key=value")
+    return [*flagged, *trailing]
+
+
+def _spark_conf(cfg) -> dict[str, str]:
+    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), **cfg.spark.conf}
+
+
+def _print_summary(result) -> None:
+    click.echo(f"run {result.run_id} {result.status} (as of {result.as_of})")
+    click.echo(
+        f"  input rows {result.input_rows:,} = clean {result.clean_rows:,} + quarantined {result.quarantined_rows:,}"
+    )
+    click.echo(f"  users {result.users:,}")
+    for seg in result.segments:
+        share = seg["size"] / result.users if result.users else 0.0
+        click.echo(f"  {seg['model']} segment {seg['segment']:>2}  {seg['size']:>9,}  {share:6.1%}  {seg['name']}")
+    click.echo("  tables:")
+    for name, path in result.tables.items():
+        click.echo(f"    {name:<14} {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="segspark", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:  # usage errors from click itself
+        exc.show()
+        return 2
+    except UsageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a run-time failure: log it fully, exit 1
+        log.error("failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        click.echo(f"error: {type(exc).__name__}: {_first_line(exc)} (run with -v for the traceback)", err=True)
+        return 1
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

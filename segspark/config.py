@@ -1,0 +1,294 @@
+"""Typed, validated configuration.
+
+A config file is YAML; it may name a parent with `extends: other.yaml` (resolved relative to the
+file) and overrides only the keys it sets. `--set dotted.key=value` overrides any key last; values
+are parsed as YAML scalars, so `models.kmeans.k=6` is an int and `output.catalog=null` is None.
+
+Every key is known: an unknown key or a value of the wrong type is a ConfigError naming the key,
+the file (or `--set`) that set it, and the type expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from segspark.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EventType = Literal["view", "cart", "remove_from_cart", "purchase", "return"]
+CANONICAL_EVENT_TYPES: tuple[str, ...] = EventType.__args__
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, and values are not silently coerced between unrelated types.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class SparkConfig(_Section):
+    app_name: str = "segspark"
+    master: str = "local[2]"
+    shuffle_partitions: int = Field(8, ge=1)
+    conf: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        # Spark settings are strings; YAML reads `true` and `4` as bool and int.
+        if isinstance(value, Mapping):
+            return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in value.items()}
+        return value
+
+
+class InputColumns(_Section):
+    """Source column name for each canonical column (None: the source does not have it)."""
+
+    user_id: str
+    event_time: str
+    event_type: str | None = None
+    item_id: str | None = None
+    category: str | None = None
+    price: str | None = None
+    quantity: str | None = None
+    session_id: str | None = None
+    order_id: str | None = None
+    country: str | None = None
+
+    def mapped(self) -> dict[str, str]:
+        """Canonical name -> source name, for the columns the source has."""
+        return {k: v for k, v in self.model_dump().items() if v}
+
+
+class InputConfig(_Section):
+    path: str
+    format: Literal["parquet", "json", "csv", "delta"] = "parquet"
+    options: dict[str, str] = Field(default_factory=dict)
+    columns: InputColumns
+    timestamp_format: str = "yyyy-MM-dd HH:mm:ss"
+    time_zone: str = "UTC"
+    event_types: dict[str, EventType] = Field(default_factory=dict)
+    # Used for every row when the source has no event-type column (e.g. invoice lines).
+    default_event_type: EventType = "purchase"
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in value.items()}
+        return value
+
+
+class FeaturesConfig(_Section):
+    session_gap_minutes: int = Field(30, ge=1)
+    use_source_sessions: bool = True
+
+
+class KMeansConfig(_Section):
+    k: int = Field(5, ge=2)
+    max_iter: int = Field(40, ge=1)
+    seed: int = 42
+    log_transform: list[str] = Field(default_factory=list)
+
+
+class ModelsConfig(_Section):
+    kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+
+
+class OutputConfig(_Section):
+    root: str = "out/local"
+    catalog: str | None = None
+    schema_: str | None = Field(None, alias="schema")
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None
+
+
+class Config(_Section):
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    input: InputConfig
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def config_hash(self) -> str:
+        """sha256 of the resolved config (canonical JSON): equal hashes mean equal settings."""
+        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def redacted(self) -> dict[str, Any]:
+        return redact(self.as_dict())
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|api_?key|access_?key|private_?key)", re.I)
+_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Replace secret values (by key name, and user:password in URIs) with '***'."""
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if value is not None and _SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, str):
+        return _URI_USERINFO.sub("***@", value)
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, found {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any], origin: str, sources: dict[str, str], prefix=""):
+    """Deep-merge `top` into `base`, recording which file set each leaf key."""
+    for key, value in top.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and value:
+            _merge(base[key], value, origin, sources, dotted + ".")
+        else:
+            base[key] = _plain(value)
+            sources[dotted] = origin
+            if isinstance(value, Mapping):
+                for leaf in _leaves(value, dotted + "."):
+                    sources[leaf] = origin
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _leaves(mapping: Mapping[str, Any], prefix: str) -> Iterable[str]:
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _load_file(path: Path, sources: dict[str, str], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, seen + (path,)))}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    merged: dict[str, Any] = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"key 'extends' in {path}: expected a file name (str), found {parent!r}")
+        merged = _load_file(path.parent / parent, sources, seen + (path,))
+    _merge(merged, data, str(path), sources)
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set input.path=/data/events")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key {key!r} is not a dotted key like output.root")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # Keep paths and other text that YAML would turn into something else as the string given.
+    if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+        value = raw
+    return key, value
+
+
+def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    expected = {
+        "int_type": "an integer",
+        "string_type": "a string",
+        "bool_type": "true or false",
+        "float_type": "a number",
+        "dict_type": "a mapping",
+        "list_type": "a list",
+        "model_type": "a mapping (section)",
+        "literal_error": None,
+    }.get(kind)
+    found = error.get("input")
+    if expected:
+        return f"expected {expected}, found {found!r} ({type(found).__name__})"
+    return f"{error.get('msg', 'invalid value')}, found {found!r}"
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Load, merge, override and validate a config file. Raises ConfigError with every problem."""
+    sources: dict[str, str] = {}
+    data = _load_file(Path(path), sources)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(data, key, value)
+        sources[key] = "--set"
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            dotted = ".".join(str(p) for p in error["loc"])
+            origin = _origin(dotted, sources, str(Path(path).resolve()))
+            lines.append(f"  {dotted} (in {origin}): {_describe(error)}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    log.info("resolved config (hash %s): %s", config.config_hash()[:12], json.dumps(config.redacted(), sort_keys=True))
+    return config
+
+
+def _origin(dotted: str, sources: Mapping[str, str], default: str) -> str:
+    # The most specific key that a file or --set gave, walking up the dotted path.
+    parts = dotted.split(".")
+    while parts:
+        key = ".".join(parts)
+        if key in sources:
+            return sources[key]
+        parts.pop()
+    return default

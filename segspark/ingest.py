@@ -1,0 +1,188 @@
+"""Ingest: source records -> typed canonical events, with every bad record tagged with a reason.
+
+`tag_events` maps the source through the config's column mapping and types every value; a record
+that cannot become a valid event gets a `_reason` (the first rule it breaks, in the order of
+REASONS). Exact duplicates of a valid record are tagged `duplicate` (the first copy stays clean).
+Nothing is dropped: `clean_events` and `quarantine_rows` split the tagged frame, so
+input rows = clean rows + quarantined rows by construction.
+
+Exact duplicates are found within each user's events (window partitioned by user, ordered by every
+source column, comparing each row with the one before). Partitioning by user is the same shuffle
+the feature stage needs, so de-duplication costs no extra exchange.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import DateType, NumericType, StringType, TimestampNTZType, TimestampType
+
+from segspark.config import InputConfig
+from segspark.io.readers import CORRUPT_COLUMN
+from segspark.schema import EVENT_COLUMNS
+
+REASON = "_reason"
+RAW = "_raw"
+
+# Reason codes, in the order they are checked. Documented in README ("quarantine").
+REASONS = (
+    "malformed_record",  # the line could not be parsed as a record at all (json/csv)
+    "missing_user_id",
+    "missing_event_time",
+    "unparseable_timestamp",  # present but not in input.timestamp_format
+    "unknown_event_type",  # not a key of input.event_types
+    "unparseable_price",
+    "negative_price",
+    "missing_price",  # a purchase or return without a price
+    "unparseable_quantity",
+    "duplicate",  # an exact copy of an earlier record (all source columns equal)
+)
+
+
+class _Source:
+    """The source columns under private names (`_src0`, `_src1`, ...), so that a source column
+    called like a canonical one (user_id, price) never clashes with the typed column."""
+
+    def __init__(self, raw: DataFrame):
+        self.names = list(raw.columns)
+        self.alias = {name: f"_src{i}" for i, name in enumerate(self.names)}
+        self.types = {field.name: field.dataType for field in raw.schema.fields}
+        self.df = raw.select(*[F.col(f"`{name}`").alias(self.alias[name]) for name in self.names])
+
+    def col(self, name: str) -> Column:
+        return F.col(self.alias[name])
+
+    def text(self, name: str | None) -> Column:
+        """A source column as trimmed text, empty text as null."""
+        if name is None:
+            return F.lit(None).cast(StringType())
+        value = F.trim(self.col(name).cast(StringType()))
+        return F.when(value == "", None).otherwise(value)
+
+    def number(self, name: str | None) -> tuple[Column, Column]:
+        """(value as double, whether a value was present)."""
+        if name is None:
+            return F.lit(None).cast("double"), F.lit(False)
+        if isinstance(self.types[name], NumericType):
+            return self.col(name).cast("double"), self.col(name).isNotNull()
+        text = self.text(name)
+        return text.try_cast("double"), text.isNotNull()
+
+
+def _user_id(src: _Source, name: str) -> Column:
+    # Numeric ids exported through floats arrive as "17850.0": the ".0" is not part of the id.
+    return F.regexp_replace(src.text(name), r"^(\d+)\.0+$", "$1")
+
+
+def _event_time(src: _Source, cfg: InputConfig) -> tuple[Column, Column]:
+    """(parsed UTC timestamp, whether the source had a value at all)."""
+    name = cfg.columns.event_time
+    dtype = src.types[name]
+    if isinstance(dtype, TimestampType):
+        parsed = src.col(name)  # already an instant
+        present = parsed.isNotNull()
+    elif isinstance(dtype, (TimestampNTZType, DateType)):
+        parsed = F.to_utc_timestamp(src.col(name).cast(TimestampType()), cfg.time_zone)
+        present = src.col(name).isNotNull()
+    else:
+        text = src.text(name)
+        # The session time zone is UTC, so the parsed wall-clock time is read in UTC and then moved
+        # from the source's zone to UTC.
+        local = F.try_to_timestamp(text, F.lit(cfg.timestamp_format))
+        parsed = local if cfg.time_zone == "UTC" else F.to_utc_timestamp(local, cfg.time_zone)
+        present = text.isNotNull()
+    return parsed, present
+
+
+def _event_type(src: _Source, cfg: InputConfig) -> Column:
+    if cfg.columns.event_type is None:
+        return F.lit(cfg.default_event_type)
+    pairs = sorted((source.lower(), target) for source, target in cfg.event_types.items())
+    mapping = F.create_map(*[F.lit(x) for pair in pairs for x in pair])
+    return F.element_at(mapping, F.lower(src.text(cfg.columns.event_type)))
+
+
+def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
+    """Canonical event columns plus `_reason` (null when clean) and `_raw` (set when not clean)."""
+    cols = cfg.columns
+    src = _Source(raw)
+    event_time, time_present = _event_time(src, cfg)
+    price, price_present = src.number(cols.price)
+    if cols.quantity is None:
+        quantity, quantity_present = F.lit(1.0), F.lit(True)
+    else:
+        quantity, quantity_present = src.number(cols.quantity)
+
+    c = F.col
+    source_cols = [c(src.alias[name]) for name in src.names]
+    typed = src.df.select(
+        *source_cols,
+        _user_id(src, cols.user_id).alias("user_id"),
+        event_time.alias("event_time"),
+        time_present.alias("_time_present"),
+        _event_type(src, cfg).alias("event_type"),
+        src.text(cols.item_id).alias("item_id"),
+        src.text(cols.category).alias("category"),
+        price.alias("price"),
+        price_present.alias("_price_present"),
+        quantity.alias("quantity"),
+        quantity_present.alias("_quantity_present"),
+        src.text(cols.session_id).alias("session_id"),
+        src.text(cols.order_id).alias("order_id"),
+        src.text(cols.country).alias("country"),
+    )
+
+    is_money_event = c("event_type").isin("purchase", "return")
+    rule_reason = (
+        F.when(src.col(CORRUPT_COLUMN).isNotNull(), "malformed_record")
+        .when(c("user_id").isNull(), "missing_user_id")
+        .when(~c("_time_present"), "missing_event_time")
+        .when(c("event_time").isNull(), "unparseable_timestamp")
+        .when(c("event_type").isNull(), "unknown_event_type")
+        .when(c("_price_present") & c("price").isNull(), "unparseable_price")
+        .when(c("price") < 0, "negative_price")
+        .when(is_money_event & c("price").isNull(), "missing_price")
+        .when(~c("_quantity_present") | c("quantity").isNull(), "unparseable_quantity")
+    )
+    typed = typed.withColumn(REASON, rule_reason)
+
+    # Exact duplicates: same user, every source column equal to the previous row's.
+    by_user = Window.partitionBy("user_id").orderBy(*[col.asc_nulls_first() for col in source_cols])
+    same_as_previous = F.lit(True)
+    for col in source_cols:
+        same_as_previous = same_as_previous & col.eqNullSafe(F.lag(col).over(by_user))
+    typed = typed.withColumn(
+        REASON,
+        F.when(c(REASON).isNull() & F.coalesce(same_as_previous, F.lit(False)), "duplicate").otherwise(c(REASON)),
+    )
+
+    record = F.to_json(
+        F.struct(*[src.col(name).alias(name) for name in src.names if name != CORRUPT_COLUMN])
+    )
+    raw_text = F.coalesce(src.col(CORRUPT_COLUMN), record)
+    return typed.select(
+        *[c(name) for name in EVENT_COLUMNS],
+        c(REASON),
+        F.when(c(REASON).isNotNull(), raw_text).alias(RAW),
+    )
+
+
+def clean_events(tagged: DataFrame) -> DataFrame:
+    """Valid, de-duplicated canonical events."""
+    return tagged.filter(F.col(REASON).isNull()).select(*EVENT_COLUMNS)
+
+
+def quarantine_rows(tagged: DataFrame, run_id: str, source: str) -> DataFrame:
+    """One row per rejected record: run_id, source, reason, raw, ingested_at."""
+    return tagged.filter(F.col(REASON).isNotNull()).select(
+        F.lit(run_id).alias("run_id"),
+        F.lit(source).alias("source"),
+        F.col(REASON).alias("reason"),
+        F.col(RAW).alias("raw"),
+        F.current_timestamp().alias("ingested_at"),
+    )
+
+
+def reason_counts(tagged: DataFrame) -> DataFrame:
+    """Rows per reason (null reason = clean). Small: one row per reason."""
+    return tagged.groupBy(F.col(REASON).alias("reason")).count()

@@ -1,0 +1,1 @@
+"""Readers and writers: the only place segspark touches storage."""

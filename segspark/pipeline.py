@@ -1,0 +1,174 @@
+"""The batch pipeline: ingest -> features -> KMeans segments -> Delta tables.
+
+`run(spark, cfg)` is the library entry point used by the CLI, jobs/ and notebooks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from segspark import ingest
+from segspark.config import Config
+from segspark.features import user_features
+from segspark.io.readers import read_raw_events
+from segspark.io.tables import table_path, write_run_rows
+from segspark.models import kmeans
+from segspark.schema import RUNS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    as_of: dt.date | None
+    status: str = "running"
+    input_rows: int = 0
+    clean_rows: int = 0
+    quarantined_rows: int = 0
+    users: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    segments: list[dict] = field(default_factory=list)  # model, segment, name, size
+    tables: dict[str, str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+@contextmanager
+def _stage(result: RunResult, name: str) -> Iterator[dict]:
+    """Times a stage and logs one line with its row counts when it ends."""
+    counts: dict = {}
+    start = time.perf_counter()
+    yield counts
+    seconds = time.perf_counter() - start
+    result.stage_seconds[name] = round(seconds, 3)
+    detail = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in counts.items())
+    log.info("stage %-9s %6.1f s  %s", name, seconds, detail)
+
+
+def run(spark: SparkSession, cfg: Config, run_id: str | None = None, as_of: dt.date | None = None) -> RunResult:
+    """Run the whole batch pipeline and record the run in the `runs` table (also when it fails)."""
+    result = RunResult(run_id=run_id or new_run_id(), as_of=as_of)
+    started_at = dt.datetime.now(dt.UTC)
+    log.info("run %s starting (config hash %s)", result.run_id, cfg.config_hash()[:12])
+    cached: list[DataFrame] = []
+    try:
+        _run_stages(spark, cfg, result, cached)
+        result.status = "succeeded"
+    except BaseException as exc:
+        result.status = "failed"
+        result.metrics["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        raise
+    finally:
+        for df in cached:
+            df.unpersist()
+        _record_run(spark, cfg, result, started_at)
+    return result
+
+
+def _run_stages(spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame]) -> None:
+    out = cfg.output
+    run_id = result.run_id
+
+    with _stage(result, "ingest") as counts:
+        raw = read_raw_events(spark, cfg.input)
+        tagged = ingest.tag_events(raw, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(tagged)
+        # One small aggregation gives every count and the end of the data.
+        summary = (
+            tagged.groupBy(F.col(ingest.REASON).alias("reason"))
+            .agg(F.count(F.lit(1)).alias("rows"), F.max("event_time").alias("last_event"))
+            .collect()
+        )
+        result.reasons = {row.reason: int(row.rows) for row in summary if row.reason is not None}
+        result.clean_rows = sum(int(row.rows) for row in summary if row.reason is None)
+        result.quarantined_rows = sum(result.reasons.values())
+        result.input_rows = result.clean_rows + result.quarantined_rows
+        last_event = max((row.last_event for row in summary if row.reason is None and row.last_event), default=None)
+        counts.update(input=result.input_rows, clean=result.clean_rows, quarantined=result.quarantined_rows)
+
+    with _stage(result, "quarantine") as counts:
+        written = write_run_rows(spark, out, "quarantine", ingest.quarantine_rows(tagged, run_id, cfg.input.path), run_id)
+        result.tables["quarantine"] = table_path(out, "quarantine")
+        counts.update(rows=written.rows, reasons=json.dumps(result.reasons, sort_keys=True))
+
+    if result.as_of is None:
+        if last_event is None:
+            raise ValueError(f"input {cfg.input.path!r} has no valid events (all {result.input_rows} quarantined)")
+        result.as_of = last_event.date()
+
+    with _stage(result, "features") as counts:
+        features = user_features(ingest.clean_events(tagged), result.as_of, cfg.features)
+        features = features.withColumn("run_id", F.lit(run_id)).persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(features)
+        written = write_run_rows(spark, out, "user_features", features, run_id)
+        result.users = written.rows if written.rows >= 0 else features.count()
+        result.tables["user_features"] = table_path(out, "user_features")
+        counts.update(users=result.users, as_of=str(result.as_of))
+    tagged.unpersist()
+
+    if result.users == 0:
+        raise ValueError(f"no user has events up to as_of {result.as_of}; choose a later --as-of")
+
+    with _stage(result, "kmeans") as counts:
+        km_cfg = cfg.models.kmeans
+        fitted = kmeans.fit(features, km_cfg)
+        fitted.pipeline.write().overwrite().save(f"{out.root.rstrip('/')}/_models/{run_id}/{kmeans.MODEL_NAME}")
+        segments = kmeans.assign(fitted, features, km_cfg.log_transform).select(
+            "user_id",
+            F.lit(result.as_of).cast("date").alias("as_of"),
+            F.lit(run_id).alias("run_id"),
+            F.lit(kmeans.MODEL_NAME).alias("model"),
+            "segment",
+            "segment_name",
+            "probability",
+            "anomaly_score",
+        )
+        written = write_run_rows(spark, out, "user_segments", segments, run_id)
+        result.tables["user_segments"] = table_path(out, "user_segments")
+        result.metrics[kmeans.MODEL_NAME] = fitted.metrics()
+        result.segments = [
+            {"model": kmeans.MODEL_NAME, "segment": i, "name": name, "size": size}
+            for i, (name, size) in enumerate(zip(fitted.segment_names, fitted.cluster_sizes, strict=True))
+        ]
+        counts.update(rows=written.rows, k=km_cfg.k)
+
+
+def _record_run(spark: SparkSession, cfg: Config, result: RunResult, started_at: dt.datetime) -> None:
+    metrics = {**result.metrics, "stage_seconds": result.stage_seconds, "quarantine_reasons": result.reasons}
+    row = (
+        result.run_id,
+        started_at,
+        dt.datetime.now(dt.UTC),
+        result.status,
+        cfg.config_hash(),
+        result.as_of,
+        result.input_rows,
+        result.clean_rows,
+        result.quarantined_rows,
+        result.users,
+        json.dumps(metrics, sort_keys=True, default=str),
+    )
+    try:
+        write_run_rows(spark, cfg.output, "runs", spark.createDataFrame([row], RUNS), result.run_id)
+        result.tables["runs"] = table_path(cfg.output, "runs")
+    except Exception:
+        if result.status == "succeeded":
+            raise
+        # The run already failed; keep its original error as the one reported.
+        log.exception("could not record failed run %s in the runs table", result.run_id)

@@ -1,0 +1,91 @@
+"""Canonical column names and table schemas: the contract with downstream consumers.
+
+Change a name or type here only together with its tests and the README's table section.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql.types import (
+    DateType,
+    DoubleType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+# Typed canonical events, produced by ingest from any source through the config's column mapping.
+EVENTS = StructType(
+    [
+        StructField("user_id", StringType(), False),
+        StructField("event_time", TimestampType(), False),
+        StructField("event_type", StringType(), False),
+        StructField("item_id", StringType(), True),
+        StructField("category", StringType(), True),
+        StructField("price", DoubleType(), True),
+        StructField("quantity", DoubleType(), False),
+        StructField("session_id", StringType(), True),
+        StructField("order_id", StringType(), True),
+        StructField("country", StringType(), True),
+    ]
+)
+EVENT_COLUMNS = tuple(field.name for field in EVENTS.fields)
+
+QUARANTINE = StructType(
+    [
+        StructField("run_id", StringType(), False),
+        StructField("source", StringType(), False),
+        StructField("reason", StringType(), False),
+        StructField("raw", StringType(), True),
+        StructField("ingested_at", TimestampType(), False),
+    ]
+)
+
+# Feature columns of the first cut. Consumers rely on the canonical names' meaning (README).
+FEATURE_COLUMNS = (
+    "recency_days",
+    "frequency",
+    "monetary",
+    "tenure_days",
+    "sessions",
+    "views",
+    "carts",
+    "removes_from_cart",
+    "purchases",
+    "returns",
+)
+USER_FEATURES_KEYS = ("user_id", "as_of", "run_id")
+
+USER_SEGMENTS = StructType(
+    [
+        StructField("user_id", StringType(), False),
+        StructField("as_of", DateType(), False),
+        StructField("run_id", StringType(), False),
+        StructField("model", StringType(), False),
+        StructField("segment", IntegerType(), False),
+        StructField("segment_name", StringType(), False),
+        StructField("probability", DoubleType(), False),
+        StructField("anomaly_score", DoubleType(), True),
+    ]
+)
+
+RUNS = StructType(
+    [
+        StructField("run_id", StringType(), False),
+        StructField("started_at", TimestampType(), False),
+        StructField("finished_at", TimestampType(), True),
+        StructField("status", StringType(), False),
+        StructField("config_hash", StringType(), False),
+        StructField("as_of", DateType(), True),
+        StructField("input_rows", LongType(), True),
+        StructField("clean_rows", LongType(), True),
+        StructField("quarantined_rows", LongType(), True),
+        StructField("users", LongType(), True),
+        StructField("metrics", StringType(), True),
+    ]
+)
+
+# Table names under output.root (or in output.catalog.output.schema).
+TABLES = ("quarantine", "user_features", "user_segments", "runs")

@@ -1,0 +1,113 @@
+"""SparkSession factory.
+
+Uses the active session when there is one (Databricks notebooks and jobs, spark-submit, Spark
+Connect), otherwise builds a local session that listens on loopback only. Also tells whether the
+Delta Spark connector is on the classpath, which decides how Delta tables are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+
+from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+# Settings every segspark session needs, whoever built it. Timestamps as microseconds, because
+# Spark's default INT96 arrives in delta-rs as nanoseconds and makes it refuse the table; UTC so
+# that "as of a date" means the same on every machine.
+REQUIRED_CONF: dict[str, str] = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+
+# Defaults for a session we build ourselves: modest parallelism for a laptop or CI box.
+LOCAL_DEFAULTS: dict[str, str] = {
+    "spark.sql.shuffle.partitions": "8",
+    "spark.driver.host": LOOPBACK,
+    "spark.driver.bindAddress": LOOPBACK,
+    "spark.ui.enabled": "false",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "10000",
+    "spark.driver.memory": "4g",
+}
+
+
+def _prepare_local_environment() -> None:
+    # Python workers must run this interpreter (with segspark's dependencies), not whatever
+    # `python3` is on PATH, or pandas UDFs fail with ModuleNotFoundError.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # Nothing may listen beyond loopback.
+    os.environ.setdefault("SPARK_LOCAL_IP", LOOPBACK)
+
+
+def get_spark(
+    app_name: str = "segspark",
+    master: str = "local[2]",
+    conf: Mapping[str, str] | None = None,
+) -> SparkSession:
+    """Return the active SparkSession, or build a local one.
+
+    An active session (Databricks, spark-submit, a notebook) is reused as is, apart from the few
+    SQL settings segspark relies on (REQUIRED_CONF), which are set at session level.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        log.info("using the active SparkSession (Spark %s)", active.version)
+        for key, value in REQUIRED_CONF.items():
+            active.conf.set(key, value)
+        return active
+
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Launched by spark-submit (or the pyspark shell): the JVM already holds the master and
+        # settings the user submitted with; add only what segspark needs.
+        builder = SparkSession.builder.appName(app_name)
+        settings = {**REQUIRED_CONF, **dict(conf or {})}
+    else:
+        _prepare_local_environment()
+        builder = SparkSession.builder.appName(app_name).master(master)
+        settings = {**LOCAL_DEFAULTS, **REQUIRED_CONF, **dict(conf or {})}
+    for key, value in settings.items():
+        builder = builder.config(key, str(value))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    spark._segspark_owned = True  # type: ignore[attr-defined]
+    log.info("started SparkSession (Spark %s, master %s)", spark.version, spark.sparkContext.master)
+    return spark
+
+
+def has_delta_connector(spark: SparkSession) -> bool:
+    """True when the Delta Spark connector is usable in this session (Databricks, or the
+    delta-spark package on the classpath). Without it, segspark commits Delta itself."""
+    cached = getattr(spark, "_segspark_has_delta", None)
+    if cached is not None:
+        return cached
+    try:
+        # Resolving the data source class is cheap and touches no data.
+        spark._jvm.java.lang.Class.forName("io.delta.sql.DeltaSparkSessionExtension")  # type: ignore[union-attr]
+        present = True
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        present = _connect_has_delta(spark)
+    spark._segspark_has_delta = present  # type: ignore[attr-defined]
+    log.info("Delta Spark connector %s", "present" if present else "absent: using the embedded committer")
+    return present
+
+
+def _connect_has_delta(spark: SparkSession) -> bool:
+    # Under Spark Connect there is no JVM gateway; Databricks serverless always has Delta.
+    if getattr(spark, "_jvm", None) is not None:
+        return False
+    return bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+
+
+def stop_if_owned(spark: SparkSession) -> None:
+    """Stop the session if segspark built it; leave a notebook's or job's session alone."""
+    if getattr(spark, "_segspark_owned", False):
+        spark.stop()

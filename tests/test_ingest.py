@@ -1,0 +1,147 @@
+"""Ingest: typing through the mapping, and every bad record quarantined with its reason."""
+
+import json
+
+import pytest
+
+from segspark import ingest
+from segspark.errors import InputSchemaError
+from segspark.io.readers import read_raw_events
+
+GOOD = {
+    "event_time": "2026-10-01 10:00:00",
+    "event_type": "view",
+    "product_id": 11,
+    "category_code": "electronics.phone",
+    "brand": "acme",
+    "price": 10.5,
+    "user_id": 1,
+    "user_session": "s1",
+}
+
+
+def rec(**changes):
+    return {**GOOD, **changes}
+
+
+def tag(spark, make_config, path, fmt):
+    cfg = make_config(f"input.path={path}", f"input.format={fmt}")
+    return ingest.tag_events(read_raw_events(spark, cfg.input), cfg.input)
+
+
+def reasons_by_product(tagged):
+    rows = tagged.select("item_id", ingest.REASON, ingest.RAW).collect()
+    return rows
+
+
+@pytest.fixture
+def json_log(tmp_path):
+    lines = [
+        json.dumps(rec(product_id=1)),
+        json.dumps(rec(product_id=2, user_id=None)),  # missing_user_id
+        json.dumps(rec(product_id=3, event_time="01/10/2026 10:00")),  # unparseable_timestamp
+        json.dumps(rec(product_id=4, price=-1.0)),  # negative_price
+        json.dumps(rec(product_id=5, event_type="wishlist")),  # unknown_event_type
+        json.dumps(rec(product_id=6, event_type="purchase", price=None)),  # missing_price
+        json.dumps(rec(product_id=7)),
+        json.dumps(rec(product_id=7)),  # duplicate of the line above
+        json.dumps(rec(product_id=8, event_time=None)),  # missing_event_time
+        json.dumps(rec(product_id=9, price="ten")),  # unparseable_price
+        '{"event_time": "2026-10-01 1',  # malformed_record
+        json.dumps(rec(product_id=10, user_id="17850.0", event_type="PURCHASE")),  # clean; id normalised
+    ]
+    path = tmp_path / "events"
+    path.mkdir()
+    (path / "part-0.json").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_json_bad_records_get_their_reason_and_nothing_is_lost(spark, make_config, json_log):
+    tagged = tag(spark, make_config, json_log, "json")
+    rows = tagged.select("item_id", "user_id", "event_type", ingest.REASON, ingest.RAW).collect()
+    by_item = {}
+    for row in rows:
+        by_item.setdefault(row.item_id, []).append(row)
+    reason = {item: sorted(str(r[ingest.REASON]) for r in group) for item, group in by_item.items()}
+    assert reason["1"] == ["None"]
+    assert reason["2"] == ["missing_user_id"]
+    assert reason["3"] == ["unparseable_timestamp"]
+    assert reason["4"] == ["negative_price"]
+    assert reason["5"] == ["unknown_event_type"]
+    assert reason["6"] == ["missing_price"]
+    assert reason["7"] == ["None", "duplicate"]
+    assert reason["8"] == ["missing_event_time"]
+    assert reason["9"] == ["unparseable_price"]
+    assert reason[None] == ["malformed_record"]
+    assert reason["10"] == ["None"]
+    normalised = next(r for r in rows if r.item_id == "10")
+    assert normalised.user_id == "17850" and normalised.event_type == "purchase"
+    # The raw record travels with every quarantined row, the malformed line verbatim.
+    malformed = next(r for r in rows if r[ingest.REASON] == "malformed_record")
+    assert malformed[ingest.RAW].startswith('{"event_time": "2026-10-01 1')
+    assert all(r[ingest.RAW] for r in rows if r[ingest.REASON])
+
+    clean = ingest.clean_events(tagged).count()
+    quarantined = ingest.quarantine_rows(tagged, "r1", str(json_log)).count()
+    assert (clean, quarantined) == (3, 9)
+    assert clean + quarantined == 12  # every input line is accounted for
+
+
+def test_csv_malformed_lines_and_types(spark, make_config, tmp_path):
+    path = tmp_path / "csv"
+    path.mkdir()
+    header = "event_time,event_type,product_id,category_code,brand,price,user_id,user_session"
+    (path / "a.csv").write_text(
+        "\n".join(
+            [
+                header,
+                "2026-10-01 10:00:00,purchase,1,c.a,b,12.5,42,s1",
+                "2026-10-01 10:05:00,view,2,c.a,b,,42,s1",  # view without price is fine
+                "garbage line without enough fields",
+                "2026-10-01 10:06:00,cart,3,c.a,b,3.0,43,s2,EXTRA",
+            ]
+        )
+        + "\n"
+    )
+    tagged = tag(spark, make_config, path, "csv")
+    rows = tagged.collect()
+    assert sorted(str(r[ingest.REASON]) for r in rows) == ["None", "None", "malformed_record", "malformed_record"]
+    purchase = next(r for r in rows if r.item_id == "1")
+    assert purchase.price == 12.5 and purchase.quantity == 1.0 and purchase.user_id == "42"
+    assert str(purchase.event_time) == "2026-10-01 10:00:00"
+
+
+def test_parquet_and_delta_inputs_are_typed(spark, make_config, tmp_path):
+    from segspark.io.delta import write_table
+
+    df = spark.createDataFrame([rec(product_id=1), rec(product_id=2, price=-3.0)])
+    df.write.parquet(str(tmp_path / "pq"))
+    write_table(spark, df, str(tmp_path / "dl"))
+    for path, fmt in ((tmp_path / "pq", "parquet"), (tmp_path / "dl", "delta")):
+        got = sorted((r.item_id, r[ingest.REASON]) for r in tag(spark, make_config, path, fmt).collect())
+        assert got == [("1", None), ("2", "negative_price")], fmt
+
+
+def test_source_time_zone_is_converted_to_utc(spark, make_config, tmp_path):
+    path = tmp_path / "tz"
+    path.mkdir()
+    (path / "e.json").write_text(json.dumps(rec(event_time="2026-07-01 12:00:00")) + "\n")
+    cfg = make_config(f"input.path={path}", "input.format=json", "input.time_zone=Europe/London")
+    row = ingest.tag_events(read_raw_events(spark, cfg.input), cfg.input).collect()[0]
+    assert str(row.event_time) == "2026-07-01 11:00:00"  # BST is UTC+1
+
+
+def test_missing_required_columns_lists_missing_and_present(spark, make_config, tmp_path):
+    spark.createDataFrame([{"uid": 1, "ts": "2026-10-01 10:00:00"}]).write.parquet(str(tmp_path / "p"))
+    cfg = make_config(f"input.path={tmp_path / 'p'}")
+    with pytest.raises(InputSchemaError) as err:
+        read_raw_events(spark, cfg.input)
+    message = str(err.value)
+    assert "'user_id' (for user_id)" in message and "'event_time' (for event_time)" in message
+    assert "Columns present: ts, uid" in message
+
+
+def test_missing_input_path_is_a_usage_error(spark, make_config, tmp_path):
+    cfg = make_config(f"input.path={tmp_path / 'nowhere'}")
+    with pytest.raises(InputSchemaError, match="no parquet data found"):
+        read_raw_events(spark, cfg.input)
