@@ -146,8 +146,12 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
     )
     typed = typed.withColumn(REASON, rule_reason)
 
-    # Exact duplicates: same user, every source column equal to the previous row's.
-    by_user = Window.partitionBy("user_id").orderBy(*[col.asc_nulls_first() for col in source_cols])
+    # Exact duplicates: same user, every source column equal to the previous row's. Ordering by
+    # event time first leaves each user's events in time order, which is the order the session
+    # window of the feature stage needs, so Spark does not sort them again.
+    by_user = Window.partitionBy("user_id").orderBy(
+        c("event_time").asc_nulls_first(), *[col.asc_nulls_first() for col in source_cols]
+    )
     same_as_previous = F.lit(True)
     for col in source_cols:
         same_as_previous = same_as_previous & col.eqNullSafe(F.lag(col).over(by_user))

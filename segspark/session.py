@@ -33,6 +33,8 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.driver.host": LOOPBACK,
     "spark.driver.bindAddress": LOOPBACK,
     "spark.ui.enabled": "false",
+    # Console progress bars garble logs that schedulers and CI capture; segspark logs each stage.
+    "spark.ui.showConsoleProgress": "false",
     "spark.sql.adaptive.enabled": "true",
     "spark.sql.execution.arrow.maxRecordsPerBatch": "10000",
     "spark.driver.memory": "4g",

@@ -40,3 +40,35 @@ def make_config(tmp_path):
         return load_config(REPO / config, [f"output.root={tmp_path / 'out'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sample_parquet(spark, tmp_path_factory):
+    """A small generated clickstream (Parquet) shared by the end-to-end tests."""
+    from segspark.datagen import GenerateSpec, write_dataset
+
+    out = tmp_path_factory.mktemp("sample-parquet")
+    write_dataset(spark, GenerateSpec(users=400, days=30, seed=11), str(out), "parquet")
+    return out
+
+
+@pytest.fixture(scope="session")
+def noisy_json(spark, tmp_path_factory):
+    """A small generated clickstream as JSON lines with duplicates, missing prices, malformed lines."""
+    from segspark.datagen import GenerateSpec, write_dataset
+
+    out = tmp_path_factory.mktemp("noisy-json")
+    spec = GenerateSpec(users=300, days=30, seed=5, duplicate_share=0.02, missing_price_share=0.02, malformed_share=0.01)
+    write_dataset(spark, spec, str(out), "json")
+    return out
+
+
+def data_lines(folder) -> int:
+    """Non-empty lines in the data files of a folder written by Spark (independent of Spark)."""
+    import pathlib
+
+    total = 0
+    for path in pathlib.Path(folder).rglob("*"):
+        if path.is_file() and not path.name.startswith(("_", ".")) and not path.name.endswith(".crc"):
+            total += sum(1 for line in path.read_text().splitlines() if line.strip())
+    return total

@@ -1,0 +1,85 @@
+"""CLI: exit codes and messages (in-process on the shared session), and one end-to-end run on
+`local-cluster[2,1,1024]` in a subprocess: two executor JVMs, nothing may depend on driver-local state."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from deltalake import DeltaTable
+
+from segspark.cli import main
+
+from .conftest import REPO
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_run_prints_summary_and_exits_0(spark, capsys, sample_parquet, tmp_path):
+    code, out, err = run_cli(
+        capsys, "run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "cli-1",
+        "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}",
+    )
+    assert code == 0, err
+    assert "run cli-1 succeeded" in out and "kmeans segment" in out and "user_segments" in out
+    assert DeltaTable(str(tmp_path / "user_segments")).to_pyarrow_table().num_rows > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "models.kmeans.k=lots"], "models.kmeans.k (in --set): expected an integer"),
+        (["--set", "models.kmeans.colour=red"], "models.kmeans.colour (in --set): unknown key"),
+        (["--set", "input.path=/nonexistent/events"], "no parquet data found"),
+        (["--as-of", "31/10/2026"], "is not a date like"),
+        (["stray-argument"], "unexpected argument"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_clear_message(spark, capsys, tmp_path, args, message):
+    code, out, err = run_cli(
+        capsys, "run", "--config", str(REPO / "conf/local.yaml"), "--set", f"output.root={tmp_path}", *args
+    )
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_columns_exit_2_listing_missing_and_present(spark, capsys, tmp_path):
+    spark.createDataFrame([{"uid": 1, "ts": "2026-01-01 00:00:00"}]).write.parquet(str(tmp_path / "ev"))
+    code, _, err = run_cli(
+        capsys, "run", "--config", str(REPO / "conf/local.yaml"),
+        "--set", f"input.path={tmp_path / 'ev'}", f"output.root={tmp_path / 'out'}",
+    )
+    assert code == 2
+    assert "lacks required columns" in err and "Columns present: ts, uid" in err
+
+
+def test_missing_config_file_exits_2(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "not found" in err
+
+
+@pytest.mark.slow
+def test_end_to_end_on_local_cluster_with_two_executor_jvms(sample_parquet, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "segspark", "run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "lc",
+            "--set", "spark.master=local-cluster[2,1,1024]", f"input.path={sample_parquet}/events",
+            f"output.root={out}",
+        ],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "local-cluster[2,1,1024]" in proc.stderr  # the session really ran on the cluster master
+    segments = DeltaTable(str(out / "user_segments")).to_pyarrow_table()
+    features = DeltaTable(str(out / "user_features")).to_pyarrow_table()
+    runs = DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist()
+    assert segments.num_rows == features.num_rows == runs[0]["users"] > 0
+    assert runs[0]["status"] == "succeeded"
+    assert runs[0]["input_rows"] == runs[0]["clean_rows"] + runs[0]["quarantined_rows"]
