@@ -1,0 +1,525 @@
+"""Delta tables: written by the Delta Spark connector when it is on the classpath, otherwise by the
+embedded committer (Spark writes Parquet, the driver commits it with delta-rs).
+
+Embedded committer, one `write_table` call:
+
+1. Checks up front, before any file is written: the session writes microsecond timestamps (not
+   INT96), the DataFrame's schema equals the table's, the `txn` was not committed already (then it
+   returns `skipped=True`), and every existing file is either wholly inside or wholly outside the
+   `replace_where` rows (from partition values, or from min/max/null-count statistics).
+2. Spark tasks write Parquet into a fresh folder of the table directory,
+   `<table>/write-<utc time>-<id>/[<col>=<value>/...]part-*.parquet` (Hive-style partition folders
+   come from Spark's `partitionBy`; partition columns are not stored in the files, as Delta wants).
+3. The driver lists those files and reads each Parquet footer (never the data) to verify the size
+   and schema and to compute the per-file statistics Delta readers use to skip files.
+4. One atomic delta-rs commit holds the new files, the removal of the files `replace_where` replaces,
+   and the `txn` (app id, version). A failed verification deletes the new folder; a failed commit
+   leaves it unreferenced (Delta readers never see it; VACUUM removes it).
+
+Rows are replaced by whole files only; this committer never rewrites a file. A file holding both
+rows that match `replace_where` and other rows (for instance after OPTIMIZE merged several runs)
+therefore makes the write fail with an explanation instead of deleting or duplicating rows.
+
+Found about delta-rs 1.6: `AddAction.path` takes the file's path as stored (delta-rs percent-encodes
+it into the log), `get_add_actions()` returns paths percent-encoded as in the log, and
+`RemoveAction.path` is encoded again, so it must be given the decoded path or the remove silently
+matches nothing. `create_write_transaction` does not refresh the DeltaTable object it is called on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import reduce
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake import Schema as DeltaSchema
+from deltalake.transaction import (
+    AddAction,
+    CommitProperties,
+    RemoveAction,
+    Transaction,
+    create_table_with_add_actions,
+)
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from segspark.io.delta_files import (
+    FileFacts,
+    arrow_schema,
+    check_timestamp_type,
+    classify,
+    coerce,
+    delta_types,
+    describe_facts,
+    file_stats,
+    partition_string,
+    schema_problems,
+    table_features,
+)
+from segspark.session import has_delta_connector
+
+log = logging.getLogger(__name__)
+
+STAGE_PREFIX = "write-"
+WRITE_ID_KEY = "segsparkWriteId"  # commitInfo key that finds our commit's version in the history
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+# Table features whose rules this committer does not apply (reads: that it cannot read correctly).
+WRITE_UNSUPPORTED = {
+    "columnMapping",
+    "deletionVectors",
+    "checkConstraints",
+    "generatedColumns",
+    "identityColumns",
+    "invariants",
+    "changeDataFeed",
+    "rowTracking",
+    "typeWidening",
+}
+READ_UNSUPPORTED = {"columnMapping", "deletionVectors"}
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    path: str
+    version: int | None  # table version committed, None when skipped (txn already committed)
+    files: int
+    rows: int  # sum of numRecords of the files added; -1 if unknown (connector path)
+    skipped: bool = False
+
+
+def table_exists(path: str) -> bool:
+    """True when `path` holds a Delta table (a readable `_delta_log`)."""
+    return DeltaTable.is_deltatable(_locate(path).table_uri)
+
+
+def write_table(
+    spark: SparkSession,
+    df: DataFrame,
+    path: str,
+    *,
+    replace_where: dict[str, object] | None = None,
+    partition_by: list[str] | None = None,
+    txn: tuple[str, int] | None = None,
+) -> WriteResult:
+    """Append `df` to the Delta table at `path` (created when missing) in one commit.
+
+    replace_where: {column: value} equalities; the rows matching all of them are replaced by `df`
+      atomically (re-running a run id never duplicates its rows). Every row of `df` must match.
+    partition_by: partition columns when the table is created; must match an existing table's.
+    txn: (app_id, version): skip the write when the table already holds this version or a later
+      one for app_id, otherwise record it in the commit (idempotent re-runs, streaming batches).
+    """
+    _check_replace_where(df, path, replace_where)
+    if has_delta_connector(spark):
+        return _connector_write(spark, df, path, replace_where, partition_by, txn)
+    return _Committer(spark, df, path, replace_where or {}, partition_by, txn).run()
+
+
+def read_table(spark: SparkSession, path: str) -> DataFrame:
+    """The current snapshot of the Delta table at `path` as a DataFrame."""
+    if has_delta_connector(spark):
+        return spark.read.format("delta").load(path)
+    loc = _locate(path)
+    table = DeltaTable(loc.table_uri)
+    blocked = table_features(table) & READ_UNSUPPORTED
+    if blocked:
+        raise ValueError(
+            f"Delta table {path} uses {sorted(blocked)}, which reading through the file list would "
+            "get wrong; read it with the Delta Spark connector (delta-spark on the classpath)"
+        )
+    schema = T.StructType.fromJson(json.loads(table.schema().to_json()))
+    parts = list(table.metadata().partition_columns)
+    data_schema = T.StructType([f for f in schema.fields if f.name not in parts])
+    files = pa.table(table.get_add_actions(flatten=True)).to_pylist()
+    if not files:
+        return spark.createDataFrame([], schema)
+    groups: dict[tuple, list[str]] = {}
+    for add in files:
+        key = tuple(add.get(f"partition.{c}") for c in parts)
+        groups.setdefault(key, []).append(loc.spark_file(unquote(add["path"])))
+    frames = []
+    for key, paths in groups.items():
+        frame = spark.read.schema(data_schema).parquet(*paths)
+        for name, value in zip(parts, key, strict=True):
+            frame = frame.withColumn(name, F.lit(value).cast(schema[name].dataType))
+        frames.append(frame.select(*[_col(f.name) for f in schema.fields]))
+    return reduce(DataFrame.unionAll, frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta Spark connector
+
+
+def _connector_write(spark, df, path, replace_where, partition_by, txn) -> WriteResult:
+    started = time.monotonic()
+    before = _connector_last_commit(spark, path)
+    writer = df.write.format("delta")
+    if replace_where:
+        writer = writer.mode("overwrite").option("replaceWhere", _sql_predicate(replace_where))
+    else:
+        writer = writer.mode("append")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    if txn is not None:
+        writer = writer.option("txnAppId", txn[0]).option("txnVersion", str(txn[1]))
+    writer.save(path)
+    last = _connector_last_commit(spark, path)
+    if txn is not None and before is not None and last["version"] == before["version"]:
+        log.info("Delta table %s: txn %s already committed, write skipped by the connector", path, txn)
+        return WriteResult(path, None, 0, 0, skipped=True)
+    metrics = last["operationMetrics"] or {}
+    result = WriteResult(
+        path, last["version"], int(metrics.get("numFiles", -1)), int(metrics.get("numOutputRows", -1))
+    )
+    log.info(
+        "Delta commit (connector): table=%s version=%s files=%d rows=%d seconds=%.2f",
+        path,
+        result.version,
+        result.files,
+        result.rows,
+        time.monotonic() - started,
+    )
+    return result
+
+
+def _connector_last_commit(spark, path):
+    quoted = path.replace("`", "``")
+    try:
+        return spark.sql(f"DESCRIBE HISTORY delta.`{quoted}` LIMIT 1").collect()[0]
+    except Exception:  # noqa: BLE001 - not a Delta table yet
+        return None
+
+
+def _sql_predicate(replace_where: Mapping[str, object]) -> str:
+    return " AND ".join(f"{_quote_name(k)} = {_sql_literal(v)}" for k, v in replace_where.items())
+
+
+def _quote_name(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _sql_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)  # the session time zone is UTC
+        return f"TIMESTAMP'{value.isoformat(sep=' ')}'"
+    if isinstance(value, dt.date):
+        return f"DATE'{value.isoformat()}'"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded committer
+
+
+@dataclass(frozen=True)
+class _Location:
+    table_uri: str  # what delta-rs gets
+    spark_root: str  # what Spark gets (file:// for local paths, whatever the default file system)
+    fs: pafs.FileSystem
+    root: str  # the table directory inside `fs`
+
+    def spark_file(self, rel: str) -> str:
+        if "://" in rel or rel.startswith("/"):
+            return rel  # an absolute path in the log (shallow clones)
+        return f"{self.spark_root}/{rel}"
+
+
+def _locate(path: str) -> _Location:
+    parsed = urlparse(path)
+    if len(parsed.scheme) <= 1 or parsed.scheme == "file":  # a plain path (or a Windows drive)
+        local = os.path.abspath(unquote(parsed.path) if parsed.scheme == "file" else path)
+        return _Location(local, "file://" + local, pafs.LocalFileSystem(), local)
+    fs, root = pafs.FileSystem.from_uri(path)
+    return _Location(path.rstrip("/"), path.rstrip("/"), fs, root.rstrip("/"))
+
+
+class _Committer:
+    def __init__(self, spark, df, path, replace_where, partition_by, txn):
+        self.spark, self.df, self.path, self.txn = spark, df, path, txn
+        self.loc = _locate(path)
+        self.started = time.monotonic()
+        self.partition_by = list(partition_by or [])
+        self.replace_where = replace_where
+        self.arrow_schema = arrow_schema(df.schema)
+        self.write_id = uuid.uuid4().hex
+
+    def run(self) -> WriteResult:
+        check_timestamp_type(self.spark)
+        table = DeltaTable(self.loc.table_uri) if DeltaTable.is_deltatable(self.loc.table_uri) else None
+        removes: list[RemoveAction] = []
+        if table is not None:
+            if self.txn is not None:
+                done = table.transaction_version(self.txn[0])
+                if done is not None and done >= self.txn[1]:
+                    log.info(
+                        "Delta table %s: txn %s already at version %s, write skipped",
+                        self.path,
+                        self.txn,
+                        done,
+                    )
+                    return WriteResult(self.path, None, 0, 0, skipped=True)
+            self._check_existing(table)
+            removes = self._replaced_files(table)
+        missing = [c for c in self.partition_by if c not in self.df.columns]
+        if missing or (self.partition_by and len(self.partition_by) == len(self.df.columns)):
+            raise ValueError(
+                f"partition_by={self.partition_by} for Delta table {self.path}: columns {missing} are not in "
+                f"the DataFrame (columns: {self.df.columns}), or no column would be left for the data files"
+            )
+        partitions = set(self.partition_by)
+        self.data_schema = pa.schema([f for f in self.arrow_schema if f.name not in partitions])
+        self.conditions = {
+            k: coerce(v, self.arrow_schema.field(k).type, k) for k, v in self.replace_where.items()
+        }
+
+        stage = f"{STAGE_PREFIX}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{self.write_id[:12]}"
+        stage_path = f"{self.loc.root}/{stage}"
+        try:
+            writer = self.df.write
+            if self.partition_by:
+                writer = writer.partitionBy(*self.partition_by)
+            writer.parquet(f"{self.loc.spark_root}/{stage}")
+            adds = self._add_actions(stage, stage_path)
+        except Exception:
+            self._delete(stage_path)
+            raise
+        rows = sum(json.loads(a.stats)["numRecords"] for a in adds)
+        version = self._commit(table, removes, adds)
+        seconds = time.monotonic() - self.started
+        log.info(
+            "Delta commit: table=%s version=%s files=%d rows=%d removed_files=%d seconds=%.2f",
+            self.path,
+            version,
+            len(adds),
+            rows,
+            len(removes),
+            seconds,
+        )
+        return WriteResult(self.path, version, len(adds), rows)
+
+    # -- checks before writing ---------------------------------------------------------------
+
+    def _check_existing(self, table: DeltaTable) -> None:
+        blocked = table_features(table) & WRITE_UNSUPPORTED
+        if blocked:
+            raise ValueError(
+                f"Delta table {self.path} uses {sorted(blocked)}, which the embedded committer does not "
+                "support; write it with the Delta Spark connector (delta-spark on the classpath)"
+            )
+        expected = delta_types(table.schema())
+        found = delta_types(DeltaSchema.from_arrow(self.arrow_schema))
+        problems = schema_problems(found, expected, what="the DataFrame")
+        if problems:
+            raise ValueError(
+                f"cannot write to Delta table {self.path}: the DataFrame's schema differs from the table's "
+                f"({'; '.join(problems)}). Cast or select the columns to match the table (schema evolution "
+                "is not supported), or write to a new table"
+            )
+        parts = list(table.metadata().partition_columns)
+        if self.partition_by and self.partition_by != parts:
+            raise ValueError(
+                f"partition_by={self.partition_by} for Delta table {self.path}, which is partitioned by "
+                f"{parts}; pass partition_by={parts} or leave it out"
+            )
+        self.partition_by = parts
+        order = list(expected)
+        if list(self.df.columns) != order:  # same columns, table order: files then match the table
+            self.df = self.df.select(*[_col(c) for c in order])
+            self.arrow_schema = pa.schema([self.arrow_schema.field(c) for c in order])
+
+    def _replaced_files(self, table: DeltaTable) -> list[RemoveAction]:
+        if not self.replace_where:
+            return []
+        types = {f.name: f.type for f in pa.schema(table.schema().to_arrow())}
+        conditions = {k: coerce(v, types[k], k) for k, v in self.replace_where.items()}
+        parts = set(table.metadata().partition_columns)
+        now = int(time.time() * 1000)
+        removes = []
+        for add in pa.table(table.get_add_actions(flatten=True)).to_pylist():
+            facts = FileFacts(
+                num_records=add.get("num_records"),
+                partition={c: add.get(f"partition.{c}") for c in parts},
+                minimum={c: add.get(f"min.{c}") for c in conditions},
+                maximum={c: add.get(f"max.{c}") for c in conditions},
+                nulls={c: add.get(f"null_count.{c}") for c in conditions},
+            )
+            verdict = classify(facts, conditions, parts)
+            if verdict == "unknown":
+                raise ValueError(
+                    f"cannot replace the rows where {_sql_predicate(self.replace_where)} in Delta table "
+                    f"{self.path}: file {add['path']} may hold both such rows and others "
+                    f"({describe_facts(facts, conditions, parts)}). The embedded committer replaces whole files "
+                    "and never rewrites one; this happens when files were compacted (OPTIMIZE) or written by "
+                    "another tool. Partition the table by the replace_where columns, or use the Delta Spark "
+                    "connector"
+                )
+            if verdict == "all":
+                # get_add_actions gives the path encoded as in the log; RemoveAction encodes it again.
+                removes.append(
+                    RemoveAction(
+                        path=unquote(add["path"]),
+                        data_change=True,
+                        deletion_timestamp=now,
+                        size=add["size_bytes"],
+                        partition_values={c: partition_string(add.get(f"partition.{c}")) for c in parts},
+                    )
+                )
+        return removes
+
+    # -- after Spark wrote: list, verify, describe ------------------------------------------
+
+    def _add_actions(self, stage: str, stage_path: str) -> list[AddAction]:
+        listing = self.loc.fs.get_file_info(pafs.FileSelector(stage_path, recursive=True))
+        adds, junk = [], []
+        for info in listing:
+            if info.type != pafs.FileType.File:
+                continue
+            name = posixpath.basename(info.path)
+            if name.startswith(("_", ".")) or name.endswith(".crc"):
+                junk.append(info.path)  # _SUCCESS and Hadoop checksums: VACUUM would never remove them
+                continue
+            add = self._describe_file(stage, stage_path, info)
+            if add is None:
+                junk.append(info.path)  # the empty file Spark writes for an empty DataFrame
+            else:
+                adds.append(add)
+        for junk_path in junk:
+            self.loc.fs.delete_file(junk_path)
+        if not adds:
+            self._delete(stage_path)
+        return adds
+
+    def _describe_file(self, stage: str, stage_path: str, info: pafs.FileInfo) -> AddAction | None:
+        rel_in_stage = info.path[len(stage_path) + 1 :]
+        rel = f"{stage}/{rel_in_stage}"
+        with self.loc.fs.open_input_file(info.path) as handle:
+            size = handle.size()
+            parquet = pq.ParquetFile(handle)  # reads the footer only
+            meta, file_schema = parquet.metadata, parquet.schema_arrow
+        if size != info.size:
+            raise ValueError(f"Delta table {self.path}: file {rel} is {size} bytes, listed as {info.size}")
+        try:
+            found = delta_types(DeltaSchema.from_arrow(file_schema))
+        except Exception as exc:  # noqa: BLE001 - a type Delta has no name for
+            raise ValueError(
+                f"Delta table {self.path}: file {rel} has a schema Delta cannot hold: {exc}"
+            ) from exc
+        problems = schema_problems(
+            found, delta_types(DeltaSchema.from_arrow(self.data_schema)), what=f"file {rel}"
+        )
+        if problems:
+            raise ValueError(
+                f"Delta table {self.path}: file {rel} does not match the table schema ({'; '.join(problems)}); "
+                "nothing was committed. Check spark.sql.parquet.* settings (e.g. outputTimestampType)"
+            )
+        if meta.num_rows == 0:
+            return None
+        partition_values: dict[str, str | None] = {}
+        for part in rel_in_stage.split("/")[:-1]:
+            key, _, raw = part.partition("=")
+            partition_values[unquote(key)] = None if raw == HIVE_NULL else unquote(raw)
+        if list(partition_values) != self.partition_by:
+            raise ValueError(
+                f"Delta table {self.path}: file {rel} is not under partition folders {self.partition_by}"
+            )
+        stats, facts = file_stats(meta, self.data_schema)
+        facts.partition = {
+            k: coerce(v, self.arrow_schema.field(k).type, k) for k, v in partition_values.items()
+        }
+        if self.conditions and classify(facts, self.conditions, set(self.partition_by)) != "all":
+            raise ValueError(
+                f"replace_where={self.replace_where} for Delta table {self.path}, but the DataFrame holds other "
+                f"rows ({rel}: {describe_facts(facts, self.conditions, set(self.partition_by))}); filter the DataFrame "
+                "to the replaced rows"
+            )
+        return AddAction(
+            path=rel,  # as stored: delta-rs percent-encodes it into the log
+            size=size,
+            partition_values=partition_values,
+            modification_time=(info.mtime_ns or time.time_ns()) // 1_000_000,
+            data_change=True,
+            stats=json.dumps(stats, separators=(",", ":")),
+        )
+
+    # -- commit -------------------------------------------------------------------------------
+
+    def _commit(self, table: DeltaTable | None, removes: list, adds: list[AddAction]) -> int:
+        props = CommitProperties(
+            custom_metadata={WRITE_ID_KEY: self.write_id},
+            app_transactions=[Transaction(self.txn[0], self.txn[1])] if self.txn else None,
+        )
+        try:
+            if table is None:
+                create_table_with_add_actions(
+                    self.loc.table_uri,
+                    DeltaSchema.from_arrow(self.arrow_schema),
+                    adds,
+                    mode="append",
+                    partition_by=self.partition_by or None,
+                    commit_properties=props,
+                )
+            else:
+                table.create_write_transaction(
+                    [*removes, *adds],
+                    mode="append",
+                    schema=table.schema(),
+                    partition_by=self.partition_by or None,
+                    commit_properties=props,
+                )
+        except Exception as exc:
+            exc.add_note(
+                f"segspark: commit to Delta table {self.path} failed ({len(adds)} new files, {len(removes)} "
+                f"removed); the new files under {STAGE_PREFIX}* stay unreferenced until VACUUM"
+            )
+            raise
+        fresh = DeltaTable(self.loc.table_uri)
+        for entry in fresh.history(limit=20):
+            if entry.get(WRITE_ID_KEY) == self.write_id:
+                return int(entry["version"])
+        return fresh.version()
+
+    def _delete(self, stage_path: str) -> None:
+        try:
+            self.loc.fs.delete_dir(stage_path)
+        except (FileNotFoundError, OSError) as exc:
+            log.warning("could not delete staged files %s: %s", stage_path, exc)
+
+
+def _check_replace_where(df: DataFrame, path: str, replace_where: Mapping[str, object] | None) -> None:
+    if replace_where is None:
+        return
+    if not replace_where:
+        raise ValueError(f"replace_where for Delta table {path} is empty; pass None to append")
+    for column, value in replace_where.items():
+        if column not in df.columns:
+            raise ValueError(
+                f"replace_where column {column!r} is not in the DataFrame (columns: {df.columns})"
+            )
+        if value is None:
+            raise ValueError(
+                f"replace_where column {column!r} is None; only equality to a value is supported"
+            )
+
+
+def _col(name: str):
+    return F.col(_quote_name(name))
