@@ -10,7 +10,6 @@ import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import click
 
@@ -26,17 +25,10 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@contextmanager
 def _session(app_name: str, master: str | None = None, conf: dict | None = None):
-    from segspark.session import get_spark, stop_if_owned
+    from segspark.session import spark_session
 
-    spark = get_spark(app_name=app_name, master=master or "local[2]", conf=conf)
-    try:
-        yield spark
-    finally:
-        # Stop before exit: a process that loaded delta-rs and left Spark running was seen
-        # aborting at exit with code 134, which would hide the real exit status.
-        stop_if_owned(spark)
+    return spark_session(app_name, master or "local[2]", conf)
 
 
 def _parse_date(ctx, param, value: str | None) -> dt.date | None:

@@ -159,9 +159,9 @@ def generate_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
     n_users, days = len(ids), float(spec.days)
 
     # Activity span: first and last visit day (fractional days from the window start).
-    lo, hi = (np.array([getattr(p, "first_active")[k] for p in PERSONAS_SPEC])[persona] for k in (0, 1))
+    lo, hi = (np.array([p.first_active[k] for p in PERSONAS_SPEC])[persona] for k in (0, 1))
     first = rng.uniform(lo, hi) * days
-    gap_lo, gap_hi = (np.array([getattr(p, "last_gap_days")[k] for p in PERSONAS_SPEC])[persona] for k in (0, 1))
+    gap_lo, gap_hi = (np.array([p.last_gap_days[k] for p in PERSONAS_SPEC])[persona] for k in (0, 1))
     last = np.maximum(days - rng.uniform(np.minimum(gap_lo, days), np.minimum(gap_hi, days)), first)
     one_timer = _param(persona, "sessions_per_week") == 0
     last = np.where(one_timer, np.minimum(first + rng.uniform(0, 2, n_users), days), last)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 from pyspark.sql import SparkSession
 
@@ -80,7 +81,6 @@ def get_spark(
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    spark._segspark_owned = True  # type: ignore[attr-defined]
     log.info("started SparkSession (Spark %s, master %s)", spark.version, spark.sparkContext.master)
     return spark
 
@@ -109,7 +109,15 @@ def _connect_has_delta(spark: SparkSession) -> bool:
     return bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
 
 
-def stop_if_owned(spark: SparkSession) -> None:
-    """Stop the session if segspark built it; leave a notebook's or job's session alone."""
-    if getattr(spark, "_segspark_owned", False):
-        spark.stop()
+@contextmanager
+def spark_session(app_name: str = "segspark", master: str = "local[2]", conf: Mapping[str, str] | None = None):
+    """`get_spark` for a command's lifetime: stops the session at the end only if this call built
+    it, so a notebook's or job's session is left running. Stopping matters: a process that loaded
+    delta-rs and left Spark running was seen aborting at exit (code 134), hiding the exit status."""
+    existed = SparkSession.getActiveSession() is not None
+    spark = get_spark(app_name, master, conf)
+    try:
+        yield spark
+    finally:
+        if not existed:
+            spark.stop()
