@@ -29,6 +29,17 @@ EventType = Literal["view", "cart", "remove_from_cart", "purchase", "return"]
 CANONICAL_EVENT_TYPES: tuple[str, ...] = EventType.__args__
 
 
+def _settings_as_strings(value: Any) -> Any:
+    """Spark settings and reader options are strings; YAML reads `true` and `4` as bool and int.
+    Nested values are left alone so that validation reports them."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): (str(v).lower() if isinstance(v, bool) else v if isinstance(v, (Mapping, list)) else str(v))
+            for k, v in value.items()
+        }
+    return value
+
+
 class _Section(BaseModel):
     # Unknown keys are errors, and values are not silently coerced between unrelated types.
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
@@ -43,10 +54,7 @@ class SparkConfig(_Section):
     @field_validator("conf", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
-        # Spark settings are strings; YAML reads `true` and `4` as bool and int.
-        if isinstance(value, Mapping):
-            return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in value.items()}
-        return value
+        return _settings_as_strings(value)
 
 
 class InputColumns(_Section):
@@ -82,9 +90,7 @@ class InputConfig(_Section):
     @field_validator("options", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in value.items()}
-        return value
+        return _settings_as_strings(value)
 
 
 class FeaturesConfig(_Section):
@@ -227,9 +233,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# Sections whose keys are free-form and may contain dots themselves (Spark settings, reader
+# options, source event-type values): `--set spark.conf.spark.driver.memory=8g` sets one key.
+FREE_FORM_SECTIONS = ("spark.conf", "input.options", "input.event_types")
+
+
 def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     parts = key.split(".")
+    for section in FREE_FORM_SECTIONS:
+        if key.startswith(section + "."):
+            parts = [*section.split("."), key[len(section) + 1 :]]
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:

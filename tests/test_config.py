@@ -83,3 +83,19 @@ def test_resolved_config_is_logged_redacted(caplog):
     caplog.set_level("INFO", logger="segspark.config")
     load_config(REPO / "conf/local.yaml", ["mlflow.tracking_uri=https://u:s3cret@host/"])
     assert "resolved config" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_set_keys_with_dots_inside_free_form_sections():
+    cfg = load_config(
+        REPO / "conf/local.yaml",
+        ["spark.conf.spark.driver.memory=8g", "input.options.header=true", "input.event_types.add_to_cart=cart"],
+    )
+    assert cfg.spark.conf == {"spark.driver.memory": "8g"}
+    assert cfg.input.options == {"header": "true"}
+    assert cfg.input.event_types["add_to_cart"] == "cart"
+
+
+def test_nested_value_in_spark_conf_is_an_error(tmp_path):
+    child = write(tmp_path / "c.yaml", f"extends: {REPO / 'conf/base.yaml'}\nspark:\n  conf:\n    spark:\n      x: 1\n")
+    with pytest.raises(ConfigError, match=r"spark\.conf\.spark"):
+        load_config(child)
