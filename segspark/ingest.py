@@ -44,6 +44,7 @@ REASONS = (
     "unparseable_price",
     "negative_price",
     "missing_price",  # a purchase or return without a price
+    "zero_price",  # a purchase or return at price 0: no revenue (free samples, manual adjustments)
     "unparseable_quantity",
     "duplicate",  # an exact copy of an earlier record (all source columns equal)
 )
@@ -133,12 +134,14 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
     cols = cfg.columns
     src = _Source(raw)
     event_time, time_present = _event_time(src, cfg)
-    event_type = _event_type(src, cfg)
     price, price_present = src.number(cols.price)
     if cols.quantity is None:
         quantity, quantity_present = F.lit(1.0), F.lit(True)
     else:
         quantity, quantity_present = src.number(cols.quantity)
+    # A purchase line with a negative quantity is a return (invoice cancellations, credit notes).
+    source_type = _event_type(src, cfg)
+    event_type = F.when((source_type == "purchase") & (quantity < 0), F.lit("return")).otherwise(source_type)
     user_id = _user_id(src, cols.user_id)
 
     rule_reason = (
@@ -150,6 +153,7 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
         .when(price_present & price.isNull(), "unparseable_price")
         .when(price < 0, "negative_price")
         .when(event_type.isin("purchase", "return") & price.isNull(), "missing_price")
+        .when(event_type.isin("purchase", "return") & (price == 0), "zero_price")
         .when(~quantity_present | quantity.isNull(), "unparseable_quantity")
     )
     c = F.col
