@@ -61,14 +61,23 @@ def _stage(result: RunResult, name: str) -> Iterator[dict]:
     log.info("stage %-9s %6.1f s  %s", name, seconds, detail)
 
 
-def run(spark: SparkSession, cfg: Config, run_id: str | None = None, as_of: dt.date | None = None) -> RunResult:
-    """Run the whole batch pipeline and record the run in the `runs` table (also when it fails)."""
+def run(
+    spark: SparkSession,
+    cfg: Config,
+    run_id: str | None = None,
+    as_of: dt.date | None = None,
+    *,
+    segments: bool = True,
+) -> RunResult:
+    """Run the batch pipeline and record the run in the `runs` table (also when it fails).
+
+    segments=False stops after the features (`segspark features`)."""
     result = RunResult(run_id=run_id or new_run_id(), as_of=as_of)
     started_at = dt.datetime.now(dt.UTC)
     log.info("run %s starting (config hash %s)", result.run_id, cfg.config_hash()[:12])
     cached: list[DataFrame] = []
     try:
-        _run_stages(spark, cfg, result, cached)
+        _run_stages(spark, cfg, result, cached, segments)
         result.status = "succeeded"
     except BaseException as exc:
         result.status = "failed"
@@ -81,7 +90,9 @@ def run(spark: SparkSession, cfg: Config, run_id: str | None = None, as_of: dt.d
     return result
 
 
-def _run_stages(spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame]) -> None:
+def _run_stages(
+    spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame], segments: bool
+) -> None:
     out = cfg.output
     run_id = result.run_id
 
@@ -124,6 +135,8 @@ def _run_stages(spark: SparkSession, cfg: Config, result: RunResult, cached: lis
 
     if result.users == 0:
         raise ValueError(f"no user has events up to as_of {result.as_of}; choose a later --as-of")
+    if not segments:
+        return
 
     with _stage(result, "kmeans") as counts:
         km_cfg = cfg.models.kmeans

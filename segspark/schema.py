@@ -16,6 +16,8 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from segspark.features.catalog import CATALOG
+
 # Typed canonical events, produced by ingest from any source through the config's column mapping.
 EVENTS = StructType(
     [
@@ -43,19 +45,8 @@ QUARANTINE = StructType(
     ]
 )
 
-# Feature columns of the first cut. Consumers rely on the canonical names' meaning (README).
-FEATURE_COLUMNS = (
-    "recency_days",
-    "frequency",
-    "monetary",
-    "tenure_days",
-    "sessions",
-    "views",
-    "carts",
-    "removes_from_cart",
-    "purchases",
-    "returns",
-)
+# Feature columns, in table order; their meaning is the feature catalog (a contract, see README).
+FEATURE_COLUMNS = tuple(feature.name for feature in CATALOG)
 USER_FEATURES_KEYS = ("user_id", "as_of", "run_id")
 
 USER_SEGMENTS = StructType(

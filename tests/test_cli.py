@@ -83,3 +83,21 @@ def test_end_to_end_on_local_cluster_with_two_executor_jvms(sample_parquet, tmp_
     assert segments.num_rows == features.num_rows == runs[0]["users"] > 0
     assert runs[0]["status"] == "succeeded"
     assert runs[0]["input_rows"] == runs[0]["clean_rows"] + runs[0]["quarantined_rows"]
+
+
+def test_features_list_prints_the_catalog(capsys):
+    code, out, _ = run_cli(capsys, "features", "--list")
+    assert code == 0
+    assert "recency_days" in out and "net revenue" in out
+
+
+def test_features_stage_alone_writes_features_but_no_segments(spark, capsys, sample_parquet, tmp_path):
+    code, out, err = run_cli(
+        capsys, "features", "--config", str(REPO / "conf/local.yaml"), "--run-id", "f-only",
+        "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}",
+    )
+    assert code == 0, err
+    assert DeltaTable(str(tmp_path / "user_features")).to_pyarrow_table().num_rows > 0
+    assert not (tmp_path / "user_segments").exists()
+    runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
+    assert runs[0]["status"] == "succeeded"

@@ -96,3 +96,11 @@ def test_events_after_as_of_change_nothing(spark, events):
 
 def test_as_of_before_a_users_first_event_excludes_the_user(events):
     assert set(features_of(events, as_of=dt.date(2026, 10, 2))) == {"a"}
+
+
+def test_every_feature_column_is_in_the_catalog_in_table_order(events):
+    from segspark.features.catalog import CATALOG
+
+    columns = user_features(events, AS_OF, FeaturesConfig()).columns
+    assert columns == ["user_id", "as_of", *[f.name for f in CATALOG]]
+    assert all(f.definition and f.unit and f.source for f in CATALOG)
