@@ -75,6 +75,8 @@ def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malfor
     """
     from segspark.datagen import GenerateSpec, write_dataset
 
+    if malformed > 0 and fmt == "parquet":
+        raise click.UsageError("--malformed needs a text format: add --format json or --format csv")
     spec = GenerateSpec(
         users=users,
         days=days,

@@ -101,3 +101,14 @@ def test_features_stage_alone_writes_features_but_no_segments(spark, capsys, sam
     assert not (tmp_path / "user_segments").exists()
     runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
     assert runs[0]["status"] == "succeeded"
+
+
+def test_generate_refuses_malformed_lines_in_parquet(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "10", "--malformed", "0.1")
+    assert code == 2 and "--format json" in err
+
+
+def test_generate_writes_events_and_truth(spark, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "50", "--format", "csv")
+    assert code == 0, err
+    assert "truth" in out and (tmp_path / "truth").is_dir() and (tmp_path / "events").is_dir()
