@@ -2,14 +2,20 @@
 
 Users are generated in blocks of BLOCK_USERS consecutive ids. Each block draws from its own numpy
 Generator seeded by (seed, block), inside `mapInPandas` on the executors: generation is parallel,
-nothing per user or per event runs on the driver, and the data depend only on the seed and the
-number of users, never on how Spark partitions the blocks.
+nothing per user or per event runs on the driver, memory per task is bounded by one block (about
+50k events), and the data depend only on the seed and the number of users, never on how Spark
+partitions the blocks.
 
 Personas differ in visit frequency, recency, session length and duration, funnel conversion,
 price level, time of day and category mix; every user draws their own rates around the persona's
-(log-normal spread), so personas overlap as real customers do. The output follows the public
-REES46 e-commerce layout: event_time ("yyyy-MM-dd HH:mm:ss", UTC), event_type (view, cart,
-remove_from_cart, purchase), product_id, category_code, brand, price, user_id, user_session.
+(log-normal spread), so personas overlap as real customers do while their centres stay apart.
+The output follows the public REES46 e-commerce layout: event_time ("yyyy-MM-dd HH:mm:ss", UTC),
+event_type (view, cart, remove_from_cart, purchase), product_id, category_code, brand, price,
+user_id, user_session. A product always has the same category, brand and price, and every
+purchased item was added to the cart earlier in the same session.
+
+Noise (all deterministic for the seed): exact duplicate rows, null prices, and for json/csv extra
+malformed lines (truncated records, wrong field counts, garbage) mixed into the same files.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 log = logging.getLogger(__name__)
 
 BLOCK_USERS = 1000
+SECONDS_PER_DAY = 86_400
 
 EVENT_SCHEMA = StructType(
     [
@@ -43,6 +50,7 @@ EVENT_SCHEMA = StructType(
 EVENT_COLUMNS = [f.name for f in EVENT_SCHEMA.fields]
 TRUTH_SCHEMA = StructType([StructField("user_id", LongType(), False), StructField("persona", StringType(), False)])
 LINE_SCHEMA = StructType([StructField("value", StringType(), False)])
+EVENT_TYPES = ("view", "cart", "remove_from_cart", "purchase")
 
 CATEGORIES = (
     "electronics.smartphone",
@@ -56,42 +64,69 @@ CATEGORIES = (
     "games.console",
     "grocery.snacks",
 )
-BRANDS = ("acme", "globex", "initech", "umbrella", "stark", "wayne", "hooli", "vehement")
+BRANDS = ("acme", "globex", "initech", "umbrella", "stark", "wayne", "hooli", "vehement", "soylent", "tyrell")
+
+# Products: within a category, a price point (a step of 5% on a log scale from 1.00) and one of
+# PRODUCTS_PER_PRICE products at that price. product_id = category * 1e6 + price step * 1e3 + n.
+PRICE_STEPS_PER_E = 20
+PRICE_STEPS = 200  # prices 1.00 .. about 20,000
+PRODUCTS_PER_PRICE = 1000
 
 
 @dataclass(frozen=True)
 class Persona:
     name: str
     share: float
-    sessions_per_week: float  # visit frequency while active
-    first_active: tuple[float, float]  # when the user starts, as a fraction of the window
-    last_gap_days: tuple[float, float]  # days between the last visit and the end of the data
+    sessions_per_week: float  # visit frequency while active (0: a single visit)
+    first_active: tuple[float, float]  # start of activity, as a fraction of the window
+    last_gap: tuple[float, float]  # end of the window minus the last visit, as a fraction of the window
     events_per_session: float
-    seconds_between_events: float
+    seconds_between_events: float  # session duration = events x this
     cart_rate: float  # share of browsing events that are add-to-cart
     remove_rate: float  # share of browsing events that are remove-from-cart
     buy_session_rate: float  # share of sessions that end in a purchase
     items_per_order: float
     median_price: float
-    hour: float  # preferred local hour of day (UTC here)
+    hour: float  # preferred hour of day (UTC)
     hour_spread: float
     categories: dict[str, float]  # category preference weights (others get a small base weight)
 
 
+# fmt: off
 PERSONAS_SPEC: tuple[Persona, ...] = (
-    Persona("window_shopper", 0.20, 0.65, (0.0, 0.5), (0, 10), 9, 70, 0.04, 0.01, 0.01, 1.1, 45, 20, 2.0,
-            {"apparel.shoes": 4, "home.furniture": 3, "beauty.skincare": 2}),
-    Persona("bargain_hunter", 0.20, 0.5, (0.0, 0.5), (0, 20), 7, 40, 0.22, 0.03, 0.35, 3.0, 7, 13, 2.5,
-            {"grocery.snacks": 4, "kids.toys": 3, "home.furniture": 1}),
-    Persona("loyal_high_spender", 0.15, 1.0, (0.0, 0.2), (0, 3), 5, 30, 0.25, 0.02, 0.6, 1.5, 220, 10, 1.5,
-            {"electronics.smartphone": 4, "computers.notebook": 4, "appliances.kitchen": 2}),
-    Persona("cart_abandoner", 0.15, 0.5, (0.0, 0.6), (0, 15), 7, 45, 0.35, 0.22, 0.03, 1.2, 70, 21, 1.5,
-            {"sport.bicycle": 3, "apparel.shoes": 3, "electronics.smartphone": 1}),
-    Persona("one_time_buyer", 0.15, 0.0, (0.0, 0.7), (20, 80), 5, 50, 0.15, 0.02, 1.0, 1.0, 35, 15, 3.0,
-            {"home.furniture": 2, "kids.toys": 2, "beauty.skincare": 2}),
-    Persona("night_owl_browser", 0.15, 0.75, (0.0, 0.4), (0, 7), 8, 90, 0.07, 0.02, 0.08, 1.1, 25, 1.5, 1.2,
-            {"games.console": 5, "electronics.smartphone": 2}),
+    # Long evening browsing sessions (fashion, furniture), mid prices; practically never buys.
+    Persona("window_shopper", 0.20, sessions_per_week=0.45, first_active=(0.0, 0.3), last_gap=(0.0, 0.08),
+            events_per_session=10, seconds_between_events=80, cart_rate=0.03, remove_rate=0.01,
+            buy_session_rate=0.002, items_per_order=1.0, median_price=60, hour=20.5, hour_spread=1.5,
+            categories={"apparel.shoes": 4, "home.furniture": 3, "beauty.skincare": 2}),
+    # Afternoon stock-up visits: cheap groceries and toys, compares (carts, removes), big baskets.
+    Persona("bargain_hunter", 0.20, sessions_per_week=0.6, first_active=(0.0, 0.3), last_gap=(0.0, 0.06),
+            events_per_session=7, seconds_between_events=35, cart_rate=0.15, remove_rate=0.06,
+            buy_session_rate=0.8, items_per_order=3.0, median_price=6, hour=14.5, hour_spread=1.5,
+            categories={"grocery.snacks": 4, "kids.toys": 3, "home.furniture": 1}),
+    # The most frequent visitor and buyer: short decisive morning sessions, premium electronics,
+    # active until the end of the window.
+    Persona("loyal_high_spender", 0.15, sessions_per_week=1.2, first_active=(0.0, 0.15), last_gap=(0.0, 0.03),
+            events_per_session=5, seconds_between_events=30, cart_rate=0.05, remove_rate=0.01,
+            buy_session_rate=0.65, items_per_order=1.2, median_price=250, hour=8.0, hour_spread=1.3,
+            categories={"electronics.smartphone": 4, "computers.notebook": 4, "appliances.kitchen": 2}),
+    # Late-afternoon sessions that fill and empty the cart (sport, shoes); almost never checks out.
+    Persona("cart_abandoner", 0.15, sessions_per_week=0.65, first_active=(0.0, 0.3), last_gap=(0.0, 0.12),
+            events_per_session=7, seconds_between_events=45, cart_rate=0.38, remove_rate=0.25,
+            buy_session_rate=0.004, items_per_order=1.0, median_price=90, hour=17.0, hour_spread=1.5,
+            categories={"sport.bicycle": 3, "apparel.shoes": 3, "electronics.smartphone": 1}),
+    # One purchase after one to three visits within a few days, long ago: lapsed.
+    Persona("one_time_buyer", 0.15, sessions_per_week=0.0, first_active=(0.05, 0.4), last_gap=(0.0, 0.0),
+            events_per_session=8, seconds_between_events=50, cart_rate=0.1, remove_rate=0.02,
+            buy_session_rate=1.0, items_per_order=1.0, median_price=35, hour=12.0, hour_spread=1.5,
+            categories={"home.furniture": 2, "kids.toys": 2, "beauty.skincare": 2}),
+    # Many short sessions between midnight and 4am (games), an occasional small purchase.
+    Persona("night_owl_browser", 0.15, sessions_per_week=2.0, first_active=(0.0, 0.3), last_gap=(0.0, 0.05),
+            events_per_session=3, seconds_between_events=60, cart_rate=0.08, remove_rate=0.02,
+            buy_session_rate=0.15, items_per_order=1.0, median_price=25, hour=1.5, hour_spread=1.2,
+            categories={"games.console": 5, "electronics.smartphone": 2}),
 )
+# fmt: on
 PERSONAS: tuple[str, ...] = tuple(p.name for p in PERSONAS_SPEC)
 
 
@@ -107,8 +142,12 @@ class GenerateSpec:
     partitions: int | None = None  # None: derived from the number of users
 
     def __post_init__(self):
-        if self.users < 1 or self.days < 1:
-            raise ValueError(f"users and days must be at least 1, got users={self.users} days={self.days}")
+        if self.users < 1:
+            raise ValueError(f"users must be at least 1, got {self.users}")
+        if self.days < 1:
+            raise ValueError(f"days must be at least 1, got {self.days}")
+        if self.partitions is not None and self.partitions < 1:
+            raise ValueError(f"partitions must be at least 1 (or None to derive it), got {self.partitions}")
         for name in ("duplicate_share", "missing_price_share", "malformed_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -118,8 +157,16 @@ class GenerateSpec:
     def blocks(self) -> int:
         return -(-self.users // BLOCK_USERS)
 
+    @property
+    def start_date(self) -> dt.date:
+        return self.end_date - dt.timedelta(days=self.days - 1)
+
     def num_partitions(self) -> int:
+        # About 5 blocks (250k events) per partition: few enough files, tasks small enough to balance.
         return self.partitions or max(2, min(self.blocks, 2 * (self.blocks // 10 + 1)))
+
+
+# --- one block of users (pure numpy/pandas; runs on the executors) -------------------------------
 
 
 def _rng(spec: GenerateSpec, block: int) -> np.random.Generator:
@@ -135,8 +182,14 @@ def _block_personas(spec: GenerateSpec, block: int, rng: np.random.Generator) ->
     return ids, persona
 
 
-def _param(persona: np.ndarray, attr: str) -> np.ndarray:
-    return np.array([getattr(p, attr) for p in PERSONAS_SPEC], dtype=float)[persona]
+def block_truth(spec: GenerateSpec, block: int) -> pd.DataFrame:
+    ids, persona = _block_personas(spec, block, _rng(spec, block))
+    return pd.DataFrame({"user_id": ids, "persona": np.array(PERSONAS, dtype=object)[persona]})
+
+
+def _param(persona: np.ndarray, attr: str, index: int | None = None) -> np.ndarray:
+    values = [getattr(p, attr) if index is None else getattr(p, attr)[index] for p in PERSONAS_SPEC]
+    return np.array(values, dtype=float)[persona]
 
 
 def _jitter(rng: np.random.Generator, values: np.ndarray, sigma: float) -> np.ndarray:
@@ -152,95 +205,134 @@ def _category_weights() -> np.ndarray:
     return weights
 
 
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Index of the first element of each group in a flat array of consecutive groups."""
+    return np.cumsum(counts) - counts
+
+
 def generate_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
     """All events of one block of users (deterministic for (seed, block))."""
     rng = _rng(spec, block)
     ids, persona = _block_personas(spec, block, rng)
     n_users, days = len(ids), float(spec.days)
 
-    # Activity span: first and last visit day (fractional days from the window start).
-    lo, hi = (np.array([p.first_active[k] for p in PERSONAS_SPEC])[persona] for k in (0, 1))
-    first = rng.uniform(lo, hi) * days
-    gap_lo, gap_hi = (np.array([p.last_gap_days[k] for p in PERSONAS_SPEC])[persona] for k in (0, 1))
-    last = np.maximum(days - rng.uniform(np.minimum(gap_lo, days), np.minimum(gap_hi, days)), first)
+    # Activity span: first and last visit (fractional days from the window start).
+    first = rng.uniform(_param(persona, "first_active", 0), _param(persona, "first_active", 1)) * days
+    last_gap = rng.uniform(_param(persona, "last_gap", 0), _param(persona, "last_gap", 1)) * days
+    last = np.maximum(days - last_gap, first)
     one_timer = _param(persona, "sessions_per_week") == 0
-    last = np.where(one_timer, np.minimum(first + rng.uniform(0, 2, n_users), days), last)
+    last = np.where(one_timer, np.minimum(first + rng.uniform(0, 3, n_users), days), last)
 
-    weeks = (last - first) / 7.0
     rate = _jitter(rng, _param(persona, "sessions_per_week"), 0.3)
-    sessions = 1 + rng.poisson(rate * weeks)
-    sessions = np.where(one_timer, 1 + (rng.random(n_users) < 0.3), sessions)
+    sessions = 1 + rng.poisson(rate * (last - first) / 7.0)
+    sessions = np.where(one_timer, 1 + rng.poisson(0.5, n_users), sessions)
 
     # Per-user behaviour around the persona's.
-    events_mean = _jitter(rng, _param(persona, "events_per_session"), 0.25)
-    gap_mean = _jitter(rng, _param(persona, "seconds_between_events"), 0.3)
-    cart_rate = np.clip(_jitter(rng, _param(persona, "cart_rate"), 0.25), 0, 0.9)
-    remove_rate = np.clip(_jitter(rng, _param(persona, "remove_rate"), 0.25), 0, 0.9 - cart_rate)
-    buy_rate = np.clip(_jitter(rng, _param(persona, "buy_session_rate"), 0.25), 0, 1)
+    events_mean = _jitter(rng, _param(persona, "events_per_session"), 0.2)
+    gap_mean = _jitter(rng, _param(persona, "seconds_between_events"), 0.25)
+    cart_rate = np.clip(_jitter(rng, _param(persona, "cart_rate"), 0.2), 0, 0.9)
+    remove_rate = np.clip(_jitter(rng, _param(persona, "remove_rate"), 0.2), 0, 0.95 - cart_rate)
+    buy_rate = np.clip(_jitter(rng, _param(persona, "buy_session_rate"), 0.2), 0, 1)
     items = _param(persona, "items_per_order")
-    price_level = _jitter(rng, _param(persona, "median_price"), 0.25)
-    hour = _param(persona, "hour") + rng.normal(0, 1.0, n_users)
+    log_price = np.log(_jitter(rng, _param(persona, "median_price"), 0.25))
+    hour = _param(persona, "hour") + rng.normal(0, 0.75, n_users)
     hour_spread = _param(persona, "hour_spread")
     cat_weights = _category_weights()[persona] * rng.lognormal(0, 0.4, (n_users, len(CATEGORIES)))
     cat_cdf = np.cumsum(cat_weights / cat_weights.sum(axis=1, keepdims=True), axis=1)
 
-    # Sessions: user index per session, start time, length, purchase flag.
+    # Sessions: user, index within the user's sessions, events, purchased items, start time.
     s_user = np.repeat(np.arange(n_users), sessions)
-    s_index = np.arange(len(s_user)) - np.repeat(np.cumsum(sessions) - sessions, sessions)
+    s_index = np.arange(len(s_user)) - np.repeat(_starts(sessions), sessions)
     n_sessions = len(s_user)
-    # The last session sits on the last active day so that recency follows the persona.
-    s_day = np.where(
-        s_index == sessions[s_user] - 1,
-        last[s_user],
-        first[s_user] + rng.random(n_sessions) * (last - first)[s_user],
-    )
-    s_day = np.minimum(np.floor(s_day), days - 1)
+    s_last = s_index == sessions[s_user] - 1
+    # The last session falls on the last active day, so that recency follows the persona.
+    s_day = np.where(s_last, last[s_user], first[s_user] + rng.random(n_sessions) * (last - first)[s_user])
+    s_day = np.clip(np.floor(s_day), 0, days - 1)
     s_hour = np.mod(hour[s_user] + rng.normal(0, hour_spread[s_user]), 24.0)
-    s_start = s_day * 86_400 + s_hour * 3600
     s_events = 1 + rng.poisson(np.maximum(events_mean[s_user] - 1, 0))
     s_buys = rng.random(n_sessions) < buy_rate[s_user]
-    s_buys = np.where(one_timer[s_user], s_index == 0, s_buys)  # a one-time buyer buys on the first visit
-    s_items = np.where(s_buys, np.minimum(1 + rng.poisson(items[s_user] - 1), s_events), 0)
-    s_events = np.maximum(s_events, s_items + 1)  # at least one view before buying
+    s_buys = np.where(one_timer[s_user], s_last, s_buys)  # a one-time buyer buys on the last visit
+    s_items = np.where(s_buys, 1 + rng.poisson(items[s_user] - 1), 0)
+    s_events = np.maximum(s_events, 2 * s_items + 1)  # a view, then each item carted, then bought
 
-    # Events.
+    # Events: position in the session, time.
     e_session = np.repeat(np.arange(n_sessions), s_events)
-    e_pos = np.arange(len(e_session)) - np.repeat(np.cumsum(s_events) - s_events, s_events)
+    e_first = np.repeat(_starts(s_events), s_events)
+    e_pos = np.arange(len(e_session)) - e_first
     e_user = s_user[e_session]
     n_events = len(e_session)
-    gaps = rng.exponential(gap_mean[e_user]) * (e_pos > 0)
-    offsets = np.cumsum(gaps)
-    offsets -= np.repeat(offsets[np.cumsum(s_events) - s_events], s_events)
-    seconds = np.minimum(s_start[e_session] + offsets, days * 86_400 - 1)
+    offsets = np.cumsum(rng.exponential(gap_mean[e_user]) * (e_pos > 0))
+    offsets -= offsets[e_first]
+    duration = offsets[_starts(s_events) + s_events - 1]
+    # Sessions start at their hour but end before the window does.
+    s_start = np.minimum(s_day * SECONDS_PER_DAY + s_hour * 3600, days * SECONDS_PER_DAY - 1 - duration)
+    seconds = np.clip(np.floor(np.maximum(s_start, 0)[e_session] + offsets), 0, days * SECONDS_PER_DAY - 1)
 
+    # Event types: browsing (view / cart / remove by the user's rates), then for a purchase the
+    # items carted and bought, in that order.
+    e_items = s_items[e_session]
+    from_end = s_events[e_session] - e_pos  # 1 for the last event of the session
+    is_purchase = from_end <= e_items
+    is_checkout_cart = ~is_purchase & (from_end <= 2 * e_items)
     u = rng.random(n_events)
     kind = np.where(u < cart_rate[e_user], 1, np.where(u < cart_rate[e_user] + remove_rate[e_user], 2, 0))
-    is_purchase = e_pos >= (s_events - s_items)[e_session]
-    kind = np.where(is_purchase, 3, kind)
-    types = np.array(["view", "cart", "remove_from_cart", "purchase"])[kind]
+    kind = np.where(is_purchase, 3, np.where(is_checkout_cart, 1, kind))
 
-    category = (rng.random(n_events)[:, None] > cat_cdf[e_user]).sum(axis=1)
-    category = np.minimum(category, len(CATEGORIES) - 1)
-    price = np.round(price_level[e_user] * rng.lognormal(0, 0.35, n_events), 2)
-    product = category.astype(np.int64) * 1_000_000 + rng.integers(0, 5000, n_events)
-    brand = np.array(BRANDS)[product % len(BRANDS)]
+    # Products: category by the user's preferences, price point around the user's price level.
+    category = np.minimum((rng.random(n_events)[:, None] > cat_cdf[e_user]).sum(axis=1), len(CATEGORIES) - 1)
+    step = np.rint((log_price[e_user] + rng.normal(0, 0.35, n_events)) * PRICE_STEPS_PER_E)
+    step = np.clip(step, 0, PRICE_STEPS - 1).astype(np.int64)
+    product = category * 1_000_000 + step * 1000 + rng.integers(0, PRODUCTS_PER_PRICE, n_events)
+    # A purchased item is the product carted `items` events earlier.
+    bought = np.flatnonzero(is_purchase)
+    product[bought] = product[bought - e_items[bought]]
 
-    start = np.datetime64(spec.end_date - dt.timedelta(days=spec.days - 1), "s")
-    times = np.datetime_as_string(start + seconds.astype("timedelta64[s]"), unit="s")
-    session_ids = np.char.add(np.char.add(ids[s_user].astype(str), "-"), s_index.astype(str))
     events = pd.DataFrame(
         {
-            "event_time": np.char.replace(times, "T", " "),
-            "event_type": types,
+            "event_time": _format_times(spec, seconds),
+            "event_type": np.array(EVENT_TYPES, dtype=object)[kind],
             "product_id": product,
-            "category_code": np.array(CATEGORIES)[category],
-            "brand": brand,
-            "price": price,
+            "category_code": np.array(CATEGORIES, dtype=object)[product // 1_000_000],
+            "brand": np.array(BRANDS, dtype=object)[_brand_index(product)],
+            "price": product_price(product),
             "user_id": ids[e_user],
-            "user_session": session_ids[e_session],
+            "user_session": _session_ids(spec, ids[s_user], s_index)[e_session],
         }
     )
     return _add_noise(spec, rng, events)
+
+
+def product_price(product: np.ndarray) -> np.ndarray:
+    """The price of a product (from its price step)."""
+    return np.round(np.exp(((product // 1000) % 1000) / PRICE_STEPS_PER_E), 2)
+
+
+def _brand_index(product: np.ndarray) -> np.ndarray:
+    return (product * 2654435761 // 7) % len(BRANDS)
+
+
+def _format_times(spec: GenerateSpec, seconds: np.ndarray) -> np.ndarray:
+    start = np.datetime64(spec.start_date, "s")
+    text = np.datetime_as_string(start + seconds.astype("timedelta64[s]"), unit="s")
+    return np.char.replace(text, "T", " ").astype(object)
+
+
+def _session_ids(spec: GenerateSpec, users: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Session ids like REES46's (uuid-shaped), unique per user session, stable for the seed."""
+    key = (users.astype(np.uint64) * np.uint64(1_000_003) + index.astype(np.uint64)) ^ np.uint64(spec.seed & 0xFFFFFFFF)
+    high = _mix(key)
+    low = _mix(high ^ key)
+    text = [f"{h:016x}{lo:016x}" for h, lo in zip(high.tolist(), low.tolist(), strict=True)]
+    return np.array([f"{t[:8]}-{t[8:12]}-{t[12:16]}-{t[16:20]}-{t[20:]}" for t in text], dtype=object)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a bijection on 64-bit integers (distinct keys, distinct ids)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def _add_noise(spec: GenerateSpec, rng: np.random.Generator, events: pd.DataFrame) -> pd.DataFrame:
@@ -248,35 +340,57 @@ def _add_noise(spec: GenerateSpec, rng: np.random.Generator, events: pd.DataFram
         missing = rng.random(len(events)) < spec.missing_price_share
         events["price"] = events["price"].mask(missing)
     if spec.duplicate_share > 0:
-        copies = events[rng.random(len(events)) < spec.duplicate_share]
-        events = pd.concat([events, copies], ignore_index=True)
+        # An exact copy right after the original, as a client that resends an event would.
+        copies = np.where(rng.random(len(events)) < spec.duplicate_share, 2, 1)
+        events = events.loc[events.index.repeat(copies)].reset_index(drop=True)
     return events
 
 
-def _malformed_lines(spec: GenerateSpec, rng: np.random.Generator, lines: list[str], fmt: str) -> list[str]:
-    count = int(rng.binomial(len(lines), spec.malformed_share)) if spec.malformed_share > 0 and lines else 0
-    picks = rng.integers(0, len(lines), count)
-    if fmt == "json":
-        return [lines[i][: max(5, len(lines[i]) // 3)] for i in picks]  # truncated JSON
-    return [",".join(lines[i].split(",")[:3]) for i in picks]  # too few CSV fields
+# --- text lines (json / csv) with malformed lines mixed in ---------------------------------------
 
 
-def _to_lines(spec: GenerateSpec, block: int, events: pd.DataFrame, fmt: str) -> list[str]:
+def _to_lines(events: pd.DataFrame, fmt: str) -> np.ndarray:
     if fmt == "json":
         text = events.to_json(orient="records", lines=True)
-        lines = text.splitlines()
-    else:
-        price = events["price"].map(lambda x: "" if pd.isna(x) else repr(float(x)))
-        cols = [events[c].astype(str) for c in EVENT_COLUMNS if c != "price"]
-        frame = pd.concat(cols[:5] + [price] + cols[5:], axis=1)
-        lines = frame.apply(lambda row: ",".join(row.values), axis=1).tolist() if len(frame) else []
-    noise_rng = np.random.default_rng([spec.seed, block, 7])
-    bad = _malformed_lines(spec, noise_rng, lines, fmt)
-    if bad:
-        positions = noise_rng.integers(0, len(lines) + 1, len(bad))
-        for pos, line in sorted(zip(positions, bad, strict=True), reverse=True):
-            lines.insert(int(pos), line)
-    return lines
+        return np.array(text.splitlines(), dtype=object)
+    price = events["price"].to_numpy()
+    price_text = np.where(np.isnan(price), "", price.astype(str)).astype(object)
+    line = events["event_time"].to_numpy()
+    for column in EVENT_COLUMNS[1:]:
+        values = price_text if column == "price" else events[column].astype(str).to_numpy(dtype=object)
+        line = line + "," + values
+    return line
+
+
+def _malformed(rng: np.random.Generator, lines: np.ndarray, count: int, fmt: str) -> list[str]:
+    """Lines that are no valid record: truncated records, wrong field counts, garbage."""
+    bad = []
+    for source, variant in zip(rng.integers(0, len(lines), count).tolist(), rng.random(count).tolist(), strict=True):
+        line = lines[source]
+        if variant < 0.7:  # cut off mid-record (an interrupted write)
+            bad.append(line[: max(5, int(len(line) * (0.1 + 0.5 * variant)))] if fmt == "json" else
+                       ",".join(line.split(",")[: 2 + int(variant * 5)]))
+        elif variant < 0.85:  # a broken record: trailing comma (json), a field too many (csv)
+            bad.append(line[:-1] + ",}" if fmt == "json" else line + ",extra")
+        else:  # not a record at all
+            bad.append("<html><body>502 Bad Gateway</body></html>" if fmt == "json" else "#### binary garbage ####")
+    return bad
+
+
+def _lines_with_noise(spec: GenerateSpec, block: int, fmt: str) -> list[str] | np.ndarray:
+    lines = _to_lines(generate_block(spec, block), fmt)
+    if spec.malformed_share <= 0 or len(lines) == 0:
+        return lines
+    rng = np.random.default_rng([spec.seed, block, 7])
+    count = int(rng.binomial(len(lines), spec.malformed_share))
+    if count == 0:
+        return lines
+    bad = np.array(_malformed(rng, lines, count, fmt), dtype=object)
+    positions = np.sort(rng.integers(0, len(lines) + 1, count))
+    return np.insert(lines, positions, bad)
+
+
+# --- Spark -----------------------------------------------------------------------------------------
 
 
 def _blocks(spark: SparkSession, spec: GenerateSpec) -> DataFrame:
@@ -284,7 +398,7 @@ def _blocks(spark: SparkSession, spec: GenerateSpec) -> DataFrame:
 
 
 def generate_events(spark: SparkSession, spec: GenerateSpec) -> tuple[DataFrame, DataFrame]:
-    """(events, truth) as DataFrames; evaluated lazily on the executors."""
+    """(events, truth) as DataFrames, evaluated lazily on the executors (one block at a time)."""
 
     def events(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
@@ -294,15 +408,14 @@ def generate_events(spark: SparkSession, spec: GenerateSpec) -> tuple[DataFrame,
     def truth(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             for block in batch["block"].tolist():
-                ids, persona = _block_personas(spec, int(block), _rng(spec, int(block)))
-                yield pd.DataFrame({"user_id": ids, "persona": np.array(PERSONAS)[persona]})
+                yield block_truth(spec, int(block))
 
     blocks = _blocks(spark, spec)
     return blocks.mapInPandas(events, EVENT_SCHEMA), blocks.mapInPandas(truth, TRUTH_SCHEMA)
 
 
 def _text_lines(spark: SparkSession, spec: GenerateSpec, fmt: str) -> DataFrame:
-    """Events as json/csv text lines with malformed lines mixed in; csv files start with a header."""
+    """Events as json/csv text lines with malformed lines mixed in; every csv file starts with a header."""
     header = ",".join(EVENT_COLUMNS)
 
     def lines(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -310,33 +423,41 @@ def _text_lines(spark: SparkSession, spec: GenerateSpec, fmt: str) -> DataFrame:
             yield pd.DataFrame({"value": [header]})  # first line of this partition's file
         for batch in batches:
             for block in batch["block"].tolist():
-                text = _to_lines(spec, int(block), generate_block(spec, int(block)), fmt)
-                yield pd.DataFrame({"value": text})
+                yield pd.DataFrame({"value": _lines_with_noise(spec, int(block), fmt)})
 
     return _blocks(spark, spec).mapInPandas(lines, LINE_SCHEMA)
 
 
 def write_dataset(spark: SparkSession, spec: GenerateSpec, out_dir: str, fmt: str = "parquet") -> dict:
-    """Write out_dir/events/ (parquet, json or csv) and out_dir/truth/ (parquet)."""
+    """Write out_dir/events/ (parquet, json or csv) and out_dir/truth/ (parquet: user_id, persona).
+
+    Returns a summary: users, days, seed, format, users per persona (from the small truth table) and,
+    for parquet, the number of events (read from the Parquet footers, no scan)."""
     if fmt not in ("parquet", "json", "csv"):
         raise ValueError(f"format {fmt!r} is not one of parquet, json, csv")
     if spec.malformed_share > 0 and fmt == "parquet":
-        raise ValueError("malformed lines need a text format: use --format json or csv")
+        raise ValueError(
+            f"malformed_share={spec.malformed_share} needs a text format: malformed lines cannot be written "
+            "as Parquet; use --format json or csv, or set the share to 0"
+        )
+    root = out_dir.rstrip("/")
     events, truth = generate_events(spark, spec)
-    target = f"{out_dir.rstrip('/')}/events"
+    log.info("generating %s users over %d days (seed %d) into %s/events as %s", f"{spec.users:,}", spec.days,
+             spec.seed, root, fmt)
     if fmt == "parquet":
-        events.write.mode("overwrite").parquet(target)
+        events.write.mode("overwrite").parquet(f"{root}/events")
     else:
-        _text_lines(spark, spec, fmt).write.mode("overwrite").text(target)
-    truth.write.mode("overwrite").parquet(f"{out_dir.rstrip('/')}/truth")
-    personas = {
-        row.persona: int(row["count"])
-        for row in spark.read.parquet(f"{out_dir.rstrip('/')}/truth").groupBy("persona").count().collect()
+        _text_lines(spark, spec, fmt).write.mode("overwrite").text(f"{root}/events")
+    truth.write.mode("overwrite").parquet(f"{root}/truth")
+    personas = spark.read.parquet(f"{root}/truth").groupBy("persona").count().collect()
+    summary: dict = {
+        "users": spec.users,
+        "days": spec.days,
+        "seed": spec.seed,
+        "format": fmt,
+        "personas": {row["persona"]: int(row["count"]) for row in sorted(personas, key=lambda r: r["persona"])},
     }
-    summary: dict = {"users": spec.users, "days": spec.days, "seed": spec.seed, "personas": dict(sorted(personas.items()))}
     if fmt == "parquet":
-        summary["events"] = spark.read.parquet(target).count()  # from Parquet footers: cheap
-    log.info("generated %s users into %s (%s)", f"{spec.users:,}", out_dir, fmt)
+        summary["events"] = spark.read.parquet(f"{root}/events").count()  # from the footers
+    log.info("generated %s", summary)
     return summary
-
-

@@ -4,6 +4,7 @@ import datetime as dt
 
 import pandas as pd
 import pytest
+from pyspark.sql.types import StringType, StructField, StructType
 
 from segspark.datagen import EVENT_SCHEMA, PERSONAS, GenerateSpec, generate_events, write_dataset
 
@@ -62,7 +63,9 @@ def test_personas_differ_in_the_intended_direction(generated):
     assert share("purchase")["cart_abandoner"] < share("purchase")["bargain_hunter"] / 5
     assert per.night.mean().idxmax() == "night_owl_browser"
     assert per.price.median().idxmin() == "bargain_hunter"
-    assert sessions.idxmin() == "one_time_buyer" and sessions.idxmax() == "loyal_high_spender"
+    orders = df[df.event_type == "purchase"].groupby("persona").user_session.nunique() / users
+    assert sessions.idxmin() == "one_time_buyer" and sessions.idxmax() == "night_owl_browser"
+    assert orders.idxmax() == "loyal_high_spender"
     assert last_seen.idxmin() == "one_time_buyer"  # lapsed: the oldest last visit
 
 
@@ -85,7 +88,7 @@ def test_malformed_lines_in_text_formats(spark, tmp_path, fmt):
     clean = generate_events(spark, GenerateSpec(users=300, days=30, seed=2))[0].count()
     reader = spark.read.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt_record")
     if fmt == "csv":
-        schema = EVENT_SCHEMA.add("_corrupt_record", "string")
+        schema = StructType([*EVENT_SCHEMA.fields, StructField("_corrupt_record", StringType())])  # add() mutates
         df = reader.option("header", "true").schema(schema).csv(str(tmp_path / "events"))
     else:
         df = reader.json(str(tmp_path / "events"))
