@@ -1,15 +1,16 @@
-"""KMeans first cut: preparation, fit, soft probabilities, names."""
+"""KMeans on the prepared features: fit, soft probabilities, names, saved model."""
 
 import datetime as dt
 
 import numpy as np
 import pytest
-from pyspark.sql import functions as F
+from pyspark.ml.clustering import KMeansModel
 
-from segspark.config import KMeansConfig
+from segspark.config import CapConfig, KMeansConfig, PrepareConfig, SelectionConfig
 from segspark.models import kmeans
-from segspark.models.prepare import model_inputs, signed_log1p
-from segspark.schema import FEATURE_COLUMNS
+from segspark.models.prepare import fit_preparation
+
+FEATURES = ["recency_days", "frequency", "monetary", "tenure_days", "sessions", "views", "returns"]
 
 
 @pytest.fixture(scope="module")
@@ -30,33 +31,44 @@ def blobs(spark):
                     "tenure_days": 90.0,
                     "sessions": int(frequency * 2),
                     "views": int(frequency * 5),
-                    "carts": int(frequency),
-                    "removes_from_cart": 0,
-                    "purchases": int(frequency),
                     "returns": 0,
                 }
             )
     return spark.createDataFrame(rows)
 
 
-def test_signed_log1p_keeps_sign(spark):
-    row = spark.createDataFrame([(-9.0,), (0.0,), (9.0,)], ["x"]).select(signed_log1p(F.col("x")).alias("y")).collect()
-    assert [r.y for r in row] == pytest.approx([-np.log(10), 0.0, np.log(10)])
+@pytest.fixture(scope="module")
+def prepared(blobs):
+    cfg = PrepareConfig(
+        log1p=["frequency", "monetary", "sessions", "views", "tenure_days"],
+        cap=CapConfig(lower=0.0, upper=1.0),
+        selection=SelectionConfig(keep=["recency_days", "frequency", "monetary"]),
+    )
+    prep = fit_preparation(blobs, FEATURES, cfg)
+    return prep, prep.transform(blobs).cache()
 
 
-def test_model_inputs_impute_recency_and_reject_unknown_names(spark, blobs):
-    never_bought = blobs.limit(1).withColumn("recency_days", F.lit(None).cast("double"))
-    row = model_inputs(never_bought, []).collect()[0]
-    assert row.recency_days == row.tenure_days == 90.0
-    with pytest.raises(ValueError, match="unknown features"):
-        model_inputs(blobs, ["nope"])
+def test_preparation_selects_the_informative_features(prepared):
+    prep, _ = prepared
+    # tenure and returns are constant; sessions and views are exact functions of frequency.
+    assert prep.selected == ["recency_days", "frequency", "monetary"]
+    assert {d["feature"]: d["reason"] for d in prep.dropped} == {
+        "tenure_days": "near_constant",
+        "returns": "near_constant",
+        "sessions": "correlated",
+        "views": "correlated",
+    }
+    details = {d["feature"]: d["detail"] for d in prep.dropped}
+    assert details["tenure_days"] == "100.0% of users have 90.0"  # the feature's value, not its log1p
+    assert details["views"].startswith("|r|=0.99") and details["views"].endswith(" with frequency")
 
 
-def test_kmeans_separates_groups_with_documented_probabilities(blobs):
-    cfg = KMeansConfig(k=3, seed=1, log_transform=list(FEATURE_COLUMNS))
-    fitted = kmeans.fit(blobs, cfg)
+def test_kmeans_separates_groups_with_documented_probabilities(prepared, tmp_path):
+    prep, frame = prepared
+    fitted = kmeans.fit(frame, KMeansConfig(k=3, seed=1), prep.selected)
     assert sorted(fitted.cluster_sizes) == [60, 60, 60]
-    rows = kmeans.assign(fitted, blobs, cfg.log_transform).collect()
+    assert fitted.feature_names == prep.selected and len(fitted.centroids[0]) == 3
+    rows = kmeans.assign(fitted, frame).collect()
     assert len(rows) == 180
     by_group = {}
     for row in rows:
@@ -70,6 +82,11 @@ def test_kmeans_separates_groups_with_documented_probabilities(blobs):
     # Well-separated blobs: memberships are near certain and typical members score about 1.
     assert np.median([r.probability for r in rows]) > 0.99
     assert np.median([r.anomaly_score for r in rows]) < 2
+    assert all(name.split(", ")[0].split(" ")[1] in prep.selected for name in fitted.segment_names)
+
+    fitted.model.write().overwrite().save(str(tmp_path / "kmeans"))
+    reloaded = KMeansModel.load(str(tmp_path / "kmeans"))
+    assert np.allclose(reloaded.clusterCenters(), fitted.centroids)
 
 
 def test_segment_names_are_deterministic_and_unique():
@@ -79,3 +96,9 @@ def test_segment_names_are_deterministic_and_unique():
         "low monetary, high recency_days",
         "high monetary, low recency_days (2)",
     ]
+
+
+def test_segment_names_read_deviation_from_the_mean_user():
+    # Min-max scaled centroids are all >= 0: "high"/"low" is relative to the size-weighted mean.
+    names = kmeans.segment_names([[0.9, 0.1], [0.1, 0.5]], ("monetary", "recency_days"), sizes=[1, 1])
+    assert names == ["high monetary, low recency_days", "low monetary, high recency_days"]

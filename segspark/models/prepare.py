@@ -1,22 +1,168 @@
-"""Feature preparation for models: impute, log-transform heavy tails, assemble, scale.
+"""Feature preparation for models: impute, signed log1p, cap, select, scale; fitted once and reused.
 
-The row-local steps (imputation rules, log1p) are plain column expressions; the scaler is an MLlib
-StandardScaler fitted inside the model's Pipeline, so a saved model carries its fitted preparation
-and scoring never refits it on the data being scored.
+Steps, in this order: impute -> log1p -> cap -> selection -> scale (config: `prepare.*`).
+
+Fitting (`fit_preparation`) runs on the executors and brings back only small aggregates: the
+imputation statistics (one agg), one approxQuantile call for the caps and the near-constant check,
+a d x d Pearson correlation matrix and the scaling constants. The result, `FittedPreparation`, is plain
+data: it is saved as JSON with the run, and its `transform` is a select of column expressions over
+those constants, so scoring other users applies the training run's preparation and never refits
+it on the data being scored.
+
+Selection is unsupervised: a feature is dropped when at least `near_constant_share` of the users
+have one value, or when its |Pearson r| with an already kept feature exceeds `max_abs_correlation`
+(features are walked in order, so the later of a correlated pair goes). Features in
+`selection.keep` are never dropped and count as kept from the start. Every dropped feature and why
+is logged and stored with the run (`metrics()`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
 
-from pyspark.ml.feature import StandardScaler, VectorAssembler
-from pyspark.sql import Column, DataFrame
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.stat import Correlation
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from segspark.schema import FEATURE_COLUMNS
+from segspark.config import PrepareConfig, SelectionConfig
+from segspark.errors import ConfigError, UsageError
 
-FEATURES_VECTOR = "_features"
-SCALED_VECTOR = "_scaled"
+log = logging.getLogger(__name__)
+
+PREPARED_VECTOR = "features_vector"
+FILE_NAME = "prepare.json"
+FORMAT_VERSION = 1
+RELATIVE_ERROR = 0.001  # of every approxQuantile: rank error 0.1% of the users
+NAMED_RULES = ("zero", "mean", "median", "max")
+FEATURE_RULE = "feature:"
+_CORR_VECTOR = "_corr_input"
+
+
+@dataclass(frozen=True)
+class Imputation:
+    """How nulls of one feature are filled.
+
+    rule: zero | mean | median | max | value (a configured number) | feature (another feature).
+    value: the fill value; for `feature`, the fallback when the source feature is null too (the
+    source's median on the training users).
+    """
+
+    rule: str
+    value: float
+    source: str | None = None
+
+
+@dataclass
+class FittedPreparation:
+    features: list[str]  # model inputs, in order
+    impute: dict[str, Imputation]
+    log1p: list[str]
+    caps: dict[str, list[float | None]]  # feature -> [lower, upper]; None: that side is not capped
+    scaling: str  # standard | minmax
+    centre: dict[str, float]  # per selected feature: mean (standard) or min (minmax)
+    scale: dict[str, float]  # per selected feature: std or max - min; never 0
+    selected: list[str]  # kept features, in input order: the model's dimensions
+    dropped: list[dict[str, str]]  # {"feature", "reason": near_constant | correlated, "detail"}
+    settings: dict[str, Any] = field(default_factory=dict)  # the prepare config it was fitted with
+    version: int = FORMAT_VERSION
+
+    def transform(self, df: DataFrame) -> DataFrame:
+        """user_id, the selected prepared features (same names) and the `features_vector` column.
+
+        Only column expressions over the fitted constants: works on any users' features."""
+        _require_columns(df, ["user_id", *self._inputs_needed()], "the DataFrame to prepare")
+        prepared = df.select("user_id", *[self.column(name).alias(name) for name in self.selected])
+        assembler = VectorAssembler(inputCols=list(self.selected), outputCol=PREPARED_VECTOR, handleInvalid="error")
+        return assembler.transform(prepared)
+
+    def column(self, name: str) -> Column:
+        """The fully prepared (imputed, log1p, capped, scaled) expression of one selected feature."""
+        capped = _clipped(_logged(_imputed(name, self.impute[name]), name in self.log1p), self.caps[name])
+        return (capped - F.lit(self.centre[name])) / F.lit(self.scale[name])
+
+    def _inputs_needed(self) -> list[str]:
+        sources = [self.impute[n].source for n in self.selected if self.impute[n].source]
+        return list(dict.fromkeys([*self.selected, *sources]))
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "inputs": len(self.features),
+            "selected": list(self.selected),
+            "dropped": [dict(d) for d in self.dropped],
+            "scaling": self.scaling,
+        }
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FittedPreparation:
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"fitted preparation has version {data.get('version')!r}; expected {FORMAT_VERSION}")
+        fitted = cls(
+            features=list(data["features"]),
+            impute={name: Imputation(**spec) for name, spec in data["impute"].items()},
+            log1p=list(data["log1p"]),
+            caps={name: list(bounds) for name, bounds in data["caps"].items()},
+            scaling=data["scaling"],
+            centre={k: float(v) for k, v in data["centre"].items()},
+            scale={k: float(v) for k, v in data["scale"].items()},
+            selected=list(data["selected"]),
+            dropped=[dict(d) for d in data["dropped"]],
+            settings=dict(data.get("settings", {})),
+            version=data["version"],
+        )
+        constants = (fitted.impute, fitted.caps, fitted.centre, fitted.scale)
+        missing = [n for n in fitted.selected if not all(n in table for table in constants)]
+        if missing:
+            raise ValueError(f"fitted preparation lacks constants for selected features {missing}")
+        return fitted
+
+    def save(self, path: str, spark: SparkSession | None = None) -> str:
+        """Write `prepare.json` into the directory `path`; returns what was written.
+
+        Local paths and file: URIs are written with plain file IO (atomically). Other schemes
+        (dbfs:, s3a:, abfss:, gs:) are written through Spark when a session is given, as one text
+        file under `path`, so the preparation sits next to the model on any store Spark can write."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)  # NaN/inf would not reload as JSON
+        if _SCHEME.match(path) and not path.startswith("file:"):
+            if spark is None:
+                raise UsageError(f"saving the fitted preparation to {path!r} needs a SparkSession (save(path, spark))")
+            spark.createDataFrame([(text,)], "value string").coalesce(1).write.mode("overwrite").text(path)
+            return path
+        target = _local_path(path) / FILE_NAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".tmp")
+        partial.write_text(text + "\n")
+        os.replace(partial, target)  # readers never see half a file
+        return str(target)
+
+    @classmethod
+    def load(cls, path: str, spark: SparkSession | None = None) -> FittedPreparation:
+        """Read a preparation saved by `save` (the directory, or the prepare.json file itself)."""
+        if _SCHEME.match(path) and not path.startswith("file:"):
+            if spark is None:
+                raise UsageError(f"loading the fitted preparation from {path!r} needs a SparkSession")
+            return cls.from_dict(json.loads(spark.read.text(path, wholetext=True).first()[0]))
+        target = _local_path(path)
+        if target.is_dir() or target.name != FILE_NAME:
+            target = target / FILE_NAME
+        try:
+            return cls.from_dict(json.loads(target.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no fitted preparation at {target}") from None
 
 
 def signed_log1p(col: Column) -> Column:
@@ -24,32 +170,275 @@ def signed_log1p(col: Column) -> Column:
     return F.signum(col) * F.log1p(F.abs(col))
 
 
-def model_inputs(features: DataFrame, log_transform: Sequence[str]) -> DataFrame:
-    """Numeric model inputs named like the features, nulls imputed, heavy tails log-transformed.
+# --- config validation ---------------------------------------------------------------------------
 
-    Imputation rule: a user who never purchased has no recency; they are treated as if their last
-    purchase were as old as their whole tenure (the longest recency they could have).
-    """
-    unknown = sorted(set(log_transform) - set(FEATURE_COLUMNS))
+
+def check_config(cfg: PrepareConfig, feature_names: Sequence[str]) -> list[str]:
+    """The model inputs for this config; ConfigError naming the key when it names unknown features."""
+    known = list(feature_names)
+    _known_only("prepare.features", cfg.features or [], known)
+    _known_only("prepare.log1p", cfg.log1p, known)
+    _known_only("prepare.impute", [k for k in cfg.impute if k != "default"], known)
+    _known_only("prepare.selection.keep", cfg.selection.keep, known)
+    for key, rule in cfg.impute.items():
+        _parse_rule(f"prepare.impute.{key}", rule, known)
+    inputs = list(known if cfg.features is None else cfg.features)
+    if not inputs:
+        raise ConfigError("prepare.features is empty; name at least one feature, or null for every feature")
+    duplicates = sorted({n for n in inputs if inputs.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"prepare.features names {duplicates} more than once")
+    return inputs
+
+
+def _known_only(key: str, names: Sequence[str], known: Sequence[str]) -> None:
+    unknown = [n for n in dict.fromkeys(names) if n not in set(known)]
     if unknown:
+        raise ConfigError(f"{key} names unknown features {unknown}; known: {', '.join(known)}")
+
+
+def _parse_rule(key: str, rule: str | float, known: Sequence[str]) -> tuple[str, float | None, str | None]:
+    """(rule, configured number, source feature) of one imputation rule."""
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
+        if not math.isfinite(rule):
+            raise ConfigError(f"{key}: the imputation value must be a finite number, found {rule!r}")
+        return "value", float(rule), None
+    text = str(rule).strip()
+    if text in NAMED_RULES:
+        return text, None, None
+    if text.startswith(FEATURE_RULE):
+        source = text[len(FEATURE_RULE) :].strip()
+        if source not in known:
+            raise ConfigError(f"{key}: {text!r} names an unknown feature {source!r}; known: {', '.join(known)}")
+        return "feature", None, source
+    raise ConfigError(
+        f"{key}: unknown imputation rule {rule!r}; expected zero, mean, median, max, a number or feature:<name>"
+    )
+
+
+# --- fitting -------------------------------------------------------------------------------------
+
+
+def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: PrepareConfig) -> FittedPreparation:
+    """Fit imputation, caps, selection and scaling on the training users (distributed)."""
+    inputs = check_config(cfg, feature_names)
+    default = cfg.impute.get("default", "zero")
+    rules = {name: _parse_rule(f"prepare.impute.{name}", cfg.impute.get(name, default), feature_names)
+             for name in inputs}
+    _require_columns(features, list(dict.fromkeys([*inputs, *(r[2] for r in rules.values() if r[2])])),
+                     "the features to fit on")
+
+    impute = _fit_imputation(features, rules)
+    log1p = [name for name in inputs if name in set(cfg.log1p)]
+    before_cap = features.select(
+        *[_logged(_imputed(name, impute[name]), name in log1p).alias(name) for name in inputs]
+    )
+    caps, near_constant = _fit_quantiles(before_cap, inputs, cfg)
+    capped = before_cap.select(*[_clipped(F.col(name), caps[name]).alias(name) for name in inputs])
+
+    keep = set(cfg.selection.keep)
+    dropped = _near_constant(capped, near_constant, keep, set(log1p))
+    remaining = [n for n in inputs if n not in {d["feature"] for d in dropped}]
+    dropped += _correlated(capped, remaining, cfg.selection)
+    gone = {d["feature"] for d in dropped}
+    selected = [n for n in inputs if n not in gone]
+    for entry in dropped:
+        log.info("prepare: dropped %s (%s: %s)", entry["feature"], entry["reason"], entry["detail"])
+    if not selected:
         raise ValueError(
-            f"models.*.log_transform names unknown features {unknown}; known features: {', '.join(FEATURE_COLUMNS)}"
+            f"feature selection dropped every input feature ({sorted(gone)}); relax prepare.selection "
+            "thresholds or list features in prepare.selection.keep"
         )
-    columns = []
-    for name in FEATURE_COLUMNS:
-        value = F.col(name).cast("double")
-        if name == "recency_days":
-            value = F.coalesce(value, F.col("tenure_days").cast("double"))
-        value = F.coalesce(value, F.lit(0.0))
-        if name in log_transform:
-            value = signed_log1p(value)
-        columns.append(value.alias(name))
-    return features.select("user_id", *columns)
+    centre, scale = _fit_scaling(capped, selected, cfg.scaling)
+    log.info("prepare: %d of %d features selected, %s scaling", len(selected), len(inputs), cfg.scaling)
+    return FittedPreparation(
+        features=inputs,
+        impute=impute,
+        log1p=log1p,
+        caps=caps,
+        scaling=cfg.scaling,
+        centre=centre,
+        scale=scale,
+        selected=selected,
+        dropped=dropped,
+        settings=cfg.model_dump(mode="json"),
+    )
 
 
-def preparation_stages(input_columns: Sequence[str]) -> list:
-    """MLlib stages that turn model inputs into a standardised vector (mean 0, unit variance)."""
-    return [
-        VectorAssembler(inputCols=list(input_columns), outputCol=FEATURES_VECTOR, handleInvalid="error"),
-        StandardScaler(inputCol=FEATURES_VECTOR, outputCol=SCALED_VECTOR, withMean=True, withStd=True),
-    ]
+def _fit_imputation(features: DataFrame, rules: Mapping[str, tuple]) -> dict[str, Imputation]:
+    """Means, maxima and medians from one agg (nulls ignored); a median is percentile_approx at the
+    same relative error as the caps' approxQuantile."""
+    wanted = {(rule, name) for name, (rule, _, _) in rules.items() if rule in ("mean", "max", "median")}
+    # A feature rule falls back to its source's median when the source is null too.
+    wanted |= {("median", source) for _, _, source in rules.values() if source}
+    functions = {
+        "mean": F.mean,
+        "max": F.max,
+        "median": lambda col: F.percentile_approx(col, 0.5, int(1 / RELATIVE_ERROR)),
+    }
+    aggregates = [functions[rule](_double(name)).alias(f"{rule}:{name}") for rule, name in sorted(wanted)]
+    stats = features.agg(*aggregates).first().asDict() if aggregates else {}
+
+    fitted = {}
+    for name, (rule, number, source) in rules.items():
+        if rule == "value":
+            value = number
+        elif rule == "zero":
+            value = 0.0
+        elif rule == "feature":
+            value = stats[f"median:{source}"]
+        else:
+            value = stats[f"{rule}:{name}"]
+        # A feature that is null for every training user has no statistic: fill with 0.
+        fitted[name] = Imputation(rule, _finite_or(value, 0.0), source)
+    return fitted
+
+
+def _fit_quantiles(frame: DataFrame, inputs: list[str], cfg: PrepareConfig):
+    """Cap bounds and the near-constant candidates from one approxQuantile call on every column."""
+    share = cfg.selection.near_constant_share
+    probabilities = [cfg.cap.lower, cfg.cap.upper, (1 - share) / 2, 1 - (1 - share) / 2]
+    quantiles = frame.approxQuantile(inputs, probabilities, RELATIVE_ERROR)
+    caps, candidates = {}, {}
+    for name, (lower, upper, low_mid, high_mid) in zip(inputs, map(_four, quantiles), strict=True):
+        # Quantile 0 or 1 means that side is not capped: scoring keeps values beyond the training range.
+        bounds = [lower if cfg.cap.lower > 0 else None, upper if cfg.cap.upper < 1 else None]
+        caps[name] = bounds
+        # Capping is monotone, so the capped quantiles are the clipped ones.
+        low_mid, high_mid = _clip_value(low_mid, bounds), _clip_value(high_mid, bounds)
+        if low_mid == high_mid:
+            candidates[name] = low_mid
+    return caps, candidates
+
+
+def _four(quantiles: list[float]) -> list[float]:
+    if len(quantiles) != 4:  # approxQuantile gives [] for a column without values: no users at all
+        raise ValueError("cannot fit the preparation on an empty DataFrame (no users)")
+    return quantiles
+
+
+def _near_constant(
+    capped: DataFrame, candidates: Mapping[str, float], keep: set[str], logged: set[str]
+) -> list[dict[str, str]]:
+    """Drop the features where the middle `near_constant_share` of users share one value."""
+    if not candidates:
+        return []
+    names = list(candidates)
+    # The exact share of the common value, for the record (one small agg).
+    shares = capped.agg(
+        *[F.avg((F.col(n) == F.lit(candidates[n])).cast("double")).alias(n) for n in names]
+    ).first().asDict()
+    dropped = []
+    for name in names:
+        value = candidates[name]
+        if name in logged:  # report the feature's own value, not its log
+            value = math.copysign(math.expm1(abs(value)), value)
+        detail = f"{shares[name]:.1%} of users have {round(value, 6)!r}"
+        if name in keep:
+            log.info("prepare: kept %s although near-constant (%s): in prepare.selection.keep", name, detail)
+            continue
+        dropped.append({"feature": name, "reason": "near_constant", "detail": detail})
+    return dropped
+
+
+def _correlated(capped: DataFrame, names: list[str], selection: SelectionConfig) -> list[dict[str, str]]:
+    """Walk the features in order; drop one whose |r| with an already kept feature exceeds the threshold."""
+    if len(names) < 2:
+        return []
+    vectors = VectorAssembler(inputCols=names, outputCol=_CORR_VECTOR).transform(capped).select(_CORR_VECTOR)
+    matrix = Correlation.corr(vectors, _CORR_VECTOR, "pearson").head()[0].toArray()
+    keep = set(selection.keep)
+    # Kept features count as kept from the start: a feature correlated with one is the one that goes.
+    kept = [i for i, name in enumerate(names) if name in keep]
+    dropped = []
+    for i, name in enumerate(names):
+        if name in keep:
+            continue
+        # A constant kept feature gives NaN: no linear relation.
+        r, j = max(((abs(_finite_or(float(matrix[i][j]), 0.0)), j) for j in kept), default=(0.0, -1))
+        if r > selection.max_abs_correlation:
+            dropped.append({"feature": name, "reason": "correlated", "detail": f"|r|={r:.3f} with {names[j]}"})
+        else:
+            kept.append(i)
+    return dropped
+
+
+def _fit_scaling(capped: DataFrame, selected: list[str], scaling: str) -> tuple[dict, dict]:
+    """Centre and scale per selected feature from one agg; a zero scale becomes 1 (constants stay finite)."""
+    if scaling == "standard":
+        aggregates = [F.mean(n) for n in selected] + [F.stddev_pop(n) for n in selected]
+    elif scaling == "minmax":
+        aggregates = [F.min(n) for n in selected] + [F.max(n) for n in selected]
+    else:
+        raise ConfigError(f"prepare.scaling: expected standard or minmax, found {scaling!r}")
+    row = list(capped.agg(*aggregates).first())
+    firsts, seconds = row[: len(selected)], row[len(selected) :]
+    centre, scale = {}, {}
+    for name, first, second in zip(selected, firsts, seconds, strict=True):
+        centre[name] = _finite_or(first, 0.0)
+        spread = second if scaling == "standard" else (None if second is None else second - centre[name])
+        spread = _finite_or(spread, 0.0)
+        # Rounding leaves a tiny non-zero spread on some constant columns; treat it as zero too.
+        scale[name] = spread if spread > 1e-12 * max(1.0, abs(centre[name])) else 1.0
+    return centre, scale
+
+
+# --- column expressions (shared by fit and transform) ---------------------------------------------
+
+
+def _double(name: str) -> Column:
+    return F.col(name).cast("double")
+
+
+def _imputed(name: str, spec: Imputation) -> Column:
+    fills = [_double(spec.source)] if spec.source else []
+    return F.coalesce(_double(name), *fills, F.lit(spec.value))
+
+
+def _logged(col: Column, apply: bool) -> Column:
+    return signed_log1p(col) if apply else col
+
+
+def _clipped(col: Column, bounds: Sequence[float | None]) -> Column:
+    lower, upper = bounds
+    if lower is not None:
+        col = F.greatest(col, F.lit(lower))
+    if upper is not None:
+        col = F.least(col, F.lit(upper))
+    return col
+
+
+def _clip_value(value: float, bounds: Sequence[float | None]) -> float:
+    lower, upper = bounds
+    value = value if lower is None else max(value, lower)
+    return value if upper is None else min(value, upper)
+
+
+def _finite_or(value: float | None, fallback: float) -> float:
+    return float(value) if value is not None and math.isfinite(value) else fallback
+
+
+def _require_columns(df: DataFrame, names: Sequence[str], what: str) -> None:
+    missing = [n for n in names if n not in set(df.columns)]
+    if missing:
+        raise ValueError(f"{what} lacks columns {missing}")
+
+
+# --- local file IO ---------------------------------------------------------------------------------
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: C:\ is a Windows path
+
+
+def _local_path(path: str) -> Path:
+    """A local path or file: URI as a Path; other schemes (dbfs:, s3:, abfss:) are not supported."""
+    if path.startswith("file:"):
+        parsed = urlparse(path)
+        if parsed.netloc not in ("", "localhost"):
+            raise UsageError(f"file URI {path!r} names a remote host; use a local path")
+        return Path(unquote(parsed.path))
+    if _SCHEME.match(path):
+        raise UsageError(
+            f"the fitted preparation is saved with plain file IO: {path!r} is not a local path or file: URI "
+            "(on Databricks use the /dbfs/... or /Volumes/... path)"
+        )
+    return Path(path)
