@@ -1,16 +1,20 @@
 """Benchmarks: one JSON object per line (format in DESIGN.md), ratios against a baseline measured
 in the same process on the same data, because absolute times on shared machines are not stable.
 
-    python scripts/bench.py --suite ingest_features [--scale 10000000] [--repeat 3]
+    python scripts/bench.py --suite ingest_features [--scale 10000000 [--scale 50000000 ...]] [--repeat 3]
 
 Suites:
   ingest_features  metric features_vs_plain_aggregation: (ingest + features) time / time of a plain
-                   Spark read + groupBy(user) count/max/sum over the same Parquet files.
+                   Spark read + groupBy(user) count/max/sum over the same Parquet files. "ingest +
+                   features" is what the pipeline's two stages run: read, type and tag every record,
+                   persist the tagged events, count them by reason, resolve the slot values and
+                   compute the full feature set (written to the noop sink). One line per --scale.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import statistics
@@ -21,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pyspark import StorageLevel  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from segspark import ingest  # noqa: E402
@@ -58,18 +63,22 @@ def ensure_events(spark, scale: int, work: Path) -> Path:
 
 
 def suite_ingest_features(spark, args):
-    path = ensure_events(spark, args.scale, Path(args.work))
+    for scale in args.scale or [10_000_000]:
+        ingest_features_at(spark, args, scale)
+
+
+def ingest_features_at(spark, args, scale: int):
+    path = ensure_events(spark, scale, Path(args.work))
     events = spark.read.parquet(str(path)).count()
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={path}"])
-    as_of = spark.read.parquet(str(path)).agg(F.max("event_time")).collect()[0][0][:10]
-    import datetime as dt
-
-    as_of = dt.date.fromisoformat(as_of)
+    as_of = dt.date.fromisoformat(spark.read.parquet(str(path)).agg(F.max("event_time")).collect()[0][0][:10])
 
     def segspark_features():
         raw = read_raw_events(spark, cfg.input)
-        clean = ingest.clean_events(ingest.tag_events(raw, cfg.input))
-        user_features(clean, as_of, cfg.features).write.format("noop").mode("overwrite").save()
+        tagged = ingest.tag_events(raw, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
+        ingest.reason_counts(tagged).collect()
+        user_features(ingest.clean_events(tagged), as_of, cfg.features).write.format("noop").mode("overwrite").save()
+        tagged.unpersist()
 
     def plain_aggregation():
         (
@@ -82,7 +91,7 @@ def suite_ingest_features(spark, args):
     baseline = timed(plain_aggregation, args.repeat)
     ours = timed(segspark_features, args.repeat)
     emit("ingest_features", "features_vs_plain_aggregation", round(ours, 3), "s",
-         baseline=round(baseline, 3), ratio=round(ours / baseline, 3), events=events)
+         baseline=round(baseline, 3), ratio=round(ours / baseline, 3), events=events, repeat=args.repeat)
 
 
 SUITES = {"ingest_features": suite_ingest_features}
@@ -91,13 +100,14 @@ SUITES = {"ingest_features": suite_ingest_features}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
-    parser.add_argument("--scale", type=int, default=10_000_000, help="number of events (default 10M)")
+    parser.add_argument("--scale", type=int, action="append",
+                        help="number of events (about; default 10M); repeat for several scales")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", default=str(REPO / "bench-out"), help="where generated data is cached")
     parser.add_argument("--master", default="local[2]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    spark = get_spark("segspark-bench", args.master, {"spark.driver.memory": "8g", "spark.sql.shuffle.partitions": "16"})
+    spark = get_spark("segspark-bench", args.master, {"spark.driver.memory": "10g", "spark.sql.shuffle.partitions": "16"})
     try:
         SUITES[args.suite](spark, args)
     finally:

@@ -118,30 +118,35 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
 
 @cli.command("features")
 @click.option("--list", "list_catalog", is_flag=True, help="Print the feature catalog and exit.")
+@click.option("--markdown", is_flag=True, help="With --list: print the catalog as a Markdown table.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--run-id", default=None, help="Run id (default: a new one). Re-running an id replaces its rows.")
 @click.option("--as-of", default=None, callback=_parse_date, help="Feature date YYYY-MM-DD (default: end of data).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
-def features_command(list_catalog, config_path, run_id, as_of, overrides, more_overrides) -> None:
+def features_command(list_catalog, markdown, config_path, run_id, as_of, overrides, more_overrides) -> None:
     """Ingest and compute user features only (tables quarantine, user_features, runs).
 
     \b
     Examples:
       segspark features --list
+      segspark features --list --config conf/clickstream.yaml
       segspark features --config conf/local.yaml --as-of 2026-10-31
     """
-    if list_catalog:
-        from segspark.features.catalog import render_table
-
-        click.echo(render_table())
-        return
-    if not config_path:
-        raise click.UsageError("give --config FILE (or --list for the feature catalog)")
-    from segspark import pipeline
     from segspark.config import load_config
 
-    cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    cfg = load_config(config_path, _overrides(overrides, more_overrides)) if config_path else None
+    if list_catalog:
+        # With --config, the slot families are as wide as that config makes them.
+        from segspark.features.catalog import render_markdown, render_table
+
+        render = render_markdown if markdown else render_table
+        click.echo(render(cfg.features if cfg else None), nl=not markdown)
+        return
+    if cfg is None:
+        raise click.UsageError("give --config FILE (or --list for the feature catalog)")
+    from segspark import pipeline
+
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, segments=False)
     _print_summary(result)

@@ -70,6 +70,7 @@ class InputColumns(_Section):
     session_id: str | None = None
     order_id: str | None = None
     country: str | None = None
+    device: str | None = None
 
     def mapped(self) -> dict[str, str]:
         """Canonical name -> source name, for the columns the source has."""
@@ -93,16 +94,75 @@ class InputConfig(_Section):
         return _settings_as_strings(value)
 
 
+class OneHotConfig(_Section):
+    """A low-cardinality canonical column one-hot encoded as its top values plus "other"."""
+
+    top_n: int = Field(3, ge=1, le=50)
+    # Pin the values (in slot order) so that the columns mean the same in every run; None: the
+    # top_n values with the most users in the data of the run.
+    values: list[str] | None = None
+
+
 class FeaturesConfig(_Section):
     session_gap_minutes: int = Field(30, ge=1)
     use_source_sessions: bool = True
+    # Zone of the customers' local time, for the time-of-day and day-of-week shares.
+    time_zone: str = "UTC"
+    # Category affinity: share of activity in each of the top N categories, the rest pooled.
+    top_categories: int = Field(5, ge=1, le=50)
+    categories: list[str] | None = None  # pinned categories (slot order); None: top N of the data
+    category_level: int | None = Field(1, ge=1)  # dotted levels kept ("electronics.phone" -> 1 level)
+    # Activity trend: events in the last `trend_window_days` versus the same span before it.
+    trend_window_days: int = Field(30, ge=1)
+    one_hot: dict[Literal["country", "device"], OneHotConfig] = Field(
+        default_factory=lambda: {"country": OneHotConfig(), "device": OneHotConfig()}
+    )
+    # Relative accuracy of the per-user medians (percentile_approx accuracy: 1/accuracy of the rank).
+    median_accuracy: int = Field(1000, ge=10)
+
+
+ImputeRule = str | float
+
+
+class CapConfig(_Section):
+    """Winsorise every prepared feature at these quantiles (fitted on the training users)."""
+
+    lower: float = Field(0.0, ge=0.0, le=0.5)
+    upper: float = Field(0.999, ge=0.5, le=1.0)
+
+
+class SelectionConfig(_Section):
+    # Near-constant: at least this share of users have one value (the quantiles around it agree).
+    near_constant_share: float = Field(0.99, gt=0.5, le=1.0)
+    # Of two features whose absolute Pearson correlation exceeds this, the later one is dropped.
+    max_abs_correlation: float = Field(0.95, gt=0.0, le=1.0)
+    keep: list[str] = Field(default_factory=list)  # never dropped (canonical features, say)
+
+
+class PrepareConfig(_Section):
+    """From user_features to model inputs; fitted once per run, saved, and reused when scoring."""
+
+    features: list[str] | None = None  # model inputs; None: every feature of the catalog
+    # Per-feature imputation of nulls: zero | mean | median | max | a number | feature:<name>
+    # (that feature's value for the same user). `default` applies to the features not listed.
+    impute: dict[str, ImputeRule] = Field(default_factory=lambda: {"default": "zero"})
+    log1p: list[str] = Field(default_factory=list)  # heavy-tailed counts and money (signed log1p)
+    cap: CapConfig = Field(default_factory=CapConfig)
+    scaling: Literal["standard", "minmax"] = "standard"
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @field_validator("impute", mode="before")
+    @classmethod
+    def _numbers_as_float(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in value.items()}
+        return value
 
 
 class KMeansConfig(_Section):
     k: int = Field(5, ge=2)
     max_iter: int = Field(40, ge=1)
     seed: int = 42
-    log_transform: list[str] = Field(default_factory=list)
 
 
 class ModelsConfig(_Section):
@@ -125,6 +185,7 @@ class Config(_Section):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     input: InputConfig
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -235,7 +296,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 # Sections whose keys are free-form and may contain dots themselves (Spark settings, reader
 # options, source event-type values): `--set spark.conf.spark.driver.memory=8g` sets one key.
-FREE_FORM_SECTIONS = ("spark.conf", "input.options", "input.event_types")
+FREE_FORM_SECTIONS = ("spark.conf", "input.options", "input.event_types", "prepare.impute")
 
 
 def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:

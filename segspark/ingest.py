@@ -6,9 +6,9 @@ REASONS). Exact duplicates of a valid record are tagged `duplicate` (the first c
 Nothing is dropped: `clean_events` and `quarantine_rows` split the tagged frame, so
 input rows = clean rows + quarantined rows by construction.
 
-Exact duplicates are found within each user's events (window partitioned by user, ordered by every
-source column, comparing each row with the one before). Partitioning by user is the same shuffle
-the feature stage needs, so de-duplication costs no extra exchange.
+Exact duplicates are found within each user's events (window partitioned by user, ordered by event
+time and a fingerprint of the source record, comparing each row with the one before). Partitioning
+by user is the same shuffle the feature stage needs, so de-duplication costs no extra exchange.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ REASON = "_reason"
 # Timestamp patterns that Spark's cast to timestamp parses (ISO-8601 family).
 ISO_TIMESTAMP_FORMATS = ("yyyy-MM-dd HH:mm:ss", "yyyy-MM-dd'T'HH:mm:ss", "yyyy-MM-dd HH:mm:ss.SSS")
 RAW = "_raw"
+_FP64, _FP32 = "_fp64", "_fp32"  # fingerprints of the whole source record
 
 # Reason codes, in the order they are checked. Documented in README ("quarantine").
 REASONS = (
@@ -46,7 +47,7 @@ REASONS = (
     "missing_price",  # a purchase or return without a price
     "zero_price",  # a purchase or return at price 0: no revenue (free samples, manual adjustments)
     "unparseable_quantity",
-    "duplicate",  # an exact copy of an earlier record (all source columns equal)
+    "duplicate",  # an exact copy of an earlier record (all source columns equal); raw = canonical JSON
 )
 
 
@@ -127,9 +128,10 @@ def _event_type(src: _Source, cfg: InputConfig) -> Column:
 def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
     """Canonical event columns plus `_reason` (null when clean) and `_raw` (set when not clean).
 
-    Only the source columns, the user, the event time and the rule verdict cross the shuffle by
-    user; the other canonical columns are cheap functions of the source columns and are derived
-    after it, which keeps the shuffled rows about half as wide.
+    Every canonical column is typed before the shuffle by user, and only those narrow typed columns
+    cross it, with a 96-bit fingerprint of the whole source record (xxhash64 + murmur3) standing in
+    for the source columns in the duplicate check. The output is partitioned by user and sorted by
+    (user, event time): the order the feature stage's windows and aggregations need.
     """
     cols = cfg.columns
     src = _Source(raw)
@@ -156,32 +158,9 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
         .when(event_type.isin("purchase", "return") & (price == 0), "zero_price")
         .when(~quantity_present | quantity.isNull(), "unparseable_quantity")
     )
-    c = F.col
-    source_cols = [c(src.alias[name]) for name in src.names]
-    typed = src.df.select(
-        *source_cols,
-        user_id.alias("user_id"),
-        event_time.alias("event_time"),
-        rule_reason.alias(REASON),
-    )
-
-    # Exact duplicates: same user, every source column equal to the previous row's. Ordering by
-    # event time first leaves each user's events in time order, which is the order the session
-    # window of the feature stage needs, so Spark does not sort them again.
-    by_user = Window.partitionBy("user_id").orderBy(
-        c("event_time").asc_nulls_first(), *[col.asc_nulls_first() for col in source_cols]
-    )
-    same_as_previous = F.lit(True)
-    for col in source_cols:
-        same_as_previous = same_as_previous & col.eqNullSafe(F.lag(col).over(by_user))
-    reason = F.when(c(REASON).isNull() & F.coalesce(same_as_previous, F.lit(False)), "duplicate").otherwise(
-        c(REASON)
-    )
-    typed = typed.withColumn(REASON, reason)
-
-    record = F.to_json(F.struct(*[src.col(name).alias(name) for name in src.names if name != CORRUPT_COLUMN]))
-    raw_text = F.coalesce(src.col(CORRUPT_COLUMN), record)
-    derived = {
+    canonical = {
+        "user_id": user_id,
+        "event_time": event_time,
         "event_type": event_type,
         "item_id": src.text(cols.item_id),
         "category": src.text(cols.category),
@@ -190,11 +169,35 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
         "session_id": src.text(cols.session_id),
         "order_id": src.text(cols.order_id),
         "country": src.text(cols.country),
+        "device": src.text(cols.device),
     }
+    source_cols = [src.col(name) for name in src.names]
+    record = F.to_json(F.struct(*[src.col(name).alias(name) for name in src.names if name != CORRUPT_COLUMN]))
+    c = F.col
+    typed = src.df.select(
+        *[canonical[name].alias(name) for name in EVENT_COLUMNS],
+        rule_reason.alias(REASON),
+        # The source record's text is kept only for rejected records: clean rows cross the shuffle narrow.
+        F.when(rule_reason.isNotNull(), F.coalesce(src.col(CORRUPT_COLUMN), record)).alias(RAW),
+        F.xxhash64(*source_cols).alias(_FP64),
+        F.hash(*source_cols).alias(_FP32),
+    )
+
+    # Exact duplicates: an exact copy has the same user, event time and fingerprint, so ordering by
+    # them puts it right after its original. Comparing the typed values as well makes a false match
+    # need a 96-bit hash collision between two records of one user at one instant.
+    by_user = Window.partitionBy("user_id").orderBy(c("event_time").asc_nulls_first(), c(_FP64), c(_FP32))
+    same_as_previous = F.lit(True)
+    for name in (_FP64, _FP32, *EVENT_COLUMNS[1:]):
+        same_as_previous = same_as_previous & c(name).eqNullSafe(F.lag(c(name)).over(by_user))
+    is_duplicate = c(REASON).isNull() & F.coalesce(same_as_previous, F.lit(False))
+    # The duplicate's source record is identical to the clean copy kept; it is quarantined as the
+    # canonical event in JSON (the source text does not cross the shuffle).
+    canonical_json = F.to_json(F.struct(*[c(name) for name in EVENT_COLUMNS]))
     return typed.select(
-        *[derived[name].alias(name) if name in derived else c(name) for name in EVENT_COLUMNS],
-        c(REASON),
-        F.when(c(REASON).isNotNull(), raw_text).alias(RAW),
+        *EVENT_COLUMNS,
+        F.when(is_duplicate, F.lit("duplicate")).otherwise(c(REASON)).alias(REASON),
+        F.when(is_duplicate, canonical_json).otherwise(c(RAW)).alias(RAW),
     )
 
 

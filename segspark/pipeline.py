@@ -1,4 +1,4 @@
-"""The batch pipeline: ingest -> features -> KMeans segments -> Delta tables.
+"""The batch pipeline: ingest -> features -> preparation -> KMeans segments -> Delta tables.
 
 `run(spark, cfg)` is the library entry point used by the CLI, jobs/ and notebooks.
 """
@@ -20,11 +20,14 @@ from pyspark.sql import functions as F
 
 from segspark import ingest
 from segspark.config import Config
-from segspark.features import user_features
+from segspark.features import resolve_slots, user_features
+from segspark.features.catalog import feature_columns
 from segspark.io.readers import read_raw_events
 from segspark.io.tables import table_path, write_run_rows
 from segspark.models import kmeans
+from segspark.models.prepare import fit_preparation
 from segspark.schema import RUNS
+from segspark.schema import USER_FEATURES_KEYS as KEYS
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +127,15 @@ def _run_stages(
         result.as_of = last_event.date()
 
     with _stage(result, "features") as counts:
-        features = user_features(ingest.clean_events(tagged), result.as_of, cfg.features)
-        features = features.withColumn("run_id", F.lit(run_id)).persist(StorageLevel.MEMORY_AND_DISK)
+        clean = ingest.clean_events(tagged)
+        slots = resolve_slots(clean, result.as_of, cfg.features)
+        result.metrics["feature_slots"] = slots.as_dict()
+        features = user_features(clean, result.as_of, cfg.features, slots)
+        # Keys first (the table contract): Delta keeps file statistics for the first 32 columns only,
+        # and replacing a run's rows finds its files by the statistics of run_id.
+        features = features.select(
+            "user_id", "as_of", F.lit(run_id).alias("run_id"), *[c for c in features.columns if c not in KEYS]
+        ).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(features)
         written = write_run_rows(spark, out, "user_features", features, run_id)
         result.users = written.rows if written.rows >= 0 else features.count()
@@ -138,11 +148,20 @@ def _run_stages(
     if not segments:
         return
 
+    models_dir = f"{out.root.rstrip('/')}/_models/{run_id}"
+    with _stage(result, "prepare") as counts:
+        # Fitted on this run's users and saved with the run: scoring other users reuses it as is.
+        prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
+        prep.save(f"{models_dir}/prepare", spark)
+        result.metrics["prepare"] = prep.metrics()
+        prepared = prep.transform(features)
+        counts.update(inputs=len(prep.features), selected=len(prep.selected), dropped=len(prep.dropped))
+
     with _stage(result, "kmeans") as counts:
         km_cfg = cfg.models.kmeans
-        fitted = kmeans.fit(features, km_cfg)
-        fitted.pipeline.write().overwrite().save(f"{out.root.rstrip('/')}/_models/{run_id}/{kmeans.MODEL_NAME}")
-        segments = kmeans.assign(fitted, features, km_cfg.log_transform).select(
+        fitted = kmeans.fit(prepared, km_cfg, prep.selected)
+        fitted.model.write().overwrite().save(f"{models_dir}/{kmeans.MODEL_NAME}")
+        segments = kmeans.assign(fitted, prepared).select(
             "user_id",
             F.lit(result.as_of).cast("date").alias("as_of"),
             F.lit(run_id).alias("run_id"),

@@ -16,7 +16,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from segspark.features.catalog import CATALOG
+from segspark.features.catalog import feature_columns
 
 # Typed canonical events, produced by ingest from any source through the config's column mapping.
 EVENTS = StructType(
@@ -31,6 +31,7 @@ EVENTS = StructType(
         StructField("session_id", StringType(), True),
         StructField("order_id", StringType(), True),
         StructField("country", StringType(), True),
+        StructField("device", StringType(), True),
     ]
 )
 EVENT_COLUMNS = tuple(field.name for field in EVENTS.fields)
@@ -45,8 +46,10 @@ QUARANTINE = StructType(
     ]
 )
 
-# Feature columns, in table order; their meaning is the feature catalog (a contract, see README).
-FEATURE_COLUMNS = tuple(feature.name for feature in CATALOG)
+# Feature columns of the default config, in table order; their meaning is the feature catalog (a
+# contract, see README). The slot families' widths follow the config: use
+# `catalog.feature_columns(cfg.features)` for a given run.
+FEATURE_COLUMNS = feature_columns()
 USER_FEATURES_KEYS = ("user_id", "as_of", "run_id")
 
 USER_SEGMENTS = StructType(

@@ -89,6 +89,14 @@ def test_features_list_prints_the_catalog(capsys):
     code, out, _ = run_cli(capsys, "features", "--list")
     assert code == 0
     assert "recency_days" in out and "net revenue" in out
+    code, out, _ = run_cli(capsys, "features", "--list", "--config", str(REPO / "conf/online_retail.yaml"))
+    assert code == 0 and "country_top_5" in out  # the config widens the one-hot family
+
+
+def test_docs_feature_catalog_is_the_generated_one(capsys):
+    code, out, _ = run_cli(capsys, "features", "--list", "--markdown")
+    assert code == 0
+    assert (REPO / "docs" / "features.md").read_text() == out, "regenerate: segspark features --list --markdown"
 
 
 def test_features_stage_alone_writes_features_but_no_segments(spark, capsys, sample_parquet, tmp_path):

@@ -7,23 +7,26 @@ from pyspark.sql import Row
 
 from segspark.config import FeaturesConfig
 from segspark.features import user_features
+from segspark.features.catalog import catalog
 from segspark.schema import EVENTS
 
 AS_OF = dt.date(2026, 10, 10)
 
 
-def ev(user, when, kind="view", price=None, qty=1.0, session=None, order=None):
+def ev(user, when, kind="view", price=None, qty=1.0, session=None, order=None, item="i", category="c",
+       country=None, device=None):
     return Row(
         user_id=user,
         event_time=dt.datetime.fromisoformat(when),
         event_type=kind,
-        item_id="i",
-        category="c",
+        item_id=item,
+        category=category,
         price=price,
         quantity=qty,
         session_id=session,
         order_id=order,
-        country=None,
+        country=country,
+        device=device,
     )
 
 
@@ -99,8 +102,121 @@ def test_as_of_before_a_users_first_event_excludes_the_user(events):
 
 
 def test_every_feature_column_is_in_the_catalog_in_table_order(events):
-    from segspark.features.catalog import CATALOG
+    for cfg in (FeaturesConfig(), FeaturesConfig(top_categories=2, one_hot={"country": {"top_n": 1}})):
+        columns = user_features(events, AS_OF, cfg).columns
+        entries = catalog(cfg)
+        assert columns == ["user_id", "as_of", *[f.name for f in entries]]
+        assert all(f.definition and f.unit and f.source for f in entries)
+    assert "top_category_2_share" in columns and "country_top_1" in columns and "device_top_1" not in columns
 
-    columns = user_features(events, AS_OF, FeaturesConfig()).columns
-    assert columns == ["user_id", "as_of", *[f.name for f in CATALOG]]
-    assert all(f.definition and f.unit and f.source for f in CATALOG)
+
+# A user with two sessions on two days (one a Saturday), in two categories and two countries.
+RICH = [
+    # Session s1, Thursday 2026-10-01 (UTC): 07:00 view, 07:10 cart, 07:20 purchase of 2 x 10.0 (order o1)
+    ev("r", "2026-10-01 07:00:00", "view", 8.0, session="s1", item="i1", category="home.decor", country="DE"),
+    ev("r", "2026-10-01 07:10:00", "cart", 10.0, session="s1", item="i2", category="home.decor", country="DE"),
+    ev("r", "2026-10-01 07:20:00", "purchase", 10.0, 2.0, session="s1", order="o1", item="i2",
+       category="home.decor", country="DE"),
+    # Session s2, Saturday 2026-10-03: 20:00 view, 20:30 cart, 20:31 remove, 20:40 purchase of 1 x 30.0 (o2),
+    # 21:00 return of one item of o1 (10.0)
+    ev("r", "2026-10-03 20:00:00", "view", 40.0, session="s2", item="i3", category="sport.bike", country="DE"),
+    ev("r", "2026-10-03 20:30:00", "cart", 30.0, session="s2", item="i4", category="sport.bike", country="DE"),
+    ev("r", "2026-10-03 20:31:00", "remove_from_cart", 30.0, session="s2", item="i4", category="sport.bike",
+       country="AT"),
+    ev("r", "2026-10-03 20:40:00", "purchase", 30.0, session="s2", order="o2", item="i4", category="sport.bike",
+       country="DE"),
+    ev("r", "2026-10-03 21:00:00", "return", 10.0, -1.0, session="s2", order="o1r", item="i2",
+       category="home.decor", country="DE"),
+    # Another user, so that the slots have a ranking: "home" is the most common top-level category.
+    ev("q", "2026-10-05 12:00:00", "view", 5.0, session="q1", category="home.garden", country="FR"),
+    ev("q", "2026-10-05 12:05:00", "view", 5.0, session="q1", category="home.garden", country="FR"),
+]
+
+
+def test_rich_feature_definitions(spark):
+    cfg = FeaturesConfig(top_categories=2, trend_window_days=7, one_hot={"country": {"top_n": 1}})
+    df = spark.createDataFrame(RICH, EVENTS)
+    r = {row.user_id: row for row in user_features(df, AS_OF, cfg).collect()}["r"]
+    assert r.events == 8 and r.sessions == 2 and r.events_per_session == 4.0
+    assert r.session_duration_mean_min == pytest.approx((20 + 60) / 2)
+    assert r.session_duration_median_min in (20.0, 60.0)  # approximate median of two values
+    assert r.active_days == 2
+    assert r.tenure_days == pytest.approx(10 - 7 / 24)  # 10-01 07:00 to the cutoff 10-11 00:00
+    assert r.sessions_per_week == pytest.approx(2 / ((10 - 7 / 24) / 7))
+    assert r.frequency == 2  # o1 and o2; the return is not an order
+    assert r.purchase_interval_mean_days == pytest.approx((2 * 24 + 13 + 20 / 60) / 24)
+    assert r.purchase_interval_std_days == 0.0  # one interval
+    assert r.basket_size == 1.5 and r.avg_order_value == 25.0  # (2 + 1) items, (20 + 30) / 2
+    assert r.monetary == 40.0 and r.return_value == 10.0 and r.return_share == pytest.approx(10 / 50)
+    assert r.view_to_cart_rate == 1.0 and r.cart_to_purchase_rate == 1.0 and r.remove_share == 0.5
+    assert r.price_viewed_mean == 24.0 and r.price_viewed_median in (8.0, 40.0)
+    assert r.price_bought_mean == 20.0 and r.price_bought_median in (10.0, 30.0)
+    assert (r.night_share, r.morning_share, r.afternoon_share, r.evening_share) == (0.0, 3 / 8, 0.0, 5 / 8)
+    assert r.weekend_share == 5 / 8
+    assert r.distinct_items == 4 and r.distinct_categories == 2
+    # Trend windows of 7 days before the cutoff 10-11: last = 10-04..10-10 (none), prior = 09-27..10-03.
+    assert (r.events_last_window, r.events_prior_window, r.activity_trend) == (0, 8, -1.0)
+    # Slots: top-level categories by events: home (5 events over both users), sport (4).
+    assert (r.top_category_1_share, r.top_category_2_share, r.other_category_share) == (4 / 8, 4 / 8, 0.0)
+    # Countries by events: DE (7) is the slot; r's most frequent country is DE.
+    assert (r.country_top_1, r.country_other) == (1, 0)
+    q = {row.user_id: row for row in user_features(df, AS_OF, cfg).collect()}["q"]
+    assert (q.country_top_1, q.country_other) == (0, 1)
+
+
+def test_pinned_slots_keep_their_meaning(spark):
+    cfg = FeaturesConfig(categories=["sport", "toys"], one_hot={"country": {"values": ["FR", "DE"]}})
+    r = {row.user_id: row for row in user_features(spark.createDataFrame(RICH, EVENTS), AS_OF, cfg).collect()}["r"]
+    assert (r.top_category_1_share, r.top_category_2_share, r.other_category_share) == (0.5, 0.0, 0.5)
+    assert (r.country_top_1, r.country_top_2, r.country_other) == (0, 1, 0)
+
+
+def test_a_single_day_user_has_sane_rates(spark):
+    rows = [
+        ev("d", "2026-10-10 09:00:00", "view", 5.0),
+        ev("d", "2026-10-10 09:01:00", "cart", 5.0),
+        ev("d", "2026-10-10 09:02:00", "purchase", 5.0),
+    ]
+    d = features_of(spark.createDataFrame(rows, EVENTS))["d"]
+    assert d.active_days == 1 and d.sessions == 1
+    assert d.sessions_per_week == 1.0  # tenure below a week counts as one week, not 1 / 0.6 days
+    assert d.purchase_interval_mean_days is None and d.purchase_interval_std_days is None
+    assert d.view_to_cart_rate == 1.0 and d.cart_to_purchase_rate == 1.0 and d.remove_share == 0.0
+    assert d.recency_days == pytest.approx(d.tenure_days - 2 / 1440)
+    assert d.events_last_window == 3 and d.activity_trend == 1.0
+
+
+def test_zero_denominators_give_null_never_nan_or_infinity(spark, sample_parquet):
+    from pyspark.sql import functions as F
+
+    odd = [
+        ev("only-return", "2026-10-01 10:00:00", "return", 5.0, -1.0),
+        ev("only-cart", "2026-10-01 10:00:00", "cart", 5.0),
+        ev("only-remove", "2026-10-01 10:00:00", "remove_from_cart", None),
+        ev("only-view-no-price", "2026-10-01 10:00:00", "view", None, category=None, item=None),
+        ev("free-purchase-lines", "2026-10-01 10:00:00", "purchase", 0.0, 0.0),
+    ]
+    from segspark import ingest
+    from segspark.config import load_config
+    from segspark.io.readers import read_raw_events
+
+    input_cfg = load_config(make_features_config(), [f"input.path={sample_parquet}/events"]).input
+    clean = ingest.clean_events(ingest.tag_events(read_raw_events(spark, input_cfg), input_cfg))
+    df = clean.unionByName(spark.createDataFrame(odd, EVENTS))
+    features = user_features(df, dt.date(2026, 10, 31), FeaturesConfig())
+    numeric = [f.name for f in features.schema.fields if f.dataType.typeName() in ("double", "long", "integer")]
+    bad = features.select(
+        *[F.count_if(F.isnan(F.col(n)) | (F.abs(F.col(n)) == float("inf"))).alias(n) for n in numeric]
+    ).first()
+    assert {n: bad[n] for n in numeric if bad[n]} == {}
+    rows = {r.user_id: r for r in features.filter(F.col("user_id").startswith("only")).collect()}
+    assert rows["only-return"].return_share is None and rows["only-return"].monetary == -5.0
+    assert rows["only-cart"].view_to_cart_rate is None and rows["only-cart"].cart_to_purchase_rate == 0.0
+    assert rows["only-remove"].remove_share is None
+    assert rows["only-view-no-price"].price_viewed_mean is None and rows["only-view-no-price"].distinct_items == 0
+
+
+def make_features_config():
+    from .conftest import REPO
+
+    return REPO / "conf" / "local.yaml"

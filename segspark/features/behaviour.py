@@ -2,32 +2,36 @@
 
 `as_of` is a calendar date (UTC): features use the events up to the end of that day, i.e. strictly
 before the cutoff `as_of + 1 day, 00:00 UTC`; nothing later is ever read. Durations are fractional
-days measured to that cutoff.
+days measured to that cutoff. The catalog (`catalog.py`, `segspark features --list`) defines every
+column; this module computes them.
 
-Everything is computed in one pass per user: a window partitioned by user (sessions), then
-aggregations per session and per user that reuse the same partitioning, so the features cost one
-shuffle (the one ingest already makes to find duplicates).
+One pass per user, no per-feature shuffles: ingest leaves the clean events partitioned by user and
+sorted by (user, event time). Three aggregations read them, each grouped by keys that start with
+user_id, so none needs an exchange:
+- events -> user: counts, money, prices (means and approximate medians), time-of-day shares,
+  breadth, trend windows, category shares, most frequent country/device;
+- events -> sessions -> user: session count and durations;
+- purchase lines -> orders -> user: orders and the intervals between them (a window over each
+  user's orders, which are few).
+The three user-level results are joined on user_id (co-partitioned, small).
 
-Feature definitions (the canonical ones are a contract, see README):
-- recency_days: days from the last purchase to the cutoff; null when the user never purchased.
-- frequency: distinct orders (order id; without one, distinct sessions with a purchase). Orders
-  are counted within sessions, so an order whose lines fall into two sessions counts twice; an
-  order is placed at one moment, so in practice this does not happen.
-- monetary: net revenue, purchases minus returns (price x quantity).
-- tenure_days: days from the first event to the cutoff.
-- sessions: distinct sessions (the source's session id when configured and present, otherwise a new
-  session after `features.session_gap_minutes` of inactivity).
-- views, carts, removes_from_cart, purchases, returns: event counts by type.
+Rates never divide by zero: a rate whose denominator is 0 is null (documented per feature), and
+shares are over the user's events, of which there is at least one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from segspark.config import FeaturesConfig
+from segspark.features.catalog import ONE_HOT_COLUMNS, category_slot_names, feature_columns, one_hot_names
+
+log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -37,12 +41,77 @@ def as_of_cutoff(as_of: dt.date) -> dt.datetime:
     return dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time(0, 0), tzinfo=dt.UTC)
 
 
+@dataclass(frozen=True)
+class FeatureSlots:
+    """The value behind each slot column (category shares, one-hot columns) for one run."""
+
+    categories: list[str]
+    one_hot: dict[str, list[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"categories": self.categories, "one_hot": self.one_hot}
+
+
+def _category(cfg: FeaturesConfig) -> Column:
+    """The category at the configured depth: "electronics.smartphone" -> "electronics" at level 1."""
+    category = F.col("category")
+    if cfg.category_level is None:
+        return category
+    return F.substring_index(category, ".", cfg.category_level)
+
+
+def resolve_slots(events: DataFrame, as_of: dt.date, cfg: FeaturesConfig) -> FeatureSlots:
+    """Pinned slot values from the config, else the most common values (by events) up to as_of.
+
+    One small aggregation over the events (a few rows come back)."""
+    wanted = {}
+    if not cfg.categories:
+        wanted["category"] = (_category(cfg), cfg.top_categories)
+    for column in ONE_HOT_COLUMNS:
+        spec = cfg.one_hot.get(column)
+        if spec is not None and not spec.values:
+            wanted[column] = (F.col(column), spec.top_n)
+    found: dict[str, list[str]] = {kind: [] for kind in wanted}
+    if wanted:
+        cutoff = F.lit(as_of_cutoff(as_of)).cast("timestamp")
+        pairs = F.array(*[F.struct(F.lit(kind).alias("kind"), value.alias("value")) for kind, (value, _) in
+                          wanted.items()])
+        counts = (
+            events.filter(F.col("event_time") < cutoff)
+            .select(F.explode(pairs).alias("p"))
+            .filter(F.col("p.value").isNotNull())
+            .groupBy("p.kind", "p.value")
+            .count()
+            .collect()
+        )
+        for row in sorted(counts, key=lambda r: (-r["count"], r["value"])):
+            if len(found[row["kind"]]) < wanted[row["kind"]][1]:
+                found[row["kind"]].append(row["value"])
+    slots = FeatureSlots(
+        categories=list(cfg.categories) if cfg.categories else found["category"],
+        one_hot={
+            column: list(spec.values) if spec.values else found[column]
+            for column, spec in cfg.one_hot.items()
+            if column in ONE_HOT_COLUMNS
+        },
+    )
+    log.info("feature slots: %s", slots.as_dict())
+    return slots
+
+
 def _days_before(cutoff: Column, ts: Column) -> Column:
     return (cutoff.cast("double") - ts.cast("double")) / SECONDS_PER_DAY
 
 
+def _ratio(numerator: Column, denominator: Column) -> Column:
+    """numerator / denominator, null when the denominator is 0 (never NaN or infinity)."""
+    return F.when(denominator != 0, numerator.cast("double") / denominator)
+
+
 def with_sessions(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
-    """Adds `session_key`: the source's session id when configured, else gap-based numbering."""
+    """Adds `session_key`: the source's session id when configured, else gap-based numbering.
+
+    The gap window runs over each user's events in time order, which is how ingest leaves them."""
     by_time = Window.partitionBy("user_id").orderBy("event_time")
     gap_seconds = cfg.session_gap_minutes * 60
     previous = F.lag("event_time").over(by_time)
@@ -53,50 +122,155 @@ def with_sessions(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
     return numbered.withColumn("session_key", key).drop("_gap_session")
 
 
-def user_features(events: DataFrame, as_of: dt.date, cfg: FeaturesConfig) -> DataFrame:
-    """One row per user with events up to `as_of`: user_id, as_of + feature columns.
-
-    Two aggregation levels, per session then per user. Both group by keys that start with user_id,
-    so they reuse the partitioning of the session window: no shuffle beyond the one by user.
-    """
-    cutoff = F.lit(as_of_cutoff(as_of)).cast("timestamp")
-    window = events.filter(F.col("event_time") < cutoff)
-    sessions = with_sessions(window, cfg)
-
+def _event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
     kind = F.col("event_type")
-    is_purchase = kind == "purchase"
-    is_return = kind == "return"
-    amount = F.coalesce(F.col("price"), F.lit(0.0)) * F.abs(F.col("quantity"))
-    # An order is the order id when the source has one; without one, a session with a purchase.
-    order_key = F.coalesce(F.col("order_id"), F.col("session_key"))
+    is_view, is_purchase, is_return = kind == "view", kind == "purchase", kind == "return"
+    price, ts = F.col("price"), F.col("event_time")
+    line_value = F.coalesce(price, F.lit(0.0)) * F.abs(F.col("quantity"))
+    local = F.from_utc_timestamp(ts, cfg.time_zone)
+    hour, weekday = F.hour(local), F.dayofweek(local)  # dayofweek: 1 = Sunday, 7 = Saturday
+    window_seconds = cfg.trend_window_days * SECONDS_PER_DAY
+    age = cutoff.cast("double") - ts.cast("double")
+    category = _category(cfg)
+    accuracy = cfg.median_accuracy
 
-    per_session = sessions.groupBy("user_id", "session_key").agg(
-        F.max(F.when(is_purchase, F.col("event_time"))).alias("last_purchase"),
-        F.min("event_time").alias("first_event"),
-        F.count_distinct(F.when(is_purchase, order_key)).alias("orders"),
-        F.sum(F.when(is_purchase, amount).when(is_return, -amount).otherwise(0.0)).alias("net_revenue"),
-        F.count_if(kind == "view").alias("views"),
+    aggregates = [
+        F.min(ts).alias("_first_event"),
+        F.max(F.when(is_purchase, ts)).alias("_last_purchase"),
+        F.count(F.lit(1)).alias("events"),
+        F.count_if(is_view).alias("views"),
         F.count_if(kind == "cart").alias("carts"),
         F.count_if(kind == "remove_from_cart").alias("removes_from_cart"),
         F.count_if(is_purchase).alias("purchases"),
         F.count_if(is_return).alias("returns"),
+        F.sum(F.when(is_purchase, line_value).otherwise(0.0)).alias("_gross"),
+        F.sum(F.when(is_return, line_value).otherwise(0.0)).alias("return_value"),
+        F.sum(F.when(is_purchase, F.abs(F.col("quantity"))).otherwise(0.0)).alias("_items"),
+        F.avg(F.when(is_view, price)).alias("price_viewed_mean"),
+        F.percentile_approx(F.when(is_view, price), 0.5, accuracy).alias("price_viewed_median"),
+        F.avg(F.when(is_purchase, price)).alias("price_bought_mean"),
+        F.percentile_approx(F.when(is_purchase, price), 0.5, accuracy).alias("price_bought_median"),
+        F.count_if(hour < 6).alias("_night"),
+        F.count_if((hour >= 6) & (hour < 12)).alias("_morning"),
+        F.count_if((hour >= 12) & (hour < 18)).alias("_afternoon"),
+        F.count_if(hour >= 18).alias("_evening"),
+        F.count_if(weekday.isin(1, 7)).alias("_weekend"),
+        F.size(F.collect_set(F.to_date(local))).alias("active_days"),
+        F.size(F.collect_set("item_id")).alias("distinct_items"),
+        F.size(F.collect_set(category)).alias("distinct_categories"),
+        F.count_if(age <= window_seconds).alias("events_last_window"),
+        F.count_if((age > window_seconds) & (age <= 2 * window_seconds)).alias("events_prior_window"),
+    ]
+    aggregates += [F.count_if(category == value).alias(f"_cat{i}") for i, value in enumerate(slots.categories)]
+    aggregates += [F.mode(column).alias(f"_mode_{column}") for column in slots.one_hot]
+    return events.groupBy("user_id").agg(*aggregates)
+
+
+def _session_aggregates(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
+    per_session = with_sessions(events, cfg).groupBy("user_id", "session_key").agg(
+        ((F.max("event_time").cast("double") - F.min("event_time").cast("double")) / 60.0).alias("_minutes")
     )
-    counts = ("views", "carts", "removes_from_cart", "purchases", "returns")
-    per_user = per_session.groupBy("user_id").agg(
-        F.max("last_purchase").alias("_last_purchase"),
-        F.min("first_event").alias("_first_event"),
-        F.sum("orders").cast("long").alias("frequency"),
-        F.sum("net_revenue").alias("monetary"),
+    return per_session.groupBy("user_id").agg(
         F.count(F.lit(1)).alias("sessions"),
-        *[F.sum(name).cast("long").alias(name) for name in counts],
+        F.avg("_minutes").alias("session_duration_mean_min"),
+        F.percentile_approx("_minutes", 0.5, cfg.median_accuracy).cast("double").alias("session_duration_median_min"),
     )
-    return per_user.select(
-        "user_id",
-        F.lit(as_of).cast("date").alias("as_of"),
-        _days_before(cutoff, F.col("_last_purchase")).alias("recency_days"),
-        "frequency",
-        F.round("monetary", 2).alias("monetary"),
-        _days_before(cutoff, F.col("_first_event")).alias("tenure_days"),
-        "sessions",
-        *counts,
+
+
+def _order_aggregates(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
+    # An order is the order id when the source has one; without one, a session with a purchase.
+    purchases = with_sessions(events.filter(F.col("event_type") == "purchase"), cfg)
+    orders = purchases.groupBy("user_id", F.coalesce(F.col("order_id"), F.col("session_key")).alias("_order")).agg(
+        F.min("event_time").cast("double").alias("_placed")
     )
+    previous = F.lag("_placed").over(Window.partitionBy("user_id").orderBy("_placed"))
+    intervals = orders.withColumn("_interval", (F.col("_placed") - previous) / SECONDS_PER_DAY)
+    return intervals.groupBy("user_id").agg(
+        F.count(F.lit(1)).alias("frequency"),
+        F.avg("_interval").alias("purchase_interval_mean_days"),
+        F.stddev_pop("_interval").alias("purchase_interval_std_days"),
+    )
+
+
+def user_features(
+    events: DataFrame, as_of: dt.date, cfg: FeaturesConfig, slots: FeatureSlots | None = None
+) -> DataFrame:
+    """One row per user with events up to `as_of`: user_id, as_of + the catalog's feature columns.
+
+    `events` are clean canonical events (ingest.clean_events). `slots` fixes the category and
+    one-hot slot values; by default they are resolved from the events (one small extra job)."""
+    slots = slots or resolve_slots(events, as_of, cfg)
+    cutoff = F.lit(as_of_cutoff(as_of)).cast("timestamp")
+    window = events.filter(F.col("event_time") < cutoff)
+
+    per_user = (
+        _event_aggregates(window, cutoff, cfg, slots)
+        .join(_session_aggregates(window, cfg), "user_id")
+        .join(_order_aggregates(window, cfg), "user_id", "left")
+    )
+    c = F.col
+    events_n = c("events")
+    frequency = F.coalesce(c("frequency"), F.lit(0)).cast("long")
+    tenure = _days_before(cutoff, c("_first_event"))
+    last, prior = c("events_last_window"), c("events_prior_window")
+    share = lambda col: (col / events_n).cast("double")  # noqa: E731 - events >= 1 for every user
+    columns = {
+        "recency_days": _days_before(cutoff, c("_last_purchase")),
+        "frequency": frequency,
+        "monetary": F.round(c("_gross") - c("return_value"), 2),
+        "tenure_days": tenure,
+        "sessions": c("sessions"),
+        "events": events_n,
+        "views": c("views"),
+        "carts": c("carts"),
+        "removes_from_cart": c("removes_from_cart"),
+        "purchases": c("purchases"),
+        "returns": c("returns"),
+        "session_duration_mean_min": c("session_duration_mean_min"),
+        "session_duration_median_min": c("session_duration_median_min"),
+        "events_per_session": _ratio(events_n, c("sessions")),
+        "active_days": c("active_days").cast("long"),
+        "sessions_per_week": c("sessions") / (F.greatest(tenure, F.lit(7.0)) / 7.0),
+        "purchase_interval_mean_days": c("purchase_interval_mean_days"),
+        "purchase_interval_std_days": c("purchase_interval_std_days"),
+        "basket_size": _ratio(c("_items"), frequency),
+        "avg_order_value": _ratio(c("_gross"), frequency),
+        "return_value": F.round(c("return_value"), 2),
+        "return_share": _ratio(c("return_value"), c("_gross")),
+        "view_to_cart_rate": _ratio(c("carts"), c("views")),
+        "cart_to_purchase_rate": _ratio(c("purchases"), c("carts")),
+        "remove_share": _ratio(c("removes_from_cart"), c("carts")),
+        "price_viewed_mean": c("price_viewed_mean"),
+        "price_viewed_median": c("price_viewed_median"),
+        "price_bought_mean": c("price_bought_mean"),
+        "price_bought_median": c("price_bought_median"),
+        "night_share": share(c("_night")),
+        "morning_share": share(c("_morning")),
+        "afternoon_share": share(c("_afternoon")),
+        "evening_share": share(c("_evening")),
+        "weekend_share": share(c("_weekend")),
+        "distinct_items": c("distinct_items").cast("long"),
+        "distinct_categories": c("distinct_categories").cast("long"),
+        "events_last_window": last,
+        "events_prior_window": prior,
+        "activity_trend": F.coalesce(_ratio(last - prior, last + prior), F.lit(0.0)),
+    }
+    category_names = category_slot_names(cfg)
+    slotted = [c(f"_cat{i}") for i in range(len(slots.categories))]
+    for i, name in enumerate(category_names):
+        columns[name] = share(slotted[i]) if i < len(slotted) else F.lit(0.0)
+    columns["other_category_share"] = share(events_n - sum(slotted, F.lit(0)))
+    for column in ONE_HOT_COLUMNS:
+        if column not in cfg.one_hot:
+            continue
+        values = slots.one_hot.get(column, [])
+        mode = c(f"_mode_{column}")
+        *slot_names, other = one_hot_names(cfg, column)
+        for i, name in enumerate(slot_names):
+            columns[name] = (mode == values[i]).cast("int") if i < len(values) else F.lit(0)
+        columns[other] = (mode.isNull() | ~mode.isin(*values)).cast("int") if values else F.lit(1)
+    ordered = feature_columns(cfg)
+    missing = set(ordered) ^ set(columns)
+    if missing:  # the catalog and this function must describe the same columns
+        raise AssertionError(f"catalog and computed features differ: {sorted(missing)}")
+    return per_user.select("user_id", F.lit(as_of).cast("date").alias("as_of"), *[columns[n].alias(n) for n in ordered])

@@ -1,0 +1,72 @@
+"""A skewed log: one user with millions of events among ordinary users, featurised on a 1 GB heap.
+
+Run by tests/test_skew.py in its own JVM (the heap is fixed when the JVM starts):
+    python tests/skew_job.py WORKDIR HEAVY_EVENTS
+Prints one JSON line with the heavy user's features.
+"""
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pyspark.sql import functions as F  # noqa: E402
+
+from segspark import ingest  # noqa: E402
+from segspark.config import load_config  # noqa: E402
+from segspark.features import user_features  # noqa: E402
+from segspark.io.readers import read_raw_events  # noqa: E402
+from segspark.session import spark_session  # noqa: E402
+
+HEAVY = 1
+
+
+def skewed_events(spark, heavy_events: int):
+    """user 1: `heavy_events` events over 90 days; users 2..501: 40 events each."""
+    start = int(dt.datetime(2026, 8, 1, tzinfo=dt.UTC).timestamp())
+    heavy = spark.range(heavy_events).select(
+        F.lit(HEAVY).cast("long").alias("user_id"),
+        (F.lit(start) + F.floor(F.col("id") * (90 * 86_400) / heavy_events)).alias("ts"),
+        F.col("id"),
+    )
+    light = spark.range(500 * 40).select(
+        (F.floor(F.col("id") / 40) + 2).alias("user_id"),
+        (F.lit(start) + F.col("id") * 7919 % (90 * 86_400)).alias("ts"),
+        F.col("id"),
+    )
+    kind = (
+        F.when(F.col("id") % 200 == 0, "purchase").when(F.col("id") % 50 == 0, "cart").otherwise("view")
+    )
+    return heavy.unionByName(light).select(
+        F.date_format(F.timestamp_seconds("ts"), "yyyy-MM-dd HH:mm:ss").alias("event_time"),
+        kind.alias("event_type"),
+        (F.col("id") % 50_000).alias("product_id"),
+        F.concat(F.lit("cat"), (F.col("id") % 7).cast("string"), F.lit(".x")).alias("category_code"),
+        F.lit("acme").alias("brand"),
+        (F.col("id") % 100 + 1).cast("double").alias("price"),
+        "user_id",
+        F.concat(F.col("user_id").cast("string"), F.lit("-"), F.floor(F.col("id") / 100).cast("string")).alias(
+            "user_session"
+        ),
+    )
+
+
+def main(work: str, heavy_events: int) -> int:
+    conf = {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "4"}
+    with spark_session("segspark-skew", "local[2]", conf) as spark:
+        path = f"{work}/events"
+        skewed_events(spark, heavy_events).write.mode("overwrite").parquet(path)
+        cfg = load_config(REPO / "conf" / "base.yaml", [f"input.path={path}"])
+        clean = ingest.clean_events(ingest.tag_events(read_raw_events(spark, cfg.input), cfg.input))
+        features = user_features(clean, dt.date(2026, 10, 31), cfg.features)
+        heavy = features.filter(F.col("user_id") == str(HEAVY)).first().asDict()
+        users = features.count()
+    print(json.dumps({"users": users, **{k: v for k, v in heavy.items() if k != "as_of"}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
