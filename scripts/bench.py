@@ -43,9 +43,10 @@ def emit(suite, metric, value, unit, baseline=None, ratio=None, **extra):
                       "baseline": baseline, "ratio": ratio, **extra}), flush=True)
 
 
-def timed(action, repeat):
-    """Median wall time of `repeat` runs (after one warm-up run)."""
-    action()
+def timed(action, repeat, warmup=True):
+    """Median wall time of `repeat` runs (after one warm-up run unless warmup is False)."""
+    if warmup:
+        action()
     samples = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -88,10 +89,11 @@ def ingest_features_at(spark, args, scale: int):
             .write.format("noop").mode("overwrite").save()
         )
 
-    baseline = timed(plain_aggregation, args.repeat)
-    ours = timed(segspark_features, args.repeat)
+    baseline = timed(plain_aggregation, args.repeat, args.warmup)
+    ours = timed(segspark_features, args.repeat, args.warmup)
     emit("ingest_features", "features_vs_plain_aggregation", round(ours, 3), "s",
-         baseline=round(baseline, 3), ratio=round(ours / baseline, 3), events=events, repeat=args.repeat)
+         baseline=round(baseline, 3), ratio=round(ours / baseline, 3), events=events, repeat=args.repeat,
+         warmup=args.warmup)
 
 
 SUITES = {"ingest_features": suite_ingest_features}
@@ -103,6 +105,8 @@ def main() -> int:
     parser.add_argument("--scale", type=int, action="append",
                         help="number of events (about; default 10M); repeat for several scales")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the warm-up run (for large scales, where one run is minutes)")
     parser.add_argument("--work", default=str(REPO / "bench-out"), help="where generated data is cached")
     parser.add_argument("--master", default="local[2]")
     args = parser.parse_args()
