@@ -9,6 +9,11 @@ Suites:
                    features" is what the pipeline's two stages run: read, type and tag every record,
                    persist the tagged events, count them by reason, resolve the slot values and
                    compute the full feature set (written to the noop sink). One line per --scale.
+  baselines        metric mllib_kmeans_vs_sklearn: MLlib KMeans fit time / scikit-learn KMeans fit time
+                   on the same prepared matrix (the users of --scale events, default 50M -> 1M users;
+                   the features are computed once and cached under --work); metric
+                   kmeans_sweep_vs_single_fit: the whole k sweep (models.selection, with its metrics)
+                   / one KMeans fit.
 """
 
 from __future__ import annotations
@@ -96,7 +101,70 @@ def ingest_features_at(spark, args, scale: int):
          warmup=args.warmup)
 
 
-SUITES = {"ingest_features": suite_ingest_features}
+def suite_baselines(spark, args):
+    """MLlib KMeans versus scikit-learn KMeans on the same prepared matrix, and the k sweep's cost."""
+    import numpy as np
+    from pyspark.ml.clustering import KMeans as SparkKMeans
+    from pyspark.ml.functions import vector_to_array
+    from sklearn.cluster import KMeans as SkKMeans
+
+    from segspark import pipeline
+    from segspark.evaluation.selection import sweep
+    from segspark.features.catalog import feature_columns
+    from segspark.io.delta import read_table
+    from segspark.models import kmeans
+    from segspark.models.prepare import PREPARED_VECTOR, fit_preparation
+
+    scale = (args.scale or [50_000_000])[0]
+    events = ensure_events(spark, scale, Path(args.work))
+    root = Path(args.work) / f"features-{events.parent.name}"
+    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={events}", f"output.root={root}"])
+    if not (root / "user_features" / "_delta_log").exists():
+        pipeline.run(spark, cfg, run_id="bench", segments=False)
+    features = read_table(spark, str(root / "user_features")).persist(StorageLevel.MEMORY_AND_DISK)
+    prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
+    prepared = prep.transform(features).select("user_id", PREPARED_VECTOR).persist(StorageLevel.MEMORY_AND_DISK)
+    users = prepared.count()
+    matrix = np.stack(prepared.select(vector_to_array(PREPARED_VECTOR).alias("v")).toPandas()["v"].to_numpy())
+    k, iterations = 6, 20
+
+    def mllib():
+        model = SparkKMeans(k=k, maxIter=iterations, tol=0.0, seed=1, featuresCol=PREPARED_VECTOR).fit(prepared)
+        return model.summary.numIter
+
+    def sklearn():
+        return SkKMeans(n_clusters=k, n_init=1, max_iter=iterations, tol=0.0, random_state=1).fit(matrix).n_iter_
+
+    mllib_s = timed(mllib, args.repeat, args.warmup)
+    sklearn_s = timed(sklearn, args.repeat, args.warmup)
+    emit("baselines", "mllib_kmeans_vs_sklearn", round(mllib_s, 3), "s", baseline=round(sklearn_s, 3),
+         ratio=round(mllib_s / sklearn_s, 3), users=users, dims=int(matrix.shape[1]), k=k, max_iter=iterations,
+         mllib_iterations=mllib(), sklearn_iterations=int(sklearn()), spark_cores=spark.sparkContext.defaultParallelism)
+
+    selection = cfg.models.selection
+    ks = list(range(selection.k_min, selection.k_max + 1))
+    seeds = [42 + 1009 * i for i in range(selection.seeds)]
+
+    def fit(frame, k_, seed):
+        return kmeans.fit_one(frame, k_, seed, max_iter=cfg.models.kmeans.max_iter)
+
+    def one_fit():
+        fit(prepared, 6, 42)
+
+    def full_sweep():
+        sweep(fit, prepared, ks, seeds, parallelism=selection.parallelism,
+              metrics_kwargs={"silhouette_sample": selection.silhouette_sample, "seed": 42})
+
+    single = timed(one_fit, 1, False)
+    swept = timed(full_sweep, 1, False)
+    emit("baselines", "kmeans_sweep_vs_single_fit", round(swept, 3), "s", baseline=round(single, 3),
+         ratio=round(swept / single, 3), users=users, ks=ks, seeds=len(seeds), fits=len(ks) * len(seeds),
+         parallelism=selection.parallelism)
+    prepared.unpersist()
+    features.unpersist()
+
+
+SUITES = {"ingest_features": suite_ingest_features, "baselines": suite_baselines}
 
 
 def main() -> int:

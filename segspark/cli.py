@@ -170,9 +170,13 @@ def _print_summary(result) -> None:
         f"  input rows {result.input_rows:,} = clean {result.clean_rows:,} + quarantined {result.quarantined_rows:,}"
     )
     click.echo(f"  users {result.users:,}")
+    shown = None
     for seg in result.segments:
+        if seg["model"] != shown:
+            shown = seg["model"]
+            click.echo(f"  {shown}: {result.metrics.get(shown, {}).get('reason', '')}")
         share = seg["size"] / result.users if result.users else 0.0
-        click.echo(f"  {seg['model']} segment {seg['segment']:>2}  {seg['size']:>9,}  {share:6.1%}  {seg['name']}")
+        click.echo(f"    segment {seg['segment']:>2}  {seg['size']:>9,}  {share:6.1%}  {seg['name']}")
     click.echo("  tables:")
     for name, path in result.tables.items():
         click.echo(f"    {name:<14} {path}")

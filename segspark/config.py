@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segspark.errors import ConfigError
 
@@ -136,6 +136,9 @@ class SelectionConfig(_Section):
     near_constant_share: float = Field(0.99, gt=0.5, le=1.0)
     # Of two features whose absolute Pearson correlation exceeds this, the later one is dropped.
     max_abs_correlation: float = Field(0.95, gt=0.0, le=1.0)
+    # A feature that the features kept before it determine almost exactly (multiple correlation R
+    # above this: shares summing to 1, one-hot columns) is dropped too; it makes covariances singular.
+    max_multiple_correlation: float = Field(0.999, gt=0.0, le=1.0)
     keep: list[str] = Field(default_factory=list)  # never dropped (canonical features, say)
 
 
@@ -159,14 +162,57 @@ class PrepareConfig(_Section):
         return value
 
 
-class KMeansConfig(_Section):
-    k: int = Field(5, ge=2)
+class KSelectionConfig(_Section):
+    """How k is chosen when a model has no fixed k: a sweep over k_min..k_max, several seeds per k."""
+
+    k_min: int = Field(3, ge=2)
+    k_max: int = Field(8, ge=2)
+    seeds: int = Field(3, ge=1)  # fits per k; the best by the model's objective is kept
+    parallelism: int = Field(2, ge=1)  # fits submitted to Spark at once (driver threads)
+    silhouette_sample: int = Field(2000, ge=50)  # rows for the true-Euclidean silhouette
+    silhouette_tolerance: float = Field(0.02, ge=0.0, le=1.0)  # relative, see evaluation.selection
+
+    @model_validator(mode="after")
+    def _range(self) -> KSelectionConfig:
+        if self.k_max < self.k_min:
+            raise ValueError(f"k_max ({self.k_max}) must be >= k_min ({self.k_min})")
+        return self
+
+
+class ClusteringConfig(_Section):
+    enabled: bool = True
+    k: int | None = Field(None, ge=2)  # fixed k; null = chosen by models.selection
     max_iter: int = Field(40, ge=1)
     seed: int = 42
+    contamination: float = Field(0.01, ge=0.0, lt=1.0)  # share of users flagged is_anomaly
+
+
+class KMeansConfig(ClusteringConfig):
+    pass
+
+
+class BisectingKMeansConfig(ClusteringConfig):
+    min_divisible_cluster_size: float = Field(1.0, gt=0.0)
+
+
+class GMMConfig(ClusteringConfig):
+    max_iter: int = Field(100, ge=1)
+    tol: float = Field(0.01, gt=0.0)
+    max_retries: int = Field(3, ge=0)  # new seeds tried after a degenerate fit
+    min_component_weight: float = Field(0.001, ge=0.0, lt=1.0)
+    principal_components: int | None = Field(8, ge=1)  # GMM input dimensions (null: every prepared feature)
 
 
 class ModelsConfig(_Section):
+    selection: KSelectionConfig = Field(default_factory=KSelectionConfig)
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+    bisecting_kmeans: BisectingKMeansConfig = Field(default_factory=BisectingKMeansConfig)
+    gmm: GMMConfig = Field(default_factory=GMMConfig)
+
+    def enabled(self) -> dict[str, ClusteringConfig]:
+        """Enabled models by table name, in a fixed order."""
+        models = {"kmeans": self.kmeans, "bisecting_kmeans": self.bisecting_kmeans, "gmm": self.gmm}
+        return {name: cfg for name, cfg in models.items() if cfg.enabled}
 
 
 class OutputConfig(_Section):

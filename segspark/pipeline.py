@@ -1,4 +1,4 @@
-"""The batch pipeline: ingest -> features -> preparation -> KMeans segments -> Delta tables.
+"""The batch pipeline: ingest -> features -> preparation -> segments per model -> Delta tables.
 
 `run(spark, cfg)` is the library entry point used by the CLI, jobs/ and notebooks.
 """
@@ -20,14 +20,16 @@ from pyspark.sql import functions as F
 
 from segspark import ingest
 from segspark.config import Config
+from segspark.evaluation.profiles import SEGMENT_PROFILES
+from segspark.evaluation.segment_ids import with_transition_keys
 from segspark.features import resolve_slots, user_features
-from segspark.features.catalog import feature_columns
+from segspark.features.catalog import category_slot_names, feature_columns
 from segspark.io.readers import read_raw_events
 from segspark.io.tables import table_path, write_run_rows
-from segspark.models import kmeans
 from segspark.models.prepare import fit_preparation
-from segspark.schema import RUNS
+from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
 from segspark.schema import USER_FEATURES_KEYS as KEYS
+from segspark.segments import build_segments
 
 log = logging.getLogger(__name__)
 
@@ -154,31 +156,80 @@ def _run_stages(
         prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
         prep.save(f"{models_dir}/prepare", spark)
         result.metrics["prepare"] = prep.metrics()
-        prepared = prep.transform(features)
+        # Every fit and metric of the k sweep reads the prepared vectors: keep them.
+        prepared = prep.transform(features).persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(prepared)
         counts.update(inputs=len(prep.features), selected=len(prep.selected), dropped=len(prep.dropped))
 
-    with _stage(result, "kmeans") as counts:
-        km_cfg = cfg.models.kmeans
-        fitted = kmeans.fit(prepared, km_cfg, prep.selected)
-        fitted.model.write().overwrite().save(f"{models_dir}/{kmeans.MODEL_NAME}")
-        segments = kmeans.assign(fitted, prepared).select(
-            "user_id",
-            F.lit(result.as_of).cast("date").alias("as_of"),
-            F.lit(run_id).alias("run_id"),
-            F.lit(kmeans.MODEL_NAME).alias("model"),
-            "segment",
-            "segment_name",
-            "probability",
-            "anomaly_score",
+    with _stage(result, "segments") as counts:
+        labels = dict(zip(category_slot_names(cfg.features), slots.categories, strict=False))
+        built = []
+        for name, model_cfg in cfg.models.enabled().items():
+            model = build_segments(
+                spark, out, run_id, name, model_cfg, cfg.models.selection, prepared, features,
+                feature_columns(cfg.features), labels,
+            )
+            model.fitted.model.write().overwrite().save(f"{models_dir}/{name}")
+            result.metrics[name] = model.metrics
+            result.segments += [
+                {"model": name, "segment": p.segment, "name": p.name, "size": p.size} for p in model.profiles.segments
+            ]
+            built.append(model)
+        if not built:
+            raise ValueError("no model is enabled: set models.<name>.enabled: true for kmeans, bisecting_kmeans or gmm")
+        _write_segment_tables(spark, cfg, result, built)
+        counts.update(models=len(built), **{m.name: f"k={m.k}" for m in built})
+
+
+def _write_segment_tables(spark: SparkSession, cfg: Config, result: RunResult, built: list) -> None:
+    """One commit per table for all models, so that a run's rows appear (and are replaced) together."""
+    out, run_id, as_of = cfg.output, result.run_id, result.as_of
+    keys = [F.lit(as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
+    segments = None
+    for model in built:
+        rows = model.assignments.select(
+            "user_id", *keys, F.lit(model.name).alias("model"), *USER_SEGMENTS_COLUMNS[4:]
         )
-        written = write_run_rows(spark, out, "user_segments", segments, run_id)
-        result.tables["user_segments"] = table_path(out, "user_segments")
-        result.metrics[kmeans.MODEL_NAME] = fitted.metrics()
-        result.segments = [
-            {"model": kmeans.MODEL_NAME, "segment": i, "name": name, "size": size}
-            for i, (name, size) in enumerate(zip(fitted.segment_names, fitted.cluster_sizes, strict=True))
-        ]
-        counts.update(rows=written.rows, k=km_cfg.k)
+        segments = rows if segments is None else segments.unionByName(rows)
+    written = write_run_rows(spark, out, "user_segments", segments, run_id)
+    result.tables["user_segments"] = table_path(out, "user_segments")
+
+    selection_rows = [row for model in built for row in _selection_rows(model, as_of, run_id)]
+    write_run_rows(spark, out, "model_selection", spark.createDataFrame(selection_rows, MODEL_SELECTION), run_id)
+    result.tables["model_selection"] = table_path(out, "model_selection")
+
+    profile_rows = [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)]
+    write_run_rows(spark, out, "segment_profiles", spark.createDataFrame(profile_rows, SEGMENT_PROFILES), run_id)
+    result.tables["segment_profiles"] = table_path(out, "segment_profiles")
+
+    moves = [with_transition_keys(m.transitions, as_of, run_id, m.name) for m in built if m.transitions is not None]
+    if moves:
+        frame = moves[0]
+        for other in moves[1:]:
+            frame = frame.unionByName(other)
+        write_run_rows(spark, out, "segment_transitions", frame, run_id)
+        result.tables["segment_transitions"] = table_path(out, "segment_transitions")
+    log.info("segments written: %s user_segments rows", f"{written.rows:,}" if written.rows >= 0 else "?")
+
+
+def _selection_rows(model, as_of: dt.date, run_id: str) -> list[tuple]:
+    def number(entry: dict, key: str):
+        value = entry.get(key)
+        return None if value is None else float(value)
+
+    rows = []
+    for entry in model.curve:
+        chosen = entry["k"] == model.k
+        rows.append(
+            (
+                as_of, run_id, model.name, int(entry["k"]), chosen, model.reason if chosen else None,
+                entry.get("best_seed"), len(entry.get("seed_objectives") or []) or None, number(entry, "seed_ari"),
+                number(entry, "objective"), number(entry, "silhouette"), number(entry, "silhouette_sq"),
+                number(entry, "davies_bouldin"), number(entry, "calinski_harabasz"), number(entry, "wss"),
+                number(entry, "bic"), number(entry, "aic"), entry.get("degenerate_retries"),
+            )
+        )
+    return rows
 
 
 def _record_run(spark: SparkSession, cfg: Config, result: RunResult, started_at: dt.datetime) -> None:

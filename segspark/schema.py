@@ -6,6 +6,8 @@ Change a name or type here only together with its tests and the README's table s
 from __future__ import annotations
 
 from pyspark.sql.types import (
+    ArrayType,
+    BooleanType,
     DateType,
     DoubleType,
     IntegerType,
@@ -62,6 +64,34 @@ USER_SEGMENTS = StructType(
         StructField("segment_name", StringType(), False),
         StructField("probability", DoubleType(), False),
         StructField("anomaly_score", DoubleType(), True),
+        StructField("is_anomaly", BooleanType(), False),
+        # Full membership vector (GMM only; null for hard-assignment models).
+        StructField("probabilities", ArrayType(DoubleType()), True),
+    ]
+)
+USER_SEGMENTS_COLUMNS = tuple(field.name for field in USER_SEGMENTS.fields)
+
+# One row per model x k of the k sweep (the whole curve); `chosen` marks the k used, with its reason.
+MODEL_SELECTION = StructType(
+    [
+        StructField("as_of", DateType(), False),
+        StructField("run_id", StringType(), False),
+        StructField("model", StringType(), False),
+        StructField("k", IntegerType(), False),
+        StructField("chosen", BooleanType(), False),
+        StructField("reason", StringType(), True),
+        StructField("best_seed", LongType(), True),
+        StructField("seeds", IntegerType(), True),
+        StructField("seed_ari", DoubleType(), True),
+        StructField("objective", DoubleType(), True),
+        StructField("silhouette", DoubleType(), True),
+        StructField("silhouette_sq", DoubleType(), True),
+        StructField("davies_bouldin", DoubleType(), True),
+        StructField("calinski_harabasz", DoubleType(), True),
+        StructField("wss", DoubleType(), True),
+        StructField("bic", DoubleType(), True),
+        StructField("aic", DoubleType(), True),
+        StructField("degenerate_retries", IntegerType(), True),
     ]
 )
 

@@ -30,6 +30,14 @@ def _quiet_py4j():
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
+# A short k sweep keeps the end-to-end tests quick on 2 cores (the default sweeps k = 3..8, 3 seeds).
+FAST_MODELS = (
+    "models.selection.k_min=3",
+    "models.selection.k_max=4",
+    "models.selection.seeds=1",
+    "models.selection.silhouette_sample=200",
+)
+
 
 @pytest.fixture
 def make_config(tmp_path):
@@ -37,7 +45,7 @@ def make_config(tmp_path):
     from segspark.config import load_config
 
     def make(*overrides: str, config: str = "conf/local.yaml"):
-        return load_config(REPO / config, [f"output.root={tmp_path / 'out'}", *overrides])
+        return load_config(REPO / config, [f"output.root={tmp_path / 'out'}", *FAST_MODELS, *overrides])
 
     return make
 

@@ -10,7 +10,7 @@ from deltalake import DeltaTable
 
 from segspark.cli import main
 
-from .conftest import REPO
+from .conftest import FAST_MODELS, REPO
 
 
 def run_cli(capsys, *args):
@@ -22,10 +22,10 @@ def run_cli(capsys, *args):
 def test_run_prints_summary_and_exits_0(spark, capsys, sample_parquet, tmp_path):
     code, out, err = run_cli(
         capsys, "run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "cli-1",
-        "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}",
+        "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}", *FAST_MODELS,
     )
     assert code == 0, err
-    assert "run cli-1 succeeded" in out and "kmeans segment" in out and "user_segments" in out
+    assert "run cli-1 succeeded" in out and "kmeans: k=" in out and "segment  0" in out and "user_segments" in out
     assert DeltaTable(str(tmp_path / "user_segments")).to_pyarrow_table().num_rows > 0
 
 
@@ -71,7 +71,7 @@ def test_end_to_end_on_local_cluster_with_two_executor_jvms(sample_parquet, tmp_
         [
             sys.executable, "-m", "segspark", "run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "lc",
             "--set", "spark.master=local-cluster[2,1,1024]", f"input.path={sample_parquet}/events",
-            f"output.root={out}",
+            f"output.root={out}", *FAST_MODELS, "models.kmeans.k=3", "models.bisecting_kmeans.k=3", "models.gmm.k=3",
         ],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
     )
@@ -80,7 +80,7 @@ def test_end_to_end_on_local_cluster_with_two_executor_jvms(sample_parquet, tmp_
     segments = DeltaTable(str(out / "user_segments")).to_pyarrow_table()
     features = DeltaTable(str(out / "user_features")).to_pyarrow_table()
     runs = DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist()
-    assert segments.num_rows == features.num_rows == runs[0]["users"] > 0
+    assert segments.num_rows == 3 * features.num_rows == 3 * runs[0]["users"] > 0  # three models
     assert runs[0]["status"] == "succeeded"
     assert runs[0]["input_rows"] == runs[0]["clean_rows"] + runs[0]["quarantined_rows"]
 

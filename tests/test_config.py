@@ -14,7 +14,9 @@ def write(path, text):
 def test_local_config_loads_with_base_defaults():
     cfg = load_config(REPO / "conf/local.yaml")
     assert cfg.input.format == "parquet"
-    assert cfg.models.kmeans.k == 5  # from base.yaml
+    assert cfg.models.kmeans.k is None  # from base.yaml: chosen by the sweep
+    assert (cfg.models.selection.k_min, cfg.models.selection.k_max) == (3, 8)
+    assert list(cfg.models.enabled()) == ["kmeans", "bisecting_kmeans", "gmm"]
     assert cfg.features.session_gap_minutes == 30
 
 
@@ -63,6 +65,11 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="dotted.key=value"):
         parse_override("no-equals-sign")
+
+
+def test_k_range_must_be_ordered():
+    with pytest.raises(ConfigError, match="k_max"):
+        load_config(REPO / "conf/local.yaml", ["models.selection.k_min=6", "models.selection.k_max=4"])
 
 
 def test_config_hash_is_stable_and_tracks_values():

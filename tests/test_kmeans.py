@@ -1,4 +1,4 @@
-"""KMeans on the prepared features: fit, soft probabilities, names, saved model."""
+"""KMeans on the prepared features: fit, soft probabilities, anomaly flags, saved model."""
 
 import datetime as dt
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pyspark.ml.clustering import KMeansModel
 
-from segspark.config import CapConfig, KMeansConfig, PrepareConfig, SelectionConfig
+from segspark.config import CapConfig, PrepareConfig, SelectionConfig
 from segspark.models import kmeans
 from segspark.models.prepare import fit_preparation
 
@@ -65,10 +65,10 @@ def test_preparation_selects_the_informative_features(prepared):
 
 def test_kmeans_separates_groups_with_documented_probabilities(prepared, tmp_path):
     prep, frame = prepared
-    fitted = kmeans.fit(frame, KMeansConfig(k=3, seed=1), prep.selected)
+    fitted = kmeans.fit_one(frame, 3, seed=1, contamination=0.05)
     assert sorted(fitted.cluster_sizes) == [60, 60, 60]
-    assert fitted.feature_names == prep.selected and len(fitted.centroids[0]) == 3
-    rows = kmeans.assign(fitted, frame).collect()
+    assert len(fitted.centroids[0]) == len(prep.selected) == 3
+    rows = fitted.assign(frame).collect()
     assert len(rows) == 180
     by_group = {}
     for row in rows:
@@ -78,27 +78,14 @@ def test_kmeans_separates_groups_with_documented_probabilities(prepared, tmp_pat
     for row in rows:
         assert 1 / 3 < row.probability <= 1.0
         assert row.anomaly_score >= 0
-        assert row.segment_name == fitted.segment_names[row.segment]
+        assert row.probabilities is None
+        assert row.is_anomaly == (row.anomaly_score > fitted.anomaly_threshold)
     # Well-separated blobs: memberships are near certain and typical members score about 1.
     assert np.median([r.probability for r in rows]) > 0.99
     assert np.median([r.anomaly_score for r in rows]) < 2
-    assert all(name.split(", ")[0].split(" ")[1] in prep.selected for name in fitted.segment_names)
+    # contamination 5%: about 9 of 180 users flagged (approximate quantile).
+    assert 5 <= sum(r.is_anomaly for r in rows) <= 12
 
     fitted.model.write().overwrite().save(str(tmp_path / "kmeans"))
     reloaded = KMeansModel.load(str(tmp_path / "kmeans"))
     assert np.allclose(reloaded.clusterCenters(), fitted.centroids)
-
-
-def test_segment_names_are_deterministic_and_unique():
-    names = kmeans.segment_names([[2.0, -0.5], [-1.0, 0.2], [2.0, -0.5]], ("monetary", "recency_days"))
-    assert names == [
-        "high monetary, low recency_days",
-        "low monetary, high recency_days",
-        "high monetary, low recency_days (2)",
-    ]
-
-
-def test_segment_names_read_deviation_from_the_mean_user():
-    # Min-max scaled centroids are all >= 0: "high"/"low" is relative to the size-weighted mean.
-    names = kmeans.segment_names([[0.9, 0.1], [0.1, 0.5]], ("monetary", "recency_days"), sizes=[1, 1])
-    assert names == ["high monetary, low recency_days", "low monetary, high recency_days"]

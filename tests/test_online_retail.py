@@ -7,7 +7,7 @@ from deltalake import DeltaTable
 
 from segspark import pipeline
 
-from .conftest import REPO
+from .conftest import FAST_MODELS, REPO
 
 EXCERPT = REPO / "tests/data/online_retail/by-day"
 
@@ -41,7 +41,7 @@ def run(spark, tmp_path_factory):
     from segspark.config import load_config
 
     out = tmp_path_factory.mktemp("online-retail")
-    cfg = load_config(REPO / "conf/online_retail.yaml", [f"input.path={EXCERPT}", f"output.root={out}"])
+    cfg = load_config(REPO / "conf/online_retail.yaml", [f"input.path={EXCERPT}", f"output.root={out}", *FAST_MODELS])
     return cfg, pipeline.run(spark, cfg, run_id="or")
 
 

@@ -302,3 +302,18 @@ def test_base_config_names_catalog_features(make_config):
     inputs = check_config(cfg.prepare, feature_columns(cfg.features))
     assert inputs == list(feature_columns(cfg.features))
     assert cfg.prepare.impute["recency_days"] == "feature:tenure_days"
+
+
+def test_exact_linear_combinations_are_dropped(spark):
+    # Four time-of-day shares sum to 1: no pair is highly correlated, but together they make any
+    # covariance matrix singular, so the last one goes.
+    rng = np.random.default_rng(4)
+    parts = rng.dirichlet([2, 2, 2, 2], size=400)
+    rows = [(f"u{i}", *map(float, p), float(rng.normal())) for i, p in enumerate(parts)]
+    names = ["night", "morning", "afternoon", "evening", "noise"]
+    frame = spark.createDataFrame(rows, ["user_id", *names])
+    prep = fit_preparation(frame, names, PrepareConfig(impute={}, log1p=[], cap=CapConfig(lower=0.0, upper=1.0)))
+    assert prep.selected == ["night", "morning", "afternoon", "noise"]
+    (entry,) = prep.dropped
+    assert entry["feature"] == "evening" and entry["reason"] == "linear_combination"
+    assert entry["detail"].startswith("R=1.0000")

@@ -1,4 +1,4 @@
-"""MLlib KMeans segmentation with a soft membership probability.
+"""MLlib KMeans segmentation with a soft membership probability and an anomaly score.
 
 Probability (documented contract): KMeans is read as a mixture of spherical Gaussians with equal
 weights and one shared variance sigma^2, estimated from the fit as the mean squared distance of a
@@ -7,22 +7,26 @@ cluster j is then softmax_j(-d_j^2 / (2 sigma^2)) over the squared distances d_j
 in the prepared feature space (models.prepare: imputed, log1p, capped, selected, scaled);
 `probability` is the membership of the assigned (nearest) cluster, so it is in (1/k, 1].
 `anomaly_score` is the distance to the assigned centroid divided by the root-mean-square training
-distance: about 1 for a typical member, larger for outliers.
+distance: about 1 for a typical member, larger for outliers. `is_anomaly` flags the users above the
+(1 - contamination) quantile of the training users' scores.
+
+Every model module (kmeans, bisecting, gmm) offers `fit_one(prepared, k, seed, ...)` returning a
+fitted object with `objective` (lower is better), `predict(prepared)` and `assign(prepared)`, which
+is what the k sweep (evaluation.selection) and the pipeline rely on.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DoubleType
 
-from segspark.config import KMeansConfig
 from segspark.models.prepare import PREPARED_VECTOR
 
 log = logging.getLogger(__name__)
@@ -33,61 +37,88 @@ MODEL_NAME = "kmeans"
 @dataclass(frozen=True)
 class FittedKMeans:
     model: KMeansModel  # save with model.write().overwrite().save(path)
-    feature_names: list[str]  # the prepared features, in vector order
+    k: int
+    seed: int
     centroids: list[list[float]]  # in the prepared space, k x d (small)
     sigma2: float  # shared per-dimension variance of the spherical-Gaussian reading
-    segment_names: list[str]
     cluster_sizes: list[int]
-    training_cost: float
+    objective: float  # within-cluster sum of squares (MLlib training cost)
+    anomaly_threshold: float | None  # None: nobody is flagged (contamination 0)
+    model_name: str = MODEL_NAME
+    degenerate_retries: int = 0
 
     def metrics(self) -> dict:
         return {
-            "k": len(self.centroids),
-            "features": len(self.feature_names),
+            "k": self.k,
+            "seed": self.seed,
             "cluster_sizes": self.cluster_sizes,
-            "training_cost": self.training_cost,
+            "training_cost": self.objective,
             "sigma2": self.sigma2,
-            "segment_names": self.segment_names,
+            "anomaly_threshold": self.anomaly_threshold,
         }
 
+    def predict(self, prepared: DataFrame) -> DataFrame:
+        """prepared's columns plus `segment` (int)."""
+        scored = self.model.transform(prepared)
+        return scored.withColumn("segment", F.col("segment").cast("int"))
 
-def fit(prepared: DataFrame, cfg: KMeansConfig, feature_names: Sequence[str]) -> FittedKMeans:
-    """Fit KMeans on the prepared vector (`FittedPreparation.transform`); only k x d comes back.
+    def assign(self, prepared: DataFrame) -> DataFrame:
+        """user_id, segment, probability, anomaly_score, is_anomaly, probabilities (null)."""
+        scored = _scores(self, prepared)
+        return scored.select(
+            "user_id",
+            "segment",
+            "probability",
+            "anomaly_score",
+            _flag(F.col("anomaly_score"), self.anomaly_threshold).alias("is_anomaly"),
+            F.lit(None).cast(ArrayType(DoubleType())).alias("probabilities"),
+        )
 
-    feature_names: the prepared features in vector order (`FittedPreparation.selected`)."""
-    kmeans = KMeans(k=cfg.k, maxIter=cfg.max_iter, seed=cfg.seed, featuresCol=PREPARED_VECTOR, predictionCol="segment")
-    model: KMeansModel = kmeans.fit(prepared)
+
+def fit_one(
+    prepared: DataFrame, k: int, seed: int, *, max_iter: int = 40, contamination: float = 0.01
+) -> FittedKMeans:
+    """Fit KMeans on the prepared vector (`FittedPreparation.transform`); only k x d comes back."""
+    estimator = KMeans(k=k, maxIter=max_iter, seed=seed, featuresCol=PREPARED_VECTOR, predictionCol="segment")
+    model: KMeansModel = estimator.fit(prepared)
     centroids = [list(map(float, c)) for c in model.clusterCenters()]
-    names = list(feature_names)
-    if centroids and len(centroids[0]) != len(names):
-        raise ValueError(f"the prepared vector has {len(centroids[0])} dimensions but {len(names)} feature names")
     summary = model.summary
     sizes = [int(s) for s in summary.clusterSizes]
-    n, d = sum(sizes), len(names)
+    n, d = sum(sizes), len(centroids[0])
     sigma2 = max(summary.trainingCost / max(n * d, 1), 1e-12)
-    labels = segment_names(centroids, names, sizes)
-    log.info("kmeans k=%d fitted on %d users: sizes %s, cost %.1f", cfg.k, n, sizes, summary.trainingCost)
-    return FittedKMeans(model, names, centroids, sigma2, labels, sizes, float(summary.trainingCost))
+    partial = FittedKMeans(model, k, seed, centroids, sigma2, sizes, float(summary.trainingCost), None)
+    threshold = anomaly_threshold(_scores(partial, prepared), contamination)
+    log.info("kmeans k=%d seed=%d on %d users: sizes %s, cost %.1f", k, seed, n, sizes, summary.trainingCost)
+    return FittedKMeans(model, k, seed, centroids, sigma2, sizes, float(summary.trainingCost), threshold)
 
 
-def assign(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
-    """user_id, segment, segment_name, probability, anomaly_score for every user (executors only)."""
-    scored = fitted.model.transform(prepared)
+def _flag(score: Column, threshold: float | None) -> Column:
+    return F.lit(False) if threshold is None else F.coalesce(score > F.lit(threshold), F.lit(False))
+
+
+def anomaly_threshold(scored: DataFrame, contamination: float) -> float | None:
+    """The (1 - contamination) quantile of `anomaly_score` (None when contamination is 0)."""
+    if contamination <= 0:
+        return None
+    (value,) = scored.approxQuantile("anomaly_score", [1.0 - contamination], 1e-4)
+    return float(value)
+
+
+def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
     point = vector_to_array(F.col(PREPARED_VECTOR))
     distances = [_squared_distance(point, centre) for centre in fitted.centroids]
-    scored = scored.select("user_id", F.col("segment").cast("int"), F.array(*distances).alias("_d2"))
-
+    scored = fitted.model.transform(prepared).select(
+        "user_id", F.col("segment").cast("int"), F.array(*distances).alias("_d2")
+    )
     two_sigma2 = 2.0 * fitted.sigma2
     nearest = F.array_min("_d2")
     # Subtract the nearest distance before exponentiating so that far-away users do not underflow.
     weights = F.transform("_d2", lambda d2: F.exp(-(d2 - nearest) / F.lit(two_sigma2)))
     total = F.aggregate(weights, F.lit(0.0), lambda acc, w: acc + w)
-    names = F.array(*[F.lit(n) for n in fitted.segment_names])
-    rms = math.sqrt(fitted.sigma2 * len(fitted.feature_names))
+    rms = math.sqrt(fitted.sigma2 * len(fitted.centroids[0]))
     return scored.select(
         "user_id",
         "segment",
-        F.element_at(names, F.col("segment") + 1).alias("segment_name"),
         (F.lit(1.0) / total).alias("probability"),  # the nearest centroid has weight exp(0) = 1
         (F.sqrt(nearest) / F.lit(rms)).alias("anomaly_score"),
     )
@@ -96,28 +127,3 @@ def assign(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
 def _squared_distance(point: Column, centre: list[float]) -> Column:
     centre_col = F.array(*[F.lit(float(x)) for x in centre])
     return F.aggregate(F.zip_with(point, centre_col, lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
-
-
-def segment_names(
-    centroids: list[list[float]], features: Sequence[str], sizes: Sequence[int] | None = None
-) -> list[str]:
-    """Deterministic readable names from each centroid's two strongest features, e.g.
-    "high monetary, low recency_days". Ties and repeats get the segment number appended.
-
-    "Strongest" is the largest deviation from the size-weighted mean of the centroids (the mean
-    user in the prepared space), so names read the same under standard scaling (mean about 0) and
-    min-max scaling (every value >= 0). Without sizes the deviation is from 0."""
-    mean = _weighted_mean(centroids, sizes) if sizes else [0.0] * len(features)
-    names = []
-    for index, centre in enumerate(centroids):
-        deviation = [c - m for c, m in zip(centre, mean, strict=True)]
-        ranked = sorted(range(len(deviation)), key=lambda i: (-abs(deviation[i]), features[i]))[:2]
-        parts = [f"{'high' if deviation[i] > 0 else 'low'} {features[i]}" for i in ranked]
-        name = ", ".join(parts)
-        names.append(name if name not in names else f"{name} ({index})")
-    return names
-
-
-def _weighted_mean(centroids: list[list[float]], sizes: Sequence[int]) -> list[float]:
-    total = sum(sizes) or 1
-    return [sum(c[i] * s for c, s in zip(centroids, sizes, strict=True)) / total for i in range(len(centroids[0]))]

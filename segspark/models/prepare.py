@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import numpy as np
 from pyspark.ml.feature import VectorAssembler
 from pyspark.ml.stat import Correlation
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -342,11 +343,16 @@ def _near_constant(
 
 
 def _correlated(capped: DataFrame, names: list[str], selection: SelectionConfig) -> list[dict[str, str]]:
-    """Walk the features in order; drop one whose |r| with an already kept feature exceeds the threshold."""
+    """Walk the features in order; drop one whose |r| with an already kept feature exceeds
+    max_abs_correlation, or that the kept features determine almost exactly (multiple correlation R
+    above max_multiple_correlation: shares that sum to 1, one-hot columns, a total and its parts).
+    Such exact linear combinations make covariance matrices singular (GMM) without any single
+    pair being highly correlated. Both tests use the one d x d correlation matrix."""
     if len(names) < 2:
         return []
     vectors = VectorAssembler(inputCols=names, outputCol=_CORR_VECTOR).transform(capped).select(_CORR_VECTOR)
-    matrix = Correlation.corr(vectors, _CORR_VECTOR, "pearson").head()[0].toArray()
+    raw = Correlation.corr(vectors, _CORR_VECTOR, "pearson").head()[0].toArray()
+    matrix = np.nan_to_num(np.asarray(raw, dtype=float), nan=0.0)  # a constant feature: no linear relation
     keep = set(selection.keep)
     # Kept features count as kept from the start: a feature correlated with one is the one that goes.
     kept = [i for i, name in enumerate(names) if name in keep]
@@ -354,13 +360,27 @@ def _correlated(capped: DataFrame, names: list[str], selection: SelectionConfig)
     for i, name in enumerate(names):
         if name in keep:
             continue
-        # A constant kept feature gives NaN: no linear relation.
-        r, j = max(((abs(_finite_or(float(matrix[i][j]), 0.0)), j) for j in kept), default=(0.0, -1))
+        r, j = max(((abs(float(matrix[i][j])), j) for j in kept), default=(0.0, -1))
+        multiple = _multiple_correlation(matrix, i, kept)
         if r > selection.max_abs_correlation:
             dropped.append({"feature": name, "reason": "correlated", "detail": f"|r|={r:.3f} with {names[j]}"})
+        elif multiple > selection.max_multiple_correlation:
+            dropped.append({"feature": name, "reason": "linear_combination",
+                            "detail": f"R={multiple:.4f} from the {len(kept)} features kept before it"})
         else:
             kept.append(i)
     return dropped
+
+
+def _multiple_correlation(matrix: np.ndarray, target: int, kept: list[int]) -> float:
+    """Multiple correlation R of feature `target` on the `kept` ones, from the correlation matrix:
+    R^2 = r' Rkk^+ r (pseudo-inverse: kept features may themselves be nearly dependent)."""
+    usable = [j for j in kept if matrix[j][j] > 0.5]  # constant features have no correlations
+    if not usable or matrix[target][target] < 0.5:
+        return 0.0
+    r = matrix[np.ix_(usable, [target])]
+    r2 = float((r.T @ np.linalg.pinv(matrix[np.ix_(usable, usable)], rcond=1e-10) @ r)[0, 0])
+    return math.sqrt(min(max(r2, 0.0), 1.0))
 
 
 def _fit_scaling(capped: DataFrame, selected: list[str], scaling: str) -> tuple[dict, dict]:

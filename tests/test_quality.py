@@ -1,0 +1,49 @@
+"""Planted personas: with the generator's defaults the k sweep finds the number of personas and
+KMeans recovers them (ARI against truth/), through the whole pipeline."""
+
+import pytest
+from deltalake import DeltaTable
+from sklearn.metrics import adjusted_rand_score
+
+from segspark import pipeline
+from segspark.datagen import PERSONAS, GenerateSpec, write_dataset
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def personas_run(spark, tmp_path_factory):
+    from segspark.config import load_config
+
+    data = tmp_path_factory.mktemp("personas")
+    write_dataset(spark, GenerateSpec(users=1500, seed=5), str(data), "parquet")
+    cfg = load_config(
+        REPO / "conf/local.yaml",
+        [
+            f"input.path={data}/events",
+            f"output.root={data}/out",
+            "models.bisecting_kmeans.enabled=false",
+            "models.gmm.enabled=false",
+            "models.selection.seeds=2",
+            "models.selection.silhouette_sample=1000",
+        ],
+    )
+    result = pipeline.run(spark, cfg, run_id="personas")
+    truth = spark.read.parquet(f"{data}/truth").toPandas()
+    return cfg, result, truth
+
+
+def test_sweep_chooses_the_number_of_personas(personas_run):
+    _, result, _ = personas_run
+    assert result.metrics["kmeans"]["k"] == len(PERSONAS), result.metrics["kmeans"]["reason"]
+    assert [c["k"] for c in result.metrics["kmeans"]["curve"]] == list(range(3, 9))
+
+
+def test_kmeans_recovers_the_personas(personas_run):
+    cfg, result, truth = personas_run
+    segments = DeltaTable(f"{cfg.output.root}/user_segments").to_pandas()
+    joined = segments.merge(truth.astype({"user_id": str}), on="user_id")
+    assert len(joined) == result.users
+    ari = adjusted_rand_score(joined.persona, joined.segment)
+    print(f"kmeans ARI against the planted personas: {ari:.3f}")
+    assert ari >= 0.8, f"ARI {ari:.3f}"

@@ -1,0 +1,124 @@
+"""Choosing k: the written rule on hand-made curves, and a real sweep over MLlib KMeans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from pyspark.ml.clustering import KMeans, KMeansModel
+from pyspark.ml.linalg import Vectors
+from pyspark.sql import functions as F
+from sklearn.datasets import make_blobs
+
+from segspark.evaluation.selection import SweepResult, choose_k, sweep
+
+
+def _entry(k, sil, db, ch, wss=100.0):
+    return {"k": k, "silhouette": sil, "davies_bouldin": db, "calinski_harabasz": ch, "wss": wss}
+
+
+def test_lowest_davies_bouldin_within_tolerance_of_best_silhouette():
+    curve = [
+        _entry(4, 0.400, 0.95, 900.0),
+        _entry(5, 0.405, 0.80, 800.0),  # 1.7% below the best silhouette, lowest DB
+        _entry(6, 0.412, 0.91, 850.0),  # best silhouette
+        _entry(7, 0.380, 0.70, 700.0),  # lowest DB overall but 7.8% below the best silhouette
+    ]
+    k, reason = choose_k(curve)
+    assert k == 5
+    assert reason.startswith("k=5: lowest Davies-Bouldin (0.800)")
+    assert "within 2% of the best silhouette (0.412 at k=6" in reason
+
+    # No tolerance: only the best silhouette is a candidate.
+    k, reason = choose_k(curve, silhouette_tolerance=0.0)
+    assert k == 6
+    assert reason.startswith("k=6: best silhouette (0.412), no other k within 0% of it")
+
+    # A wide tolerance lets k=7 in.
+    assert choose_k(curve, silhouette_tolerance=0.1)[0] == 7
+
+
+def test_best_silhouette_and_lowest_davies_bouldin():
+    k, reason = choose_k([_entry(3, 0.50, 0.6, 500.0), _entry(4, 0.495, 0.7, 600.0)])
+    assert k == 3
+    assert reason == "k=3: best silhouette (0.500) and lowest Davies-Bouldin (0.600) among k within 2% of it (k=3, 4)"
+
+
+def test_ties_go_to_higher_calinski_harabasz_then_smaller_k():
+    k, reason = choose_k([_entry(3, 0.50, 0.6, 500.0), _entry(4, 0.50, 0.6, 650.0), _entry(5, 0.50, 0.6, 600.0)])
+    assert k == 4
+    assert "tied on Davies-Bouldin with k=3, 5, higher Calinski-Harabasz (650.0 vs 600.0)" in reason
+
+    k, reason = choose_k([_entry(5, 0.50, 0.6, 500.0), _entry(3, 0.50, 0.6, 500.0)])
+    assert k == 3
+    assert "so the smaller k" in reason
+
+
+def test_entries_with_missing_metrics_are_skipped():
+    curve = [
+        {"k": 2, "silhouette": None, "davies_bouldin": None, "calinski_harabasz": None, "wss": 10.0},
+        _entry(3, 0.3, float("nan"), 100.0),
+        _entry(4, 0.2, 1.1, 90.0),
+    ]
+    k, reason = choose_k(curve)
+    assert k == 4
+    assert "skipped k=2 (missing silhouette, davies_bouldin, calinski_harabasz); k=3 (missing davies_bouldin)" in reason
+
+    with pytest.raises(ValueError, match="no curve entry has all of k, silhouette"):
+        choose_k(curve[:2])
+    with pytest.raises(ValueError, match="silhouette_tolerance"):
+        choose_k(curve, silhouette_tolerance=-0.1)
+
+
+@dataclass
+class _KMeansFit:
+    model: KMeansModel
+    objective: float
+
+    def predict(self, prepared):
+        # Only user_id and segment: sweep must join the vector back from `prepared`.
+        return self.model.transform(prepared).select("user_id", F.col("segment").cast("int"))
+
+
+def _fit_kmeans(prepared, k, seed):
+    model = KMeans(k=k, seed=seed, maxIter=20, featuresCol="features_vector", predictionCol="segment").fit(prepared)
+    return _KMeansFit(model, float(model.summary.trainingCost))
+
+
+@pytest.fixture(scope="module")
+def blobs(spark):
+    X, _ = make_blobs(n_samples=400, centers=4, n_features=4, cluster_std=0.5, center_box=(-10, 10), random_state=4)
+    rows = [(f"u{i:04d}", Vectors.dense(x.tolist())) for i, x in enumerate(X)]
+    return spark.createDataFrame(rows, ["user_id", "features_vector"]).cache()
+
+
+def test_sweep_finds_the_planted_k(blobs):
+    result = sweep(
+        _fit_kmeans, blobs, ks=[2, 3, 4, 5], seeds=[1, 2], parallelism=2, metrics_kwargs={"silhouette_sample": 300}
+    )
+
+    assert isinstance(result, SweepResult)
+    assert [e["k"] for e in result.curve] == [2, 3, 4, 5]
+    assert sorted(result.models) == [2, 3, 4, 5]
+    by_k = {e["k"]: e for e in result.curve}
+    for entry in result.curve:
+        assert entry["objective"] == min(entry["seed_objectives"].values())
+        assert entry["best_seed"] in (1, 2)
+        assert entry["silhouette_sample_size"] == 300
+        assert sum(entry["sizes"]) == 400
+    planted = by_k[4]
+    assert planted["clusters"] == 4
+    assert planted["seed_ari"] > 0.95
+
+    k, reason = result.choose()
+    assert k == 4, result.curve
+    assert reason.startswith("k=4:")
+    assert "silhouette" in reason and "Davies-Bouldin" in reason
+
+
+def test_sweep_names_the_failing_fit(blobs):
+    def broken(prepared, k, seed):
+        raise ArithmeticError("no convergence")
+
+    with pytest.raises(RuntimeError, match=r"fit_one failed for k=2 seed=1: no convergence"):
+        sweep(broken, blobs, ks=[2, 3], seeds=[1, 2])
