@@ -10,5 +10,6 @@ USERS=${USERS:-5000}
   --duplicates 0.002 --missing-prices 0.001
 .venv/bin/segspark run --config conf/local.yaml --run-id demo --set input.path=sample/events output.root=out/local
 echo
-echo "Delta tables are under $(pwd)/out/local/ (quarantine, user_features, user_segments, runs)."
+echo "Delta tables are under $(pwd)/out/local/ (quarantine, user_features, user_segments, model_selection,"
+echo "segment_profiles, segment_transitions, runs)."
 echo "Read one back:  .venv/bin/python -c \"import deltalake; print(deltalake.DeltaTable('out/local/user_segments').to_pandas().head())\""
