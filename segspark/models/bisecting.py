@@ -34,7 +34,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from segspark.models.kmeans import _squared_distance
-from segspark.models.prepare import PREPARED_VECTOR
+from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,12 @@ class FittedBisectingKMeans:
 
     def predict(self, prepared: DataFrame) -> DataFrame:
         """Every column of `prepared` plus `segment` (int)."""
-        _check_prepared(prepared, need_user_id=False)
+        check_prepared(prepared, need_user_id=False)
         return self.model.transform(_with_shifted(prepared)).select(*prepared.columns, F.col("segment").cast("int"))
 
     def assign(self, prepared: DataFrame) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities (null) per user."""
-        _check_prepared(prepared, need_user_id=True)
+        check_prepared(prepared, need_user_id=True)
         scored = _scored(self, prepared)
         flagged = (
             F.col("anomaly_score") > F.lit(self.anomaly_threshold)
@@ -119,7 +119,7 @@ def fit_one(
 
     min_divisible_cluster_size: >= 1 a point count, < 1 a share of the users (MLlib's meaning).
     Cache `prepared` first: it is read by the fit and once more for the anomaly threshold."""
-    _check_prepared(prepared, need_user_id=False)
+    check_prepared(prepared, need_user_id=False)
     _check_common(k, contamination, quantile_relative_error)
     estimator = BisectingKMeans(
         k=k,
@@ -196,19 +196,6 @@ def _scored(fitted: FittedBisectingKMeans, prepared: DataFrame) -> DataFrame:
 def _with_shifted(prepared: DataFrame) -> DataFrame:
     shifted = F.transform(vector_to_array(F.col(PREPARED_VECTOR)), lambda x: x + F.lit(_SHIFT))
     return prepared.withColumn(_BISECT_INPUT, array_to_vector(shifted))
-
-
-def _check_prepared(prepared: DataFrame, *, need_user_id: bool) -> None:
-    columns = prepared.columns
-    if PREPARED_VECTOR not in columns:
-        raise ValueError(
-            f"prepared has no {PREPARED_VECTOR!r} column (columns: {columns}); "
-            "pass the output of FittedPreparation.transform"
-        )
-    if need_user_id and "user_id" not in columns:
-        raise ValueError(f"prepared has no 'user_id' column (columns: {columns}); keep user_id in the prepared frame")
-    if "segment" in columns:
-        raise ValueError("prepared already has a 'segment' column; drop it before predicting segments")
 
 
 def _check_common(k: int, contamination: float, quantile_relative_error: float) -> None:

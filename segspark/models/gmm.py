@@ -48,12 +48,13 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from segspark.models.prepare import PREPARED_VECTOR
+from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "gmm"
 MEMBERSHIP_VECTOR = "_membership"  # MLlib's probabilityCol; assign() exposes it as `probabilities`
+_RESERVED = ("segment", MEMBERSHIP_VECTOR)  # columns the model adds
 GMM_INPUT = "_gmm_input"  # the vectors the mixture is fitted on (principal components, see docstring)
 QUANTILE_RELATIVE_ERROR = 0.001  # rank error of the anomaly threshold: 0.1% of the training users
 LOG_LIKELIHOOD_RTOL = 1e-6
@@ -122,13 +123,13 @@ class FittedGMM:
 
     def predict(self, prepared: DataFrame) -> DataFrame:
         """Every column of `prepared` plus `segment` (int)."""
-        _check_prepared(prepared, need_user_id=False)
+        check_prepared(prepared, need_user_id=False, reserved=_RESERVED)
         frame = _gmm_input(prepared, self.projection)
         return self.model.transform(frame).select(*prepared.columns, F.col("segment").cast("int"))
 
     def assign(self, prepared: DataFrame) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities per user (executors only)."""
-        _check_prepared(prepared, need_user_id=True)
+        check_prepared(prepared, need_user_id=True, reserved=_RESERVED)
         memberships = vector_to_array(F.col(MEMBERSHIP_VECTOR))
         scored = self.model.transform(_gmm_input(prepared, self.projection)).select(
             "user_id",
@@ -179,7 +180,7 @@ def fit_one(
     per-dimension variance; max_condition: largest acceptable covariance condition number.
     Only k x d x d numbers and one aggregate row come back to the driver. Cache `prepared` first: it
     is read by every fit and once more for the anomaly threshold."""
-    _check_prepared(prepared, need_user_id=False)
+    check_prepared(prepared, need_user_id=False, reserved=_RESERVED)
     if k < 2:
         raise ValueError(f"k={k}: expected at least 2 components")
     if not 0.0 <= contamination < 0.5:
@@ -427,17 +428,3 @@ def _gmm_input(prepared: DataFrame, projection: PCAModel | None) -> DataFrame:
     if projection is None:
         return prepared.withColumn(GMM_INPUT, F.col(PREPARED_VECTOR))
     return projection.transform(prepared)
-
-
-def _check_prepared(prepared: DataFrame, *, need_user_id: bool) -> None:
-    columns = prepared.columns
-    if PREPARED_VECTOR not in columns:
-        raise ValueError(
-            f"prepared has no {PREPARED_VECTOR!r} column (columns: {columns}); "
-            "pass the output of FittedPreparation.transform"
-        )
-    if need_user_id and "user_id" not in columns:
-        raise ValueError(f"prepared has no 'user_id' column (columns: {columns}); keep user_id in the prepared frame")
-    for taken in ("segment", MEMBERSHIP_VECTOR):
-        if taken in columns:
-            raise ValueError(f"prepared already has a {taken!r} column; drop it before predicting segments")

@@ -462,3 +462,19 @@ def _local_path(path: str) -> Path:
             "(on Databricks use the /dbfs/... or /Volumes/... path)"
         )
     return Path(path)
+
+
+def check_prepared(prepared: DataFrame, *, need_user_id: bool, reserved: Sequence[str] = ("segment",)) -> None:
+    """A model's input must be `FittedPreparation.transform` output: the vector, user_id when rows are
+    assigned, and none of the columns the model is about to add (`reserved`)."""
+    columns = prepared.columns
+    if PREPARED_VECTOR not in columns:
+        raise ValueError(
+            f"prepared has no {PREPARED_VECTOR!r} column (columns: {columns}); "
+            "pass the output of FittedPreparation.transform"
+        )
+    if need_user_id and "user_id" not in columns:
+        raise ValueError(f"prepared has no 'user_id' column (columns: {columns}); keep user_id in the prepared frame")
+    for taken in reserved:
+        if taken in columns:
+            raise ValueError(f"prepared already has a {taken!r} column; drop it before predicting segments")
