@@ -14,6 +14,11 @@ Suites:
                    the features are computed once and cached under --work); metric
                    kmeans_sweep_vs_single_fit: the whole k sweep (models.selection, with its metrics)
                    / one KMeans fit.
+  scoring          metric hdbscan_predict_speedup: hdbscan.approximate_predict time / the vectorised
+                   prediction's time on the same 100k held-out embeddings and clusterer (labels must
+                   agree); metric udf_overhead: embedding + HDBSCAN prediction of every user through
+                   Spark (mapInArrow, noop sink) / (the same numpy work in one process / Spark cores).
+                   Same users as baselines; the autoencoder and HDBSCAN use models.* defaults.
 """
 
 from __future__ import annotations
@@ -101,18 +106,16 @@ def ingest_features_at(spark, args, scale: int):
          warmup=args.warmup)
 
 
-def suite_baselines(spark, args):
-    """MLlib KMeans versus scikit-learn KMeans on the same prepared matrix, and the k sweep's cost."""
+def prepared_users(spark, args):
+    """(cfg, prepared DataFrame (persisted), users, numpy matrix) for the users of --scale events.
+
+    The features are computed once by the pipeline and cached under --work."""
     import numpy as np
-    from pyspark.ml.clustering import KMeans as SparkKMeans
     from pyspark.ml.functions import vector_to_array
-    from sklearn.cluster import KMeans as SkKMeans
 
     from segspark import pipeline
-    from segspark.evaluation.selection import sweep
     from segspark.features.catalog import feature_columns
     from segspark.io.delta import read_table
-    from segspark.models import kmeans
     from segspark.models.prepare import PREPARED_VECTOR, fit_preparation
 
     scale = (args.scale or [50_000_000])[0]
@@ -121,11 +124,26 @@ def suite_baselines(spark, args):
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={events}", f"output.root={root}"])
     if not (root / "user_features" / "_delta_log").exists():
         pipeline.run(spark, cfg, run_id="bench", segments=False)
-    features = read_table(spark, str(root / "user_features")).persist(StorageLevel.MEMORY_AND_DISK)
+    features = read_table(spark, str(root / "user_features"))
     prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
     prepared = prep.transform(features).select("user_id", PREPARED_VECTOR).persist(StorageLevel.MEMORY_AND_DISK)
     users = prepared.count()
-    matrix = np.stack(prepared.select(vector_to_array(PREPARED_VECTOR).alias("v")).toPandas()["v"].to_numpy())
+    vectors = prepared.select(vector_to_array(PREPARED_VECTOR, "float32").alias("v")).toPandas()["v"]
+    matrix = np.stack(vectors.to_numpy())
+    return cfg, prepared, users, matrix
+
+
+def suite_baselines(spark, args):
+    """MLlib KMeans versus scikit-learn KMeans on the same prepared matrix, and the k sweep's cost."""
+    from pyspark.ml.clustering import KMeans as SparkKMeans
+    from sklearn.cluster import KMeans as SkKMeans
+
+    from segspark.evaluation.selection import sweep
+    from segspark.models import kmeans
+    from segspark.models.prepare import PREPARED_VECTOR
+
+    cfg, prepared, users, matrix = prepared_users(spark, args)
+    matrix = matrix.astype("float64")
     k, iterations = 6, 20
 
     def mllib():
@@ -161,10 +179,65 @@ def suite_baselines(spark, args):
          ratio=round(swept / single, 3), users=users, ks=ks, seeds=len(seeds), fits=len(ks) * len(seeds),
          parallelism=selection.parallelism)
     prepared.unpersist()
-    features.unpersist()
 
 
-SUITES = {"ingest_features": suite_ingest_features, "baselines": suite_baselines}
+def suite_scoring(spark, args):
+    """The deep path's prediction: vectorised HDBSCAN against hdbscan.approximate_predict, and the
+    cost of running embedding + prediction for every user through Spark against plain numpy."""
+    import hdbscan
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.density import fit_hdbscan
+    from segspark.scoring import deep_scores
+
+    cfg, prepared, users, matrix = prepared_users(spark, args)
+    ae_cfg, hdb_cfg = cfg.models.autoencoder, cfg.models.hdbscan
+    rng = np.random.default_rng(7)
+    order = rng.permutation(users)
+    start = time.perf_counter()
+    trained = train_autoencoder(matrix[order[: ae_cfg.sample_size]], ae_cfg)
+    train_s = time.perf_counter() - start
+    fitted = fit_hdbscan(trained.encoder.encode(matrix[order[: hdb_cfg.sample_size]]), hdb_cfg)
+    held_out = trained.encoder.encode(matrix[order[-100_000:]]).astype(np.float64)
+
+    def library():
+        return hdbscan.approximate_predict(fitted.clusterer, held_out)
+
+    def ours():
+        return fitted.artifact.predict(held_out)
+
+    (lib_labels, lib_probabilities), lib_s = library(), timed(library, args.repeat, args.warmup)
+    (labels, probabilities, _), ours_s = ours(), timed(ours, args.repeat, args.warmup)
+    agree = float(np.mean(labels == lib_labels))
+    emit("scoring", "hdbscan_predict_speedup", round(ours_s, 4), "s", baseline=round(lib_s, 3),
+         ratio=round(lib_s / ours_s, 2), points=len(held_out), label_agreement=agree,
+         max_probability_diff=float(np.max(np.abs(probabilities - lib_probabilities))),
+         fitted_on=int(fitted.metrics()["sample_rows"]), clusters=int(fitted.metrics()["n_clusters"]),
+         autoencoder_train_s=round(train_s, 1), autoencoder_epochs=trained.metrics().get("history", {}).get("epochs_run"))
+
+    encoder, density = trained.encoder, fitted.artifact
+    cores = spark.sparkContext.defaultParallelism
+
+    def through_spark():
+        deep_scores(prepared, encoder, density).write.format("noop").mode("overwrite").save()
+
+    def numpy_alone():
+        # One core, as each Spark task gets: the same 10k-row batches Arrow hands the workers.
+        with threadpool_limits(1):
+            for start_row in range(0, users, 10_000):
+                density.predict(encoder.encode(matrix[start_row : start_row + 10_000]))
+
+    spark_s = timed(through_spark, args.repeat, args.warmup)
+    numpy_s = timed(numpy_alone, args.repeat, args.warmup)
+    emit("scoring", "udf_overhead", round(spark_s, 3), "s", baseline=round(numpy_s / cores, 3),
+         ratio=round(spark_s / (numpy_s / cores), 3), users=users, numpy_one_process_s=round(numpy_s, 3),
+         spark_cores=cores)
+    prepared.unpersist()
+
+
+SUITES = {"ingest_features": suite_ingest_features, "baselines": suite_baselines, "scoring": suite_scoring}
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ fi
 stamp=.venv/.segspark-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,mlflow]"
   touch "$stamp"
 fi
 echo "setup: ready ($(.venv/bin/python --version), $(java -version 2>&1 | head -1))" >&2

@@ -152,6 +152,37 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
     _print_summary(result)
 
 
+@cli.command("score")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--bundle", "bundle_dir", required=True, help="Model bundle of a training run (output.root/_models/<run_id>).")
+@click.option("--run-id", default=None, help="Run id (default: a new one). Re-running an id replaces its rows.")
+@click.option("--as-of", default=None, callback=_parse_date, help="Feature date YYYY-MM-DD (default: end of data).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overrides) -> None:
+    """Assign segments to new data with the models of an existing bundle, without retraining.
+
+    Ingests the input, computes its user features, checks the bundle (every file's checksum) and the
+    features (names and types the models were trained on), then writes user_segments (stable ids and
+    names of the training run) and user_embeddings for this run.
+
+    \b
+    Example:
+      segspark score --config conf/local.yaml --bundle out/local/_models/2026-10-31 \\
+          --set input.path=/data/events-november
+    """
+    from segspark import pipeline
+    from segspark.config import load_config
+
+    cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    from segspark.models.bundle import open_bundle
+
+    open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+        result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
+    _print_summary(result)
+
+
 def _overrides(flagged: Sequence[str], trailing: Sequence[str]) -> list[str]:
     """`--set a=1 --set b=2` and `--set a=1 b=2` (DESIGN.md's form) mean the same."""
     for text in trailing:

@@ -203,11 +203,46 @@ class GMMConfig(ClusteringConfig):
     principal_components: int | None = Field(8, ge=1)  # GMM input dimensions (null: every prepared feature)
 
 
+class AutoencoderConfig(_Section):
+    """Keras autoencoder on the prepared features; its embeddings feed HDBSCAN (model `ae_hdbscan`)."""
+
+    enabled: bool = True  # the deep path (autoencoder + HDBSCAN) as a whole
+    variational: bool = False  # a VAE: the embedding is the mean of q(z|x)
+    hidden_layers: list[int] = Field(default_factory=lambda: [64, 32])  # encoder widths; the decoder mirrors them
+    embedding_size: int = Field(8, ge=1)
+    activation: Literal["relu", "tanh", "elu", "selu"] = "relu"
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0)  # held out for early stopping
+    patience: int = Field(5, ge=1)  # epochs without a better validation loss before stopping
+    kl_weight: float = Field(1.0, ge=0.0)  # VAE only: weight of the KL term (beta)
+    sample_size: int = Field(200_000, ge=100)  # users the autoencoder is trained on (uniform sample)
+    seed: int = 42
+
+
+class HdbscanConfig(_Section):
+    """HDBSCAN on a bounded sample of embeddings; every user is then assigned with approximate prediction."""
+
+    min_cluster_size: int | None = Field(None, ge=2)  # null: min_cluster_share of the sample
+    min_cluster_share: float = Field(0.02, gt=0.0, lt=1.0)
+    # Density smoothing; prediction looks at 2 x min_samples neighbours per user, so it sets the cost of
+    # assigning every user. null: min_cluster_size (the library's default; slow and noisy at scale).
+    min_samples: int | None = Field(10, ge=1)
+    cluster_selection_method: Literal["eom", "leaf"] = "eom"
+    cluster_selection_epsilon: float = Field(0.0, ge=0.0)
+    sample_size: int = Field(50_000, ge=100)  # embeddings HDBSCAN is fitted on (uniform sample)
+    seed: int = 42
+    contamination: float = Field(0.01, ge=0.0, lt=1.0)  # share flagged is_anomaly by GLOSH score
+
+
 class ModelsConfig(_Section):
     selection: KSelectionConfig = Field(default_factory=KSelectionConfig)
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
     bisecting_kmeans: BisectingKMeansConfig = Field(default_factory=BisectingKMeansConfig)
     gmm: GMMConfig = Field(default_factory=GMMConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    hdbscan: HdbscanConfig = Field(default_factory=HdbscanConfig)
 
     def enabled(self) -> dict[str, ClusteringConfig]:
         """Enabled models by table name, in a fixed order."""
@@ -224,7 +259,8 @@ class OutputConfig(_Section):
 
 
 class MlflowConfig(_Section):
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # set: each run logs params, metrics and its model bundle
+    experiment: str = "segspark"  # on Databricks an absolute workspace path, e.g. /Users/me/segspark
 
 
 class Config(_Section):

@@ -15,21 +15,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pyspark import StorageLevel
+from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from segspark import ingest
+from segspark.bundle_models import bundle_location, finish_bundle, save_model, score_with_bundle, start_bundle
 from segspark.config import Config
+from segspark.evaluation.metrics import cluster_metrics
 from segspark.evaluation.profiles import SEGMENT_PROFILES
-from segspark.evaluation.segment_ids import with_transition_keys
+from segspark.evaluation.segment_ids import NOISE_SEGMENT, with_transition_keys
 from segspark.features import resolve_slots, user_features
 from segspark.features.catalog import category_slot_names, feature_columns
 from segspark.io.readers import read_raw_events
 from segspark.io.tables import table_path, write_run_rows
+from segspark.models import deep
 from segspark.models.prepare import fit_preparation
 from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
 from segspark.schema import USER_FEATURES_KEYS as KEYS
-from segspark.segments import build_segments
+from segspark.segments import ModelSegments, build_segments, stable_segments
+from segspark.tracking import check_tracking, log_run
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +78,18 @@ def run(
     as_of: dt.date | None = None,
     *,
     segments: bool = True,
+    bundle: str | None = None,
 ) -> RunResult:
     """Run the batch pipeline and record the run in the `runs` table (also when it fails).
 
-    segments=False stops after the features (`segspark features`)."""
+    segments=False stops after the features (`segspark features`). bundle: score the users with the
+    models of an existing bundle (`segspark score`) instead of training new ones."""
     result = RunResult(run_id=run_id or new_run_id(), as_of=as_of)
     started_at = dt.datetime.now(dt.UTC)
     log.info("run %s starting (config hash %s)", result.run_id, cfg.config_hash()[:12])
     cached: list[DataFrame] = []
     try:
-        _run_stages(spark, cfg, result, cached, segments)
+        _run_stages(spark, cfg, result, cached, segments, bundle)
         result.status = "succeeded"
     except BaseException as exc:
         result.status = "failed"
@@ -96,10 +103,14 @@ def run(
 
 
 def _run_stages(
-    spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame], segments: bool
+    spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame], segments: bool, bundle: str | None
 ) -> None:
     out = cfg.output
     run_id = result.run_id
+    # Configuration problems of the later stages fail now, not after an hour of features.
+    location = bundle_location(out, run_id) if segments and bundle is None else None
+    if location is not None:
+        check_tracking(cfg.mlflow)
 
     with _stage(result, "ingest") as counts:
         raw = read_raw_events(spark, cfg.input)
@@ -149,12 +160,15 @@ def _run_stages(
         raise ValueError(f"no user has events up to as_of {result.as_of}; choose a later --as-of")
     if not segments:
         return
+    if bundle is not None:
+        _score_stage(spark, cfg, result, features, bundle)
+        return
 
-    models_dir = f"{out.root.rstrip('/')}/_models/{run_id}"
     with _stage(result, "prepare") as counts:
         # Fitted on this run's users and saved with the run: scoring other users reuses it as is.
         prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
-        prep.save(f"{models_dir}/prepare", spark)
+        start_bundle(location)
+        prep.save(f"{location}/prepare", spark)
         result.metrics["prepare"] = prep.metrics()
         # Every fit and metric of the k sweep reads the prepared vectors: keep them.
         prepared = prep.transform(features).persist(StorageLevel.MEMORY_AND_DISK)
@@ -165,20 +179,129 @@ def _run_stages(
         labels = dict(zip(category_slot_names(cfg.features), slots.categories, strict=False))
         built = []
         for name, model_cfg in cfg.models.enabled().items():
-            model = build_segments(
-                spark, out, run_id, name, model_cfg, cfg.models.selection, prepared, features,
-                feature_columns(cfg.features), labels,
+            built.append(
+                build_segments(
+                    spark, out, run_id, name, model_cfg, cfg.models.selection, prepared, features,
+                    feature_columns(cfg.features), labels,
+                )
             )
-            model.fitted.model.write().overwrite().save(f"{models_dir}/{name}")
-            result.metrics[name] = model.metrics
+        if cfg.models.autoencoder.enabled:
+            built.append(_deep_segments(spark, cfg, result, prepared, features, prep.selected, labels, cached))
+        for model in built:
+            result.metrics[model.name] = model.metrics
             result.segments += [
-                {"model": name, "segment": p.segment, "name": p.name, "size": p.size} for p in model.profiles.segments
+                {"model": model.name, "segment": p.segment, "name": p.name, "size": p.size}
+                for p in model.profiles.segments
             ]
-            built.append(model)
         if not built:
-            raise ValueError("no model is enabled: set models.<name>.enabled: true for kmeans, bisecting_kmeans or gmm")
+            raise ValueError(
+                "no model is enabled: set models.<name>.enabled: true for kmeans, bisecting_kmeans or gmm, "
+                "or models.autoencoder.enabled: true for ae_hdbscan"
+            )
         _write_segment_tables(spark, cfg, result, built)
         counts.update(models=len(built), **{m.name: f"k={m.k}" for m in built})
+
+    with _stage(result, "bundle") as counts:
+        for model in built:
+            save_model(location, model.name, model.fitted, model.mapping.mapping, model.profiles.names())
+        manifest = finish_bundle(
+            location,
+            run_id=run_id,
+            config_hash=cfg.config_hash(),
+            as_of=result.as_of,
+            features=features,
+            preparation=prep,
+            models=[m.name for m in built],
+            training_data={"input_path": cfg.input.path, "users": result.users, "events": result.clean_rows,
+                           "last_event": str(last_event)},
+        )
+        result.metrics["bundle"] = {"path": location, "content_sha256": manifest.content_sha256}
+        result.tables["bundle"] = location
+        counts.update(files=len(manifest.files), models=",".join(manifest.models))
+        if cfg.mlflow.tracking_uri:
+            mlflow_run = log_run(
+                cfg.mlflow, run_id=run_id, params=cfg.redacted(), metrics=result.metrics, bundle_dir=location,
+                experiment=cfg.mlflow.experiment, tags={"segspark.as_of": str(result.as_of)},
+            )
+            result.metrics["mlflow_run_id"] = mlflow_run
+            counts.update(mlflow_run=mlflow_run)
+
+
+def _score_stage(spark: SparkSession, cfg: Config, result: RunResult, features: DataFrame, bundle: str) -> None:
+    """`segspark score`: every model of an existing bundle applied to this run's users."""
+    out, run_id = cfg.output, result.run_id
+    with _stage(result, "score") as counts:
+        scored = score_with_bundle(bundle, features)
+        keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
+        try:
+            if scored.embeddings is not None:
+                write_run_rows(spark, out, "user_embeddings", scored.embeddings.select("user_id", *keys, "embedding"), run_id)
+                result.tables["user_embeddings"] = table_path(out, "user_embeddings")
+            rows = None
+            for name, assignments in scored.assignments.items():
+                frame = assignments.select("user_id", *keys, F.lit(name).alias("model"), *USER_SEGMENTS_COLUMNS[4:])
+                rows = frame if rows is None else rows.unionByName(frame)
+            written = write_run_rows(spark, out, "user_segments", rows, run_id)
+            result.tables["user_segments"] = table_path(out, "user_segments")
+        finally:
+            for frame in scored.cached:
+                frame.unpersist()
+        result.metrics["scored_with_bundle"] = {
+            "path": bundle, "run_id": scored.manifest.run_id, "content_sha256": scored.manifest.content_sha256,
+            "models": list(scored.manifest.models),
+        }
+        counts.update(bundle_run=scored.manifest.run_id, rows=written.rows)
+
+
+def _deep_segments(
+    spark: SparkSession,
+    cfg: Config,
+    result: RunResult,
+    prepared: DataFrame,
+    features: DataFrame,
+    model_inputs: list[str],
+    labels: dict[str, str],
+    cached: list[DataFrame],
+) -> ModelSegments:
+    """ae_hdbscan: fit on samples, score every user once (embeddings + segments), write the embeddings."""
+    out, run_id, name = cfg.output, result.run_id, deep.MODEL_NAME
+    hdb = cfg.models.hdbscan
+    fitted = deep.fit_deep(prepared, result.users, cfg.models.autoencoder, hdb, model_inputs)
+    scores = fitted.scores(prepared).persist(StorageLevel.MEMORY_AND_DISK)
+    cached.append(scores)
+    keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
+    write_run_rows(spark, out, "user_embeddings", scores.select("user_id", *keys, "embedding"), run_id)
+    result.tables["user_embeddings"] = table_path(out, "user_embeddings")
+
+    segments = stable_segments(
+        spark, out, run_id, name, fitted.assign(prepared, scores), features, feature_columns(cfg.features), labels
+    )
+    noise = next((p.share for p in segments.profiles.segments if p.segment == NOISE_SEGMENT), 0.0)
+    quality = cluster_metrics(
+        scores.where(F.col("segment") != NOISE_SEGMENT).select(
+            "user_id", "segment", array_to_vector("embedding").alias("embedding")
+        ),
+        "embedding",
+        "segment",
+        silhouette_sample=cfg.models.selection.silhouette_sample,
+        seed=hdb.seed,
+    )
+    hdb_metrics = fitted.hdbscan_metrics
+    reason = (
+        f"k={fitted.k}: the clusters HDBSCAN found in {hdb_metrics.get('sample_rows')} sampled embeddings "
+        f"(min_cluster_size={hdb_metrics.get('min_cluster_size')}, min_samples={hdb_metrics.get('min_samples')}); "
+        f"{noise:.1%} of users are noise (segment -1)"
+    )
+    log.info("%s: %s", name, reason)
+    segments.k, segments.reason, segments.fitted = fitted.k, reason, fitted
+    segments.curve = [{"k": fitted.k, **{m: quality.get(m) for m in _CURVE_METRICS}}]
+    segments.metrics.update(
+        k=fitted.k, reason=reason, curve=segments.curve, noise_share=noise, model=fitted.metrics()
+    )
+    return segments
+
+
+_CURVE_METRICS = ("silhouette", "silhouette_sq", "davies_bouldin", "calinski_harabasz", "wss")
 
 
 def _write_segment_tables(spark: SparkSession, cfg: Config, result: RunResult, built: list) -> None:

@@ -10,6 +10,7 @@ from pyspark.sql.types import (
     BooleanType,
     DateType,
     DoubleType,
+    FloatType,
     IntegerType,
     LongType,
     StringType,
@@ -70,6 +71,16 @@ USER_SEGMENTS = StructType(
     ]
 )
 USER_SEGMENTS_COLUMNS = tuple(field.name for field in USER_SEGMENTS.fields)
+
+# The deep model's user embeddings (autoencoder output), one row per user and run.
+USER_EMBEDDINGS = StructType(
+    [
+        StructField("user_id", StringType(), False),
+        StructField("as_of", DateType(), False),
+        StructField("run_id", StringType(), False),
+        StructField("embedding", ArrayType(FloatType(), False), False),
+    ]
+)
 
 # One row per model x k of the k sweep (the whole curve); `chosen` marks the k used, with its reason.
 MODEL_SELECTION = StructType(

@@ -81,6 +81,7 @@ def build_segments(
     feature_names: list[str],
     category_labels: Mapping[str, str] | None = None,
 ) -> ModelSegments:
+    """An MLlib baseline: k from the sweep (or fixed), then `stable_segments`."""
     fixed = cfg.k is not None
     ks = [cfg.k] if fixed else list(range(selection.k_min, selection.k_max + 1))
     seeds = [cfg.seed + 1009 * i for i in range(selection.seeds)]
@@ -98,8 +99,28 @@ def build_segments(
         k, reason = swept.choose(selection.silhouette_tolerance)
     fitted = swept.models[k]
     log.info("%s: %s", name, reason)
+    segments = stable_segments(
+        spark, output, run_id, name, fitted.assign(prepared), features, feature_names, category_labels
+    )
+    segments.k, segments.reason, segments.fitted, segments.curve = k, reason, fitted, swept.curve
+    segments.metrics.update(k=k, reason=reason, fixed_k=fixed, curve=swept.curve, model=fitted.metrics())
+    return segments
 
-    raw = fitted.assign(prepared)
+
+def stable_segments(
+    spark: SparkSession,
+    output: OutputConfig,
+    run_id: str,
+    name: str,
+    raw: DataFrame,
+    features: DataFrame,
+    feature_names: list[str],
+    category_labels: Mapping[str, str] | None = None,
+) -> ModelSegments:
+    """Stable ids, profiles, names and transitions for one model's raw assignments (user_id,
+    segment as the model numbers it, -1 for noise, plus the model's score columns).
+
+    The caller fills in k, reason, fitted and curve."""
     raw_profiles = segment_profiles(features, raw, feature_names, category_labels=category_labels)
     previous = _previous_run(spark, output, name, run_id)
     if previous is None:
@@ -123,11 +144,6 @@ def build_segments(
     assignments = profiles.with_names(stable)
     moved = None if previous_assignments is None else transitions(stable.select("user_id", "segment"), previous_assignments)
     metrics = {
-        "k": k,
-        "reason": reason,
-        "fixed_k": fixed,
-        "curve": swept.curve,
-        "model": fitted.metrics(),
         "previous_run_id": None if previous is None else previous.run_id,
         "segment_ids": {
             "mapping": {str(a): b for a, b in sorted(mapping.mapping.items())},
@@ -138,7 +154,7 @@ def build_segments(
         "segment_names": {str(s): n for s, n in sorted(profiles.names().items())},
     }
     return ModelSegments(
-        name, k, reason, fitted, swept.curve, assignments, profiles, mapping,
+        name, 0, "", None, [], assignments, profiles, mapping,
         None if previous is None else previous.run_id, moved, metrics,
     )
 

@@ -36,6 +36,12 @@ FAST_MODELS = (
     "models.selection.k_max=4",
     "models.selection.seeds=1",
     "models.selection.silhouette_sample=200",
+    # A small autoencoder trained for a few epochs: the deep path runs end to end in seconds.
+    "models.autoencoder.hidden_layers=[32]",
+    "models.autoencoder.epochs=30",
+    "models.autoencoder.batch_size=32",
+    "models.hdbscan.min_cluster_share=0.05",
+    "models.hdbscan.min_samples=5",
 )
 
 

@@ -80,7 +80,11 @@ def test_end_to_end_on_local_cluster_with_two_executor_jvms(sample_parquet, tmp_
     segments = DeltaTable(str(out / "user_segments")).to_pyarrow_table()
     features = DeltaTable(str(out / "user_features")).to_pyarrow_table()
     runs = DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist()
-    assert segments.num_rows == 3 * features.num_rows == 3 * runs[0]["users"] > 0  # three models
+    assert segments.num_rows == 4 * features.num_rows == 4 * runs[0]["users"] > 0  # three baselines + ae_hdbscan
+    # The autoencoder and HDBSCAN ran in the executors' Python workers (mapInArrow): every user has both.
+    embeddings = DeltaTable(str(out / "user_embeddings")).to_pyarrow_table()
+    assert embeddings.num_rows == features.num_rows
+    assert set(segments.column("model").to_pylist()) == {"kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"}
     assert runs[0]["status"] == "succeeded"
     assert runs[0]["input_rows"] == runs[0]["clean_rows"] + runs[0]["quarantined_rows"]
 

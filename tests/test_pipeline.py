@@ -75,9 +75,9 @@ def test_segments_cover_every_user_once_with_valid_probabilities(noisy_run):
     cfg, result = noisy_run
     all_segments = rows_of(cfg, "user_segments")
     features = rows_of(cfg, "user_features")
-    assert {r["model"] for r in all_segments} == {"kmeans", "bisecting_kmeans", "gmm"}
+    assert {r["model"] for r in all_segments} == {"kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"}
     assert all(r["as_of"] == result.as_of for r in all_segments)
-    for model in ("kmeans", "bisecting_kmeans", "gmm"):
+    for model in ("kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"):
         segments = [r for r in all_segments if r["model"] == model]
         assert len(segments) == len(features) == result.users > 0
         assert len({r["user_id"] for r in segments}) == len(segments)
@@ -93,7 +93,7 @@ def test_segments_cover_every_user_once_with_valid_probabilities(noisy_run):
     metrics = json.loads(run["metrics"])
     assert metrics["kmeans"]["k"] == 4 and metrics["kmeans"]["reason"] == "k=4: fixed in config (models.kmeans.k)"
     assert metrics["gmm"]["k"] in (3, 4) and "Davies-Bouldin" in metrics["gmm"]["reason"]
-    assert set(metrics["stage_seconds"]) >= {"ingest", "features", "prepare", "segments"}
+    assert set(metrics["stage_seconds"]) >= {"ingest", "features", "prepare", "segments", "bundle"}
 
 
 def test_model_selection_and_profiles_tables(noisy_run):

@@ -1,0 +1,120 @@
+"""A run's model bundle: written after training, applied by `segspark score` without retraining.
+
+The bundle is `<output.root>/_models/<run_id>/` (layout in models.bundle): the fitted preparation,
+the feature spec, every model of the run with its map to the run's stable segment ids and names,
+and a manifest with checksums written last. Scoring opens it only after every checksum matches and
+the new data's features match the spec, so a changed file or a different feature set is refused
+with a message saying what differs instead of producing silently wrong segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from segspark.config import OutputConfig
+from segspark.evaluation.segment_ids import apply_mapping
+from segspark.models.bundle import (
+    BundleError,
+    FeatureSpec,
+    Manifest,
+    bundle_path,
+    open_bundle,
+    write_manifest,
+)
+from segspark.models.persist import DEEP_MODEL, load_fitted, save_fitted
+from segspark.models.prepare import FittedPreparation
+
+log = logging.getLogger(__name__)
+
+_OBJECT_STORE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
+
+
+def bundle_location(output: OutputConfig, run_id: str) -> str:
+    """Where run `run_id` keeps its bundle; BundleError for an object-store output.root."""
+    root = output.root.rstrip("/")
+    if _OBJECT_STORE.match(root) and not root.startswith("file:"):
+        raise BundleError(
+            f"output.root={output.root!r}: model bundles are checksummed with plain file IO, so they need a "
+            "local or FUSE-mounted path (on Databricks /dbfs/... or /Volumes/...); set output.root to one"
+        )
+    return str(bundle_path(f"{root}/_models/{run_id}"))
+
+
+def start_bundle(location: str) -> None:
+    """An empty bundle directory: files of an earlier attempt of the same run would fail the manifest."""
+    path = Path(location)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def save_model(location: str, name: str, fitted, segment_ids: Mapping[int, int], segment_names: Mapping[int, str]):
+    save_fitted(name, fitted, location, dict(segment_ids), dict(segment_names))
+
+
+def finish_bundle(
+    location: str,
+    *,
+    run_id: str,
+    config_hash: str,
+    as_of,
+    features: DataFrame,
+    preparation: FittedPreparation,
+    models: list[str],
+    training_data: Mapping,
+) -> Manifest:
+    FeatureSpec.from_schema(features.schema, preparation.features).write(location)
+    return write_manifest(
+        location, run_id=run_id, config_hash=config_hash, as_of=as_of, training_data=training_data, models=models
+    )
+
+
+@dataclass(frozen=True)
+class BundleScores:
+    manifest: Manifest
+    assignments: dict[str, DataFrame]  # model -> user_id, segment (stable), segment_name, probability, ...
+    embeddings: DataFrame | None  # user_id, embedding (deep model only)
+    cached: list[DataFrame]  # persisted on the way (the deep scores, read twice): unpersist when written
+
+
+def score_with_bundle(location: str, features: DataFrame) -> BundleScores:
+    """Every model of a verified bundle applied to `features` (user_id + feature columns)."""
+    manifest = open_bundle(location)
+    spec = manifest.feature_spec()
+    spec.check(features.schema, what="the features of the data to score")
+    casts = spec.casts(features.schema)
+    if casts:
+        features = features.withColumns({c: F.col(c).cast(t) for c, t in casts.items()})
+    prepared = FittedPreparation.load(str(Path(location) / "prepare")).transform(features)
+    assignments: dict[str, DataFrame] = {}
+    embeddings = None
+    cached: list[DataFrame] = []
+    for name in manifest.models:
+        saved = load_fitted(name, location)
+        if name == DEEP_MODEL:
+            scores = saved.fitted.scores(prepared).persist(StorageLevel.MEMORY_AND_DISK)
+            cached.append(scores)
+            raw = saved.fitted.assign(prepared, scores)
+            embeddings = scores.select("user_id", "embedding")
+        else:
+            raw = saved.fitted.assign(prepared)
+        stable = apply_mapping(raw, saved.segment_ids)
+        names = F.create_map(*[F.lit(x) for pair in sorted(saved.segment_names.items()) for x in pair])
+        assignments[name] = stable.withColumn(
+            "segment_name", F.coalesce(names[F.col("segment")], F.lit("unnamed segment"))
+        )
+    log.info("bundle %s (run %s) applied: models %s", location, manifest.run_id, ", ".join(manifest.models))
+    return BundleScores(manifest, assignments, embeddings, cached)
+
+
+__all__ = ["BundleError", "BundleScores", "bundle_location", "finish_bundle", "save_model", "score_with_bundle",
+           "start_bundle"]

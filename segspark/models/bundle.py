@@ -1,0 +1,538 @@
+"""The model bundle: one directory per trained model set, checked before anything is scored with it.
+
+`segspark score` applies models trained earlier to new data without retraining. That is only safe
+when (1) the bundle on disk is exactly what training wrote, and (2) the data being scored has the
+features the models were trained on. This module provides the container for both checks; the
+contents are written by the model code:
+
+    <bundle>/
+      manifest.json          written last by `write_manifest`: checksums of every other file
+      feature_spec.json      `FeatureSpec`: feature names, order and Spark types used for training
+      prepare/prepare.json   fitted preparation (models.prepare)
+      autoencoder/ hdbscan/  deep path (encoder.npz, autoencoder.keras, hdbscan.npz)
+      mllib/<model>/         Spark MLlib model directories, incl. their .crc and _SUCCESS files
+      models/<model>.json    small per-model JSON (centroids, thresholds)
+
+Integrity rules (`open_bundle`):
+- manifest.json is written last and atomically (temp file + os.replace), so a bundle without one is
+  an unfinished training run, never a half-written manifest.
+- Every file is covered by a sha256, hidden ones included: Spark's checksums are hidden files
+  (`.part-00000.crc`, `._SUCCESS.crc`) and `_SUCCESS` is a marker; skipping them would let a
+  swapped file through. A file that is missing, changed, or present but not in the manifest is an
+  error: a bundle is immutable once its manifest is written, and a file nobody recorded could be
+  loaded by a model reader (MLlib reads every part file in a directory).
+- The only names ignored are desktop/notebook litter that no reader loads (`IGNORED_NAMES`:
+  .DS_Store, Thumbs.db, desktop.ini, .ipynb_checkpoints, __pycache__). They are ignored both when
+  writing and when verifying.
+- `content_sha256` (one hash over all paths and file hashes) identifies a bundle's contents: scoring
+  code can key per-worker model caches by it.
+
+Paths are local file system paths, which includes FUSE mounts such as Databricks' /dbfs/... and
+/Volumes/...; `file:` URIs are accepted. Object-store URIs (s3://, abfss://, dbfs:/) are refused
+for now: checksumming needs plain file IO.
+
+Library versions are recorded so that a mismatch (say a Keras model opened by another Keras) can be
+reported; a mismatch only logs a warning, because most upgrades read old models fine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from segspark.errors import UsageError
+
+if TYPE_CHECKING:  # only for annotations: pyspark's types need no JVM, but keep imports light
+    from pyspark.sql.types import StructType
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the manifest layout changes in a way older readers cannot handle
+MANIFEST_NAME = "manifest.json"
+FEATURE_SPEC_NAME = "feature_spec.json"
+# Names skipped wherever they appear (files or directories): litter from desktops and notebooks.
+IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints", "__pycache__"})
+# Libraries whose versions are recorded; "python" is added from the running interpreter.
+LIBRARIES = (
+    "segspark",
+    "pyspark",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scikit-learn",
+    "hdbscan",
+    "tensorflow",
+    "keras",
+    "deltalake",
+)
+# A version difference in these is worth a warning: they read and write the model files.
+_MODEL_LIBRARIES = ("pyspark", "scikit-learn", "hdbscan", "tensorflow", "keras")
+NOT_INSTALLED = "not installed"
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: C:\ is a Windows path
+_CHUNK = 1 << 20
+
+
+class BundleError(UsageError):
+    """The bundle cannot be used: not found, incomplete, tampered with, or not fitting the data (exit 2)."""
+
+
+# --- feature spec --------------------------------------------------------------------------------
+
+# Accepted type differences, found -> expected. Each is exact for the values features take: integers
+# widen to wider integers and to double (exact up to 2**53, far above any count here), float widens
+# to double. Everything else (narrowing, string, decimal, timestamp) is refused: a silent cast could
+# change values or hide a wrong input, and the fix (a cast, or recomputing the features) is the user's.
+_INTEGRAL_RANK = {"tinyint": 0, "smallint": 1, "int": 2, "bigint": 3}
+
+
+def _widening_ok(found: str, expected: str) -> bool:
+    if found in _INTEGRAL_RANK and expected in _INTEGRAL_RANK:
+        return _INTEGRAL_RANK[found] <= _INTEGRAL_RANK[expected]
+    if expected == "double":
+        return found == "float" or found in _INTEGRAL_RANK
+    return False
+
+
+ACCEPTED_WIDENING = "tinyint -> smallint -> int -> bigint, any integer type -> double, float -> double"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Feature columns the models were trained on: (name, Spark simpleString type), in training order."""
+
+    features: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.features]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise BundleError(f"feature spec lists columns more than once: {', '.join(duplicates)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.features]
+
+    @classmethod
+    def from_schema(cls, schema: StructType, names: Sequence[str]) -> FeatureSpec:
+        """The spec of columns `names` (in this order) as typed in `schema` (the training input)."""
+        fields = {f.name: f.dataType.simpleString() for f in schema.fields}
+        missing = [n for n in names if n not in fields]
+        if missing:
+            raise BundleError(
+                f"cannot build the feature spec: {len(missing)} feature column(s) not in the training "
+                f"schema: {', '.join(missing)} (columns present: {', '.join(fields)})"
+            )
+        return cls(tuple((n, fields[n]) for n in names))
+
+    def to_json(self) -> str:
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "features": [{"name": n, "type": t} for n, t in self.features],
+        }
+        return json.dumps(doc, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = FEATURE_SPEC_NAME) -> FeatureSpec:
+        try:
+            doc = json.loads(text)
+            items = doc["features"]
+            features = tuple((str(item["name"]), str(item["type"])) for item in items)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(
+                f"{source} is not a valid feature spec ({type(exc).__name__}: {exc}); expected "
+                '{"features": [{"name": ..., "type": ...}, ...]} as written by FeatureSpec.to_json'
+            ) from None
+        return cls(features)
+
+    def write(self, bundle_dir: str | os.PathLike[str]) -> Path:
+        """Write feature_spec.json into the bundle (before `write_manifest`)."""
+        target = bundle_path(bundle_dir) / FEATURE_SPEC_NAME
+        _atomic_write(target, self.to_json())
+        return target
+
+    @classmethod
+    def read(cls, bundle_dir: str | os.PathLike[str]) -> FeatureSpec:
+        target = bundle_path(bundle_dir) / FEATURE_SPEC_NAME
+        try:
+            text = target.read_text()
+        except FileNotFoundError:
+            raise BundleError(
+                f"bundle {target.parent} has no {FEATURE_SPEC_NAME}: not a complete bundle"
+            ) from None
+        return cls.from_json(text, source=str(target))
+
+    def problems(self, schema: StructType) -> tuple[list[str], list[str]]:
+        """(missing, wrong_type) descriptions for `schema`; empty lists when it fits."""
+        found = {f.name: f.dataType.simpleString() for f in schema.fields}
+        by_lower = {name.lower(): name for name in found}
+        missing: list[str] = []
+        wrong: list[str] = []
+        for name, expected in self.features:
+            if name not in found:
+                near = by_lower.get(name.lower())
+                missing.append(f"{name} (found {near!r}: names are case-sensitive)" if near else name)
+            elif found[name] != expected and not _widening_ok(found[name], expected):
+                wrong.append(f"{name} is {found[name]}, expected {expected}")
+        return missing, wrong
+
+    def check(self, schema: StructType, *, what: str = "the data to score") -> None:
+        """Raise one BundleError listing every missing column and every type that does not fit.
+
+        Extra columns are fine (user_id, as_of and anything else pass through). Accepted type
+        differences: see ACCEPTED_WIDENING; `casts` says which columns need a cast to the trained type.
+        """
+        missing, wrong = self.problems(schema)
+        if not missing and not wrong:
+            return
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing column(s): {', '.join(missing)}")
+        if wrong:
+            parts.append(f"{len(wrong)} column(s) with another type: {'; '.join(wrong)}")
+        raise BundleError(
+            f"{what} does not fit the features the models were trained on: {' and '.join(parts)}. "
+            f"Accepted type differences: {ACCEPTED_WIDENING}. Fix: compute the features with the "
+            "same segspark version and config as the bundle (segspark features), or cast the columns "
+            "to the expected types."
+        )
+
+    def casts(self, schema: StructType) -> dict[str, str]:
+        """Columns of `schema` whose accepted type differs from the trained one: {name: trained type}.
+
+        Apply with df.withColumns({c: F.col(c).cast(t) for c, t in spec.casts(df.schema).items()})
+        after `check`, so models see exactly the trained types."""
+        found = {f.name: f.dataType.simpleString() for f in schema.fields}
+        return {n: t for n, t in self.features if n in found and found[n] != t and _widening_ok(found[n], t)}
+
+
+# --- manifest ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What manifest.json holds, plus the bundle directory it was read from or written to."""
+
+    path: Path
+    format_version: int
+    run_id: str
+    config_hash: str
+    as_of: str
+    created_at: str
+    segspark_version: str
+    models: tuple[str, ...]
+    training_data: dict[str, Any]
+    libraries: dict[str, str]
+    files: dict[str, FileEntry]
+    content_sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "run_id": self.run_id,
+            "config_hash": self.config_hash,
+            "as_of": self.as_of,
+            "created_at": self.created_at,
+            "segspark_version": self.segspark_version,
+            "models": list(self.models),
+            "training_data": self.training_data,
+            "libraries": self.libraries,
+            "content_sha256": self.content_sha256,
+            "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(self.files.items())},
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: Path) -> Manifest:
+        where = path / MANIFEST_NAME
+        version = doc.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BundleError(
+                f"{where}: format_version is {version!r}, expected an integer: not a segspark bundle manifest"
+            )
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: format_version {version} was written by a newer segspark; this one reads up to "
+                f"{FORMAT_VERSION}. Upgrade segspark to score with this bundle."
+            )
+        if version < 1:
+            raise BundleError(
+                f"{where}: format_version {version} is not valid (expected 1..{FORMAT_VERSION})"
+            )
+        try:
+            files = {str(p): FileEntry(str(e["sha256"]), int(e["size"])) for p, e in doc["files"].items()}
+            return cls(
+                path=path,
+                format_version=version,
+                run_id=str(doc["run_id"]),
+                config_hash=str(doc["config_hash"]),
+                as_of=str(doc["as_of"]),
+                created_at=str(doc["created_at"]),
+                segspark_version=str(doc["segspark_version"]),
+                models=tuple(str(m) for m in doc["models"]),
+                training_data=dict(doc["training_data"]),
+                libraries={str(k): str(v) for k, v in doc["libraries"].items()},
+                files=files,
+                content_sha256=str(doc["content_sha256"]),
+                extra=dict(doc.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(
+                f"{where} is incomplete or malformed ({type(exc).__name__}: {exc}); it was not written by "
+                "segspark's write_manifest or was edited. Retrain to get a new bundle."
+            ) from None
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec.read(self.path)
+
+    def library_mismatches(self) -> dict[str, tuple[str, str]]:
+        """Model libraries whose installed version differs from training: {name: (trained, installed)}."""
+        now = library_versions()
+        return {
+            name: (self.libraries.get(name, NOT_INSTALLED), now[name])
+            for name in _MODEL_LIBRARIES
+            if name in self.libraries and self.libraries[name] != now.get(name)
+        }
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions from package metadata (nothing is imported: TensorFlow would take seconds)."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = NOT_INSTALLED
+    if versions["segspark"] == NOT_INSTALLED:  # a source checkout that was never pip-installed
+        from segspark import __version__
+
+        versions["segspark"] = __version__
+    return versions
+
+
+def write_manifest(
+    bundle_dir: str | os.PathLike[str],
+    *,
+    run_id: str,
+    config_hash: str,
+    as_of: dt.date | str,
+    training_data: Mapping[str, Any],
+    models: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Checksum every file of the bundle and write manifest.json atomically, last.
+
+    Call it after everything else (feature_spec.json included) is written: files added later make
+    `open_bundle` fail. `training_data` describes the fitting input (path, first/last event time,
+    users, events); dates and datetimes in it are written as ISO strings.
+    """
+    root = bundle_path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(
+            f"bundle directory {root} does not exist: write the models into it before the manifest"
+        )
+    if not (root / FEATURE_SPEC_NAME).is_file():
+        raise BundleError(
+            f"bundle {root} has no {FEATURE_SPEC_NAME}: write FeatureSpec.write(bundle_dir) before the manifest, "
+            "so scoring can check its input"
+        )
+    files = {rel: _hash_file(root / rel) for rel in _bundle_files(root)}
+    versions = library_versions()
+    manifest = Manifest(
+        path=root,
+        format_version=FORMAT_VERSION,
+        run_id=run_id,
+        config_hash=config_hash,
+        as_of=as_of.isoformat() if isinstance(as_of, dt.date) else str(as_of),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        segspark_version=versions["segspark"],
+        models=tuple(models),
+        training_data=_jsonable(dict(training_data), "training_data"),
+        libraries=versions,
+        files=files,
+        content_sha256=_content_hash(files),
+        extra=_jsonable(dict(extra or {}), "extra"),
+    )
+    _atomic_write(root / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n")
+    total = sum(e.size for e in files.values())
+    log.info(
+        "bundle %s: manifest written (%d files, %d bytes, content %s)",
+        root,
+        len(files),
+        total,
+        manifest.content_sha256[:12],
+    )
+    return manifest
+
+
+def open_bundle(bundle_dir: str | os.PathLike[str], *, verify: bool = True) -> Manifest:
+    """Read manifest.json and (by default) check every file against it; BundleError names each problem.
+
+    verify=False only reads the manifest (for listing bundles); never score without verifying.
+    """
+    root = bundle_path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist (check the path given for the bundle)")
+    where = root / MANIFEST_NAME
+    try:
+        text = where.read_text()
+    except FileNotFoundError:
+        raise BundleError(
+            f"{where} is missing: {root} is not a finished bundle (training writes the manifest last, so a "
+            "run that failed or is still running leaves none). Retrain, or point to another bundle."
+        ) from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise BundleError(
+            f"{where} is not valid JSON ({exc}); the file was damaged or edited. Retrain."
+        ) from None
+    if not isinstance(doc, dict):
+        raise BundleError(
+            f"{where} holds a JSON {type(doc).__name__}, expected an object: not a segspark manifest"
+        )
+    manifest = Manifest.from_dict(doc, root)
+    if verify:
+        _verify(manifest)
+        for name, (trained, installed) in manifest.library_mismatches().items():
+            log.warning("bundle %s was trained with %s %s; installed is %s", root, name, trained, installed)
+    return manifest
+
+
+def _verify(manifest: Manifest) -> None:
+    root = manifest.path
+    present = set(_bundle_files(root))
+    expected = set(manifest.files)
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected)
+    changed = []
+    for rel in sorted(expected & present):
+        want = manifest.files[rel]
+        got = _hash_file(root / rel)
+        if got != want:
+            changed.append(
+                f"{rel} (sha256 {got.sha256[:12]}.. size {got.size}, expected {want.sha256[:12]}.. size {want.size})"
+            )
+    if not (missing or unexpected or changed):
+        log.info("bundle %s verified: %d files, content %s", root, len(present), manifest.content_sha256[:12])
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {', '.join(missing)}")
+    if changed:
+        parts.append(f"{len(changed)} changed: {', '.join(changed)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the manifest: {', '.join(unexpected)}")
+    raise BundleError(
+        f"bundle {root} does not match its manifest (run {manifest.run_id}): {'; '.join(parts)}. "
+        "A bundle must not be changed after training; restore it from where it was copied, or retrain."
+    )
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def bundle_path(bundle_dir: str | os.PathLike[str]) -> Path:
+    """A bundle location as a local Path: plain paths (FUSE mounts included) and file: URIs."""
+    text = os.fspath(bundle_dir)
+    if text.startswith("file:"):
+        parsed = urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise BundleError(f"bundle path {text!r} names a remote host; use a local path")
+        return Path(unquote(parsed.path))
+    if _SCHEME.match(text):
+        hint = (
+            " (on Databricks use the FUSE path: /dbfs/... or /Volumes/...)"
+            if text.startswith("dbfs:")
+            else ""
+        )
+        raise BundleError(
+            f"bundle path {text!r} is a URI: bundles must be on a local or FUSE-mounted path for now{hint}. "
+            "Copy the bundle to local disk, or use a mounted path."
+        )
+    return Path(text)
+
+
+def _bundle_files(root: Path) -> list[str]:
+    """Relative posix paths of every file under root except the manifest and IGNORED_NAMES, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in IGNORED_NAMES]
+        for name in filenames:
+            if name in IGNORED_NAMES:
+                continue
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if rel != MANIFEST_NAME:
+                found.append(rel)
+    return sorted(found)
+
+
+def _hash_file(path: Path) -> FileEntry:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileEntry(digest.hexdigest(), size)
+
+
+def _content_hash(files: Mapping[str, FileEntry]) -> str:
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(f"{rel}\0{files[rel].sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def _atomic_write(target: Path, text: str) -> None:
+    """Write through a temp file in the same directory and os.replace: readers see old or new, never half."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any, key: str) -> Any:
+    """Dates -> ISO strings, numpy scalars -> Python numbers; anything else not JSON -> TypeError naming the key."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return _jsonable(value.item(), key)
+    raise TypeError(
+        f"manifest {key} is a {type(value).__name__} ({value!r}): expected JSON values, dates or numbers"
+    )

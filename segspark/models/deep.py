@@ -1,0 +1,133 @@
+"""The deep model `ae_hdbscan`: autoencoder embeddings, density-based segments and noise.
+
+Fitting happens on the driver on bounded, logged samples (models.autoencoder.sample_size users for
+the autoencoder, models.hdbscan.sample_size of their embeddings for HDBSCAN); nothing proportional
+to the number of users comes back. Assignment of every user runs on the executors
+(segspark.scoring.deep_scores): the numpy encoder and the slim HDBSCAN artifact, shipped in the
+function closure.
+
+Columns of `assign`: segment (-1 = noise), probability = HDBSCAN membership strength (0 for noise),
+anomaly_score = GLOSH outlier score in [0, 1], is_anomaly = score above the (1 - contamination)
+quantile of the fitting sample's scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pyspark.ml.functions import vector_to_array
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DoubleType
+
+from segspark.config import AutoencoderConfig, HdbscanConfig
+from segspark.models.prepare import PREPARED_VECTOR
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "ae_hdbscan"
+ENCODER_FILE = "autoencoder/encoder.npz"
+DENSITY_FILE = "hdbscan/hdbscan.npz"
+
+
+@dataclass
+class FittedDeep:
+    encoder: object  # segspark.models.encoder.NumpyEncoder
+    density: object  # segspark.models.density.SlimHdbscan
+    k: int  # clusters found (noise not counted)
+    autoencoder_metrics: dict = field(default_factory=dict)
+    hdbscan_metrics: dict = field(default_factory=dict)
+    keras_model: object | None = None  # the trained Keras autoencoder (saved with the bundle); None when loaded
+    model_name: str = MODEL_NAME
+
+    def metrics(self) -> dict:
+        return {"k": self.k, "autoencoder": self.autoencoder_metrics, "hdbscan": self.hdbscan_metrics}
+
+    def scores(self, prepared: DataFrame) -> DataFrame:
+        """user_id, embedding, segment, probability, anomaly_score (executors, one pass)."""
+        from segspark.scoring import deep_scores
+
+        return deep_scores(prepared, self.encoder, self.density)
+
+    def assign(self, prepared: DataFrame, scores: DataFrame | None = None) -> DataFrame:
+        """user_id, segment, probability, anomaly_score, is_anomaly, probabilities (null)."""
+        scored = self.scores(prepared) if scores is None else scores
+        return scored.select(
+            "user_id",
+            "segment",
+            "probability",
+            "anomaly_score",
+            _flag(F.col("anomaly_score"), self.density.anomaly_threshold).alias("is_anomaly"),
+            F.lit(None).cast(ArrayType(DoubleType())).alias("probabilities"),
+        )
+
+    def save(self, bundle_dir: str) -> None:
+        root = Path(bundle_dir)
+        (root / ENCODER_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (root / DENSITY_FILE).parent.mkdir(parents=True, exist_ok=True)
+        self.encoder.save(str(root / ENCODER_FILE))
+        if self.keras_model is not None:
+            self.keras_model.save(str(root / "autoencoder" / "autoencoder.keras"))
+        self.density.save(str(root / DENSITY_FILE))
+
+    @classmethod
+    def load(cls, bundle_dir: str, metrics: dict | None = None) -> FittedDeep:
+        from segspark.models.density import SlimHdbscan
+        from segspark.models.encoder import NumpyEncoder
+
+        root = Path(bundle_dir)
+        density = SlimHdbscan.load(str(root / DENSITY_FILE))
+        metrics = metrics or {}
+        return cls(
+            NumpyEncoder.load(str(root / ENCODER_FILE)),
+            density,
+            int(metrics.get("k", 0)),
+            metrics.get("autoencoder", {}),
+            metrics.get("hdbscan", {}),
+        )
+
+
+def _flag(score: Column, threshold: float | None) -> Column:
+    return F.lit(False) if threshold is None else F.coalesce(score > F.lit(float(threshold)), F.lit(False))
+
+
+def sample_matrix(prepared: DataFrame, rows: int, total: int, seed: int) -> np.ndarray:
+    """At most `rows` prepared vectors, drawn uniformly at random (Bernoulli, then cut), as float32."""
+    fraction = min(1.0, 1.1 * rows / max(total, 1) + 1e-6)
+    picked = prepared if fraction >= 1.0 else prepared.sample(False, fraction, seed)
+    frame = picked.select(vector_to_array(F.col(PREPARED_VECTOR), "float32").alias("x")).limit(rows).toPandas()
+    if frame.empty:
+        raise ValueError("no prepared users to fit the autoencoder on")
+    return np.stack(frame["x"].to_numpy()).astype(np.float32, copy=False)
+
+
+def fit_deep(
+    prepared: DataFrame,
+    users: int,
+    ae_cfg: AutoencoderConfig,
+    hdb_cfg: HdbscanConfig,
+    feature_names: list[str] | None = None,
+) -> FittedDeep:
+    """Train the autoencoder on a sample of `prepared` (users = its row count), embed a sub-sample
+    and fit HDBSCAN on it."""
+    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.density import fit_hdbscan
+
+    sample = sample_matrix(prepared, max(ae_cfg.sample_size, hdb_cfg.sample_size), users, ae_cfg.seed)
+    rng = np.random.default_rng(hdb_cfg.seed)
+    order = rng.permutation(len(sample))
+    training = sample[order[: ae_cfg.sample_size]]
+    log.info("ae_hdbscan: autoencoder sample %d of %d users, %d features", len(training), users, sample.shape[1])
+    trained = train_autoencoder(training, ae_cfg, feature_names)
+    density_rows = sample[order[: hdb_cfg.sample_size]]
+    embeddings = trained.encoder.encode(density_rows)
+    log.info("ae_hdbscan: HDBSCAN sample %d embeddings of size %d", len(embeddings), embeddings.shape[1])
+    density = fit_hdbscan(embeddings, hdb_cfg)
+    hdb_metrics = density.metrics()
+    k = int(hdb_metrics["n_clusters"])
+    if k == 0:
+        log.warning("ae_hdbscan: HDBSCAN found no cluster in %d embeddings: every user is noise", len(embeddings))
+    return FittedDeep(trained.encoder, density.artifact, k, trained.metrics(), hdb_metrics, trained.keras_model)

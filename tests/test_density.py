@@ -1,0 +1,313 @@
+"""HDBSCAN on embeddings: the slim artifact predicts exactly what hdbscan's approximate prediction does,
+re-predicts training points to their fitted values, round-trips through npz and bytes, and rejects bad
+input. Pure numpy and hdbscan (no Spark); data sets of a few hundred points so that this runs in seconds."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import hdbscan
+import numpy as np
+import pytest
+
+from segspark.config import HdbscanConfig
+from segspark.models import density
+from segspark.models.density import FittedHdbscan, SlimHdbscan, fit_hdbscan
+
+DIMS = 6
+
+
+def _blobs(seed: int, dims: int = DIMS, per_blob: int = 150, blobs: int = 4, noise: int = 60):
+    """Gaussian blobs (sigma 1, centres ~N(0, 6^2)) plus uniform background noise; also the centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 6.0, size=(blobs, dims))
+    parts = [rng.normal(c, 1.0, size=(per_blob, dims)) for c in centres]
+    parts.append(rng.uniform(-15.0, 15.0, size=(noise, dims)))
+    return np.vstack(parts), centres
+
+
+def _held_out(seed: int, centres: np.ndarray) -> np.ndarray:
+    """New points: inside the blobs, at their edges (2-3 sigma), between two blobs, and far away."""
+    rng = np.random.default_rng(seed)
+    dims = centres.shape[1]
+    inside = np.vstack([rng.normal(c, 1.0, size=(40, dims)) for c in centres])
+    directions = rng.normal(size=(len(centres) * 30, dims))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    edges = np.repeat(centres, 30, axis=0) + directions * rng.uniform(2.0, 3.0, size=(len(directions), 1))
+    t = rng.uniform(0.0, 1.0, size=(80, 1))
+    between = centres[0] + t * (centres[1] - centres[0]) + rng.normal(0.0, 0.3, size=(80, dims))
+    far = rng.uniform(-30.0, 30.0, size=(60, dims))
+    return np.vstack([inside, edges, between, far])
+
+
+def _hdbscan_predict(clusterer, points):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no-cluster models warn that everything is noise
+        labels, probabilities = hdbscan.approximate_predict(clusterer, points)
+        scores = hdbscan.approximate_predict_scores(clusterer, points)
+    return labels, probabilities, scores
+
+
+CONFIGS = {
+    "eom-min_samples-5": HdbscanConfig(min_cluster_size=25, min_samples=5),
+    "eom-default-min_samples": HdbscanConfig(min_cluster_size=25, min_samples=None),
+    "leaf-min_samples-3": HdbscanConfig(min_cluster_size=15, min_samples=3, cluster_selection_method="leaf"),
+    "eom-epsilon": HdbscanConfig(min_cluster_size=20, min_samples=4, cluster_selection_epsilon=1.5),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, centres = _blobs(0)
+    return train, _held_out(1, centres)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def fitted(request, data) -> FittedHdbscan:
+    return fit_hdbscan(data[0], CONFIGS[request.param])
+
+
+def test_held_out_points_match_hdbscan(fitted, data):
+    held_out = data[1]
+    labels, probabilities, scores = fitted.artifact.predict(held_out)
+    expected_labels, expected_probabilities, expected_scores = _hdbscan_predict(fitted.clusterer, held_out)
+
+    # The held-out set exercises noise, partial membership and no training-point shortcut.
+    assert (expected_labels == -1).sum() >= 10
+    assert ((expected_probabilities > 0.0) & (expected_probabilities < 1.0)).sum() >= 10
+    assert len(np.unique(expected_labels[expected_labels >= 0])) >= 2
+    assert fitted.artifact._prepared()[0].query(held_out, k=1)[0].min() > 0.0
+
+    assert labels.dtype == np.int32 and probabilities.dtype == np.float64 and scores.dtype == np.float64
+    np.testing.assert_array_equal(labels, expected_labels)
+    np.testing.assert_allclose(probabilities, expected_probabilities, rtol=0.0, atol=1e-6)
+    np.testing.assert_allclose(scores, expected_scores, rtol=0.0, atol=1e-6)
+
+
+def test_training_points_get_their_fitted_values(fitted, data):
+    train = data[0]
+    clusterer = fitted.clusterer
+    labels, probabilities, scores = fitted.artifact.predict(train)
+    np.testing.assert_array_equal(labels, clusterer.labels_)
+    np.testing.assert_array_equal(probabilities, clusterer.probabilities_)
+    np.testing.assert_array_equal(scores, clusterer.outlier_scores_)
+
+
+def test_float32_embeddings(data):
+    """What an autoencoder emits: fitted and predicted as float32, matched exactly as float64."""
+    train32, held_out32 = data[0].astype(np.float32), data[1].astype(np.float32)
+    fitted = fit_hdbscan(train32, CONFIGS["eom-min_samples-5"])
+    assert fitted.artifact.points.dtype == np.float64
+    np.testing.assert_array_equal(fitted.artifact.predict(train32)[0], fitted.clusterer.labels_)
+    np.testing.assert_array_equal(
+        fitted.artifact.predict(held_out32)[0], _hdbscan_predict(fitted.clusterer, held_out32)[0]
+    )
+
+
+def test_hdbscan_does_not_repredict_training_probabilities(data):
+    """Why the training-point rule exists: hdbscan gives training points other probabilities."""
+    fitted = fit_hdbscan(data[0], CONFIGS["eom-min_samples-5"])
+    _, probabilities, _ = _hdbscan_predict(fitted.clusterer, data[0])
+    assert (np.abs(probabilities - fitted.clusterer.probabilities_) > 1e-6).sum() >= 1
+    _, ours, _ = fitted.artifact.predict(data[0])
+    np.testing.assert_array_equal(ours, fitted.clusterer.probabilities_)
+
+
+@pytest.fixture(scope="module")
+def gridded():
+    """Rounded coordinates: duplicates and equal distances everywhere. With this seed a selected
+    cluster splits before any point falls out of it, which hdbscan's prediction map mishandles."""
+    rng = np.random.default_rng(31)
+    centres = rng.normal(0.0, 4.0, size=(3, 3))
+    parts = [rng.normal(c, 1.0, size=(100, 3)) for c in centres] + [rng.uniform(-10, 10, size=(40, 3))]
+    return np.round(np.vstack(parts)), centres
+
+
+def test_training_points_where_hdbscan_predicts_other_labels(gridded):
+    train, _ = gridded
+    fitted = fit_hdbscan(train, HdbscanConfig(min_cluster_size=15, min_samples=5))
+    clusterer = fitted.clusterer
+    hdbscan_labels, _, _ = _hdbscan_predict(clusterer, train)
+    wrong = hdbscan_labels != clusterer.labels_
+    assert wrong.sum() >= 10  # whole sub-clusters of a selected cluster come back as noise
+    assert (hdbscan_labels[wrong] == -1).all()
+    assert fitted.artifact.map_gaps == wrong.sum() == fitted.metrics()["prediction_map_gaps"]
+
+    labels, probabilities, scores = fitted.artifact.predict(train)
+    np.testing.assert_array_equal(labels, clusterer.labels_)
+    np.testing.assert_array_equal(probabilities, clusterer.probabilities_)
+    np.testing.assert_array_equal(scores, clusterer.outlier_scores_)
+
+
+def test_ties_follow_hdbscan_neighbour_order(gridded):
+    """Half-grid points are equidistant from many training points: same labels as hdbscan anyway."""
+    train, centres = gridded
+    rng = np.random.default_rng(2)
+    held_out = np.vstack(
+        [np.round(rng.normal(c, 1.5, size=(150, 3))) + rng.choice([0.0, 0.5], size=(150, 3)) for c in centres]
+    )
+    for cfg in (HdbscanConfig(min_cluster_size=10, min_samples=3), HdbscanConfig(min_cluster_size=15)):
+        fitted = fit_hdbscan(train, cfg)
+        new = held_out[fitted.artifact._prepared()[0].query(held_out, k=1)[0][:, 0] > 0.0]
+        labels, probabilities, scores = fitted.artifact.predict(new)
+        expected = _hdbscan_predict(fitted.clusterer, new)
+        np.testing.assert_array_equal(labels, expected[0])
+        np.testing.assert_allclose(probabilities, expected[1], rtol=0.0, atol=1e-6)
+        np.testing.assert_allclose(scores, expected[2], rtol=0.0, atol=1e-6)
+
+
+def test_repair_cluster_map_labels_the_whole_selected_cluster(gridded):
+    train, _ = gridded
+    cfg = HdbscanConfig(min_cluster_size=15, min_samples=5)
+    plain = fit_hdbscan(train, cfg).artifact
+    repaired = fit_hdbscan(train, cfg, repair_cluster_map=True)
+    assert repaired.artifact.map_gaps == 0 and repaired.metrics()["repair_cluster_map"] is True
+    jittered = train + np.random.default_rng(3).normal(0.0, 0.05, size=train.shape)
+    before, _, _ = plain.predict(jittered)
+    after, _, _ = repaired.artifact.predict(jittered)
+    changed = before != after
+    assert changed.sum() >= 10
+    assert (before[changed] == -1).all() and (after[changed] >= 0).all()
+
+
+def test_duplicates_with_different_fitted_labels_take_the_majority():
+    points = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, -0.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]])
+    labels = np.array([1, 0, 0, 2, 3, 1])
+    # (0, 0): label 0 twice against 1 once -> row 1; (2, 2): a tie -> the label seen first (row 4).
+    np.testing.assert_array_equal(density._twins(points, labels), [1, 1, 1, 3, 4, 4])
+
+
+def test_save_load_and_bytes_round_trips(tmp_path, data):
+    fitted = fit_hdbscan(data[0], CONFIGS["eom-min_samples-5"])
+    artifact = fitted.artifact
+    expected = artifact.predict(data[1])
+
+    path = str(tmp_path / "hdbscan.npz")
+    artifact.save(path)
+    with np.load(path, allow_pickle=False) as npz:
+        assert all(npz[name].dtype != object for name in npz.files)
+    loaded = SlimHdbscan.load(path)
+    from_bytes = SlimHdbscan.from_bytes(artifact.to_bytes())
+    for other in (loaded, from_bytes):
+        assert other.min_samples == artifact.min_samples
+        assert other.anomaly_threshold == artifact.anomaly_threshold
+        for got, want in zip(other.predict(data[1]), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert artifact.nbytes < len(artifact.to_bytes()) < artifact.nbytes + 10_000
+
+    artifact.predict(data[1][:1])  # builds the KD-tree, which pickling leaves out
+    unpickled = pickle.loads(pickle.dumps(artifact))
+    assert "tree" not in unpickled._cache
+    assert len(pickle.dumps(artifact)) < artifact.nbytes + 11_000
+    np.testing.assert_array_equal(unpickled.predict(data[1])[0], expected[0])
+
+
+def test_no_anomaly_threshold_round_trips_as_none(data):
+    fitted = fit_hdbscan(data[0], HdbscanConfig(min_cluster_size=25, min_samples=5, contamination=0.0))
+    assert fitted.artifact.anomaly_threshold is None
+    assert SlimHdbscan.from_bytes(fitted.artifact.to_bytes()).anomaly_threshold is None
+    assert not fitted.artifact.is_anomaly(np.array([0.0, 1.0])).any()
+
+
+def test_anomaly_threshold_and_metrics(data):
+    train = data[0]
+    fitted = fit_hdbscan(train, HdbscanConfig(min_cluster_size=25, min_samples=5, contamination=0.05))
+    scores = fitted.clusterer.outlier_scores_
+    assert fitted.artifact.anomaly_threshold == pytest.approx(np.quantile(scores, 0.95))
+    assert fitted.artifact.is_anomaly(scores).mean() == pytest.approx(0.05, abs=0.01)
+
+    metrics = fitted.metrics()
+    assert metrics["sample_rows"] == len(train)
+    assert metrics["n_clusters"] == len(metrics["cluster_sizes"]) == fitted.clusterer.labels_.max() + 1
+    assert sum(metrics["cluster_sizes"]) + round(metrics["noise_share"] * len(train)) == len(train)
+    assert (metrics["min_cluster_size"], metrics["min_samples"]) == (25, 5)
+    assert metrics["anomaly_threshold"] == fitted.artifact.anomaly_threshold
+
+
+def test_min_cluster_size_from_share_and_min_samples_default(data):
+    fitted = fit_hdbscan(data[0], HdbscanConfig(min_cluster_share=0.05, min_samples=None))
+    assert fitted.min_cluster_size == round(0.05 * len(data[0])) == 33
+    assert fitted.min_samples == fitted.artifact.min_samples == 33
+    assert fitted.clusterer.min_samples is None  # the library's own default
+
+
+def test_chunked_and_threaded_prediction_is_identical(monkeypatch, data):
+    artifact = fit_hdbscan(data[0], CONFIGS["eom-min_samples-5"]).artifact
+    expected = artifact.predict(data[1])
+    monkeypatch.setattr(density, "_QUERY_ELEMENTS", 10)  # 256-row chunks
+    for workers in (1, 2):
+        for got, want in zip(artifact.predict(data[1], workers=workers), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_no_clusters_predicts_noise():
+    points = np.random.default_rng(4).uniform(-1.0, 1.0, size=(120, 3))
+    fitted = fit_hdbscan(points, HdbscanConfig(min_cluster_size=60, min_samples=5))
+    assert fitted.metrics()["n_clusters"] == 0
+    new = np.random.default_rng(5).uniform(-1.0, 1.0, size=(30, 3))
+    labels, probabilities, scores = fitted.artifact.predict(new)
+    expected = _hdbscan_predict(fitted.clusterer, new)
+    np.testing.assert_array_equal(labels, expected[0])
+    np.testing.assert_array_equal(probabilities, expected[1])
+    np.testing.assert_array_equal(scores, expected[2])
+    np.testing.assert_array_equal(fitted.artifact.predict(points)[0], -1)
+
+
+def test_empty_batch():
+    artifact = fit_hdbscan(_blobs(6, per_blob=60, noise=10)[0], HdbscanConfig(min_cluster_size=20)).artifact
+    for empty in (np.empty((0, DIMS)), np.empty((0,)), np.empty((0, DIMS), dtype=np.float32)):
+        labels, probabilities, scores = artifact.predict(empty)
+        assert labels.shape == probabilities.shape == scores.shape == (0,)
+        assert (labels.dtype, probabilities.dtype, scores.dtype) == (np.int32, np.float64, np.float64)
+
+
+def test_bad_embeddings_are_rejected():
+    train, _ = _blobs(7, per_blob=30, noise=10)
+    cfg = HdbscanConfig(min_cluster_size=10, min_samples=3)
+    with_nan = train.copy()
+    with_nan[5, 2] = np.nan
+    with_nan[9, 0] = np.inf
+    with pytest.raises(
+        ValueError, match=r"embeddings must be finite: 2 NaN/inf values in 2 rows \(first at row 5"
+    ):
+        fit_hdbscan(with_nan, cfg)
+    with pytest.raises(ValueError, match=r"2-D .* got shape \(130,\)"):
+        fit_hdbscan(train[:, 0], cfg)
+    with pytest.raises(ValueError, match="at least min_cluster_size = 200 embeddings, got 130"):
+        fit_hdbscan(train, HdbscanConfig(min_cluster_size=200))
+    with pytest.raises(ValueError, match=r"2 \* min_samples = 140 .* got 130"):
+        fit_hdbscan(train, HdbscanConfig(min_cluster_size=10, min_samples=70))
+
+
+def test_bad_points_are_rejected_at_predict_time():
+    artifact = fit_hdbscan(_blobs(8, per_blob=40, noise=10)[0], HdbscanConfig(min_cluster_size=15)).artifact
+    with pytest.raises(ValueError, match=f"have 4 dimensions, but the HDBSCAN model was fitted on {DIMS}"):
+        artifact.predict(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="finite: 1 NaN/inf values in 1 rows"):
+        artifact.predict(np.array([[np.nan] + [0.0] * (DIMS - 1)]))
+    with pytest.raises(ValueError, match="2-D"):
+        artifact.predict(np.zeros(DIMS))
+
+
+def test_inconsistent_artifact_is_rejected(data):
+    artifact = fit_hdbscan(data[0], CONFIGS["eom-min_samples-5"]).artifact
+    payload = {name: getattr(artifact, name) for name in density._ARRAYS}
+    payload["core_distances"] = payload["core_distances"][:-1]
+    with pytest.raises(ValueError, match=r"core_distances has shape \(\d+,\), expected"):
+        SlimHdbscan(**payload, min_samples=artifact.min_samples, anomaly_threshold=None)
+
+
+def test_many_identical_embeddings_give_nan_scores_like_hdbscan():
+    train, centres = _blobs(9, dims=4, per_blob=100, blobs=3, noise=30)
+    train = np.vstack([train, np.repeat(centres[:1], 30, axis=0)])  # 30 identical users, min_samples 5
+    fitted = fit_hdbscan(train, HdbscanConfig(min_cluster_size=20, min_samples=5))
+    assert fitted.metrics()["nan_outlier_scores"] > 30
+    assert np.isfinite(fitted.artifact.anomaly_threshold)
+    held_out = np.random.default_rng(10).normal(centres[0], 1.0, size=(50, 4))
+    labels, probabilities, scores = fitted.artifact.predict(held_out)
+    expected = _hdbscan_predict(fitted.clusterer, held_out)
+    np.testing.assert_array_equal(labels, expected[0])
+    np.testing.assert_array_equal(probabilities, expected[1])
+    np.testing.assert_array_equal(scores, expected[2])
+    assert np.isnan(scores).any()
