@@ -12,6 +12,8 @@ USERS=${USERS:-5000}
 .venv/bin/segspark run --config conf/local.yaml --run-id demo --set input.path=sample/events output.root=out/local \
   models.selection.seeds=1
 echo
-echo "Delta tables are under $(pwd)/out/local/ (quarantine, user_features, user_segments, model_selection,"
-echo "segment_profiles, segment_transitions, runs)."
+echo "Delta tables are under $(pwd)/out/local/ (quarantine, user_features, user_segments, user_embeddings,"
+echo "model_selection, segment_profiles, segment_transitions, runs); the model bundle is out/local/_models/demo."
+echo "Score new data with this run's models (no retraining):"
+echo "  .venv/bin/segspark score --config conf/local.yaml --bundle out/local/_models/demo --set input.path=sample/events"
 echo "Read one back:  .venv/bin/python -c \"import deltalake; print(deltalake.DeltaTable('out/local/user_segments').to_pandas().head())\""

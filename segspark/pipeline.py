@@ -119,7 +119,8 @@ def _run_stages(
         # One small aggregation gives every count and the end of the data.
         summary = (
             tagged.groupBy(F.col(ingest.REASON).alias("reason"))
-            .agg(F.count(F.lit(1)).alias("rows"), F.max("event_time").alias("last_event"))
+            .agg(F.count(F.lit(1)).alias("rows"), F.min("event_time").alias("first_event"),
+                 F.max("event_time").alias("last_event"))
             .collect()
         )
         result.reasons = {row.reason: int(row.rows) for row in summary if row.reason is not None}
@@ -127,6 +128,7 @@ def _run_stages(
         result.quarantined_rows = sum(result.reasons.values())
         result.input_rows = result.clean_rows + result.quarantined_rows
         last_event = max((row.last_event for row in summary if row.reason is None and row.last_event), default=None)
+        first_event = min((row.first_event for row in summary if row.reason is None and row.first_event), default=None)
         counts.update(input=result.input_rows, clean=result.clean_rows, quarantined=result.quarantined_rows)
 
     with _stage(result, "quarantine") as counts:
@@ -213,7 +215,8 @@ def _run_stages(
             preparation=prep,
             models=[m.name for m in built],
             training_data={"input_path": cfg.input.path, "users": result.users, "events": result.clean_rows,
-                           "last_event": str(last_event)},
+                           "first_event": str(first_event), "last_event": str(last_event),
+                           "as_of": str(result.as_of)},
         )
         result.metrics["bundle"] = {"path": location, "content_sha256": manifest.content_sha256}
         result.tables["bundle"] = location

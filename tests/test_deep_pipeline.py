@@ -70,6 +70,10 @@ def test_bundle_holds_every_model_with_checksums(deep_run):
             "hdbscan/hdbscan.npz", "models/kmeans.json", "models/ae_hdbscan.json"} <= files
     assert any(f.startswith("mllib/kmeans/model/") for f in files)
     assert manifest.config_hash == cfg.config_hash()
+    data = manifest.training_data
+    assert data["users"] == result.users and data["events"] == result.clean_rows
+    assert data["first_event"] < data["last_event"] and data["input_path"] == cfg.input.path
+    assert {"pyspark", "tensorflow", "hdbscan", "scikit-learn"} <= set(manifest.libraries)
 
 
 def test_score_reproduces_the_training_segments_without_retraining(spark, deep_run):

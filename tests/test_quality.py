@@ -1,5 +1,6 @@
-"""Planted personas: with the generator's defaults the k sweep finds the number of personas and
-KMeans recovers them (ARI against truth/), through the whole pipeline."""
+"""Planted personas: with the generator's defaults the k sweep finds the number of personas, KMeans
+recovers them, and so does the autoencoder + HDBSCAN on the users it does not call noise (ARI
+against truth/), through the whole pipeline."""
 
 import pytest
 from deltalake import DeltaTable
@@ -41,9 +42,23 @@ def test_sweep_chooses_the_number_of_personas(personas_run):
 
 def test_kmeans_recovers_the_personas(personas_run):
     cfg, result, truth = personas_run
-    segments = DeltaTable(f"{cfg.output.root}/user_segments").to_pandas()
+    segments = DeltaTable(f"{cfg.output.root}/user_segments").to_pandas().query("model == 'kmeans'")
     joined = segments.merge(truth.astype({"user_id": str}), on="user_id")
     assert len(joined) == result.users
     ari = adjusted_rand_score(joined.persona, joined.segment)
     print(f"kmeans ARI against the planted personas: {ari:.3f}")
     assert ari >= 0.8, f"ARI {ari:.3f}"
+
+
+def test_autoencoder_hdbscan_recovers_the_personas_with_little_noise(personas_run):
+    cfg, result, truth = personas_run
+    segments = DeltaTable(f"{cfg.output.root}/user_segments").to_pandas().query("model == 'ae_hdbscan'")
+    joined = segments.merge(truth.astype({"user_id": str}), on="user_id")
+    assert len(joined) == result.users
+    kept = joined[joined.segment != -1]
+    noise = 1 - len(kept) / len(joined)
+    ari = adjusted_rand_score(kept.persona, kept.segment)
+    print(f"ae_hdbscan ARI on non-noise users: {ari:.3f}, noise share {noise:.1%}")
+    assert noise <= 0.10, f"noise share {noise:.1%}"
+    assert ari >= 0.9, f"ARI {ari:.3f}"
+    assert result.metrics["ae_hdbscan"]["k"] == len(PERSONAS)

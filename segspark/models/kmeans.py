@@ -80,7 +80,10 @@ def fit_one(
 ) -> FittedKMeans:
     """Fit KMeans on the prepared vector (`FittedPreparation.transform`); only k x d comes back."""
     estimator = KMeans(k=k, maxIter=max_iter, seed=seed, featuresCol=PREPARED_VECTOR, predictionCol="segment")
-    model: KMeansModel = estimator.fit(prepared)
+    # Fit on a projection, not on the cached `prepared` itself: MLlib caches its own deserialised
+    # vectors only when its input is not cached, and re-reading Spark's columnar cache on every
+    # iteration was measured 3.6x slower (200k users, 33 dimensions).
+    model: KMeansModel = estimator.fit(prepared.select(PREPARED_VECTOR))
     centroids = [list(map(float, c)) for c in model.clusterCenters()]
     summary = model.summary
     sizes = [int(s) for s in summary.clusterSizes]
