@@ -71,6 +71,7 @@ import numpy as np
 from sklearn.neighbors import KDTree
 
 from segspark.config import HdbscanConfig
+from segspark.models.npz import open_npz
 
 log = logging.getLogger(__name__)
 
@@ -374,12 +375,12 @@ class SlimHdbscan:
     def load(cls, path: str) -> SlimHdbscan:
         if not str(path).endswith(".npz"):
             path = f"{path}.npz"
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path) as data:
             return cls._from_npz(data, str(path))
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> SlimHdbscan:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        with open_npz(blob) as data:
             return cls._from_npz(data, "bytes")
 
     @classmethod

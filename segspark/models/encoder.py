@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from segspark.models.npz import open_npz
+
 log = logging.getLogger(__name__)
 
 FORMAT = "segspark.numpy_encoder"
@@ -198,12 +200,12 @@ class NumpyEncoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> NumpyEncoder:
-        with np.load(path, allow_pickle=False) as npz:
+        with open_npz(path) as npz:
             return cls._from_npz(npz, str(path))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> NumpyEncoder:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        with open_npz(data) as npz:
             return cls._from_npz(npz, "<bytes>")
 
     @classmethod
