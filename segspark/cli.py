@@ -210,7 +210,7 @@ def _print_summary(result) -> None:
         click.echo(f"    segment {seg['segment']:>2}  {seg['size']:>9,}  {share:6.1%}  {seg['name']}")
     click.echo("  tables:")
     for name, path in result.tables.items():
-        click.echo(f"    {name:<14} {path}")
+        click.echo(f"    {name:<19} {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
