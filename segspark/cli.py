@@ -205,7 +205,11 @@ def _print_summary(result) -> None:
     for seg in result.segments:
         if seg["model"] != shown:
             shown = seg["model"]
-            click.echo(f"  {shown}: {result.metrics.get(shown, {}).get('reason', '')}")
+            bundle = result.metrics.get("scored_with_bundle")
+            reason = result.metrics.get(shown, {}).get("reason") or (
+                f"segments of training run {bundle['run_id']} (bundle {bundle['path']})" if bundle else ""
+            )
+            click.echo(f"  {shown}: {reason}")
         share = seg["size"] / result.users if result.users else 0.0
         click.echo(f"    segment {seg['segment']:>2}  {seg['size']:>9,}  {share:6.1%}  {seg['name']}")
     click.echo("  tables:")

@@ -28,7 +28,7 @@ from segspark.evaluation.segment_ids import NOISE_SEGMENT, with_transition_keys
 from segspark.features import resolve_slots, user_features
 from segspark.features.catalog import category_slot_names, feature_columns
 from segspark.io.readers import read_raw_events
-from segspark.io.tables import table_path, write_run_rows
+from segspark.io.tables import read_output_table, table_path, write_run_rows
 from segspark.models import deep
 from segspark.models.prepare import fit_preparation
 from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
@@ -253,6 +253,19 @@ def _score_stage(spark: SparkSession, cfg: Config, result: RunResult, features: 
             "path": bundle, "run_id": scored.manifest.run_id, "content_sha256": scored.manifest.content_sha256,
             "models": list(scored.manifest.models),
         }
+        # Segment sizes from the rows just written (a small aggregate; the scoring is not recomputed).
+        sizes = (
+            read_output_table(spark, out, "user_segments")
+            .filter(F.col("run_id") == run_id)
+            .groupBy("model", "segment", "segment_name")
+            .count()
+            .collect()
+        )
+        order = {name: i for i, name in enumerate(scored.manifest.models)}
+        result.segments = [
+            {"model": r.model, "segment": r.segment, "name": r.segment_name, "size": r["count"]}
+            for r in sorted(sizes, key=lambda r: (order.get(r.model, len(order)), r.segment))
+        ]
         counts.update(bundle_run=scored.manifest.run_id, rows=written.rows)
 
 

@@ -81,6 +81,10 @@ def test_score_reproduces_the_training_segments_without_retraining(spark, deep_r
     location = result.metrics["bundle"]["path"]
     scored = pipeline.run(spark, cfg, run_id="scored", bundle=location)
     assert scored.metrics["scored_with_bundle"]["run_id"] == "train"
+    assert {s["model"] for s in scored.segments} == {"kmeans", "ae_hdbscan"}
+    assert sorted((s["model"], s["segment"], s["size"]) for s in scored.segments) == sorted(
+        (s["model"], s["segment"], s["size"]) for s in result.segments
+    )
     assert "ae_hdbscan" not in scored.stage_seconds and "segments" not in scored.stage_seconds
     segments = frame(cfg.output.root, "user_segments")
     columns = ["model", "user_id", "segment", "segment_name", "probability", "anomaly_score", "is_anomaly"]
@@ -144,3 +148,16 @@ def test_same_seed_gives_the_same_segments(spark, deep_run, tmp_path):
     assert len(merged) == len(first)
     assert (merged.segment_x == merged.segment_y).all()
     assert Path(again.output.root, "_models", "train", "manifest.json").exists()
+
+
+def test_too_few_users_for_the_autoencoder_names_the_settings(spark, sample_parquet, tmp_path):
+    from segspark.config import load_config
+
+    cfg = load_config(
+        REPO / "conf/local.yaml",
+        [f"input.path={sample_parquet}/events", f"output.root={tmp_path / 'out'}", *FAST_MODELS,
+         "models.kmeans.enabled=false", "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false",
+         "models.autoencoder.batch_size=100000"],
+    )
+    with pytest.raises(ValueError, match=r"fewer than one batch.*models\.autoencoder\.enabled=false"):
+        pipeline.run(spark, cfg, run_id="too-few")

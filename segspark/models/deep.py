@@ -121,7 +121,13 @@ def fit_deep(
     order = rng.permutation(len(sample))
     training = sample[order[: ae_cfg.sample_size]]
     log.info("ae_hdbscan: autoencoder sample %d of %d users, %d features", len(training), users, sample.shape[1])
-    trained = train_autoencoder(training, ae_cfg, feature_names)
+    try:
+        trained = train_autoencoder(training, ae_cfg, feature_names)
+    except ValueError as exc:
+        raise ValueError(
+            f"ae_hdbscan: {exc} (settings under models.autoencoder; models.autoencoder.enabled=false skips "
+            "the deep model)"
+        ) from exc
     density_rows = sample[order[: hdb_cfg.sample_size]]
     embeddings = trained.encoder.encode(density_rows)
     log.info("ae_hdbscan: HDBSCAN sample %d embeddings of size %d", len(embeddings), embeddings.shape[1])
