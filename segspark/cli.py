@@ -1,4 +1,4 @@
-"""Command line: `segspark generate|run ...` (also `python -m segspark`).
+"""Command line: `segspark generate|run|features|train|score ...` (also `python -m segspark`).
 
 Thin: parses arguments, loads the config, gets a session and calls the library. Exit codes:
 0 success, 2 bad usage/config/input schema (one clear message, no traceback), 1 failure at run time.
@@ -149,6 +149,36 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
 
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, segments=False)
+    _print_summary(result)
+
+
+@cli.command("train")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option(
+    "--run-id", default=None, help="The `segspark features` run to train on (default: the latest succeeded run)."
+)
+@click.option("--as-of", default=None, callback=_parse_date, help="Check that the run's features are as of this date.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def train_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
+    """Train the models on the features of an earlier `segspark features` run.
+
+    Reads that run's rows of user_features, fits every enabled model, writes user_segments,
+    user_embeddings, model_selection, segment_profiles and segment_transitions and the model bundle
+    under the same run id, and completes the run's row in `runs` (its input counts are kept).
+    `segspark features` + `segspark train` give what `segspark run` gives in one go.
+
+    \b
+    Examples:
+      segspark features --config conf/local.yaml --run-id 2026-11-30
+      segspark train --config conf/local.yaml --run-id 2026-11-30 --set models.gmm.enabled=false
+    """
+    from segspark import pipeline
+    from segspark.config import load_config
+
+    cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+        result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, from_features=True)
     _print_summary(result)
 
 

@@ -25,7 +25,9 @@ from segspark.config import Config
 from segspark.evaluation.metrics import cluster_metrics
 from segspark.evaluation.profiles import SEGMENT_PROFILES
 from segspark.evaluation.segment_ids import NOISE_SEGMENT, with_transition_keys
+from segspark.feature_runs import FeatureRun, load_feature_run
 from segspark.features import resolve_slots, user_features
+from segspark.features.behaviour import FeatureSlots
 from segspark.features.catalog import category_slot_names, feature_columns
 from segspark.io.readers import read_raw_events
 from segspark.io.tables import read_output_table, table_path, write_run_rows
@@ -79,17 +81,25 @@ def run(
     *,
     segments: bool = True,
     bundle: str | None = None,
+    from_features: bool = False,
 ) -> RunResult:
     """Run the batch pipeline and record the run in the `runs` table (also when it fails).
 
     segments=False stops after the features (`segspark features`). bundle: score the users with the
-    models of an existing bundle (`segspark score`) instead of training new ones."""
-    result = RunResult(run_id=run_id or new_run_id(), as_of=as_of)
-    started_at = dt.datetime.now(dt.UTC)
+    models of an existing bundle (`segspark score`) instead of training new ones. from_features:
+    train on the features an earlier `segspark features` run wrote (`segspark train`): run_id names
+    that run (default: the latest succeeded one), whose record the training then completes."""
+    source = load_feature_run(spark, cfg.output, run_id, as_of) if from_features else None
+    if source is not None:
+        result = RunResult(run_id=source.run_id, as_of=source.as_of)
+        started_at = source.started_at
+    else:
+        result = RunResult(run_id=run_id or new_run_id(), as_of=as_of)
+        started_at = dt.datetime.now(dt.UTC)
     log.info("run %s starting (config hash %s)", result.run_id, cfg.config_hash()[:12])
     cached: list[DataFrame] = []
     try:
-        _run_stages(spark, cfg, result, cached, segments, bundle)
+        _run_stages(spark, cfg, result, cached, segments, bundle, source)
         result.status = "succeeded"
     except BaseException as exc:
         result.status = "failed"
@@ -103,7 +113,13 @@ def run(
 
 
 def _run_stages(
-    spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame], segments: bool, bundle: str | None
+    spark: SparkSession,
+    cfg: Config,
+    result: RunResult,
+    cached: list[DataFrame],
+    segments: bool,
+    bundle: str | None,
+    source: FeatureRun | None,
 ) -> None:
     out = cfg.output
     run_id = result.run_id
@@ -112,6 +128,37 @@ def _run_stages(
     if location is not None:
         check_tracking(cfg.mlflow)
 
+    if source is None:
+        features, slots = _features_stages(spark, cfg, result, cached)
+    else:
+        features, slots = _features_of_run(result, source, cached)
+    if result.users == 0:
+        raise ValueError(f"no user has events up to as_of {result.as_of}; choose a later --as-of")
+    if not segments:
+        return
+    if bundle is not None:
+        _score_stage(spark, cfg, result, features, bundle)
+        return
+    _train_stages(spark, cfg, result, cached, features, slots, location)
+
+
+def _features_of_run(result: RunResult, source: FeatureRun, cached: list[DataFrame]):
+    """`segspark train`: the run's counts and features as its `segspark features` run recorded them."""
+    result.input_rows, result.clean_rows = source.input_rows, source.clean_rows
+    result.quarantined_rows, result.reasons, result.users = source.quarantined_rows, source.reasons, source.users
+    result.stage_seconds.update(source.metrics.get("stage_seconds") or {})
+    carried = {k: v for k, v in source.metrics.items() if k not in ("stage_seconds", "quarantine_reasons", "error")}
+    result.metrics.update(carried)
+    result.metrics["event_range"] = source.event_range
+    features = source.features.persist(StorageLevel.MEMORY_AND_DISK)
+    cached.append(features)
+    log.info("train: %d users of features run %s (as of %s)", source.users, source.run_id, source.as_of)
+    return features, source.slots
+
+
+def _features_stages(spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame]):
+    """ingest -> quarantine -> features: (the persisted features, their slot values)."""
+    out, run_id = cfg.output, result.run_id
     with _stage(result, "ingest") as counts:
         raw = read_raw_events(spark, cfg.input)
         tagged = ingest.tag_events(raw, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
@@ -129,6 +176,7 @@ def _run_stages(
         result.input_rows = result.clean_rows + result.quarantined_rows
         last_event = max((row.last_event for row in summary if row.reason is None and row.last_event), default=None)
         first_event = min((row.first_event for row in summary if row.reason is None and row.first_event), default=None)
+        result.metrics["event_range"] = {"first_event": str(first_event), "last_event": str(last_event)}
         counts.update(input=result.input_rows, clean=result.clean_rows, quarantined=result.quarantined_rows)
 
     with _stage(result, "quarantine") as counts:
@@ -157,15 +205,20 @@ def _run_stages(
         result.tables["user_features"] = table_path(out, "user_features")
         counts.update(users=result.users, as_of=str(result.as_of))
     tagged.unpersist()
+    return features, slots
 
-    if result.users == 0:
-        raise ValueError(f"no user has events up to as_of {result.as_of}; choose a later --as-of")
-    if not segments:
-        return
-    if bundle is not None:
-        _score_stage(spark, cfg, result, features, bundle)
-        return
 
+def _train_stages(
+    spark: SparkSession,
+    cfg: Config,
+    result: RunResult,
+    cached: list[DataFrame],
+    features: DataFrame,
+    slots: FeatureSlots,
+    location: str,
+) -> None:
+    """prepare -> segments (every enabled model) -> bundle (+ MLflow)."""
+    out, run_id = cfg.output, result.run_id
     with _stage(result, "prepare") as counts:
         # Fitted on this run's users and saved with the run: scoring other users reuses it as is.
         prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
@@ -215,8 +268,7 @@ def _run_stages(
             preparation=prep,
             models=[m.name for m in built],
             training_data={"input_path": cfg.input.path, "users": result.users, "events": result.clean_rows,
-                           "first_event": str(first_event), "last_event": str(last_event),
-                           "as_of": str(result.as_of)},
+                           **result.metrics["event_range"], "as_of": str(result.as_of)},
         )
         result.metrics["bundle"] = {"path": location, "content_sha256": manifest.content_sha256}
         result.tables["bundle"] = location

@@ -1,6 +1,7 @@
 """CLI: exit codes and messages (in-process on the shared session), and one end-to-end run on
 `local-cluster[2,1,1024]` in a subprocess: two executor JVMs, nothing may depend on driver-local state."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,43 @@ def test_features_stage_alone_writes_features_but_no_segments(spark, capsys, sam
     assert not (tmp_path / "user_segments").exists()
     runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
     assert runs[0]["status"] == "succeeded"
+
+
+def test_train_completes_a_features_run_under_its_run_id(spark, capsys, sample_parquet, tmp_path):
+    base = ["--config", str(REPO / "conf/local.yaml"), "--set", f"output.root={tmp_path}"]
+    only_kmeans = ["models.autoencoder.enabled=false", "models.gmm.enabled=false",
+                   "models.bisecting_kmeans.enabled=false", "models.kmeans.k=4"]
+    assert run_cli(capsys, "features", *base, f"input.path={sample_parquet}/events", "--run-id", "split")[0] == 0
+    features_run = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()[0]
+
+    code, out, err = run_cli(capsys, "train", *base, *FAST_MODELS, *only_kmeans)  # the latest run by default
+    assert code == 0, err
+    assert "run split succeeded" in out and "kmeans: k=4" in out
+    segments = DeltaTable(str(tmp_path / "user_segments")).to_pandas()
+    assert set(segments.run_id) == {"split"} and set(segments.model) == {"kmeans"}
+    assert len(segments) == features_run["users"]
+    assert (tmp_path / "_models" / "split" / "manifest.json").is_file()
+    runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
+    assert len(runs) == 1, "train completes the features run's row, it does not add one"
+    run = runs[0]
+    assert run["status"] == "succeeded" and run["started_at"] == features_run["started_at"]
+    for key in ("as_of", "input_rows", "clean_rows", "quarantined_rows", "users"):
+        assert run[key] == features_run[key], key
+    assert run["input_rows"] == run["clean_rows"] + run["quarantined_rows"]
+    stages = json.loads(run["metrics"])["stage_seconds"]
+    assert {"ingest", "features", "prepare", "segments", "bundle"} <= set(stages)
+    manifest = json.loads((tmp_path / "_models" / "split" / "manifest.json").read_text())
+    assert manifest["training_data"]["first_event"] not in (None, "None")
+
+    for args, message in [
+        (["--run-id", "nope"], "--run-id 'nope' is not in"),
+        (["--run-id", "split", "--as-of", "1999-01-01"], "not --as-of 1999-01-01"),
+    ]:
+        code, _, err = run_cli(capsys, "train", *base, *only_kmeans, *args)
+        assert code == 2 and message in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "train", "--config", str(REPO / "conf/local.yaml"),
+                           "--set", f"output.root={tmp_path / 'empty'}")
+    assert code == 2 and "run `segspark features --config FILE` first" in err
 
 
 def test_generate_refuses_malformed_lines_in_parquet(capsys, tmp_path):

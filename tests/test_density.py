@@ -155,6 +155,8 @@ def test_ties_follow_hdbscan_neighbour_order(gridded):
         np.testing.assert_array_equal(labels, expected[0])
         np.testing.assert_allclose(probabilities, expected[1], rtol=0.0, atol=1e-6)
         np.testing.assert_allclose(scores, expected[2], rtol=0.0, atol=1e-6)
+        # Rows with equal distances were answered from hdbscan's own tree (its order of ties).
+        assert "reference" in fitted.artifact._cache
 
 
 def test_repair_cluster_map_labels_the_whole_selected_cluster(gridded):

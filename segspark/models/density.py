@@ -24,11 +24,12 @@ Prediction reproduces hdbscan's approximate prediction (hdbscan 0.8.44, `hdbscan
 * outlier score (`approximate_predict_scores`, GLOSH for new points): (M - lambda) / M, with M the
   largest lambda anywhere under the neighbour's cluster (no climbing here, as in hdbscan).
 
-The neighbour query uses the tree hdbscan uses, scikit-learn's KDTree with its default leaf size,
-built on the same float64 points, so distances are the same to the last bit and equal distances
-(duplicated or gridded embeddings) come back in the same order; labels, probabilities and scores are
-then identical to hdbscan's, ties included. scipy's cKDTree was measured no faster single-threaded
-on 8-dimensional data, and with it ties broke differently (~0.5% of labels on gridded data).
+The neighbour query runs on a compiled KD-tree (`segspark.models.knn`, numba) that returns the
+same distances as hdbscan's scikit-learn KDTree to the last bit, 4x faster on one core, and scales
+over cores (threads query chunks of a batch; 1 inside a Spark task, which owns one core). Equal
+distances are the one thing it may order differently, so any row whose answer reads equal
+distances (duplicated or gridded embeddings) is answered from hdbscan's own tree: labels,
+probabilities and scores are then identical to hdbscan's, ties included.
 
 On purpose, one rule differs: a point identical to a training point (nearest-neighbour distance 0)
 gets that training point's FITTED label, probability and outlier score (`labels_`, `probabilities_`,
@@ -47,14 +48,12 @@ distance 0, so their cluster's lambda is infinite: hdbscan then gives every poin
 NaN outlier score (inf / inf) and every new point there probability 0, and so does this model. The
 threshold is taken over the finite scores; note that Spark orders NaN above every number.
 
-Cost of prediction: the neighbour query is 85-95% of it, and grows with k = 2 * min_samples; most
-rows need only m + 2 neighbours (`_connect`), which saves 15% (m = 10) to 40% (m = 200) of it.
-With min_samples left at None, m is min_cluster_size (2% of a 50,000-row sample = 1,000). Setting
-min_samples explicitly (tens) keeps assignment cheap. hdbscan spends most of its own time in the
-same query, so this is a few times faster than approximate_predict plus approximate_predict_scores,
-not orders of magnitude. Measured on a shared 2-core machine, 100,000 points against 20,000 in 8
-dimensions, one thread, CPU seconds: m = 10: 3.8 s against 5.4 s + 5.3 s (1.4x approximate_predict,
-2.8x both); m = 200: 10.0 s against 18.0 s + 17.3 s (1.8x, 3.5x).
+Cost of prediction: the neighbour query is most of it, and grows with k = 2 * min_samples; most
+rows need only m + 2 neighbours (`_connect`). With min_samples left at None, m is min_cluster_size
+(2% of a 50,000-row sample = 1,000): set min_samples explicitly (tens) to keep assignment cheap.
+Measured on the 2-core machine (`scripts/bench.py --suite scoring`, 8-d autoencoder embeddings,
+fitted on 50,000, min_samples 10): 7x faster than approximate_predict on one core, 13x on two; the
+numbers for 1M users are in the README.
 """
 
 from __future__ import annotations
@@ -71,6 +70,7 @@ import numpy as np
 from sklearn.neighbors import KDTree
 
 from segspark.config import HdbscanConfig
+from segspark.models.knn import CompiledKDTree
 from segspark.models.npz import open_npz
 
 log = logging.getLogger(__name__)
@@ -212,19 +212,24 @@ class SlimHdbscan:
 
     # -- prediction --------------------------------------------------------------------------------
 
-    def _prepared(self) -> tuple[KDTree, np.ndarray, np.ndarray]:
-        """KD-tree over the points and the cluster tree as dense (parent index, birth lambda) arrays,
-        built once per instance (a UDF rebuilds them once per Python worker, not per batch)."""
+    def _prepared(self) -> tuple[CompiledKDTree, np.ndarray, np.ndarray]:
+        """Neighbour index over the points and the cluster tree as dense (parent index, birth lambda)
+        arrays, built once per instance (a UDF builds them once per Python worker, not per batch)."""
         if "tree" not in self._cache:
             root = self.points.shape[0]
             parent = np.full(self.cluster_label.shape[0], -1, dtype=np.int64)
             birth = np.full(self.cluster_label.shape[0], -np.inf)
             parent[self.tree_child - root] = self.tree_parent - root
             birth[self.tree_child - root] = self.tree_lambda
-            # The same tree as hdbscan's prediction data (scikit-learn KDTree, leaf_size 40, euclidean):
-            # same distances to the last bit and the same order among equal distances (module docstring).
-            self._cache["tree"] = (KDTree(self.points, leaf_size=_LEAF_SIZE), parent, birth)
+            self._cache["tree"] = (CompiledKDTree(self.points), parent, birth)
         return self._cache["tree"]
+
+    def _reference_tree(self) -> KDTree:
+        """hdbscan's own neighbour index (scikit-learn KDTree, leaf_size 40, euclidean), for the rows
+        whose neighbours include equal distances: only it returns them in hdbscan's order."""
+        if "reference" not in self._cache:
+            self._cache["reference"] = KDTree(self.points, leaf_size=_LEAF_SIZE)
+        return self._cache["reference"]
 
     def predict(self, points: Any, workers: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(labels int32, probabilities float64, outlier_scores float64) for a batch of points.
@@ -260,45 +265,65 @@ class SlimHdbscan:
                 run(chunk)
         return labels, probabilities, scores
 
-    def _connect(self, x: np.ndarray, tree: KDTree) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _connect(
+        self, x: np.ndarray, tree: CompiledKDTree
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(connecting training point, lambda, nearest distance, nearest training point) per row.
 
         hdbscan queries k = 2m neighbours (m = min_samples) and takes the first one with the smallest
         mutual reachability max(core_j, d_m, d_j). No neighbour can do better than d_m (the point's
         own core distance), and neighbours 0..m are within d_m, so when one of them has core_j <= d_m
         the answer is the first such one, at d_m: an m + 2 query settles it, and only the other rows
-        (under 1% in our measurements) need all 2m. Equal distances among the first m + 2 could order
-        differently in a shorter query, so such rows take the full query too: results stay identical
-        to hdbscan's. Saves 15% (m = 10) to 40% (m = 200) of the query time.
+        (about 1% in our measurements) need all 2m. The answer depends on the order of the
+        neighbours, which is unique when their distances all differ; a row with equal distances
+        among those it reads (duplicated or gridded embeddings) is answered from hdbscan's own tree,
+        so that equal distances come in hdbscan's order and results stay identical to hdbscan's.
         """
         m = self.min_samples
-        k = 2 * m
         rows = x.shape[0]
         nearest = np.empty(rows, dtype=np.intp)
         reach_min = np.empty(rows, dtype=np.float64)
         first_distance = np.empty(rows, dtype=np.float64)
         first_index = np.empty(rows, dtype=np.intp)
-        full = np.arange(rows)
-        if m + 2 < k:
-            distances, indices = tree.query(x, k=m + 2)
+
+        def settle(picked: np.ndarray, distances: np.ndarray, indices: np.ndarray) -> np.ndarray:
+            """Rows (of `picked`) whose answer the m + 2 nearest decide; those rows are filled in."""
             own_core = distances[:, m]
             qualifies = self.core_distances[indices[:, : m + 1]] <= own_core[:, None]
             settled = qualifies.any(axis=1) & (np.diff(distances, axis=1) > 0.0).all(axis=1)
             done = np.flatnonzero(settled)
-            nearest[done] = indices[done, qualifies[done].argmax(axis=1)]
-            reach_min[done] = own_core[done]
-            first_distance[done] = distances[done, 0]
-            first_index[done] = indices[done, 0]
-            full = np.flatnonzero(~settled)
-        if full.size:
-            distances, indices = tree.query(x[full], k=k)
+            nearest[picked[done]] = indices[done, qualifies[done].argmax(axis=1)]
+            reach_min[picked[done]] = own_core[done]
+            first_distance[picked[done]] = distances[done, 0]
+            first_index[picked[done]] = indices[done, 0]
+            return settled
+
+        def full(picked: np.ndarray, distances: np.ndarray, indices: np.ndarray) -> None:
+            """hdbscan's rule over all 2m neighbours."""
             reach = np.maximum(np.maximum(self.core_distances[indices], distances[:, m, None]), distances)
             position = reach.argmin(axis=1)
-            picked = np.arange(full.size)
-            nearest[full] = indices[picked, position]
-            reach_min[full] = reach[picked, position]
-            first_distance[full] = distances[:, 0]
-            first_index[full] = indices[:, 0]
+            at = np.arange(picked.size)
+            nearest[picked] = indices[at, position]
+            reach_min[picked] = reach[at, position]
+            first_distance[picked] = distances[:, 0]
+            first_index[picked] = indices[:, 0]
+
+        everyone = np.arange(rows)
+        n = self.points.shape[0]
+        k = 2 * m  # the training set has at least 2m points (checked when the artifact is made)
+        short = min(m + 2, n)
+        distances, indices = tree.query(x, short)
+        rest = everyone[~settle(everyone, distances, indices)]
+        if rest.size:
+            # One more than hdbscan reads (when there is one): an equal distance just past its last place
+            # would make its set ambiguous.
+            distances, indices = tree.query(x[rest], min(k + 1, n))
+            distinct = (np.diff(distances, axis=1) > 0.0).all(axis=1)
+            full(rest[distinct], distances[distinct, :k], indices[distinct, :k])
+            tied = rest[~distinct]
+            if tied.size:
+                distances, indices = self._reference_tree().query(x[tied], k=k)
+                full(tied, distances, indices)
         with np.errstate(divide="ignore"):
             lam = np.where(reach_min > 0.0, 1.0 / reach_min, np.finfo(np.float64).max)
         return nearest, lam, first_distance, first_index
