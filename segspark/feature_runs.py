@@ -46,7 +46,8 @@ class FeatureRun:
 def load_feature_run(
     spark: SparkSession, output: OutputConfig, run_id: str | None, as_of: dt.date | None
 ) -> FeatureRun:
-    """The features of run `run_id` (default: the latest succeeded run), checked against `as_of`.
+    """The features of run `run_id` (default: the latest run whose features are complete), checked
+    against `as_of`.
 
     ConfigError (exit 2) when there is no such run, it did not succeed, it has no features, or its
     as_of is not the one asked for: each message says what was found and what to run instead."""
@@ -57,12 +58,14 @@ def load_feature_run(
             "run `segspark features --config FILE` first, or `segspark run` for features and training in one go"
         )
     runs = read_output_table(spark, output, "runs")
+    # A run whose features were written: it succeeded, or a later stage (a training) failed after them.
+    complete = (F.col("status") == "succeeded") | (F.get_json_object("metrics", "$.features_complete") == "true")
     if run_id is None:
-        latest = runs.where(F.col("status") == "succeeded").orderBy(F.col("finished_at").desc()).limit(1).collect()
+        latest = runs.where(complete).orderBy(F.col("finished_at").desc()).limit(1).collect()
         if not latest:
-            raise ConfigError(f"train: no succeeded run in {runs_path}; run `segspark features` first")
+            raise ConfigError(f"train: no run with complete features in {runs_path}; run `segspark features` first")
         record = latest[0]
-        log.info("train: using the features of the latest succeeded run %s", record.run_id)
+        log.info("train: using the features of the latest run %s", record.run_id)
     else:
         found = runs.where(F.col("run_id") == run_id).collect()
         if not found:
@@ -70,7 +73,8 @@ def load_feature_run(
                 f"train: --run-id {run_id!r} is not in {runs_path}; run `segspark features --run-id {run_id}` first"
             )
         record = found[0]
-    if record.status != "succeeded":
+    metrics = json.loads(record.metrics or "{}")
+    if record.status != "succeeded" and not metrics.get("features_complete"):
         raise ConfigError(
             f"train: run {record.run_id!r} has status {record.status!r}; its features are incomplete. "
             f"Re-run `segspark features --run-id {record.run_id}`"
@@ -80,7 +84,6 @@ def load_feature_run(
             f"train: run {record.run_id!r} computed features as of {record.as_of}, not --as-of {as_of}; "
             "leave --as-of out, or compute features for that date first"
         )
-    metrics = json.loads(record.metrics or "{}")
     features = read_output_table(spark, output, "user_features").where(F.col("run_id") == record.run_id)
     slots = metrics.get("feature_slots")
     if slots is None:

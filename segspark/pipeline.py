@@ -204,6 +204,8 @@ def _features_stages(spark: SparkSession, cfg: Config, result: RunResult, cached
         result.users = written.rows if written.rows >= 0 else features.count()
         result.tables["user_features"] = table_path(out, "user_features")
         counts.update(users=result.users, as_of=str(result.as_of))
+        # `segspark train` may use these features even if a later stage of this run fails.
+        result.metrics["features_complete"] = True
     tagged.unpersist()
     return features, slots
 

@@ -142,6 +142,15 @@ def test_train_completes_a_features_run_under_its_run_id(spark, capsys, sample_p
     manifest = json.loads((tmp_path / "_models" / "split" / "manifest.json").read_text())
     assert manifest["training_data"]["first_event"] not in (None, "None")
 
+    # A training that fails keeps the run's features usable: train again and it succeeds.
+    deep_only = ["models.kmeans.enabled=false", "models.gmm.enabled=false", "models.bisecting_kmeans.enabled=false",
+                 "models.autoencoder.batch_size=100000"]  # fewer users than one batch: fails at once
+    code, _, err = run_cli(capsys, "train", *base, *FAST_MODELS, *deep_only, "--run-id", "split")
+    assert code == 1 and "fewer than one batch" in err
+    assert DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()[0]["status"] == "failed"
+    assert run_cli(capsys, "train", *base, *FAST_MODELS, *only_kmeans)[0] == 0
+    assert DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()[0]["status"] == "succeeded"
+
     for args, message in [
         (["--run-id", "nope"], "--run-id 'nope' is not in"),
         (["--run-id", "split", "--as-of", "1999-01-01"], "not --as-of 1999-01-01"),
