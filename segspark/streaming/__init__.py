@@ -1,0 +1,1 @@
+"""Streaming: online model updates (and, later, the Structured Streaming job)."""
