@@ -79,7 +79,9 @@ class InputColumns(_Section):
 
 class InputConfig(_Section):
     path: str
-    format: Literal["parquet", "json", "csv", "delta"] = "parquet"
+    # kafka: streaming only (`segspark stream`), with the Kafka connector on the classpath; the
+    # kafka.* settings (kafka.bootstrap.servers, subscribe, ...) go in options.
+    format: Literal["parquet", "json", "csv", "delta", "kafka"] = "parquet"
     options: dict[str, str] = Field(default_factory=dict)
     columns: InputColumns
     timestamp_format: str = "yyyy-MM-dd HH:mm:ss"
@@ -263,6 +265,18 @@ class MlflowConfig(_Section):
     experiment: str = "segspark"  # on Databricks an absolute workspace path, e.g. /Users/me/segspark
 
 
+class StreamingConfig(_Section):
+    # Stable id of the stream's Delta transactions (txn app id): not Spark's query id, which changes
+    # when a checkpoint's metadata is lost. Keep it when moving or resetting the checkpoint.
+    app_id: str = Field("segspark-stream", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    checkpoint: str | None = None  # default: <output.root>/_checkpoints/<app_id>
+    max_files_per_trigger: int | None = Field(None, ge=1)  # file sources: files per micro-batch
+    trigger_seconds: int = Field(10, ge=1)  # micro-batch interval (unless --available-now)
+
+    def checkpoint_path(self, output: OutputConfig) -> str:
+        return self.checkpoint or f"{output.root.rstrip('/')}/_checkpoints/{self.app_id}"
+
+
 class Config(_Section):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     input: InputConfig
@@ -271,6 +285,7 @@ class Config(_Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -22,6 +22,11 @@ CORRUPT_COLUMN = "_corrupt_record"
 
 def read_raw_events(spark: SparkSession, cfg: InputConfig) -> DataFrame:
     """The source records as a DataFrame; json/csv carry `_corrupt_record` for malformed lines."""
+    if cfg.format == "kafka":
+        raise InputSchemaError(
+            "input.format kafka is a streaming source: batch runs read parquet, json, csv or delta "
+            "(set input.format and input.path to files, or use the streaming path)"
+        )
     reader = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet, "delta": _read_delta}[cfg.format]
     try:
         df = reader(spark, cfg)
