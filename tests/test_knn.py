@@ -60,6 +60,10 @@ def test_empty_batch_and_bad_arguments():
         tree.query(np.zeros((1, 8)), 101)
     with pytest.raises(ValueError, match=r"queries must be \(rows x 8\)"):
         tree.query(np.zeros((2, 3)), 1)
+    with pytest.raises(ValueError, match="queries must be finite"):
+        tree.query(np.full((1, 8), np.nan), 1)
+    with pytest.raises(ValueError, match="points must be a non-empty, finite"):
+        CompiledKDTree(np.empty((0, 8)))
 
 
 def test_threads_querying_one_tree_get_the_single_threaded_answer():

@@ -208,6 +208,8 @@ class CompiledKDTree:
 
     def __init__(self, points: np.ndarray, leaf_size: int = LEAF_SIZE):
         self.points = np.ascontiguousarray(points, dtype=np.float64)
+        if self.points.ndim != 2 or self.points.shape[0] == 0 or not np.isfinite(self.points).all():
+            raise ValueError(f"points must be a non-empty, finite (n x d) matrix, got shape {self.points.shape}")
         order, start, end, left, right, lo, hi = _build(self.points, leaf_size)
         # Dimensions x points, in tree order: a leaf is a contiguous run of each column.
         columns = np.ascontiguousarray(self.points[order].T)
@@ -222,6 +224,8 @@ class CompiledKDTree:
             raise ValueError(f"queries must be (rows x {self.points.shape[1]}), got shape {x.shape}")
         if not 1 <= k <= self.points.shape[0]:
             raise ValueError(f"k must be between 1 and the {self.points.shape[0]} training points, got {k}")
+        if not np.isfinite(x).all():
+            raise ValueError("queries must be finite: found NaN or infinite values")
         columns, max_leaf, order, start, end, left, right, lo, hi = self._tree
         # Queries in tree order: consecutive queries then scan the same leaves, from cache.
         visit = np.argsort(_leaf_rank(x, start, left, right, lo, hi), kind="stable")
