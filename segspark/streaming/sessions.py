@@ -1,0 +1,103 @@
+"""Sessions as mergeable state: a stream's batches give the same sessions as one batch over all events.
+
+The batch features (`features.behaviour.with_sessions`) key a user's sessions by the source's
+session id when an event has one, and otherwise by gap-based numbering over ALL of the user's
+events in time order (a new session after more than `features.session_gap_minutes` of inactivity).
+Both are kept as per-user state that a micro-batch merges into, in any arrival order (late and
+out-of-order events included):
+
+* `source` rows (user_id, session_id, start, end): a source session's first and last event time;
+  merging is min/max per key;
+* `gap` rows (user_id, start, end, own_start, own_end, own_events): maximal runs of events whose
+  consecutive gaps are at most the session gap, over all events, with the first and last time and
+  the number of the events in the run that have no source session id (the events that make it a
+  gap session of its own). Merging sorts a user's runs by start and starts a new run where the start
+  is more than the gap after the latest end so far: the connected runs of the union of the events,
+  which is exactly the batch numbering.
+
+`session_features` then gives `sessions`, `session_duration_mean_min` and
+`session_duration_median_min` from the state with the batch's own expressions over the same
+per-session minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from segspark.config import FeaturesConfig
+
+
+@dataclass(frozen=True)
+class SessionState:
+    source: DataFrame  # user_id, session_id, start, end
+    gap: DataFrame  # user_id, start, end, own_start, own_end, own_events
+
+
+def session_state(events: DataFrame, cfg: FeaturesConfig) -> SessionState:
+    """The session state of a set of clean canonical events (one micro-batch, say)."""
+    has_id = F.col("session_id").isNotNull() if cfg.use_source_sessions else F.lit(False)
+    source = (
+        events.where(has_id)
+        .groupBy("user_id", "session_id")
+        .agg(F.min("event_time").alias("start"), F.max("event_time").alias("end"))
+    )
+    own = ~has_id
+    runs = events.select(
+        "user_id",
+        F.col("event_time").alias("start"),
+        F.col("event_time").alias("end"),
+        F.when(own, F.col("event_time")).alias("own_start"),
+        F.when(own, F.col("event_time")).alias("own_end"),
+        own.cast("long").alias("own_events"),
+    )
+    return SessionState(source, _connect(runs, cfg.session_gap_minutes * 60))
+
+
+def merge_sessions(state: SessionState, batch: SessionState, cfg: FeaturesConfig) -> SessionState:
+    """The state after adding a batch's sessions to it (order of arrival does not matter)."""
+    source = (
+        state.source.unionByName(batch.source)
+        .groupBy("user_id", "session_id")
+        .agg(F.min("start").alias("start"), F.max("end").alias("end"))
+    )
+    return SessionState(source, _connect(state.gap.unionByName(batch.gap), cfg.session_gap_minutes * 60))
+
+
+def _connect(runs: DataFrame, gap_seconds: int) -> DataFrame:
+    """Runs (or single events) joined into maximal runs whose gaps are at most gap_seconds."""
+    by_start = Window.partitionBy("user_id").orderBy("start", "end")
+    latest_end = F.max("end").over(by_start.rowsBetween(Window.unboundedPreceding, -1))
+    # The batch rule on event times in whole seconds: (t - previous) > gap starts a new session.
+    starts = (latest_end.isNull() | ((F.col("start").cast("long") - latest_end.cast("long")) > gap_seconds)).cast("int")
+    numbered = runs.withColumn("_new", starts).withColumn(
+        "_run", F.sum("_new").over(by_start.rowsBetween(Window.unboundedPreceding, 0))
+    )
+    return numbered.groupBy("user_id", "_run").agg(
+        F.min("start").alias("start"),
+        F.max("end").alias("end"),
+        F.min("own_start").alias("own_start"),
+        F.max("own_end").alias("own_end"),
+        F.sum("own_events").alias("own_events"),
+    ).drop("_run")
+
+
+def session_features(state: SessionState, cfg: FeaturesConfig) -> DataFrame:
+    """user_id, sessions, session_duration_mean_min, session_duration_median_min (as the batch)."""
+    minutes = [
+        state.source.select(
+            "user_id", ((F.col("end").cast("double") - F.col("start").cast("double")) / 60.0).alias("_minutes")
+        ),
+        state.gap.where(F.col("own_events") > 0).select(
+            "user_id",
+            ((F.col("own_end").cast("double") - F.col("own_start").cast("double")) / 60.0).alias("_minutes"),
+        ),
+    ]
+    per_session = minutes[0].unionByName(minutes[1])
+    return per_session.groupBy("user_id").agg(
+        F.count(F.lit(1)).alias("sessions"),
+        F.avg("_minutes").alias("session_duration_mean_min"),
+        F.percentile_approx("_minutes", 0.5, cfg.median_accuracy).cast("double").alias("session_duration_median_min"),
+    )
