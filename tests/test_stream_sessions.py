@@ -1,6 +1,6 @@
-"""Session state merged batch by batch, in any arrival order, gives the batch features' sessions:
-same count, mean and median duration per user, with source session ids, with gap sessions only,
-and with a mix of both."""
+"""Session and order state merged batch by batch, in any arrival order, gives the batch features:
+the same sessions (count, mean and median duration) and orders (frequency, interval mean and std)
+per user, with source session ids, with gap sessions only, and with a mix of both."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 from pyspark.sql import functions as F
 
 from segspark import ingest
-from segspark.features.behaviour import _session_aggregates
+from segspark.features.behaviour import _order_aggregates, _session_aggregates
 from segspark.io.readers import read_raw_events
+from segspark.streaming.orders import merge_orders, order_features, order_state
 from segspark.streaming.sessions import merge_sessions, session_features, session_state
 
 
@@ -26,9 +27,22 @@ def events(spark, sample_parquet):
     return cfg, clean.cache(), mixed.cache()
 
 
-def _sorted(frame):
-    return sorted(tuple(row) for row in frame.select(
-        "user_id", "sessions", "session_duration_mean_min", "session_duration_median_min").collect())
+def _sorted(frame, columns):
+    return sorted(tuple(row) for row in frame.select("user_id", *columns).collect())
+
+
+def _same(got, expected, exact):
+    """Rows equal: the columns at `exact` positions exactly, the others to 1e-9 relative (means)."""
+    def close(a, b):
+        return a == b or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(b)))
+
+    return [(g, e) for g, e in zip(got, expected, strict=True)
+            if any((g[i] != e[i]) if i in exact else not close(g[i], e[i]) for i in range(len(e)))]
+
+
+def _batches(data):
+    """Three "micro-batches" by a hash, not by time: each holds late and early events of every user."""
+    return [data.where(F.abs(F.xxhash64("user_id", "event_time", "event_type")) % 3 == i) for i in range(3)]
 
 
 @pytest.mark.parametrize("case", ["source ids", "gaps only", "mixed"])
@@ -36,15 +50,32 @@ def test_batches_in_random_order_give_the_batch_sessions(events, case):
     cfg, clean, mixed = events
     features = cfg.features.model_copy(update={"use_source_sessions": case != "gaps only"})
     data = mixed if case == "mixed" else clean
-    # Three "micro-batches" by a hash, not by time: each holds late and early events of every user.
-    parts = [data.where(F.abs(F.xxhash64("user_id", "event_time", "event_type")) % 3 == i) for i in range(3)]
+    parts = _batches(data)
     state = session_state(parts[2], features)
     for part in (parts[0], parts[1]):
         state = merge_sessions(state, session_state(part, features), features)
-    expected = _sorted(_session_aggregates(data, features))
-    got = _sorted(session_features(state, features))
+    columns = ("sessions", "session_duration_mean_min", "session_duration_median_min")
+    expected = _sorted(_session_aggregates(data, features), columns)
+    got = _sorted(session_features(state, features), columns)
     assert len(got) == len(expected) > 100
-    mismatched = [(g, e) for g, e in zip(got, expected, strict=True) if g[:2] != e[:2] or g[3] != e[3]
-                  or abs(g[2] - e[2]) > 1e-9 * max(1.0, abs(e[2]))]
+    mismatched = _same(got, expected, exact={0, 1, 3})
     assert not mismatched, mismatched[:3]
     assert sum(g[1] for g in got) > len(got)  # users with several sessions: merging was exercised
+
+
+@pytest.mark.parametrize("case", ["source ids", "gaps only", "mixed"])
+def test_batches_in_random_order_give_the_batch_orders(events, case):
+    cfg, clean, mixed = events
+    features = cfg.features.model_copy(update={"use_source_sessions": case != "gaps only"})
+    data = mixed if case == "mixed" else clean
+    parts = _batches(data)
+    state = order_state(parts[1], features)
+    for part in (parts[2], parts[0]):
+        state = merge_orders(state, order_state(part, features), features)
+    columns = ("frequency", "purchase_interval_mean_days", "purchase_interval_std_days")
+    expected = _sorted(_order_aggregates(data, features), columns)
+    got = _sorted(order_features(state), columns)
+    assert len(got) == len(expected) > 50
+    mismatched = _same(got, expected, exact={0, 1})
+    assert not mismatched, mismatched[:3]
+    assert sum(g[1] for g in got) > len(got)  # users with several orders

@@ -53,7 +53,7 @@ def session_state(events: DataFrame, cfg: FeaturesConfig) -> SessionState:
         F.when(own, F.col("event_time")).alias("own_end"),
         own.cast("long").alias("own_events"),
     )
-    return SessionState(source, _connect(runs, cfg.session_gap_minutes * 60))
+    return SessionState(source, connect_runs(runs, cfg.session_gap_minutes * 60))
 
 
 def merge_sessions(state: SessionState, batch: SessionState, cfg: FeaturesConfig) -> SessionState:
@@ -63,10 +63,10 @@ def merge_sessions(state: SessionState, batch: SessionState, cfg: FeaturesConfig
         .groupBy("user_id", "session_id")
         .agg(F.min("start").alias("start"), F.max("end").alias("end"))
     )
-    return SessionState(source, _connect(state.gap.unionByName(batch.gap), cfg.session_gap_minutes * 60))
+    return SessionState(source, connect_runs(state.gap.unionByName(batch.gap), cfg.session_gap_minutes * 60))
 
 
-def _connect(runs: DataFrame, gap_seconds: int) -> DataFrame:
+def connect_runs(runs: DataFrame, gap_seconds: int) -> DataFrame:
     """Runs (or single events) joined into maximal runs whose gaps are at most gap_seconds."""
     by_start = Window.partitionBy("user_id").orderBy("start", "end")
     latest_end = F.max("end").over(by_start.rowsBetween(Window.unboundedPreceding, -1))
