@@ -45,37 +45,29 @@ def _batches(data):
     return [data.where(F.abs(F.xxhash64("user_id", "event_time", "event_type")) % 3 == i) for i in range(3)]
 
 
+KINDS = {
+    # state of a batch, merge, features from state, the batch features, compared columns, exact positions
+    "sessions": (session_state, merge_sessions, lambda state, f: session_features(state, f), _session_aggregates,
+                 ("sessions", "session_duration_mean_min", "session_duration_median_min"), {0, 1, 3}),
+    "orders": (order_state, merge_orders, lambda state, f: order_features(state), _order_aggregates,
+               ("frequency", "purchase_interval_mean_days", "purchase_interval_std_days"), {0, 1}),
+}
+
+
 @pytest.mark.parametrize("case", ["source ids", "gaps only", "mixed"])
-def test_batches_in_random_order_give_the_batch_sessions(events, case):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_batches_in_random_order_give_the_batch_features(events, kind, case):
+    state_of, merge, features_of, batch_features, columns, exact = KINDS[kind]
     cfg, clean, mixed = events
     features = cfg.features.model_copy(update={"use_source_sessions": case != "gaps only"})
     data = mixed if case == "mixed" else clean
     parts = _batches(data)
-    state = session_state(parts[2], features)
+    state = state_of(parts[2], features)
     for part in (parts[0], parts[1]):
-        state = merge_sessions(state, session_state(part, features), features)
-    columns = ("sessions", "session_duration_mean_min", "session_duration_median_min")
-    expected = _sorted(_session_aggregates(data, features), columns)
-    got = _sorted(session_features(state, features), columns)
-    assert len(got) == len(expected) > 100
-    mismatched = _same(got, expected, exact={0, 1, 3})
-    assert not mismatched, mismatched[:3]
-    assert sum(g[1] for g in got) > len(got)  # users with several sessions: merging was exercised
-
-
-@pytest.mark.parametrize("case", ["source ids", "gaps only", "mixed"])
-def test_batches_in_random_order_give_the_batch_orders(events, case):
-    cfg, clean, mixed = events
-    features = cfg.features.model_copy(update={"use_source_sessions": case != "gaps only"})
-    data = mixed if case == "mixed" else clean
-    parts = _batches(data)
-    state = order_state(parts[1], features)
-    for part in (parts[2], parts[0]):
-        state = merge_orders(state, order_state(part, features), features)
-    columns = ("frequency", "purchase_interval_mean_days", "purchase_interval_std_days")
-    expected = _sorted(_order_aggregates(data, features), columns)
-    got = _sorted(order_features(state), columns)
+        state = merge(state, state_of(part, features), features)
+    expected = _sorted(batch_features(data, features), columns)
+    got = _sorted(features_of(state, features), columns)
     assert len(got) == len(expected) > 50
-    mismatched = _same(got, expected, exact={0, 1})
+    mismatched = _same(got, expected, exact)
     assert not mismatched, mismatched[:3]
-    assert sum(g[1] for g in got) > len(got)  # users with several orders
+    assert sum(g[1] for g in got) > len(got)  # users with several sessions / orders: merging was exercised

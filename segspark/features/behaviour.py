@@ -183,6 +183,12 @@ def _order_aggregates(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
     orders = purchases.groupBy("user_id", F.coalesce(F.col("order_id"), F.col("session_key")).alias("_order")).agg(
         F.min("event_time").cast("double").alias("_placed")
     )
+    return order_interval_aggregates(orders)
+
+
+def order_interval_aggregates(orders: DataFrame) -> DataFrame:
+    """frequency and purchase-interval mean/std per user from one row per order (user_id, _placed:
+    epoch seconds of the order's first line). Shared with the streaming order state."""
     previous = F.lag("_placed").over(Window.partitionBy("user_id").orderBy("_placed"))
     intervals = orders.withColumn("_interval", (F.col("_placed") - previous) / SECONDS_PER_DAY)
     return intervals.groupBy("user_id").agg(

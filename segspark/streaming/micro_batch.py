@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 class IngestedBatch:
     batch_id: int
     run_id: str
-    clean: DataFrame  # valid, de-duplicated canonical events of the batch (persisted: unpersist when done)
+    tagged: DataFrame  # the batch's tagged records, persisted: `unpersist` when the batch is done
+    clean: DataFrame  # valid, de-duplicated canonical events of the batch (read from `tagged`)
     input_rows: int = 0
     clean_rows: int = 0
     quarantined_rows: int = 0
@@ -42,7 +43,7 @@ class IngestedBatch:
     replayed: bool = False  # the quarantine commit of this batch id was already in the table
 
     def unpersist(self) -> None:
-        self.clean.unpersist()
+        self.tagged.unpersist()
 
 
 def batch_run_id(cfg: Config, batch_id: int) -> str:
@@ -63,15 +64,15 @@ def ingest_micro_batch(spark: SparkSession, cfg: Config, records: DataFrame, bat
             replace_where={"run_id": run_id},
             txn=(f"{cfg.streaming.app_id}.quarantine", batch_id),
         )
-        clean = ingest.clean_events(tagged).persist(StorageLevel.MEMORY_AND_DISK)
-        clean.count()
-    finally:
+    except BaseException:
         tagged.unpersist()
+        raise
     reasons = {r: n for r, n in counts.items() if r is not None}
     batch = IngestedBatch(
         batch_id=batch_id,
         run_id=run_id,
-        clean=clean,
+        tagged=tagged,
+        clean=ingest.clean_events(tagged),
         clean_rows=counts.get(None, 0),
         quarantined_rows=sum(reasons.values()),
         reasons=reasons,

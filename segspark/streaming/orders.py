@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from segspark.config import FeaturesConfig
-from segspark.features.behaviour import SECONDS_PER_DAY
-from segspark.streaming.sessions import connect_runs
+from segspark.features.behaviour import order_interval_aggregates
+from segspark.streaming.sessions import connect_runs, event_runs
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,7 @@ def order_state(events: DataFrame, cfg: FeaturesConfig) -> OrderState:
         .groupBy("user_id", key.alias("order_key"))
         .agg(F.min("event_time").alias("placed"))
     )
-    own = key.isNull()
-    runs = purchases.select(
-        "user_id",
-        F.col("event_time").alias("start"),
-        F.col("event_time").alias("end"),
-        F.when(own, F.col("event_time")).alias("own_start"),
-        F.when(own, F.col("event_time")).alias("own_end"),
-        own.cast("long").alias("own_events"),
-    )
-    return OrderState(keyed, connect_runs(runs, cfg.session_gap_minutes * 60))
+    return OrderState(keyed, connect_runs(event_runs(purchases, key.isNull()), cfg.session_gap_minutes * 60))
 
 
 def merge_orders(state: OrderState, batch: OrderState, cfg: FeaturesConfig) -> OrderState:
@@ -65,10 +56,4 @@ def order_features(state: OrderState) -> DataFrame:
     placed = state.keyed.select("user_id", F.col("placed").cast("double").alias("_placed")).unionByName(
         state.gap.where(F.col("own_events") > 0).select("user_id", F.col("own_start").cast("double").alias("_placed"))
     )
-    previous = F.lag("_placed").over(Window.partitionBy("user_id").orderBy("_placed"))
-    intervals = placed.withColumn("_interval", (F.col("_placed") - previous) / SECONDS_PER_DAY)
-    return intervals.groupBy("user_id").agg(
-        F.count(F.lit(1)).alias("frequency"),
-        F.avg("_interval").alias("purchase_interval_mean_days"),
-        F.stddev_pop("_interval").alias("purchase_interval_std_days"),
-    )
+    return order_interval_aggregates(placed)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from segspark.config import FeaturesConfig
@@ -44,8 +44,12 @@ def session_state(events: DataFrame, cfg: FeaturesConfig) -> SessionState:
         .groupBy("user_id", "session_id")
         .agg(F.min("event_time").alias("start"), F.max("event_time").alias("end"))
     )
-    own = ~has_id
-    runs = events.select(
+    return SessionState(source, connect_runs(event_runs(events, ~has_id), cfg.session_gap_minutes * 60))
+
+
+def event_runs(events: DataFrame, own: Column) -> DataFrame:
+    """Each event as a run of its own (start = end = its time), own_* set where `own` holds."""
+    return events.select(
         "user_id",
         F.col("event_time").alias("start"),
         F.col("event_time").alias("end"),
@@ -53,7 +57,6 @@ def session_state(events: DataFrame, cfg: FeaturesConfig) -> SessionState:
         F.when(own, F.col("event_time")).alias("own_end"),
         own.cast("long").alias("own_events"),
     )
-    return SessionState(source, connect_runs(runs, cfg.session_gap_minutes * 60))
 
 
 def merge_sessions(state: SessionState, batch: SessionState, cfg: FeaturesConfig) -> SessionState:
