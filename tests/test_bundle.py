@@ -86,7 +86,7 @@ def test_manifest_round_trip_covers_every_file(bundle):
     assert FEATURE_SPEC_NAME in manifest.files and MANIFEST_NAME not in manifest.files
     assert list(manifest.files) == sorted(manifest.files)
     libs = manifest.libraries
-    assert {"python", "pyspark", "scikit-learn", "hdbscan", "tensorflow", "keras", "deltalake"} <= set(libs)
+    assert {"python", "pyspark", "scikit-learn", "hdbscan", "numba", "tensorflow", "keras", "deltalake"} <= set(libs)
     assert all(isinstance(v, str) and v for v in libs.values())
     assert len(manifest.content_sha256) == 64
     doc = json.loads((bundle / MANIFEST_NAME).read_text())

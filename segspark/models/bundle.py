@@ -74,6 +74,7 @@ LIBRARIES = (
     "pyarrow",
     "scikit-learn",
     "hdbscan",
+    "numba",  # compiles the neighbour query of HDBSCAN assignment
     "tensorflow",
     "keras",
     "deltalake",
