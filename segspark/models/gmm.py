@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -413,13 +414,36 @@ def _log_density_udf(weights: Sequence[float], means: Sequence[Sequence[float]],
     return log_density
 
 
+# Without a native LAPACK (no libblas/liblapack on the machine, as here and on CI), Spark falls back
+# to F2J's Java translation of LAPACK 3.1, which keeps Fortran SAVE variables in static fields:
+# Dlasq3/Dlasq4 (inside the SVD that ends MLlib's PCA) hold per-call state there, and Dlamch/Dlamc2
+# compute the machine constants on the first call behind an unsynchronised flag. Two SVDs at once,
+# as the k sweep's threads ran them, fail with NotConvergedException, and a race on the first call
+# can leave wrong constants for the life of the JVM (seen on CI: every later GMM fit failed). So the
+# driver-side SVDs run one at a time, and the constants are computed on one thread before the first.
+_DRIVER_LAPACK = threading.Lock()
+
+
 def _fit_projection(prepared: DataFrame, components: int | None) -> PCAModel | None:
     """Principal components of the prepared vectors (distributed: one d x d covariance), or None
     when `components` is None or not below the number of prepared features."""
+    _initialise_lapack_constants(prepared.sparkSession)
     dimensions = len(prepared.select(PREPARED_VECTOR).first()[0])
     if components is None or components >= dimensions:
         return None
-    return PCA(k=components, inputCol=PREPARED_VECTOR, outputCol=GMM_INPUT).fit(prepared.select(PREPARED_VECTOR))
+    with _DRIVER_LAPACK:
+        return PCA(k=components, inputCol=PREPARED_VECTOR, outputCol=GMM_INPUT).fit(prepared.select(PREPARED_VECTOR))
+
+
+def _initialise_lapack_constants(spark) -> None:
+    """Have the driver JVM's LAPACK compute its machine constants now, on one thread (see above).
+    In local mode the executors share this JVM, so their first eigen-decompositions (GaussianMixture
+    computes them lazily in its tasks) find the constants ready too. One py4j call, so it is simply
+    made before every fit: a stopped and rebuilt session has a new JVM. Spark Connect has no JVM here."""
+    if getattr(spark, "_jvm", None) is None:
+        return
+    with _DRIVER_LAPACK:
+        spark._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().dlamch("E")
 
 
 def _gmm_input(prepared: DataFrame, projection: PCAModel | None) -> DataFrame:
