@@ -172,6 +172,24 @@ def test_replace_where_on_partitioned_table(spark, tmp_path):
     }
 
 
+def test_replace_where_one_of_several_values(spark, tmp_path):
+    """{column: [values]} on a partition column replaces the rows of every listed value in one
+    commit (streaming state rewrites the buckets a micro-batch touched)."""
+    path = str(tmp_path / "t")
+    for run in ("a", "b", "c"):
+        write_table(spark, frame(spark, rows(run, 2)), path, replace_where={"run_id": run}, partition_by=["run_id"])
+    both = frame(spark, rows("a", 3) + rows("c", 1), parts=2)
+    result = write_table(spark, both, path, replace_where={"run_id": ["c", "a"]})
+    assert (result.version, result.rows) == (3, 4)
+    assert run_counts(path) == {"a": 3, "b": 2, "c": 1}
+    with pytest.raises(ValueError, match="non-empty list"):
+        write_table(spark, both, path, replace_where={"run_id": []})
+    unpartitioned = str(tmp_path / "u")
+    write_table(spark, frame(spark, rows("a", 2)), unpartitioned)
+    with pytest.raises(ValueError, match="partition column"):
+        write_table(spark, both, unpartitioned, replace_where={"run_id": ["a", "c"]})
+
+
 def test_replace_where_refuses_files_it_cannot_replace_whole(spark, tmp_path):
     path = str(tmp_path / "t")
     write_table(spark, frame(spark, rows("r1", 2) + rows("r2", 2)), path)  # one file, two runs

@@ -117,8 +117,9 @@ def write_table(
 ) -> WriteResult:
     """Append `df` to the Delta table at `path` (created when missing) in one commit.
 
-    replace_where: {column: value} equalities; the rows matching all of them are replaced by `df`
-      atomically (re-running a run id never duplicates its rows). Every row of `df` must match.
+    replace_where: {column: value} equalities, or {column: [values]} for "one of"; the rows matching
+      all of them are replaced by `df` atomically (re-running a run id never duplicates its rows).
+      Every row of `df` must match.
     partition_by: partition columns when the table is created; must match an existing table's.
     txn: (app_id, version): skip the write when the table already holds this version or a later
       one for app_id, otherwise record it in the commit (idempotent re-runs, streaming batches).
@@ -205,7 +206,15 @@ def _connector_last_commit(spark, path):
 
 
 def _sql_predicate(replace_where: Mapping[str, object]) -> str:
-    return " AND ".join(f"{_quote_name(k)} = {_sql_literal(v)}" for k, v in replace_where.items())
+    return " AND ".join(
+        f"{_quote_name(k)} IN ({', '.join(_sql_literal(x) for x in sorted(v))})" if _is_values(v)
+        else f"{_quote_name(k)} = {_sql_literal(v)}"
+        for k, v in replace_where.items()
+    )
+
+
+def _is_values(value: object) -> bool:
+    return isinstance(value, list | tuple | set | frozenset)
 
 
 def _quote_name(name: str) -> str:
@@ -287,6 +296,13 @@ class _Committer:
                 f"the DataFrame (columns: {self.df.columns}), or no column would be left for the data files"
             )
         partitions = set(self.partition_by)
+        listed = [k for k, v in self.replace_where.items() if _is_values(v) and k not in partitions]
+        if listed:
+            # Statistics prove "every row is one of the values" only for a single value per file.
+            raise ValueError(
+                f"replace_where={self.replace_where} for Delta table {self.path}: a list of values needs a "
+                f"partition column, and {listed} is not one (partitioned by {self.partition_by})"
+            )
         self.data_schema = pa.schema([f for f in self.arrow_schema if f.name not in partitions])
         self.conditions = {
             k: coerce(v, self.arrow_schema.field(k).type, k) for k, v in self.replace_where.items()
@@ -515,9 +531,10 @@ def _check_replace_where(df: DataFrame, path: str, replace_where: Mapping[str, o
             raise ValueError(
                 f"replace_where column {column!r} is not in the DataFrame (columns: {df.columns})"
             )
-        if value is None:
+        if value is None or (_is_values(value) and (not value or None in value)):
             raise ValueError(
-                f"replace_where column {column!r} is None; only equality to a value is supported"
+                f"replace_where column {column!r} is {value!r}; expected a value, or a non-empty list of "
+                "values (column IN list), without None"
             )
 
 

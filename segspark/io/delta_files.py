@@ -215,8 +215,10 @@ def classify(facts: FileFacts, conditions: Mapping[str, Any], partitions: set[st
     verdict = "all"
     for column, wanted in conditions.items():
         state = "unknown"
+        # A set of values means "column IN (values)"; a single value, "column = value".
+        values = wanted if isinstance(wanted, frozenset) else frozenset([wanted])
         if column in partitions:
-            state = "all" if facts.partition.get(column) == wanted else "none"
+            state = "all" if facts.partition.get(column) in values else "none"
         elif facts.num_records == 0:
             state = "none"
         elif facts.num_records is not None:
@@ -225,9 +227,9 @@ def classify(facts: FileFacts, conditions: Mapping[str, Any], partitions: set[st
                 if nulls is not None and nulls == facts.num_records:
                     state = "none"  # all null: `column = value` holds for no row
                 elif low is not None and high is not None:
-                    if wanted < low or wanted > high:
+                    if all(v < low or v > high for v in values):
                         state = "none"
-                    elif low == high == wanted and nulls == 0:
+                    elif low == high and low in values and nulls == 0:
                         state = "all"
             except TypeError:
                 state = "unknown"
@@ -254,9 +256,12 @@ def describe_facts(facts: FileFacts, conditions: Mapping[str, Any], partitions: 
 
 
 def coerce(value: Any, dtype: pa.DataType, column: str) -> Any:
-    """`value` as the Python value pyarrow gives for a `dtype` column (to compare with stats)."""
+    """`value` as the Python value pyarrow gives for a `dtype` column (to compare with stats); a
+    list, tuple or set of values (replace_where "one of") as a frozenset of such values."""
     if value is None:
         return None
+    if isinstance(value, list | tuple | set | frozenset):
+        return frozenset(coerce(v, dtype, column) for v in value)
     try:
         if pa.types.is_timestamp(dtype):
             if isinstance(value, str):
