@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from segspark.config import OutputConfig
 from segspark.evaluation.segment_ids import apply_mapping
+from segspark.features.behaviour import FeatureSlots
 from segspark.models.bundle import (
     BundleError,
     FeatureSpec,
@@ -78,6 +79,16 @@ def finish_bundle(
     )
 
 
+def bundle_slots(location: str) -> FeatureSlots | None:
+    """The category and one-hot slot values the bundle's models were trained on (None for bundles
+    written before they were recorded: the new data's own are used then, as before)."""
+    recorded = open_bundle(location, verify=False).training_data.get("feature_slots")
+    if recorded is None:
+        log.warning("bundle %s does not record its feature slots; resolving them from the data to score", location)
+        return None
+    return FeatureSlots(categories=list(recorded["categories"]), one_hot={k: list(v) for k, v in recorded["one_hot"].items()})
+
+
 @dataclass(frozen=True)
 class BundleScores:
     manifest: Manifest
@@ -116,5 +127,5 @@ def score_with_bundle(location: str, features: DataFrame) -> BundleScores:
     return BundleScores(manifest, assignments, embeddings, cached)
 
 
-__all__ = ["BundleError", "BundleScores", "bundle_location", "finish_bundle", "save_model", "score_with_bundle",
+__all__ = ["BundleError", "BundleScores", "bundle_location", "bundle_slots", "finish_bundle", "save_model", "score_with_bundle",
            "start_bundle"]

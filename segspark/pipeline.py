@@ -20,7 +20,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from segspark import ingest
-from segspark.bundle_models import bundle_location, finish_bundle, save_model, score_with_bundle, start_bundle
+from segspark.bundle_models import (
+    bundle_location,
+    bundle_slots,
+    finish_bundle,
+    save_model,
+    score_with_bundle,
+    start_bundle,
+)
 from segspark.config import Config
 from segspark.evaluation.metrics import cluster_metrics
 from segspark.evaluation.profiles import SEGMENT_PROFILES
@@ -129,7 +136,8 @@ def _run_stages(
         check_tracking(cfg.mlflow)
 
     if source is None:
-        features, slots = _features_stages(spark, cfg, result, cached)
+        trained = bundle_slots(bundle) if bundle is not None else None
+        features, slots = _features_stages(spark, cfg, result, cached, trained)
     else:
         features, slots = _features_of_run(result, source, cached)
     if result.users == 0:
@@ -156,8 +164,11 @@ def _features_of_run(result: RunResult, source: FeatureRun, cached: list[DataFra
     return features, source.slots
 
 
-def _features_stages(spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame]):
-    """ingest -> quarantine -> features: (the persisted features, their slot values)."""
+def _features_stages(
+    spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame], slots: FeatureSlots | None = None
+):
+    """ingest -> quarantine -> features: (the persisted features, their slot values). `slots`: the
+    category and one-hot values of a bundle's training (scoring), else resolved from these events."""
     out, run_id = cfg.output, result.run_id
     with _stage(result, "ingest") as counts:
         raw = read_raw_events(spark, cfg.input)
@@ -191,7 +202,7 @@ def _features_stages(spark: SparkSession, cfg: Config, result: RunResult, cached
 
     with _stage(result, "features") as counts:
         clean = ingest.clean_events(tagged)
-        slots = resolve_slots(clean, result.as_of, cfg.features)
+        slots = slots or resolve_slots(clean, result.as_of, cfg.features)
         result.metrics["feature_slots"] = slots.as_dict()
         features = user_features(clean, result.as_of, cfg.features, slots)
         # Keys first (the table contract): Delta keeps file statistics for the first 32 columns only,
@@ -270,7 +281,9 @@ def _train_stages(
             preparation=prep,
             models=[m.name for m in built],
             training_data={"input_path": cfg.input.path, "users": result.users, "events": result.clean_rows,
-                           **result.metrics["event_range"], "as_of": str(result.as_of)},
+                           **result.metrics["event_range"], "as_of": str(result.as_of),
+                           # scoring and streaming compute features with the slot values trained on
+                           "feature_slots": slots.as_dict()},
         )
         result.metrics["bundle"] = {"path": location, "content_sha256": manifest.content_sha256}
         result.tables["bundle"] = location

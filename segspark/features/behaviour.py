@@ -162,7 +162,8 @@ def _event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, sl
         F.count_if((age > window_seconds) & (age <= 2 * window_seconds)).alias("events_prior_window"),
     ]
     aggregates += [F.count_if(category == value).alias(f"_cat{i}") for i, value in enumerate(slots.categories)]
-    aggregates += [F.mode(column).alias(f"_mode_{column}") for column in slots.one_hot]
+    # deterministic: of equally frequent values the lowest, so re-runs (and the streaming state) agree.
+    aggregates += [F.mode(column, True).alias(f"_mode_{column}") for column in slots.one_hot]
     return events.groupBy("user_id").agg(*aggregates)
 
 
@@ -214,6 +215,14 @@ def user_features(
         .join(_session_aggregates(window, cfg), "user_id")
         .join(_order_aggregates(window, cfg), "user_id", "left")
     )
+    return features_from_aggregates(per_user, as_of, cfg, slots)
+
+
+def features_from_aggregates(per_user: DataFrame, as_of: dt.date, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
+    """The catalog's features from one row of aggregates per user: the columns `_event_aggregates`,
+    `_session_aggregates` and `_order_aggregates` give (frequency null = no order). The streaming
+    feature state derives the same aggregates from its merged state and finishes them here."""
+    cutoff = F.lit(as_of_cutoff(as_of)).cast("timestamp")
     c = F.col
     events_n = c("events")
     frequency = F.coalesce(c("frequency"), F.lit(0)).cast("long")

@@ -1,0 +1,261 @@
+"""The running feature state of a stream: one mergeable row per user, from which the batch features follow.
+
+A micro-batch's events become per-user aggregates (`batch_state`) that merge into the state
+(`merge_state`) in any arrival order, late and out-of-order events included; the catalog's features
+then come from the merged state (`state_features`) through the batch job's own final step
+(`features.behaviour.features_from_aggregates`), so rates, recency, tenure and the trend windows are
+computed exactly as in batch, as of the date the stream has reached. Per column:
+
+* min / max: first and last event, last purchase;
+* sums and counts: event kinds, money, items, day parts, slot categories, price sums and counts
+  (means are sum / count);
+* sets: items, categories and local days (distinct counts are their sizes);
+* count maps: prices viewed and bought (the median is read off the sorted map: the value at rank
+  ceil(n/2), which is what `percentile_approx` returns wherever its sketch is exact, i.e. for users
+  with fewer values than about `features.median_accuracy` / 2), events per UTC day (the trend
+  windows at any as-of date), and per value of each one-hot column (the mode: most frequent, ties
+  to the lowest value, as the batch's deterministic mode);
+* sessions and orders as arrays of the runs and keyed rows of `sessions.SessionState` and
+  `orders.OrderState`, merged with their own rules.
+
+The state grows with a user's distinct values and sessions, not with the number of events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from segspark.config import FeaturesConfig
+from segspark.features.behaviour import FeatureSlots, _category, features_from_aggregates
+from segspark.streaming.orders import OrderState, merge_orders, order_features, order_state
+from segspark.streaming.sessions import SessionState, merge_sessions, session_features, session_state
+
+# Scalar columns and how two values merge.
+_MIN, _MAX, _SUM = "min", "max", "sum"
+_COUNTS = [
+    "events", "views", "carts", "removes_from_cart", "purchases", "returns",
+    "night", "morning", "afternoon", "evening", "weekend", "viewed_price_n", "bought_price_n",
+]
+_SUMS = ["gross", "return_value", "items", "viewed_price_sum", "bought_price_sum"]
+_SETS = ["item_set", "category_set", "local_days"]
+_RUN_FIELDS = ["start", "end", "own_start", "own_end", "own_events"]
+# Array-of-struct columns: (column, fields of its rows).
+_NESTED = {
+    "source_sessions": ["session_id", "start", "end"],
+    "gap_sessions": _RUN_FIELDS,
+    "keyed_orders": ["order_key", "placed"],
+    "order_runs": _RUN_FIELDS,
+}
+
+
+def _rules(slots: FeatureSlots) -> dict[str, str]:
+    rules = {"first_event": _MIN, "last_event": _MAX, "last_purchase": _MAX}
+    rules.update({name: _SUM for name in _COUNTS + _SUMS + _category_counts(slots)})
+    return rules
+
+
+def _category_counts(slots: FeatureSlots) -> list[str]:
+    return [f"cat_{i}" for i in range(len(slots.categories))]
+
+
+def _map_columns(slots: FeatureSlots) -> list[str]:
+    return ["viewed_prices", "bought_prices", "utc_days"] + [f"{column}_counts" for column in slots.one_hot]
+
+
+def batch_state(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
+    """One state row per user of a set of clean canonical events (a micro-batch)."""
+    kind, price, ts = F.col("event_type"), F.col("price"), F.col("event_time")
+    is_view, is_purchase, is_return = kind == "view", kind == "purchase", kind == "return"
+    line_value = F.coalesce(price, F.lit(0.0)) * F.abs(F.col("quantity"))
+    local = F.from_utc_timestamp(ts, cfg.time_zone)
+    hour, weekday = F.hour(local), F.dayofweek(local)
+    category = _category(cfg)
+    scalars = [
+        F.min(ts).alias("first_event"),
+        F.max(ts).alias("last_event"),
+        F.max(F.when(is_purchase, ts)).alias("last_purchase"),
+        F.count(F.lit(1)).alias("events"),
+        F.count_if(is_view).alias("views"),
+        F.count_if(kind == "cart").alias("carts"),
+        F.count_if(kind == "remove_from_cart").alias("removes_from_cart"),
+        F.count_if(is_purchase).alias("purchases"),
+        F.count_if(is_return).alias("returns"),
+        F.count_if(hour < 6).alias("night"),
+        F.count_if((hour >= 6) & (hour < 12)).alias("morning"),
+        F.count_if((hour >= 12) & (hour < 18)).alias("afternoon"),
+        F.count_if(hour >= 18).alias("evening"),
+        F.count_if(weekday.isin(1, 7)).alias("weekend"),
+        F.count(F.when(is_view, price)).alias("viewed_price_n"),
+        F.count(F.when(is_purchase, price)).alias("bought_price_n"),
+        F.sum(F.when(is_purchase, line_value).otherwise(0.0)).alias("gross"),
+        F.sum(F.when(is_return, line_value).otherwise(0.0)).alias("return_value"),
+        F.sum(F.when(is_purchase, F.abs(F.col("quantity"))).otherwise(0.0)).alias("items"),
+        F.coalesce(F.sum(F.when(is_view, price)), F.lit(0.0)).alias("viewed_price_sum"),
+        F.coalesce(F.sum(F.when(is_purchase, price)), F.lit(0.0)).alias("bought_price_sum"),
+        F.collect_set("item_id").alias("item_set"),
+        F.collect_set(category).alias("category_set"),
+        F.collect_set(F.to_date(local)).alias("local_days"),
+    ]
+    scalars += [F.count_if(category == value).alias(name) for name, value in zip(_category_counts(slots), slots.categories, strict=True)]
+    state = events.groupBy("user_id").agg(*scalars)
+    for frame in _batch_maps(events, slots).values():
+        state = state.join(frame, "user_id", "left")
+    sessions, orders = session_state(events, cfg), order_state(events, cfg)
+    for name, rows in zip(_NESTED, (sessions.source, sessions.gap, orders.keyed, orders.gap), strict=True):
+        state = state.join(_nest(rows, name), "user_id", "left")
+    return _normalised(state, slots)
+
+
+def _batch_maps(events: DataFrame, slots: FeatureSlots) -> dict[str, DataFrame]:
+    kind, price = F.col("event_type"), F.col("price")
+    keyed = {
+        "viewed_prices": F.when(kind == "view", price),
+        "bought_prices": F.when(kind == "purchase", price),
+        "utc_days": F.to_date("event_time"),  # the session time zone is UTC
+        **{f"{column}_counts": F.col(column) for column in slots.one_hot},
+    }
+    maps = {}
+    for name, key in keyed.items():
+        counted = events.select("user_id", key.alias("key")).where(F.col("key").isNotNull()).groupBy("user_id", "key").count()
+        maps[name] = counted.groupBy("user_id").agg(
+            F.map_from_entries(F.collect_list(F.struct("key", F.col("count").alias("n")))).alias(name)
+        )
+    return maps
+
+
+def _nest(rows: DataFrame, name: str) -> DataFrame:
+    return rows.groupBy("user_id").agg(F.collect_list(F.struct(*_NESTED[name])).alias(name))
+
+
+def _unnest(state: DataFrame, name: str) -> DataFrame:
+    return state.select("user_id", F.explode(name).alias("_row")).select("user_id", *[F.col(f"_row.{f}").alias(f) for f in _NESTED[name]])
+
+
+def _normalised(state: DataFrame, slots: FeatureSlots) -> DataFrame:
+    """Fixed column order, and empty maps and arrays where a user has none (never null)."""
+    types = dict(state.dtypes)
+    columns = [F.col("user_id")]
+    columns += [F.col(name) for name in _rules(slots)]
+    columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _SETS]
+    columns += [F.coalesce(F.col(name), F.create_map().cast(types[name])).alias(name) for name in _map_columns(slots)]
+    columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _NESTED]
+    return state.select(*columns)
+
+
+def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
+    """The state rows of the users in `batch` after adding it to `state` (their current rows, or
+    any superset of them); users only in `state` are left out."""
+    old = state.join(batch.select("user_id"), "user_id", "left_semi")
+    both = old.withColumn("_known", F.lit(True)).alias("a").join(batch.alias("b"), "user_id", "right")
+    a, b = (lambda n: F.col(f"a.{n}")), (lambda n: F.col(f"b.{n}"))  # noqa: E731
+    new_user = F.col("a._known").isNull()
+    merged: list[Column] = [F.col("user_id")]
+    for name, rule in _rules(slots).items():
+        if rule == _MIN:
+            merged.append(F.least(a(name), b(name)).alias(name))  # least/greatest skip nulls
+        elif rule == _MAX:
+            merged.append(F.greatest(a(name), b(name)).alias(name))
+        else:
+            merged.append((F.coalesce(a(name), F.lit(0)) + b(name)).alias(name))
+    merged += [F.when(new_user, b(n)).otherwise(F.array_union(a(n), b(n))).alias(n) for n in _SETS]
+    merged += [
+        F.when(new_user, b(n)).otherwise(
+            F.map_zip_with(a(n), b(n), lambda _, x, y: F.coalesce(x, F.lit(0)) + F.coalesce(y, F.lit(0)))
+        ).alias(n)
+        for n in _map_columns(slots)
+    ]
+    scalars = both.select(*merged)
+    sessions = merge_sessions(_sessions(old), _sessions(batch), cfg)
+    orders = merge_orders(_orders(old), _orders(batch), cfg)
+    for name, rows in zip(_NESTED, (sessions.source, sessions.gap, orders.keyed, orders.gap), strict=True):
+        scalars = scalars.join(_nest(rows, name), "user_id", "left")
+    return _normalised(scalars, slots)
+
+
+def _sessions(state: DataFrame) -> SessionState:
+    return SessionState(_unnest(state, "source_sessions"), _unnest(state, "gap_sessions"))
+
+
+def _orders(state: DataFrame) -> OrderState:
+    return OrderState(_unnest(state, "keyed_orders"), _unnest(state, "order_runs"))
+
+
+def state_features(state: DataFrame, as_of: dt.date, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
+    """The batch job's `user_features` (user_id, as_of, the catalog's columns) of the state's users,
+    as of `as_of`, which must not be before any event in the state (the stream's as-of date)."""
+    c = F.col
+    window = cfg.trend_window_days
+    last_day, boundary, first_day = F.lit(as_of), F.lit(as_of - dt.timedelta(days=window)), F.lit(
+        as_of - dt.timedelta(days=2 * window)
+    )
+    aggregates = [
+        "user_id",
+        c("first_event").alias("_first_event"),
+        c("last_purchase").alias("_last_purchase"),
+        *[c(n) for n in ("events", "views", "carts", "removes_from_cart", "purchases", "returns", "return_value")],
+        c("gross").alias("_gross"),
+        c("items").alias("_items"),
+        _mean(c("viewed_price_sum"), c("viewed_price_n")).alias("price_viewed_mean"),
+        count_map_median(c("viewed_prices")).alias("price_viewed_median"),
+        _mean(c("bought_price_sum"), c("bought_price_n")).alias("price_bought_mean"),
+        count_map_median(c("bought_prices")).alias("price_bought_median"),
+        *[c(n).alias(f"_{n}") for n in ("night", "morning", "afternoon", "evening", "weekend")],
+        F.size("local_days").alias("active_days"),
+        F.size("item_set").alias("distinct_items"),
+        F.size("category_set").alias("distinct_categories"),
+        _days_between(c("utc_days"), boundary, last_day).alias("events_last_window"),
+        _days_between(c("utc_days"), first_day, boundary).alias("events_prior_window"),
+        *[c(name).alias(f"_cat{i}") for i, name in enumerate(_category_counts(slots))],
+        *[count_map_mode(c(f"{column}_counts")).alias(f"_mode_{column}") for column in slots.one_hot],
+    ]
+    per_user = (
+        state.select(*aggregates)
+        .join(session_features(_sessions(state), cfg), "user_id", "left")
+        .join(order_features(_orders(state)), "user_id", "left")
+    )
+    return features_from_aggregates(per_user, as_of, cfg, slots)
+
+
+def _mean(total: Column, n: Column) -> Column:
+    return F.when(n > 0, total / n)
+
+
+def _days_between(days: Column, after: Column, up_to: Column) -> Column:
+    """Events on the UTC days d with after < d <= up_to (the batch's windows, counted back from the
+    as-of cutoff in whole days)."""
+    return F.aggregate(
+        F.map_entries(days), F.lit(0).cast("long"),
+        lambda total, e: total + F.when((e["key"] > after) & (e["key"] <= up_to), e["value"]).otherwise(F.lit(0).cast("long")),
+    )
+
+
+def count_map_median(counts: Column) -> Column:
+    """The value at rank max(1, ceil(n/2)) of a {value: count} map (null when empty)."""
+    n = F.aggregate(F.map_values(counts), F.lit(0).cast("long"), lambda total, x: total + x)
+    rank = F.greatest(F.ceil(n * 0.5), F.lit(1))
+    start = F.struct(F.lit(0).cast("long").alias("seen"), F.lit(None).cast("double").alias("value"))
+    found = F.aggregate(
+        F.array_sort(F.map_entries(counts)),
+        start,
+        lambda acc, e: F.when(acc["seen"] >= rank, acc).otherwise(
+            F.struct((acc["seen"] + e["value"]).alias("seen"), e["key"].cast("double").alias("value"))
+        ),
+    )
+    return F.when(n > 0, found["value"])
+
+
+def count_map_mode(counts: Column) -> Column:
+    """The most frequent key of a {value: count} map, ties to the lowest key (null when empty)."""
+    start = F.struct(F.lit(0).cast("long").alias("n"), F.lit(None).cast("string").alias("key"))
+    best = F.aggregate(
+        F.array_sort(F.map_entries(counts)),
+        start,
+        lambda acc, e: F.when(e["value"] > acc["n"], F.struct(e["value"].alias("n"), e["key"].alias("key"))).otherwise(acc),
+    )
+    return best["key"]
+
+
+__all__ = ["batch_state", "count_map_median", "count_map_mode", "merge_state", "state_features"]
