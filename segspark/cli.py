@@ -213,6 +213,47 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
     _print_summary(result)
 
 
+@cli.command("stream")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--available-now", is_flag=True, help="Process the files (or messages) there now, then stop.")
+@click.option("--bundle", "bundle_dir", default=None,
+              help="Model bundle to score with (default: streaming.bundle, else the latest successful training run's).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def stream_command(config_path, available_now, bundle_dir, overrides, more_overrides) -> None:
+    """Assign segments to users as their events arrive (Structured Streaming).
+
+    Reads the landing folder input.path (json, csv or parquet files, with the batch column mapping
+    and quarantine) or Kafka (input.format kafka), merges each micro-batch into the feature state,
+    scores the users it touched with every model of the bundle into user_segments_live, moves the
+    online k-means centres, and writes drift and a retrain recommendation to segment_drift.
+    Exactly once per micro-batch; restart from the same streaming.checkpoint to resume.
+
+    \b
+    Example:
+      segspark stream --config conf/local.yaml --available-now --set input.path=/landing/events
+    """
+    from segspark.config import load_config
+    from segspark.streaming.job import run_stream
+
+    cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    if bundle_dir is not None:
+        from segspark.models.bundle import open_bundle
+
+        open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+        run = run_stream(spark, cfg, available_now=available_now, bundle=bundle_dir)
+    summary = run.summary()
+    click.echo(f"stream {run.run_id} (app {cfg.streaming.app_id}) stopped after {summary['batches']} micro-batches"
+               f"{' (+' + str(summary['replayed_batches']) + ' already committed)' if summary['replayed_batches'] else ''}")
+    click.echo(f"  input rows {summary['input_rows']:,} = clean {summary['clean_rows']:,} + quarantined "
+               f"{summary['quarantined_rows']:,}; users assigned {summary['users_assigned']:,}; as of {summary['as_of']}")
+    click.echo(f"  bundle {run.bundle}")
+    if summary["retrain_recommended"]:
+        click.echo("  RETRAIN RECOMMENDED: " + "; ".join(summary["retrain_reasons"]))
+    click.echo(f"  tables: user_segments_live, segment_drift, segment_centroids_online, stream_batches under {cfg.output.root}")
+
+
 def _overrides(flagged: Sequence[str], trailing: Sequence[str]) -> list[str]:
     """`--set a=1 --set b=2` and `--set a=1 b=2` (DESIGN.md's form) mean the same."""
     for text in trailing:

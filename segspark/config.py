@@ -265,6 +265,19 @@ class MlflowConfig(_Section):
     experiment: str = "segspark"  # on Databricks an absolute workspace path, e.g. /Users/me/segspark
 
 
+class StreamDriftConfig(_Section):
+    """Per micro-batch drift against the training run; crossing any threshold recommends a retrain."""
+
+    features: list[str] = Field(
+        default_factory=lambda: ["recency_days", "frequency", "monetary", "tenure_days", "sessions"], min_length=1
+    )
+    bins: int = Field(10, ge=2, le=100)
+    psi: float = Field(0.25, gt=0)
+    centroid_shift: float = Field(0.5, gt=0)
+    size_change: float = Field(0.10, gt=0, le=1)
+    noise_share: float = Field(0.20, gt=0, le=1)
+
+
 class StreamingConfig(_Section):
     # Stable id of the stream's Delta transactions (txn app id): not Spark's query id, which changes
     # when a checkpoint's metadata is lost. Keep it when moving or resetting the checkpoint.
@@ -272,6 +285,15 @@ class StreamingConfig(_Section):
     checkpoint: str | None = None  # default: <output.root>/_checkpoints/<app_id>
     max_files_per_trigger: int | None = Field(None, ge=1)  # file sources: files per micro-batch
     trigger_seconds: int = Field(10, ge=1)  # micro-batch interval (unless --available-now)
+    # Model bundle that scores the stream; None: the bundle of the latest successful training run.
+    bundle: str | None = None
+    # The feature state is partitioned into this many buckets of users; a micro-batch rewrites the
+    # buckets its users fall in (copy-on-write, as a Delta MERGE would).
+    state_buckets: int = Field(16, ge=1, le=4096)
+    # Online k-means (Spark StreamingKMeans semantics): history weight per batch or per point.
+    decay: float = Field(1.0, ge=0.0, le=1.0)
+    time_unit: Literal["batches", "points"] = "batches"
+    drift: StreamDriftConfig = Field(default_factory=lambda: StreamDriftConfig())
 
     def checkpoint_path(self, output: OutputConfig) -> str:
         return self.checkpoint or f"{output.root.rstrip('/')}/_checkpoints/{self.app_id}"

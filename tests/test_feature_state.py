@@ -11,7 +11,13 @@ from pyspark.sql import functions as F
 from segspark import ingest
 from segspark.features import resolve_slots, user_features
 from segspark.io.readers import read_raw_events
-from segspark.streaming.feature_state import batch_state, count_map_median, count_map_mode, merge_state, state_features
+from segspark.streaming.feature_state import (
+    batch_state,
+    count_map_median,
+    count_map_mode,
+    merge_state,
+    state_features,
+)
 
 
 @pytest.fixture(scope="module")

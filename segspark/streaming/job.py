@@ -1,0 +1,455 @@
+"""`segspark stream`: streaming segment assignment, incremental features and clustering, drift.
+
+For every micro-batch of the landing folder (or Kafka), exactly once per batch id:
+
+1. ingest: the batch rules and quarantine (`micro_batch.ingest_micro_batch`);
+2. state: the batch's per-user aggregates merged into the feature state (`feature_state`), a Delta
+   table partitioned by a hash bucket of user_id; the buckets the batch touches are rewritten in one
+   commit (a copy-on-write upsert, what a Delta MERGE does, which the embedded committer lacks);
+3. assignment: the touched users' features from the merged state, as of the date the stream has
+   reached (the newest event day seen), scored with every model of the bundle and appended to
+   `user_segments_live`; the latest batch_id per (user_id, model) is a user's current segment;
+4. online clustering: the k-means centres move by the batch's per-cluster sums and counts with
+   Spark StreamingKMeans' decay rule (`online_kmeans`); each batch appends a snapshot of them to
+   `segment_centroids_online`, and `kmeans_online` assignments use them with the bundle's stable
+   segment ids;
+5. drift: PSI of the main features, centroid shift, segment size change and noise share against the
+   training run, with a retrain recommendation, to `segment_drift`, logged as a warning when set;
+6. `stream_batches`: one row per batch (counts, as-of date, seconds), and the stream's `runs` row.
+
+Each table's commit carries the Delta transaction (`<app_id>.<table>`, batch id) and is skipped
+when `transaction_version` shows it was already committed: a batch that Spark re-runs after a
+crash (its offsets were logged, its commit was not) finishes what is missing and duplicates
+nothing. The app id comes from the config, not from the query id, which changes when a
+checkpoint's metadata is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from deltalake import DeltaTable
+from pyspark import StorageLevel
+from pyspark.ml.functions import vector_to_array
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from segspark.bundle_models import bundle_slots, score_with_bundle
+from segspark.config import Config
+from segspark.errors import ConfigError
+from segspark.features.behaviour import FeatureSlots
+from segspark.io.delta import read_table, table_exists, write_table
+from segspark.io.tables import read_output_table, table_path, write_run_rows
+from segspark.models.bundle import Manifest, open_bundle
+from segspark.models.persist import load_fitted
+from segspark.models.prepare import PREPARED_VECTOR, FittedPreparation
+from segspark.schema import RUNS
+from segspark.streaming import drift
+from segspark.streaming.feature_state import batch_state, merge_state, state_features
+from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
+from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics
+
+log = logging.getLogger(__name__)
+
+STATE, LIVE, CENTROIDS, DRIFT, BATCHES = (
+    "stream_feature_state", "user_segments_live", "segment_centroids_online", "segment_drift", "stream_batches",
+)
+ONLINE_MODEL = "kmeans_online"
+BUCKET = "bucket"
+
+LIVE_SCHEMA = T.StructType([
+    T.StructField("user_id", T.StringType(), False),
+    T.StructField("model", T.StringType(), False),
+    T.StructField("segment", T.IntegerType(), False),
+    T.StructField("segment_name", T.StringType(), True),
+    T.StructField("probability", T.DoubleType(), True),
+    T.StructField("anomaly_score", T.DoubleType(), True),
+    T.StructField("latest_event_time", T.TimestampType(), True),
+    T.StructField("as_of", T.DateType(), False),
+    T.StructField("app_id", T.StringType(), False),
+    T.StructField("batch_id", T.LongType(), False),
+    T.StructField("processed_at", T.TimestampType(), False),
+])
+CENTROID_SCHEMA = "app_id string, batch_id bigint, model string, segment int, centroid array<double>, weight double, processed_at timestamp"
+DRIFT_SCHEMA = (
+    "app_id string, batch_id bigint, as_of date, model string, users bigint, max_psi double, psi string, "
+    "max_centroid_shift double, max_size_change double, noise_share double, retrain_recommended boolean, "
+    "reasons array<string>, processed_at timestamp"
+)
+BATCH_SCHEMA = (
+    "app_id string, batch_id bigint, as_of date, input_rows bigint, clean_rows bigint, quarantined_rows bigint, "
+    "users bigint, retrain_recommended boolean, reasons array<string>, seconds double, processed_at timestamp"
+)
+
+
+@dataclass
+class StreamModels:
+    """What every batch needs from the training run, loaded once when the stream starts."""
+
+    bundle: str
+    manifest: Manifest
+    slots: FeatureSlots
+    preparation: FittedPreparation
+    reference: drift.ReferenceBins
+    trained_shares: dict[str, dict[int, float]]  # model -> stable segment -> share of training users
+    trained_centres: np.ndarray | None  # kmeans centres (prepared space), in cluster order
+    kmeans_ids: dict[int, int]  # kmeans cluster -> stable segment id
+    kmeans_names: dict[int, str]
+    online: OnlineKMeans | None
+    online_batch: int | None = None  # the batch id the online model includes (its snapshot's)
+
+
+@dataclass
+class BatchReport:
+    batch_id: int
+    input_rows: int = 0
+    clean_rows: int = 0
+    quarantined_rows: int = 0
+    users: int = 0
+    as_of: dt.date | None = None
+    retrain_recommended: bool = False
+    reasons: list[str] = field(default_factory=list)
+    skipped: bool = False  # every table already held this batch
+    seconds: float = 0.0
+
+
+def latest_bundle(spark: SparkSession, cfg: Config) -> str:
+    """The bundle of the latest successful training run (runs.metrics.bundle.path)."""
+    runs_path = table_path(cfg.output, "runs")
+    if table_exists(runs_path):
+        trained = (
+            read_output_table(spark, cfg.output, "runs")
+            .where((F.col("status") == "succeeded") & F.get_json_object("metrics", "$.bundle.path").isNotNull())
+            .orderBy(F.col("finished_at").desc())
+            .select(F.get_json_object("metrics", "$.bundle.path").alias("path"))
+            .limit(1)
+            .collect()
+        )
+        if trained:
+            return trained[0].path
+    raise ConfigError(
+        f"stream: no trained model bundle under output.root={cfg.output.root!r}; run `segspark run` (or "
+        "`segspark train`) first, or set streaming.bundle to a bundle directory"
+    )
+
+
+def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamModels:
+    manifest = open_bundle(bundle)
+    slots = bundle_slots(bundle)
+    if slots is None:
+        raise ConfigError(f"stream: bundle {bundle} does not record its feature slots; retrain with this version")
+    run_id = manifest.run_id
+    training = read_output_table(spark, cfg.output, "user_features").where(F.col("run_id") == run_id)
+    reference = drift.reference_bins(training, cfg.streaming.drift.features, cfg.streaming.drift.bins)
+    shares: dict[str, dict[int, float]] = {}
+    for row in (
+        read_output_table(spark, cfg.output, "user_segments").where(F.col("run_id") == run_id)
+        .groupBy("model", "segment").count().collect()
+    ):
+        shares.setdefault(row.model, {})[int(row.segment)] = int(row["count"])
+    shares = {m: {s: n / sum(c.values()) for s, n in c.items()} for m, c in shares.items()}
+    centres, ids, names, online, online_batch = None, {}, {}, None, None
+    if "kmeans" in manifest.models:
+        saved = load_fitted("kmeans", bundle)
+        centres = np.array(saved.fitted.centroids, dtype=np.float64)
+        ids, names = dict(saved.segment_ids), dict(saved.segment_names)
+        online, online_batch = _latest_snapshot(spark, cfg, manifest, ids)
+        if online is None:
+            online = OnlineKMeans(centres.copy(), np.array(saved.fitted.cluster_sizes, dtype=np.float64),
+                                  decay=cfg.streaming.decay, time_unit=cfg.streaming.time_unit)
+    return StreamModels(
+        bundle=bundle, manifest=manifest, slots=slots,
+        preparation=FittedPreparation.load(str(Path(bundle) / "prepare")), reference=reference,
+        trained_shares=shares, trained_centres=centres, kmeans_ids=ids, kmeans_names=names,
+        online=online, online_batch=online_batch,
+    )
+
+
+def _latest_snapshot(spark, cfg: Config, manifest: Manifest, ids: dict[int, int]):
+    path = table_path(cfg.output, CENTROIDS)
+    if not table_exists(path):
+        return None, None
+    app = cfg.streaming.app_id
+    rows = read_table(spark, path).where(F.col("app_id") == app)
+    last = rows.agg(F.max("batch_id")).first()[0]
+    if last is None:
+        return None, None
+    by_segment = {r.segment: r for r in rows.where(F.col("batch_id") == last).collect()}
+    order = [ids[j] for j in sorted(ids)]
+    if set(by_segment) != set(order):
+        raise ConfigError(
+            f"stream: the online centres of app {app!r} (segments {sorted(by_segment)}) are not those of bundle "
+            f"run {manifest.run_id} (segments {sorted(order)}); set a new streaming.app_id for a new bundle"
+        )
+    online = OnlineKMeans(
+        np.array([by_segment[s].centroid for s in order]), np.array([by_segment[s].weight for s in order]),
+        decay=cfg.streaming.decay, time_unit=cfg.streaming.time_unit, batches=int(last) + 1,
+    )
+    log.info("stream: online k-means resumed from the snapshot of batch %d", last)
+    return online, int(last)
+
+
+def _done(path: str, app: str, batch_id: int) -> bool:
+    if not table_exists(path):
+        return False
+    version = DeltaTable(path).transaction_version(app)
+    return version is not None and version >= batch_id
+
+
+def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, records: DataFrame, batch_id: int) -> BatchReport:
+    """Everything one micro-batch does (module docstring), each table exactly once."""
+    started = time.perf_counter()
+    out, app = cfg.output, cfg.streaming.app_id
+    report = BatchReport(batch_id)
+    ingested = ingest_micro_batch(spark, cfg, records, batch_id)
+    try:
+        report.input_rows, report.clean_rows = ingested.input_rows, ingested.clean_rows
+        report.quarantined_rows = ingested.quarantined_rows
+        if _done(table_path(out, BATCHES), f"{app}.{BATCHES}", batch_id):
+            log.info("stream batch %d: already committed in every table, skipped", batch_id)
+            report.skipped = True
+            return report
+        if ingested.clean_rows:
+            _assign(spark, cfg, models, ingested.clean, batch_id, report)
+        else:  # nothing to assign (every record quarantined): the stream stays where it was
+            report.as_of = _previous_as_of(spark, cfg)
+        report.seconds = time.perf_counter() - started
+        _write_batch_row(spark, cfg, report)
+    finally:
+        ingested.unpersist()
+    log.info(
+        "stream batch %d: %d records, %d users assigned as of %s in %.1f s%s", batch_id, report.input_rows,
+        report.users, report.as_of, report.seconds, " - RETRAIN RECOMMENDED" if report.retrain_recommended else "",
+    )
+    return report
+
+
+def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id: int, report: BatchReport) -> None:
+    out, app = cfg.output, cfg.streaming.app_id
+    bucket = F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
+    batch = batch_state(clean, cfg.features, models.slots).withColumn(BUCKET, bucket).persist(StorageLevel.MEMORY_AND_DISK)
+    cached = [batch]
+    try:
+        buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
+        state_path = table_path(out, STATE)
+        if not _done(state_path, f"{app}.state", batch_id):
+            _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id)
+        touched = (
+            read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
+            .join(batch.select("user_id"), "user_id", "left_semi")
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        cached.append(touched)
+        report.as_of = _stream_as_of(spark, cfg, touched)
+        features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots)
+        features = features.persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(features)
+        scored = score_with_bundle(models.bundle, features)
+        cached += scored.cached
+        assignments = dict(scored.assignments)
+        online = _online_assignments(spark, cfg, models, features, batch_id)
+        if online is not None:
+            assignments[ONLINE_MODEL] = online
+        live = _live_rows(assignments, touched, report.as_of, app, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(live)
+        write_table(spark, live, table_path(out, LIVE), txn=(f"{app}.live", batch_id))
+        _drift(spark, cfg, models, features, live, batch_id, report)
+    finally:
+        for frame in cached:
+            frame.unpersist()
+
+
+def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) -> None:
+    if table_exists(state_path):
+        old = read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
+    else:
+        old = batch.limit(0)
+    merged = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
+    untouched = old.join(batch.select("user_id"), "user_id", "left_anti")
+    bucket = F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
+    rows = merged.withColumn(BUCKET, bucket).unionByName(untouched)
+    written = write_table(
+        spark, rows, state_path, replace_where={BUCKET: buckets}, partition_by=[BUCKET],
+        txn=(f"{cfg.streaming.app_id}.state", batch_id),
+    )
+    log.info("stream batch %d: feature state buckets %s rewritten (%d rows)", batch_id, buckets, written.rows)
+
+
+def _stream_as_of(spark, cfg: Config, touched: DataFrame) -> dt.date:
+    """The UTC day of the newest event the stream has seen: the batch's, or an earlier batch's."""
+    newest = touched.agg(F.to_date(F.max("last_event"))).first()[0]
+    earlier = _previous_as_of(spark, cfg)
+    return earlier if earlier is not None and earlier > newest else newest
+
+
+def _previous_as_of(spark, cfg: Config) -> dt.date | None:
+    path = table_path(cfg.output, BATCHES)
+    if not table_exists(path):
+        return None
+    return read_table(spark, path).where(F.col("app_id") == cfg.streaming.app_id).agg(F.max("as_of")).first()[0]
+
+
+def _online_assignments(spark, cfg: Config, models: StreamModels, features: DataFrame, batch_id: int) -> DataFrame | None:
+    """Move the online centres by the batch (unless its snapshot is in already), snapshot them, and
+    assign the batch's users to the nearest one (stable ids of the bundle's k-means)."""
+    if models.online is None:
+        return None
+    prepared = models.preparation.transform(features).select("user_id", PREPARED_VECTOR)
+    path, app = table_path(cfg.output, CENTROIDS), cfg.streaming.app_id
+    if models.online_batch is None or models.online_batch < batch_id:
+        sums, counts = batch_statistics(prepared, PREPARED_VECTOR, models.online.centers)
+        models.online.update(sums, counts)
+        models.online_batch = batch_id
+        now = dt.datetime.now(dt.UTC)
+        rows = [
+            (app, batch_id, "kmeans", models.kmeans_ids[j], [float(x) for x in models.online.centers[j]],
+             float(models.online.weights[j]), now)
+            for j in range(models.online.k)
+        ]
+        write_table(spark, spark.createDataFrame(rows, CENTROID_SCHEMA), path, txn=(f"{app}.online", batch_id))
+    centres = models.online.centers
+    x = vector_to_array(F.col(PREPARED_VECTOR), "float64")
+    distance = [
+        F.aggregate(F.zip_with(x, F.array(*[F.lit(float(v)) for v in centre]), lambda a, b: (a - b) * (a - b)),
+                    F.lit(0.0), lambda s, v: s + v)
+        for centre in centres
+    ]
+    nearest = F.least(*[F.struct(d.alias("d"), F.lit(models.kmeans_ids[j]).alias("segment")) for j, d in enumerate(distance)])
+    names = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_names.items()) for x in pair])
+    return prepared.select(
+        "user_id",
+        nearest["segment"].cast("int").alias("segment"),
+        F.coalesce(names[nearest["segment"]], F.lit("unnamed segment")).alias("segment_name"),
+        F.lit(None).cast("double").alias("probability"),
+        F.sqrt(nearest["d"]).alias("anomaly_score"),  # distance to the online centre, prepared units
+    )
+
+
+def _live_rows(assignments: dict[str, DataFrame], touched: DataFrame, as_of: dt.date, app: str, batch_id: int) -> DataFrame:
+    latest = touched.select("user_id", F.col("last_event").alias("latest_event_time"))
+    rows = None
+    for model, frame in assignments.items():
+        part = frame.select(
+            F.col("user_id").cast("string").alias("user_id"), F.lit(model).alias("model"),
+            F.col("segment").cast("int").alias("segment"), "segment_name",
+            F.col("probability").cast("double").alias("probability"),
+            F.col("anomaly_score").cast("double").alias("anomaly_score"),
+        )
+        rows = part if rows is None else rows.unionByName(part)
+    stamped = rows.join(latest, "user_id", "left").select(
+        *[c for c in LIVE_SCHEMA.names if c in ("user_id", "model", "segment", "segment_name", "probability",
+                                                "anomaly_score", "latest_event_time")],
+        F.lit(as_of).cast("date").alias("as_of"), F.lit(app).alias("app_id"), F.lit(batch_id).cast("long").alias("batch_id"),
+        F.current_timestamp().alias("processed_at"),
+    )
+    return stamped.select(*[F.col(f.name).cast(f.dataType) for f in LIVE_SCHEMA.fields])
+
+
+def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: DataFrame, batch_id: int, report: BatchReport) -> None:
+    thresholds = drift.DriftThresholds(
+        psi=cfg.streaming.drift.psi, centroid_shift=cfg.streaming.drift.centroid_shift,
+        size_change=cfg.streaming.drift.size_change, noise_share=cfg.streaming.drift.noise_share,
+    )
+    psi = drift.feature_psi(models.reference, features)
+    counts: dict[str, dict[int, int]] = {}
+    for row in live.groupBy("model", "segment").count().collect():
+        counts.setdefault(row.model, {})[int(row.segment)] = int(row["count"])
+    now, rows, reasons = dt.datetime.now(dt.UTC), [], []
+    for model, by_segment in sorted(counts.items()):
+        users = sum(by_segment.values())
+        trained = models.trained_shares.get("kmeans" if model == ONLINE_MODEL else model, {})
+        shifts = None
+        if model == ONLINE_MODEL and models.trained_centres is not None:
+            shifts = drift.centroid_shift(models.trained_centres, models.online.centers)
+        noise = by_segment.get(-1, 0) / users if model == "ae_hdbscan" else None
+        verdict = drift.assess(thresholds, psi_by_feature=psi, shifts=shifts,
+                               size_changes=drift.size_change(trained, by_segment), noise_share=noise)
+        rows.append((
+            cfg.streaming.app_id, batch_id, report.as_of, model, users, verdict["max_psi"], json.dumps(verdict["psi"], sort_keys=True),
+            verdict["max_centroid_shift"], verdict["max_size_change"], noise, verdict["retrain_recommended"],
+            verdict["reasons"], now,
+        ))
+        reasons += [f"{model}: {reason}" for reason in verdict["reasons"]]
+    report.users = max((sum(c.values()) for c in counts.values()), default=0)
+    report.retrain_recommended, report.reasons = bool(reasons), reasons
+    if reasons:
+        log.warning("stream batch %d: retrain recommended: %s", batch_id, "; ".join(reasons))
+    write_table(spark, spark.createDataFrame(rows, DRIFT_SCHEMA), table_path(cfg.output, DRIFT),
+                txn=(f"{cfg.streaming.app_id}.drift", batch_id))
+
+
+def _write_batch_row(spark, cfg: Config, report: BatchReport) -> None:
+    row = (
+        cfg.streaming.app_id, report.batch_id, report.as_of, report.input_rows, report.clean_rows,
+        report.quarantined_rows, report.users, report.retrain_recommended, report.reasons, round(report.seconds, 3),
+        dt.datetime.now(dt.UTC),
+    )
+    write_table(spark, spark.createDataFrame([row], BATCH_SCHEMA), table_path(cfg.output, BATCHES),
+                txn=(f"{cfg.streaming.app_id}.{BATCHES}", report.batch_id))
+
+
+@dataclass
+class StreamRun:
+    run_id: str
+    bundle: str
+    reports: list[BatchReport] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        done = [r for r in self.reports if not r.skipped]
+        flagged = [r for r in done if r.retrain_recommended]
+        return {
+            "bundle": self.bundle, "batches": len(done), "replayed_batches": len(self.reports) - len(done),
+            "input_rows": sum(r.input_rows for r in done), "clean_rows": sum(r.clean_rows for r in done),
+            "quarantined_rows": sum(r.quarantined_rows for r in done), "users_assigned": sum(r.users for r in done),
+            "as_of": str(max((r.as_of for r in done if r.as_of), default=None)),
+            "retrain_recommended": bool(flagged), "retrain_reasons": flagged[-1].reasons if flagged else [],
+        }
+
+
+def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False, bundle: str | None = None,
+               run_id: str | None = None, on_batch=None) -> StreamRun:
+    """Start the stream and wait for it (until stopped, or until the input is processed with
+    available_now). Every batch updates the stream's `runs` row (status running, then succeeded)."""
+    bundle = bundle or cfg.streaming.bundle or latest_bundle(spark, cfg)
+    models = load_stream_models(spark, cfg, bundle)
+    started_at = dt.datetime.now(dt.UTC)
+    run = StreamRun(run_id or f"{cfg.streaming.app_id}-{started_at:%Y%m%dT%H%M%S}", bundle)
+    log.info("stream %s: app %s, bundle %s (training run %s), models %s", run.run_id, cfg.streaming.app_id, bundle,
+             models.manifest.run_id, ", ".join(models.manifest.models))
+
+    def each(records: DataFrame, batch_id: int) -> None:
+        report = process_batch(spark, cfg, models, records, batch_id)
+        run.reports.append(report)
+        _record_stream_run(spark, cfg, run, started_at, "running")
+        if on_batch is not None:
+            on_batch(report)
+
+    query = start_stream(spark, cfg, each, available_now=available_now)
+    try:
+        query.awaitTermination()
+    except BaseException:
+        _record_stream_run(spark, cfg, run, started_at, "failed")
+        raise
+    _record_stream_run(spark, cfg, run, started_at, "succeeded")
+    return run
+
+
+def _record_stream_run(spark, cfg: Config, run: StreamRun, started_at: dt.datetime, status: str) -> None:
+    summary = run.summary()
+    as_of = max((r.as_of for r in run.reports if r.as_of), default=None)
+    row = (
+        run.run_id, started_at, dt.datetime.now(dt.UTC), status, cfg.config_hash(), as_of,
+        summary["input_rows"], summary["clean_rows"], summary["quarantined_rows"], summary["users_assigned"],
+        json.dumps({"stream": summary, "app_id": cfg.streaming.app_id}, sort_keys=True, default=str),
+    )
+    write_run_rows(spark, cfg.output, "runs", spark.createDataFrame([row], RUNS), run.run_id)
+
+
+__all__ = ["BatchReport", "StreamModels", "StreamRun", "latest_bundle", "load_stream_models", "process_batch", "run_stream"]

@@ -1,0 +1,128 @@
+"""`segspark stream` end to end: a trained bundle scores a landing folder replayed in steps (late
+and out-of-order files, a malformed file), the query is killed mid-batch and restarted from its
+checkpoint, and every table holds each batch exactly once; the merged feature state equals the
+batch features of the same events."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from segspark import ingest, pipeline
+from segspark.cli import main
+from segspark.features import user_features
+from segspark.io.delta import read_table
+from segspark.io.readers import read_raw_events
+from segspark.streaming import job
+from segspark.streaming.feature_state import state_features
+
+from .conftest import FAST_MODELS, REPO, data_lines
+
+
+def _table(cfg, name):
+    return DeltaTable(f"{cfg.output.root}/{name}").to_pandas()
+
+
+@pytest.fixture(scope="module")
+def trained(spark, tmp_path_factory):
+    """A training run on generated JSON events, and those events' lines as three files."""
+    from segspark.config import load_config
+    from segspark.datagen import GenerateSpec, write_dataset
+
+    root = tmp_path_factory.mktemp("stream-job")
+    write_dataset(spark, GenerateSpec(users=300, days=30, seed=5), str(root / "data"), "json")
+    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={root}/data/events", "input.format=json",
+                                                 f"output.root={root}/out", *FAST_MODELS, "models.kmeans.k=4"])
+    pipeline.run(spark, cfg, run_id="train-1")
+    lines = sorted(line for p in (root / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
+    return cfg, root, lines
+
+
+def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
+    base, root, lines = trained
+    landing = root / "landing"
+    landing.mkdir()
+    cfg = base.model_copy(update={
+        "input": base.input.model_copy(update={"path": str(landing)}),
+        "streaming": base.streaming.model_copy(update={"max_files_per_trigger": 1, "state_buckets": 4,
+                                                       "checkpoint": str(root / "checkpoint")}),
+    })
+    # Files arrive out of order: the later half of the lines (by text, so users and days are mixed)
+    # first, then the earlier half (late events), then a malformed file.
+    middle = len(lines) // 2
+    (landing / "a.json").write_text("\n".join(lines[middle:]) + "\n")
+    first = job.run_stream(spark, cfg, available_now=True)
+    assert [r.batch_id for r in first.reports] == [0] and first.reports[0].users > 0
+
+    (landing / "b.json").write_text("\n".join(lines[:middle]) + "\n")
+    (landing / "c.json").write_text('{"user_id": "u1", "event_time": \nnot json\n')
+    # The query dies in batch 1 after its feature state was committed, before its assignments.
+    failing = {"left": 1}
+    real = job.score_with_bundle
+
+    def dies_once(*args, **kwargs):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise RuntimeError("killed mid-batch")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "score_with_bundle", dies_once)
+    with pytest.raises(Exception, match="killed mid-batch"):
+        job.run_stream(spark, cfg, available_now=True)
+    assert DeltaTable(f"{cfg.output.root}/stream_feature_state").transaction_version(f"{cfg.streaming.app_id}.state") == 1
+    restarted = job.run_stream(spark, cfg, available_now=True)  # from the checkpoint: batch 1 again, then 2
+    assert [r.batch_id for r in restarted.reports] == [1, 2]
+
+    # Every record counted once: input = clean + quarantined over the batches.
+    batches = _table(cfg, "stream_batches").sort_values("batch_id")
+    assert batches.batch_id.tolist() == [0, 1, 2]
+    assert batches.input_rows.sum() == data_lines(landing) == batches.clean_rows.sum() + batches.quarantined_rows.sum()
+    assert batches.iloc[2].quarantined_rows == 2 and batches.iloc[2].clean_rows == 0
+    # The late batch did not move the as-of date back.
+    assert batches.iloc[1].as_of >= batches.iloc[0].as_of
+
+    # Assignments: one row per user, model and batch; every touched user of each batch, every model.
+    live = _table(cfg, "user_segments_live")
+    assert not live.duplicated(["user_id", "model", "batch_id"]).any()
+    models = {"kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan", "kmeans_online"}
+    assert set(live.model) == models
+    per_batch = live.groupby("batch_id").user_id.nunique().to_dict()
+    assert per_batch == {0: batches.iloc[0].users, 1: batches.iloc[1].users}
+    assert (live.groupby(["batch_id", "model"]).size().unstack().nunique(axis=1) == 1).all()
+
+    # The merged state is the batch job's features of all the events (no batch merged twice).
+    clean = ingest.clean_events(ingest.tag_events(read_raw_events(spark, cfg.input), cfg.input))
+    as_of = batches.as_of.max()
+    slots = job.bundle_slots(restarted.bundle)
+    state = read_table(spark, f"{cfg.output.root}/stream_feature_state").drop("bucket")
+    got = {r.user_id: r.asDict() for r in state_features(state, as_of, cfg.features, slots).collect()}
+    expected = {r.user_id: r.asDict() for r in user_features(clean, as_of, cfg.features, slots).collect()}
+    assert set(got) == set(expected)
+    for user, row in expected.items():
+        for column, value in row.items():
+            mine = got[user][column]
+            assert mine == value or (isinstance(value, float) and math.isclose(mine, value, rel_tol=1e-9, abs_tol=1e-9)), (
+                user, column, mine, value)
+
+    # Online k-means: a snapshot per batch with the bundle's stable ids; drift rows per batch and model.
+    centroids = _table(cfg, "segment_centroids_online")
+    assert sorted(centroids.batch_id.unique()) == [0, 1]
+    assert set(centroids.segment) == set(live[live.model == "kmeans"].segment) | set(centroids.segment)
+    drift = _table(cfg, "segment_drift")
+    assert sorted(drift.batch_id.unique()) == [0, 1] and set(drift.model) == models
+    assert drift[drift.model == "kmeans_online"].max_centroid_shift.notna().all()
+    runs = read_table(spark, f"{cfg.output.root}/runs").where(F.col("run_id") == restarted.run_id).collect()
+    assert runs[0].status == "succeeded" and '"batches": 2' in runs[0].metrics
+
+
+def test_stream_cli_exit_codes(trained, tmp_path):
+    cfg, root, _ = trained
+    config = str(REPO / "conf/local.yaml")
+    kafka = ["--set", "input.format=kafka", "input.options.kafka.bootstrap.servers=127.0.0.1:9", "input.options.subscribe=events",
+             f"output.root={cfg.output.root}", f"streaming.checkpoint={tmp_path / 'ck'}"]
+    assert main(["stream", "--config", config, "--available-now", *kafka]) == 2
+    empty = ["--set", f"output.root={tmp_path / 'nothing'}", f"input.path={tmp_path}"]
+    assert main(["stream", "--config", config, "--available-now", *empty]) == 2
