@@ -19,6 +19,12 @@ Suites:
                    agree), ours on every core (hdbscan uses one) and, as one_core_ratio, on one; metric udf_overhead: embedding + HDBSCAN prediction of every user through
                    Spark (mapInArrow, noop sink) / (the same numpy work in one process / Spark cores).
                    Same users as baselines; the autoencoder and HDBSCAN use models.* defaults.
+  streaming        `segspark stream` on JSON files of 10k events each (--scale events in all, default
+                   200k; a quick training first): stream_events_per_second over the first half of the
+                   files processed available-now; batch_vs_recompute: the mean micro-batch time / one
+                   batch `score` of all those events (what each batch would cost without the state);
+                   file_to_assignment_latency_p50/p95: a running query (1 s trigger), each remaining
+                   file dropped atomically and timed until its batch's assignments are committed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -254,7 +261,90 @@ def suite_scoring(spark, args):
     prepared.unpersist()
 
 
-SUITES = {"ingest_features": suite_ingest_features, "baselines": suite_baselines, "scoring": suite_scoring}
+STREAM_TRAINING = (  # a quick training: this suite measures the stream, not the fit
+    "models.selection.k_min=4", "models.selection.k_max=4", "models.selection.seeds=1",
+    "models.autoencoder.epochs=20", "models.autoencoder.hidden_layers=[32]",
+)
+
+
+def suite_streaming(spark, args):
+    """Events/s and file-to-assignment latency of `segspark stream` at about 10k events per batch."""
+    import shutil
+    import threading
+
+    from segspark import pipeline
+    from segspark.streaming import job
+
+    scale = (args.scale or [200_000])[0]
+    work = Path(args.work) / f"stream-{scale}"
+    shutil.rmtree(work, ignore_errors=True)
+    write_dataset(spark, GenerateSpec(users=max(scale // EVENTS_PER_USER, 10), days=30, seed=3), str(work / "data"), "json")
+    lines = sorted(line for p in (work / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
+    per_file = 10_000
+    files = [lines[i:i + per_file] for i in range(0, len(lines), per_file)]
+    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/data/events", "input.format=json",
+                                                 f"output.root={work}/out", *STREAM_TRAINING])
+    pipeline.run(spark, cfg, run_id="bench-train")
+    landing = work / "landing"
+    landing.mkdir()
+    stream_cfg = cfg.model_copy(update={
+        "input": cfg.input.model_copy(update={"path": str(landing)}),
+        "streaming": cfg.streaming.model_copy(update={"max_files_per_trigger": 1, "trigger_seconds": 1}),
+    })
+    half = len(files) // 2
+
+    # Sustained throughput: the first half of the files dropped at once, processed available-now.
+    for i, chunk in enumerate(files[:half]):
+        (landing / f"f{i:04d}.json").write_text("\n".join(chunk) + "\n")
+    start = time.perf_counter()
+    run = job.run_stream(spark, stream_cfg, available_now=True)
+    seconds = time.perf_counter() - start
+    events = sum(r.clean_rows for r in run.reports)
+    # Baseline: what one batch costs without the state: features from ALL events so far + scoring.
+    recompute_cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"path": str(landing)}),
+                                           "output": cfg.output.model_copy(update={"root": str(work / "recompute")})})
+    recompute = timed(lambda: pipeline.run(spark, recompute_cfg, bundle=run.bundle), 1, warmup=False)
+    per_batch = seconds / max(len(run.reports), 1)
+    emit("streaming", "stream_events_per_second", round(events / seconds, 1), "events/s",
+         batches=len(run.reports), events=events, seconds=round(seconds, 2))
+    emit("streaming", "batch_vs_recompute", round(per_batch, 3), "s", baseline=round(recompute, 3),
+         ratio=round(per_batch / recompute, 3), note="mean micro-batch time / one batch score of all events so far")
+
+    # Latency: a running query (1 s trigger); each file is dropped, then timed to its committed batch.
+    committed: dict[int, float] = {}
+    done = threading.Condition()
+
+    def on_batch(report):
+        with done:
+            committed[report.batch_id] = time.perf_counter()
+            done.notify_all()
+
+    latencies = []
+    runner = threading.Thread(target=lambda: job.run_stream(spark, stream_cfg, on_batch=on_batch), daemon=True)
+    runner.start()
+    time.sleep(5)
+    for i, chunk in enumerate(files[half:]):
+        seen = len(committed)
+        path = landing / f"g{i:04d}.json"
+        tmp = landing / f".g{i:04d}.json.tmp"
+        tmp.write_text("\n".join(chunk) + "\n")
+        dropped = time.perf_counter()
+        tmp.rename(path)  # atomic: the source never sees half a file
+        with done:
+            done.wait_for(lambda seen=seen: len(committed) > seen, timeout=600)
+        latencies.append(committed[max(committed)] - dropped)
+    for query in spark.streams.active:
+        query.stop()
+    runner.join(timeout=120)
+    latencies.sort()
+    p95 = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)]
+    emit("streaming", "file_to_assignment_latency_p50", round(statistics.median(latencies), 3), "s",
+         files=len(latencies), events_per_file=per_file)
+    emit("streaming", "file_to_assignment_latency_p95", round(p95, 3), "s", files=len(latencies))
+
+
+SUITES = {"ingest_features": suite_ingest_features, "baselines": suite_baselines, "scoring": suite_scoring,
+          "streaming": suite_streaming}
 
 
 def main() -> int:
