@@ -279,7 +279,9 @@ def suite_streaming(spark, args):
     work = Path(args.work) / f"stream-{scale}"
     shutil.rmtree(work, ignore_errors=True)
     write_dataset(spark, GenerateSpec(users=max(scale // EVENTS_PER_USER, 10), days=30, seed=3), str(work / "data"), "json")
-    lines = sorted(line for p in (work / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
+    # Files are slices of time, as a landing folder receives them: every file holds many users' events.
+    lines = sorted((line for p in (work / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip()),
+                   key=lambda line: json.loads(line)["event_time"])
     per_file = 10_000
     files = [lines[i:i + per_file] for i in range(0, len(lines), per_file)]
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/data/events", "input.format=json",
@@ -359,6 +361,7 @@ def main() -> int:
     parser.add_argument("--master", default="local[2]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("segspark.streaming.job").setLevel(logging.INFO)
     spark = get_spark("segspark-bench", args.master, {"spark.driver.memory": "10g", "spark.sql.shuffle.partitions": "16"})
     try:
         SUITES[args.suite](spark, args)

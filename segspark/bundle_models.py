@@ -97,20 +97,38 @@ class BundleScores:
     cached: list[DataFrame]  # persisted on the way (the deep scores, read twice): unpersist when written
 
 
-def score_with_bundle(location: str, features: DataFrame) -> BundleScores:
-    """Every model of a verified bundle applied to `features` (user_id + feature columns)."""
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A verified bundle with its preparation and models loaded (a stream loads it once)."""
+
+    location: str
+    manifest: Manifest
+    preparation: FittedPreparation
+    models: dict  # name -> persist.SavedSegments
+
+
+def load_bundle(location: str) -> LoadedBundle:
     manifest = open_bundle(location)
+    preparation = FittedPreparation.load(str(Path(location) / "prepare"))
+    return LoadedBundle(location, manifest, preparation, {name: load_fitted(name, location) for name in manifest.models})
+
+
+def score_with_bundle(bundle: str | LoadedBundle, features: DataFrame) -> BundleScores:
+    """Every model of a verified bundle (a path, or one loaded already) applied to `features`
+    (user_id + feature columns)."""
+    loaded = load_bundle(bundle) if isinstance(bundle, str) else bundle
+    manifest = loaded.manifest
     spec = manifest.feature_spec()
     spec.check(features.schema, what="the features of the data to score")
     casts = spec.casts(features.schema)
     if casts:
         features = features.withColumns({c: F.col(c).cast(t) for c, t in casts.items()})
-    prepared = FittedPreparation.load(str(Path(location) / "prepare")).transform(features)
+    prepared = loaded.preparation.transform(features)
     assignments: dict[str, DataFrame] = {}
     embeddings = None
     cached: list[DataFrame] = []
     for name in manifest.models:
-        saved = load_fitted(name, location)
+        saved = loaded.models[name]
         if name == DEEP_MODEL:
             scores = saved.fitted.scores(prepared).persist(StorageLevel.MEMORY_AND_DISK)
             cached.append(scores)
@@ -123,9 +141,9 @@ def score_with_bundle(location: str, features: DataFrame) -> BundleScores:
         assignments[name] = stable.withColumn(
             "segment_name", F.coalesce(names[F.col("segment")], F.lit("unnamed segment"))
         )
-    log.info("bundle %s (run %s) applied: models %s", location, manifest.run_id, ", ".join(manifest.models))
+    log.info("bundle %s (run %s) applied: models %s", loaded.location, manifest.run_id, ", ".join(manifest.models))
     return BundleScores(manifest, assignments, embeddings, cached)
 
 
-__all__ = ["BundleError", "BundleScores", "bundle_location", "bundle_slots", "finish_bundle", "save_model", "score_with_bundle",
+__all__ = ["BundleError", "BundleScores", "LoadedBundle", "bundle_location", "bundle_slots", "load_bundle", "finish_bundle", "save_model", "score_with_bundle",
            "start_bundle"]

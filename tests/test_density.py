@@ -46,7 +46,9 @@ def _hdbscan_predict(clusterer, points):
         warnings.simplefilter("ignore")  # no-cluster models warn that everything is noise
         labels, probabilities = hdbscan.approximate_predict(clusterer, points)
         scores = hdbscan.approximate_predict_scores(clusterer, points)
-    return labels, probabilities, scores
+    # hdbscan's raw score is negative for points denser than everything under their cluster; GLOSH
+    # is a score in [0, 1], and ours floors those at 0 (on purpose, the one difference in scores).
+    return labels, probabilities, np.maximum(scores, 0.0)
 
 
 CONFIGS = {
@@ -83,6 +85,7 @@ def test_held_out_points_match_hdbscan(fitted, data):
     np.testing.assert_array_equal(labels, expected_labels)
     np.testing.assert_allclose(probabilities, expected_probabilities, rtol=0.0, atol=1e-6)
     np.testing.assert_allclose(scores, expected_scores, rtol=0.0, atol=1e-6)
+    assert (((scores >= 0.0) & (scores <= 1.0)) | np.isnan(scores)).all()
 
 
 def test_training_points_get_their_fitted_values(fitted, data):

@@ -22,7 +22,8 @@ Prediction reproduces hdbscan's approximate prediction (hdbscan 0.8.44, `hdbscan
   at lambda >= the point's lambda. The label is the selected cluster containing the cluster reached
   (-1 if none), and the probability min(lambda, max lambda of that selected cluster) / max lambda;
 * outlier score (`approximate_predict_scores`, GLOSH for new points): (M - lambda) / M, with M the
-  largest lambda anywhere under the neighbour's cluster (no climbing here, as in hdbscan).
+  largest lambda anywhere under the neighbour's cluster (no climbing here, as in hdbscan), floored
+  at 0 where hdbscan's goes negative (a new point denser than every training point there).
 
 The neighbour query runs on a compiled KD-tree (`segspark.models.knn`, numba) that returns the
 same distances as hdbscan's scikit-learn KDTree to the last bit, 4x faster on one core, and scales
@@ -354,7 +355,9 @@ class SlimHdbscan:
             with np.errstate(divide="ignore", invalid="ignore"):
                 in_cluster = np.where(max_lambda > 0.0, np.minimum(max_lambda, lam) / max_lambda, 1.0)
                 glosh = self.glosh_max_lambda[start]
-                scores[:] = np.where(glosh > 0.0, (glosh - lam) / glosh, 0.0)
+                # hdbscan's raw (M - lambda) / M goes below 0 for a new point denser than anything
+                # under its cluster; GLOSH is a score in [0, 1] and such a point is no outlier: 0.
+                scores[:] = np.where(glosh > 0.0, np.maximum(glosh - lam, 0.0) / glosh, 0.0)
             probabilities[:] = np.where(labels >= 0, in_cluster, 0.0)
 
         exact = np.flatnonzero(first_distance == 0.0)

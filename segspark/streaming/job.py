@@ -30,26 +30,24 @@ import datetime as dt
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from deltalake import DeltaTable
-from pyspark import StorageLevel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from segspark.bundle_models import bundle_slots, score_with_bundle
+from segspark.bundle_models import LoadedBundle, bundle_slots, load_bundle, score_with_bundle
 from segspark.config import Config
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
 from segspark.io.delta import read_table, table_exists, write_table
 from segspark.io.tables import read_output_table, table_path, write_run_rows
-from segspark.models.bundle import Manifest, open_bundle
-from segspark.models.persist import load_fitted
-from segspark.models.prepare import PREPARED_VECTOR, FittedPreparation
+from segspark.models.bundle import Manifest
+from segspark.models.prepare import PREPARED_VECTOR
 from segspark.schema import RUNS
 from segspark.streaming import drift
 from segspark.streaming.feature_state import batch_state, merge_state, state_features
@@ -85,7 +83,8 @@ DRIFT_SCHEMA = (
 )
 BATCH_SCHEMA = (
     "app_id string, batch_id bigint, as_of date, input_rows bigint, clean_rows bigint, quarantined_rows bigint, "
-    "users bigint, retrain_recommended boolean, reasons array<string>, seconds double, processed_at timestamp"
+    "users bigint, retrain_recommended boolean, reasons array<string>, seconds double, step_seconds string, "
+    "processed_at timestamp"
 )
 
 
@@ -94,9 +93,8 @@ class StreamModels:
     """What every batch needs from the training run, loaded once when the stream starts."""
 
     bundle: str
-    manifest: Manifest
+    loaded: LoadedBundle  # preparation and models, loaded once
     slots: FeatureSlots
-    preparation: FittedPreparation
     reference: drift.ReferenceBins
     trained_shares: dict[str, dict[int, float]]  # model -> stable segment -> share of training users
     trained_centres: np.ndarray | None  # kmeans centres (prepared space), in cluster order
@@ -118,6 +116,15 @@ class BatchReport:
     reasons: list[str] = field(default_factory=list)
     skipped: bool = False  # every table already held this batch
     seconds: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.step_seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def latest_bundle(spark: SparkSession, cfg: Config) -> str:
@@ -141,7 +148,8 @@ def latest_bundle(spark: SparkSession, cfg: Config) -> str:
 
 
 def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamModels:
-    manifest = open_bundle(bundle)
+    loaded = load_bundle(bundle)
+    manifest = loaded.manifest
     slots = bundle_slots(bundle)
     if slots is None:
         raise ConfigError(f"stream: bundle {bundle} does not record its feature slots; retrain with this version")
@@ -157,7 +165,7 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
     shares = {m: {s: n / sum(c.values()) for s, n in c.items()} for m, c in shares.items()}
     centres, ids, names, online, online_batch = None, {}, {}, None, None
     if "kmeans" in manifest.models:
-        saved = load_fitted("kmeans", bundle)
+        saved = loaded.models["kmeans"]
         centres = np.array(saved.fitted.centroids, dtype=np.float64)
         ids, names = dict(saved.segment_ids), dict(saved.segment_names)
         online, online_batch = _latest_snapshot(spark, cfg, manifest, ids)
@@ -165,8 +173,7 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
             online = OnlineKMeans(centres.copy(), np.array(saved.fitted.cluster_sizes, dtype=np.float64),
                                   decay=cfg.streaming.decay, time_unit=cfg.streaming.time_unit)
     return StreamModels(
-        bundle=bundle, manifest=manifest, slots=slots,
-        preparation=FittedPreparation.load(str(Path(bundle) / "prepare")), reference=reference,
+        bundle=bundle, loaded=loaded, slots=slots, reference=reference,
         trained_shares=shares, trained_centres=centres, kmeans_ids=ids, kmeans_names=names,
         online=online, online_batch=online_batch,
     )
@@ -208,7 +215,8 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
     started = time.perf_counter()
     out, app = cfg.output, cfg.streaming.app_id
     report = BatchReport(batch_id)
-    ingested = ingest_micro_batch(spark, cfg, records, batch_id)
+    with report.step("ingest"):
+        ingested = ingest_micro_batch(spark, cfg, records, batch_id)
     try:
         report.input_rows, report.clean_rows = ingested.input_rows, ingested.clean_rows
         report.quarantined_rows = ingested.quarantined_rows
@@ -225,8 +233,9 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
     finally:
         ingested.unpersist()
     log.info(
-        "stream batch %d: %d records, %d users assigned as of %s in %.1f s%s", batch_id, report.input_rows,
-        report.users, report.as_of, report.seconds, " - RETRAIN RECOMMENDED" if report.retrain_recommended else "",
+        "stream batch %d: %d records, %d users assigned as of %s in %.1f s (%s)%s", batch_id, report.input_rows,
+        report.users, report.as_of, report.seconds, ", ".join(f"{k} {v:.1f} s" for k, v in report.step_seconds.items()),
+        " - RETRAIN RECOMMENDED" if report.retrain_recommended else "",
     )
     return report
 
@@ -234,33 +243,40 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
 def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id: int, report: BatchReport) -> None:
     out, app = cfg.output, cfg.streaming.app_id
     bucket = F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
-    batch = batch_state(clean, cfg.features, models.slots).withColumn(BUCKET, bucket).persist(StorageLevel.MEMORY_AND_DISK)
-    cached = [batch]
+    # The batch's intermediate frames are materialised with localCheckpoint, not persist: their plans
+    # (merges, windows, higher-order functions, five models) are deep, and every frame derived from a
+    # persisted one is analysed and matched against the cache over the whole plan again, which cost
+    # minutes per batch; a checkpoint's plan is a scan of its blocks. Losing an executor fails the
+    # batch, and the restarted query redoes it exactly once.
+    cached: list[DataFrame] = []
     try:
-        buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
+        with report.step("batch_state"):
+            batch = batch_state(clean, cfg.features, models.slots).withColumn(BUCKET, bucket).localCheckpoint()
+            buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
         state_path = table_path(out, STATE)
-        if not _done(state_path, f"{app}.state", batch_id):
-            _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id)
-        touched = (
-            read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
-            .join(batch.select("user_id"), "user_id", "left_semi")
-            .persist(StorageLevel.MEMORY_AND_DISK)
-        )
-        cached.append(touched)
-        report.as_of = _stream_as_of(spark, cfg, touched)
-        features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots)
-        features = features.persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(features)
-        scored = score_with_bundle(models.bundle, features)
-        cached += scored.cached
-        assignments = dict(scored.assignments)
-        online = _online_assignments(spark, cfg, models, features, batch_id)
-        if online is not None:
-            assignments[ONLINE_MODEL] = online
-        live = _live_rows(assignments, touched, report.as_of, app, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(live)
-        write_table(spark, live, table_path(out, LIVE), txn=(f"{app}.live", batch_id))
-        _drift(spark, cfg, models, features, live, batch_id, report)
+        with report.step("state_merge"):
+            if not _done(state_path, f"{app}.state", batch_id):
+                _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id)
+        with report.step("features"):
+            touched = (
+                read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
+                .join(batch.select("user_id"), "user_id", "left_semi")
+                .localCheckpoint()
+            )
+            report.as_of = _stream_as_of(spark, cfg, touched)
+            features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
+        with report.step("online_kmeans"):
+            online = _online_assignments(spark, cfg, models, features, batch_id)
+        with report.step("score"):
+            scored = score_with_bundle(models.loaded, features)
+            cached += scored.cached
+            assignments = dict(scored.assignments)
+            if online is not None:
+                assignments[ONLINE_MODEL] = online
+            live = _live_rows(assignments, touched, report.as_of, app, batch_id).localCheckpoint()
+            write_table(spark, live, table_path(out, LIVE), txn=(f"{app}.live", batch_id))
+        with report.step("drift"):
+            _drift(spark, cfg, models, features, live, batch_id, report)
     finally:
         for frame in cached:
             frame.unpersist()
@@ -301,7 +317,7 @@ def _online_assignments(spark, cfg: Config, models: StreamModels, features: Data
     assign the batch's users to the nearest one (stable ids of the bundle's k-means)."""
     if models.online is None:
         return None
-    prepared = models.preparation.transform(features).select("user_id", PREPARED_VECTOR)
+    prepared = models.loaded.preparation.transform(features).select("user_id", PREPARED_VECTOR)
     path, app = table_path(cfg.output, CENTROIDS), cfg.streaming.app_id
     if models.online_batch is None or models.online_batch < batch_id:
         sums, counts = batch_statistics(prepared, PREPARED_VECTOR, models.online.centers)
@@ -389,7 +405,7 @@ def _write_batch_row(spark, cfg: Config, report: BatchReport) -> None:
     row = (
         cfg.streaming.app_id, report.batch_id, report.as_of, report.input_rows, report.clean_rows,
         report.quarantined_rows, report.users, report.retrain_recommended, report.reasons, round(report.seconds, 3),
-        dt.datetime.now(dt.UTC),
+        json.dumps(report.step_seconds, sort_keys=True), dt.datetime.now(dt.UTC),
     )
     write_table(spark, spark.createDataFrame([row], BATCH_SCHEMA), table_path(cfg.output, BATCHES),
                 txn=(f"{cfg.streaming.app_id}.{BATCHES}", report.batch_id))
@@ -422,7 +438,7 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
     started_at = dt.datetime.now(dt.UTC)
     run = StreamRun(run_id or f"{cfg.streaming.app_id}-{started_at:%Y%m%dT%H%M%S}", bundle)
     log.info("stream %s: app %s, bundle %s (training run %s), models %s", run.run_id, cfg.streaming.app_id, bundle,
-             models.manifest.run_id, ", ".join(models.manifest.models))
+             models.loaded.manifest.run_id, ", ".join(models.loaded.manifest.models))
 
     def each(records: DataFrame, batch_id: int) -> None:
         report = process_batch(spark, cfg, models, records, batch_id)
