@@ -255,14 +255,15 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
         state_path = table_path(out, STATE)
         with report.step("state_merge"):
-            if not _done(state_path, f"{app}.state", batch_id):
-                _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id)
+            if _done(state_path, f"{app}.state", batch_id):  # a replay: the state holds this batch already
+                touched = (
+                    read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
+                    .join(batch.select("user_id"), "user_id", "left_semi")
+                    .localCheckpoint()
+                )
+            else:
+                touched = _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id)
         with report.step("features"):
-            touched = (
-                read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
-                .join(batch.select("user_id"), "user_id", "left_semi")
-                .localCheckpoint()
-            )
             report.as_of = _stream_as_of(spark, cfg, touched)
             features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
         with report.step("online_kmeans"):
@@ -282,20 +283,24 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             frame.unpersist()
 
 
-def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) -> None:
+def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) -> DataFrame:
+    """Merge the batch into the state's touched buckets; returns the batch's users' new rows."""
     if table_exists(state_path):
-        old = read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
+        # Read once: the merge reads these rows five times (scalars, sessions, orders, the untouched).
+        old = read_table(spark, state_path).where(F.col(BUCKET).isin(buckets)).localCheckpoint()
     else:
         old = batch.limit(0)
     merged = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
     untouched = old.join(batch.select("user_id"), "user_id", "left_anti")
     bucket = F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
-    rows = merged.withColumn(BUCKET, bucket).unionByName(untouched)
+    merged = merged.withColumn(BUCKET, bucket).localCheckpoint()
+    rows = merged.unionByName(untouched)
     written = write_table(
         spark, rows, state_path, replace_where={BUCKET: buckets}, partition_by=[BUCKET],
         txn=(f"{cfg.streaming.app_id}.state", batch_id),
     )
     log.info("stream batch %d: feature state buckets %s rewritten (%d rows)", batch_id, buckets, written.rows)
+    return merged
 
 
 def _stream_as_of(spark, cfg: Config, touched: DataFrame) -> dt.date:
