@@ -102,6 +102,7 @@ class StreamModels:
     kmeans_names: dict[int, str]
     online: OnlineKMeans | None
     online_batch: int | None = None  # the batch id the online model includes (its snapshot's)
+    as_of: dt.date | None = None  # the stream's as-of date so far (the newest event day committed)
 
 
 @dataclass
@@ -175,7 +176,7 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
     return StreamModels(
         bundle=bundle, loaded=loaded, slots=slots, reference=reference,
         trained_shares=shares, trained_centres=centres, kmeans_ids=ids, kmeans_names=names,
-        online=online, online_batch=online_batch,
+        online=online, online_batch=online_batch, as_of=_previous_as_of(spark, cfg),
     )
 
 
@@ -227,9 +228,10 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
         if ingested.clean_rows:
             _assign(spark, cfg, models, ingested.clean, batch_id, report)
         else:  # nothing to assign (every record quarantined): the stream stays where it was
-            report.as_of = _previous_as_of(spark, cfg)
+            report.as_of = models.as_of
         report.seconds = time.perf_counter() - started
         _write_batch_row(spark, cfg, report)
+        models.as_of = report.as_of
     finally:
         ingested.unpersist()
     log.info(
@@ -264,7 +266,7 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             else:
                 touched = _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id)
         with report.step("features"):
-            report.as_of = _stream_as_of(spark, cfg, touched)
+            report.as_of = _stream_as_of(models, touched)
             features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
         with report.step("online_kmeans"):
             online = _online_assignments(spark, cfg, models, features, batch_id)
@@ -303,14 +305,14 @@ def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) 
     return merged
 
 
-def _stream_as_of(spark, cfg: Config, touched: DataFrame) -> dt.date:
+def _stream_as_of(models: StreamModels, touched: DataFrame) -> dt.date:
     """The UTC day of the newest event the stream has seen: the batch's, or an earlier batch's."""
     newest = touched.agg(F.to_date(F.max("last_event"))).first()[0]
-    earlier = _previous_as_of(spark, cfg)
-    return earlier if earlier is not None and earlier > newest else newest
+    return models.as_of if models.as_of is not None and models.as_of > newest else newest
 
 
 def _previous_as_of(spark, cfg: Config) -> dt.date | None:
+    """The as-of date of the last committed batch (when the stream starts; then kept in memory)."""
     path = table_path(cfg.output, BATCHES)
     if not table_exists(path):
         return None
