@@ -182,6 +182,11 @@ def test_replace_where_one_of_several_values(spark, tmp_path):
     result = write_table(spark, both, path, replace_where={"run_id": ["c", "a"]})
     assert (result.version, result.rows) == (3, 4)
     assert run_counts(path) == {"a": 3, "b": 2, "c": 1}
+    # Read back through the file list: one scan per write folder (2 here, for 3 partitions).
+    back = read_table(spark, path)
+    assert back.columns == ["run_id", "user_id", "amount", "ts", "day"]
+    assert {r["run_id"]: r["count"] for r in back.groupBy("run_id").count().collect()} == {"a": 3, "b": 2, "c": 1}
+    assert sorted(back.where("run_id = 'a'").select("user_id").toPandas().user_id) == [0, 1, 2]
     with pytest.raises(ValueError, match="non-empty list"):
         write_table(spark, both, path, replace_where={"run_id": []})
     unpartitioned = str(tmp_path / "u")

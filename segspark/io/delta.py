@@ -148,6 +148,18 @@ def read_table(spark: SparkSession, path: str) -> DataFrame:
     files = pa.table(table.get_add_actions(flatten=True)).to_pylist()
     if not files:
         return spark.createDataFrame([], schema)
+    bases = _partition_bases(files, parts)
+    if bases is not None:
+        # Spark-written Hive-style folders (this committer's own layout): one scan per write folder,
+        # with Spark's partition discovery typed by the table schema, instead of one per partition
+        # (a stream's state rewritten batch by batch has its files in one or a few write folders).
+        full = T.StructType(list(data_schema.fields) + [schema[c] for c in parts])
+        frames = [
+            spark.read.schema(full).option("basePath", loc.spark_file(base)).parquet(*[loc.spark_file(p) for p in paths])
+            .select(*[_col(f.name) for f in schema.fields])
+            for base, paths in bases.items()
+        ]
+        return reduce(DataFrame.unionAll, frames)
     groups: dict[tuple, list[str]] = {}
     for add in files:
         key = tuple(add.get(f"partition.{c}") for c in parts)
@@ -159,6 +171,29 @@ def read_table(spark: SparkSession, path: str) -> DataFrame:
             frame = frame.withColumn(name, F.lit(value).cast(schema[name].dataType))
         frames.append(frame.select(*[_col(f.name) for f in schema.fields]))
     return reduce(DataFrame.unionAll, frames)
+
+
+def _partition_bases(files: list[dict], parts: list[str]) -> dict[str, list[str]] | None:
+    """Files by the folder above their `<part>=<value>/` folders (one per partition column, in
+    order, as Spark's partitionBy writes them), when every file has them and that gives fewer scans
+    than one per partition; else None."""
+    if not parts:
+        return None
+    bases: dict[str, list[str]] = {}
+    partitions = set()
+    for add in files:
+        rel = unquote(add["path"])
+        folders = rel.split("/")[:-1]
+        if "://" in rel or rel.startswith("/") or len(folders) < len(parts):
+            return None
+        tail = folders[len(folders) - len(parts):]
+        if [unquote(f.partition("=")[0]) for f in tail] != parts or not all("=" in f for f in tail):
+            return None
+        bases.setdefault("/".join(folders[: len(folders) - len(parts)]), []).append(rel)
+        partitions.add(tuple(tail))
+    if "" in bases or len(bases) >= len(partitions):
+        return None
+    return bases
 
 
 # ---------------------------------------------------------------------------------------------
