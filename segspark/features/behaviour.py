@@ -122,13 +122,43 @@ def with_sessions(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
     return numbered.withColumn("session_key", key).drop("_gap_session")
 
 
+ADDITIVE_NAMES = (
+    "events", "views", "carts", "removes_from_cart", "purchases", "returns", "_gross", "return_value", "_items",
+    "_night", "_morning", "_afternoon", "_evening", "_weekend",
+)
+
+
+def additive_aggregates(cfg: FeaturesConfig) -> dict[str, Column]:
+    """The per-user counts and sums over events, by aggregate name: the part of the event
+    aggregates that two sets of events merge by adding (the streaming feature state keeps them)."""
+    kind, price = F.col("event_type"), F.col("price")
+    is_purchase, is_return = kind == "purchase", kind == "return"
+    line_value = F.coalesce(price, F.lit(0.0)) * F.abs(F.col("quantity"))
+    local = F.from_utc_timestamp(F.col("event_time"), cfg.time_zone)
+    hour, weekday = F.hour(local), F.dayofweek(local)  # dayofweek: 1 = Sunday, 7 = Saturday
+    return {
+        "events": F.count(F.lit(1)),
+        "views": F.count_if(kind == "view"),
+        "carts": F.count_if(kind == "cart"),
+        "removes_from_cart": F.count_if(kind == "remove_from_cart"),
+        "purchases": F.count_if(is_purchase),
+        "returns": F.count_if(is_return),
+        "_gross": F.sum(F.when(is_purchase, line_value).otherwise(0.0)),
+        "return_value": F.sum(F.when(is_return, line_value).otherwise(0.0)),
+        "_items": F.sum(F.when(is_purchase, F.abs(F.col("quantity"))).otherwise(0.0)),
+        "_night": F.count_if(hour < 6),
+        "_morning": F.count_if((hour >= 6) & (hour < 12)),
+        "_afternoon": F.count_if((hour >= 12) & (hour < 18)),
+        "_evening": F.count_if(hour >= 18),
+        "_weekend": F.count_if(weekday.isin(1, 7)),
+    }  # keys: ADDITIVE_NAMES
+
+
 def _event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
     kind = F.col("event_type")
-    is_view, is_purchase, is_return = kind == "view", kind == "purchase", kind == "return"
+    is_view, is_purchase = kind == "view", kind == "purchase"
     price, ts = F.col("price"), F.col("event_time")
-    line_value = F.coalesce(price, F.lit(0.0)) * F.abs(F.col("quantity"))
     local = F.from_utc_timestamp(ts, cfg.time_zone)
-    hour, weekday = F.hour(local), F.dayofweek(local)  # dayofweek: 1 = Sunday, 7 = Saturday
     window_seconds = cfg.trend_window_days * SECONDS_PER_DAY
     age = cutoff.cast("double") - ts.cast("double")
     category = _category(cfg)
@@ -137,24 +167,11 @@ def _event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, sl
     aggregates = [
         F.min(ts).alias("_first_event"),
         F.max(F.when(is_purchase, ts)).alias("_last_purchase"),
-        F.count(F.lit(1)).alias("events"),
-        F.count_if(is_view).alias("views"),
-        F.count_if(kind == "cart").alias("carts"),
-        F.count_if(kind == "remove_from_cart").alias("removes_from_cart"),
-        F.count_if(is_purchase).alias("purchases"),
-        F.count_if(is_return).alias("returns"),
-        F.sum(F.when(is_purchase, line_value).otherwise(0.0)).alias("_gross"),
-        F.sum(F.when(is_return, line_value).otherwise(0.0)).alias("return_value"),
-        F.sum(F.when(is_purchase, F.abs(F.col("quantity"))).otherwise(0.0)).alias("_items"),
+        *[column.alias(name) for name, column in additive_aggregates(cfg).items()],
         F.avg(F.when(is_view, price)).alias("price_viewed_mean"),
         F.percentile_approx(F.when(is_view, price), 0.5, accuracy).alias("price_viewed_median"),
         F.avg(F.when(is_purchase, price)).alias("price_bought_mean"),
         F.percentile_approx(F.when(is_purchase, price), 0.5, accuracy).alias("price_bought_median"),
-        F.count_if(hour < 6).alias("_night"),
-        F.count_if((hour >= 6) & (hour < 12)).alias("_morning"),
-        F.count_if((hour >= 12) & (hour < 18)).alias("_afternoon"),
-        F.count_if(hour >= 18).alias("_evening"),
-        F.count_if(weekday.isin(1, 7)).alias("_weekend"),
         F.size(F.collect_set(F.to_date(local))).alias("active_days"),
         F.size(F.collect_set("item_id")).alias("distinct_items"),
         F.size(F.collect_set(category)).alias("distinct_categories"),

@@ -29,17 +29,22 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from segspark.config import FeaturesConfig
-from segspark.features.behaviour import FeatureSlots, _category, features_from_aggregates
+from segspark.features.behaviour import (
+    ADDITIVE_NAMES,
+    FeatureSlots,
+    _category,
+    additive_aggregates,
+    features_from_aggregates,
+)
 from segspark.streaming.orders import OrderState, merge_orders, order_features, order_state
 from segspark.streaming.sessions import SessionState, merge_sessions, session_features, session_state
 
 # Scalar columns and how two values merge.
 _MIN, _MAX, _SUM = "min", "max", "sum"
-_COUNTS = [
-    "events", "views", "carts", "removes_from_cart", "purchases", "returns",
-    "night", "morning", "afternoon", "evening", "weekend", "viewed_price_n", "bought_price_n",
-]
-_SUMS = ["gross", "return_value", "items", "viewed_price_sum", "bought_price_sum"]
+# The batch's additive aggregates (`behaviour.additive_aggregates`) under their names without the
+# leading underscore, and the sums and counts behind the price means.
+_ADDITIVE = {name.lstrip("_"): name for name in ADDITIVE_NAMES}
+_PRICE_SUMS = ["viewed_price_n", "bought_price_n", "viewed_price_sum", "bought_price_sum"]
 _SETS = ["item_set", "category_set", "local_days"]
 _RUN_FIELDS = ["start", "end", "own_start", "own_end", "own_events"]
 # Array-of-struct columns: (column, fields of its rows).
@@ -53,7 +58,7 @@ _NESTED = {
 
 def _rules(slots: FeatureSlots) -> dict[str, str]:
     rules = {"first_event": _MIN, "last_event": _MAX, "last_purchase": _MAX}
-    rules.update({name: _SUM for name in _COUNTS + _SUMS + _category_counts(slots)})
+    rules.update({name: _SUM for name in [*_ADDITIVE, *_PRICE_SUMS, *_category_counts(slots)]})
     return rules
 
 
@@ -68,31 +73,17 @@ def _map_columns(slots: FeatureSlots) -> list[str]:
 def batch_state(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
     """One state row per user of a set of clean canonical events (a micro-batch)."""
     kind, price, ts = F.col("event_type"), F.col("price"), F.col("event_time")
-    is_view, is_purchase, is_return = kind == "view", kind == "purchase", kind == "return"
-    line_value = F.coalesce(price, F.lit(0.0)) * F.abs(F.col("quantity"))
+    is_view, is_purchase = kind == "view", kind == "purchase"
     local = F.from_utc_timestamp(ts, cfg.time_zone)
-    hour, weekday = F.hour(local), F.dayofweek(local)
     category = _category(cfg)
+    additive = additive_aggregates(cfg)
     scalars = [
         F.min(ts).alias("first_event"),
         F.max(ts).alias("last_event"),
         F.max(F.when(is_purchase, ts)).alias("last_purchase"),
-        F.count(F.lit(1)).alias("events"),
-        F.count_if(is_view).alias("views"),
-        F.count_if(kind == "cart").alias("carts"),
-        F.count_if(kind == "remove_from_cart").alias("removes_from_cart"),
-        F.count_if(is_purchase).alias("purchases"),
-        F.count_if(is_return).alias("returns"),
-        F.count_if(hour < 6).alias("night"),
-        F.count_if((hour >= 6) & (hour < 12)).alias("morning"),
-        F.count_if((hour >= 12) & (hour < 18)).alias("afternoon"),
-        F.count_if(hour >= 18).alias("evening"),
-        F.count_if(weekday.isin(1, 7)).alias("weekend"),
+        *[additive[batch_name].alias(name) for name, batch_name in _ADDITIVE.items()],
         F.count(F.when(is_view, price)).alias("viewed_price_n"),
         F.count(F.when(is_purchase, price)).alias("bought_price_n"),
-        F.sum(F.when(is_purchase, line_value).otherwise(0.0)).alias("gross"),
-        F.sum(F.when(is_return, line_value).otherwise(0.0)).alias("return_value"),
-        F.sum(F.when(is_purchase, F.abs(F.col("quantity"))).otherwise(0.0)).alias("items"),
         F.coalesce(F.sum(F.when(is_view, price)), F.lit(0.0)).alias("viewed_price_sum"),
         F.coalesce(F.sum(F.when(is_purchase, price)), F.lit(0.0)).alias("bought_price_sum"),
         F.collect_set("item_id").alias("item_set"),
@@ -195,14 +186,11 @@ def state_features(state: DataFrame, as_of: dt.date, cfg: FeaturesConfig, slots:
         "user_id",
         c("first_event").alias("_first_event"),
         c("last_purchase").alias("_last_purchase"),
-        *[c(n) for n in ("events", "views", "carts", "removes_from_cart", "purchases", "returns", "return_value")],
-        c("gross").alias("_gross"),
-        c("items").alias("_items"),
+        *[c(name).alias(batch_name) for name, batch_name in _ADDITIVE.items()],
         _mean(c("viewed_price_sum"), c("viewed_price_n")).alias("price_viewed_mean"),
         count_map_median(c("viewed_prices")).alias("price_viewed_median"),
         _mean(c("bought_price_sum"), c("bought_price_n")).alias("price_bought_mean"),
         count_map_median(c("bought_prices")).alias("price_bought_median"),
-        *[c(n).alias(f"_{n}") for n in ("night", "morning", "afternoon", "evening", "weekend")],
         F.size("local_days").alias("active_days"),
         F.size("item_set").alias("distinct_items"),
         F.size("category_set").alias("distinct_categories"),
