@@ -107,6 +107,11 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
             assert mine == value or (isinstance(value, float) and math.isclose(mine, value, rel_tol=1e-9, abs_tol=1e-9)), (
                 user, column, mine, value)
 
+    # A user's latest live row carries the time of the user's newest event.
+    newest = {r.user_id: r.t for r in clean.groupBy("user_id").agg(F.max("event_time").alias("t")).collect()}
+    latest = live.sort_values("batch_id").groupby("user_id").latest_event_time.last()
+    assert all(latest[u].to_pydatetime().replace(tzinfo=None) == newest[u].replace(tzinfo=None) for u in latest.index)
+
     # Online k-means: a snapshot per batch with the bundle's stable ids; drift rows per batch and model.
     centroids = _table(cfg, "segment_centroids_online")
     assert sorted(centroids.batch_id.unique()) == [0, 1]
