@@ -399,7 +399,9 @@ def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: 
             verdict["max_centroid_shift"], verdict["max_size_change"], noise, verdict["retrain_recommended"],
             verdict["reasons"], now,
         ))
-        reasons += [f"{model}: {reason}" for reason in verdict["reasons"]]
+        # The features' PSI is the batch's, the same for every model: said once, not per model.
+        reasons += [reason if reason.startswith("PSI") else f"{model}: {reason}" for reason in verdict["reasons"]]
+    reasons = list(dict.fromkeys(reasons))
     report.users = max((sum(c.values()) for c in counts.values()), default=0)
     report.retrain_recommended, report.reasons = bool(reasons), reasons
     if reasons:
