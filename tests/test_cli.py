@@ -171,3 +171,16 @@ def test_generate_writes_events_and_truth(spark, capsys, tmp_path):
     code, out, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "50", "--format", "csv")
     assert code == 0, err
     assert "truth" in out and (tmp_path / "truth").is_dir() and (tmp_path / "events").is_dir()
+
+
+def test_log_format_json_gives_one_object_per_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "segspark", "--log-format", "json", "generate", "--out", str(tmp_path / "g"),
+         "--users", "20", "--days", "3"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith('{"time"')]
+    assert ours and all(set(entry) >= {"time", "level", "logger", "message"} for entry in ours)
+    assert any(entry["logger"].startswith("segspark") and entry["level"] == "INFO" for entry in ours)
+    assert not [line for line in proc.stderr.splitlines() if " INFO  segspark" in line]  # no text lines of ours
