@@ -115,7 +115,9 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
     # Online k-means: a snapshot per batch with the bundle's stable ids; drift rows per batch and model.
     centroids = _table(cfg, "segment_centroids_online")
     assert sorted(centroids.batch_id.unique()) == [0, 1]
-    assert set(centroids.segment) == set(live[live.model == "kmeans"].segment) | set(centroids.segment)
+    assert set(centroids.segment) == set(job.load_stream_models(spark, cfg, restarted.bundle).kmeans_ids.values())
+    assert set(live[live.model == "kmeans_online"].segment) <= set(centroids.segment)
+    assert (live[live.model == "kmeans_online"].anomaly_score >= 0).all()
     drift = _table(cfg, "segment_drift")
     assert sorted(drift.batch_id.unique()) == [0, 1] and set(drift.model) == models
     assert drift[drift.model == "kmeans_online"].max_centroid_shift.notna().all()

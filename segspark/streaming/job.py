@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from deltalake import DeltaTable
-from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -52,7 +51,7 @@ from segspark.schema import RUNS
 from segspark.streaming import drift
 from segspark.streaming.feature_state import batch_state, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
-from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics
+from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +243,6 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
 
 def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id: int, report: BatchReport) -> None:
     out, app = cfg.output, cfg.streaming.app_id
-    bucket = F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
     # The batch's intermediate frames are materialised with localCheckpoint, not persist: their plans
     # (merges, windows, higher-order functions, five models) are deep, and every frame derived from a
     # persisted one is analysed and matched against the cache over the whole plan again, which cost
@@ -253,7 +251,7 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
     cached: list[DataFrame] = []
     try:
         with report.step("batch_state"):
-            batch = batch_state(clean, cfg.features, models.slots).withColumn(BUCKET, bucket).localCheckpoint()
+            batch = batch_state(clean, cfg.features, models.slots).withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
             buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
         state_path = table_path(out, STATE)
         with report.step("state_merge"):
@@ -285,6 +283,11 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             frame.unpersist()
 
 
+def _bucket(cfg: Config):
+    """The state partition of a user: a hash bucket of user_id."""
+    return F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
+
+
 def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) -> DataFrame:
     """Merge the batch into the state's touched buckets; returns the batch's users' new rows."""
     if table_exists(state_path):
@@ -294,8 +297,7 @@ def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) 
         old = batch.limit(0)
     merged = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
     untouched = old.join(batch.select("user_id"), "user_id", "left_anti")
-    bucket = F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
-    merged = merged.withColumn(BUCKET, bucket).localCheckpoint()
+    merged = merged.withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
     rows = merged.unionByName(untouched)
     written = write_table(
         spark, rows, state_path, replace_where={BUCKET: buckets}, partition_by=[BUCKET],
@@ -337,21 +339,16 @@ def _online_assignments(spark, cfg: Config, models: StreamModels, features: Data
             for j in range(models.online.k)
         ]
         write_table(spark, spark.createDataFrame(rows, CENTROID_SCHEMA), path, txn=(f"{app}.online", batch_id))
-    centres = models.online.centers
-    x = vector_to_array(F.col(PREPARED_VECTOR), "float64")
-    distance = [
-        F.aggregate(F.zip_with(x, F.array(*[F.lit(float(v)) for v in centre]), lambda a, b: (a - b) * (a - b)),
-                    F.lit(0.0), lambda s, v: s + v)
-        for centre in centres
-    ]
-    nearest = F.least(*[F.struct(d.alias("d"), F.lit(models.kmeans_ids[j]).alias("segment")) for j, d in enumerate(distance)])
+    cluster, squared = nearest_centre(PREPARED_VECTOR, models.online.centers)
+    ids = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_ids.items()) for x in pair])
+    segment = ids[cluster]
     names = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_names.items()) for x in pair])
     return prepared.select(
         "user_id",
-        nearest["segment"].cast("int").alias("segment"),
-        F.coalesce(names[nearest["segment"]], F.lit("unnamed segment")).alias("segment_name"),
+        segment.cast("int").alias("segment"),
+        F.coalesce(names[segment], F.lit("unnamed segment")).alias("segment_name"),
         F.lit(None).cast("double").alias("probability"),
-        F.sqrt(nearest["d"]).alias("anomaly_score"),  # distance to the online centre, prepared units
+        F.sqrt(squared).alias("anomaly_score"),  # distance to the online centre, prepared units
     )
 
 

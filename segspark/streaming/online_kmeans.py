@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pyspark.ml.functions import vector_to_array
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 TIME_UNITS = ("batches", "points")
@@ -110,11 +110,9 @@ class OnlineKMeans:
         )
 
 
-def batch_statistics(points: DataFrame, vector_col: str, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster (sums k x d, counts k) of a batch, each row assigned to its nearest centre.
-
-    Runs on the executors as one aggregation: the nearest centre is a SQL expression over the
-    vector's array form (centres inlined as literals: k x d numbers), and only k rows come back."""
+def nearest_centre(vector_col: str, centers: np.ndarray) -> tuple[Column, Column]:
+    """(index of the nearest centre, squared distance to it) of a vector column, as SQL expressions
+    with the centres inlined as literals (k x d numbers); ties go to the lower index, as MLlib."""
     centers = np.asarray(centers, dtype=np.float64)
     k, d = centers.shape
     x = vector_to_array(F.col(vector_col), "float64")
@@ -124,9 +122,21 @@ def batch_statistics(points: DataFrame, vector_col: str, centers: np.ndarray) ->
         for j in range(k)
     ]
     # argmin with ties to the lower index: the smallest (score, j) struct.
-    nearest = F.least(*[F.struct(score.alias("score"), F.lit(j).alias("j")) for j, score in enumerate(scores)])["j"]
+    nearest = F.least(*[F.struct(score.alias("score"), F.lit(j).alias("j")) for j, score in enumerate(scores)])
+    own = F.aggregate(x, F.lit(0.0), lambda total, v: total + v * v)
+    return nearest["j"], F.greatest(nearest["score"] + own, F.lit(0.0))
+
+
+def batch_statistics(points: DataFrame, vector_col: str, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster (sums k x d, counts k) of a batch, each row assigned to its nearest centre.
+
+    Runs on the executors as one aggregation (`nearest_centre`); only k rows come back."""
+    centers = np.asarray(centers, dtype=np.float64)
+    k, d = centers.shape
+    x = vector_to_array(F.col(vector_col), "float64")
+    cluster, _ = nearest_centre(vector_col, centers)
     rows = (
-        points.select(nearest.alias("cluster"), x.alias("x"))
+        points.select(cluster.alias("cluster"), x.alias("x"))
         .groupBy("cluster")
         .agg(F.count(F.lit(1)).alias("n"), *[F.sum(F.col("x")[i]).alias(f"s{i}") for i in range(d)])
         .collect()
