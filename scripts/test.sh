@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install_chromium.sh || echo "test: without Chromium, tests/test_report.py fails (the rest runs)" >&2
 exec .venv/bin/python -m pytest "$@"

@@ -1,4 +1,4 @@
-"""Command line: `segspark generate|run|features|train|score|stream ...` (also `python -m segspark`).
+"""Command line: `segspark generate|run|features|train|score|stream|report ...` (also `python -m segspark`).
 
 Thin: parses arguments, loads the config, gets a session and calls the library. Exit codes:
 0 success, 2 bad usage/config/input schema (one clear message, no traceback), 1 failure at run time.
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import click
 
+from segspark import progress
 from segspark.errors import UsageError
 
 log = logging.getLogger("segspark")
@@ -34,9 +35,17 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _LogHandler(logging.StreamHandler):
+    """stderr handler that first wipes the progress line, so log lines never run into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        progress.clear_line()
+        super().emit(record)
+
+
 def _configure_logging(verbose: bool, quiet: bool, log_format: str = "text") -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LogHandler(sys.stderr)
     handler.setFormatter(
         JsonLogFormatter() if log_format == "json" else logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
     )
@@ -45,10 +54,10 @@ def _configure_logging(verbose: bool, quiet: bool, log_format: str = "text") -> 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _session(app_name: str, master: str | None = None, conf: dict | None = None):
+def _session(app_name: str, master: str | None = None, conf: dict | None = None, remote: str | None = None):
     from segspark.session import spark_session
 
-    return spark_session(app_name, master or "local[2]", conf)
+    return spark_session(app_name, master or "local[2]", conf, remote)
 
 
 def _parse_date(ctx, param, value: str | None) -> dt.date | None:
@@ -65,15 +74,29 @@ def _parse_date(ctx, param, value: str | None) -> dt.date | None:
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one JSON object per log line (time, level, logger, message), for schedulers.")
-def cli(verbose: bool, quiet: bool, log_format: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool, log_format: str) -> None:
     """segspark: customer segmentation on Apache Spark, written to Delta tables.
+
+    On a terminal, long stages show a progress line (stage, rows, elapsed, Spark tasks); piped or
+    captured output gets log lines only.
 
     \b
     Examples:
       segspark generate --out sample --users 5000
       segspark run --config conf/local.yaml --set input.path=sample/events
+      segspark report --config conf/local.yaml
+      segspark --log-format json -q run --config conf/local.yaml    # for a scheduler
+      segspark run --help
     """
     _configure_logging(verbose, quiet, log_format)
+    ctx.obj = {"progress": not quiet and log_format == "text"}
+
+
+def _progress(spark):
+    """Stage progress on stderr for this command, when the user wants it and stderr is a terminal."""
+    root = click.get_current_context().find_root()
+    return progress.watch(sys.stderr, spark, enabled=bool((root.obj or {}).get("progress", True)))
 
 
 @cli.command()
@@ -133,7 +156,7 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
     from segspark.config import load_config
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
 
@@ -169,7 +192,7 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
         raise click.UsageError("give --config FILE (or --list for the feature catalog)")
     from segspark import pipeline
 
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, segments=False)
     _print_summary(result)
 
@@ -199,7 +222,7 @@ def train_command(config_path, run_id, as_of, overrides, more_overrides) -> None
     from segspark.config import load_config
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, from_features=True)
     _print_summary(result)
 
@@ -230,7 +253,7 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
     from segspark.models.bundle import open_bundle
 
     open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
     _print_summary(result)
 
@@ -263,7 +286,7 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
         from segspark.models.bundle import open_bundle
 
         open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg)) as spark:
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark:
         run = run_stream(spark, cfg, available_now=available_now, bundle=bundle_dir)
     summary = run.summary()
     click.echo(f"stream {run.run_id} (app {cfg.streaming.app_id}) stopped after {summary['batches']} micro-batches"
@@ -274,6 +297,37 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
     if summary["retrain_recommended"]:
         click.echo("  RETRAIN RECOMMENDED: " + "; ".join(summary["retrain_reasons"]))
     click.echo(f"  tables: user_segments_live, segment_drift, segment_centroids_online, stream_batches under {cfg.output.root}")
+
+
+@cli.command("report")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--run-id", default=None, help="Run to report on (default: the latest succeeded run with segments).")
+@click.option("--out", "out_path", default=None, help="HTML file to write (default: output.root/_reports/<run_id>/report.html).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def report_command(config_path, run_id, out_path, overrides, more_overrides) -> None:
+    """Write one self-contained HTML report of a run and print its path.
+
+    Segment sizes, profiles and distinguishing features per model, a 2-D projection of a bounded
+    user sample, the k-selection curves, GMM membership and anomaly scores, transitions since the
+    previous run, data quality, run metadata and streaming drift. Figures are embedded: the file
+    opens offline. What a run lacks (a disabled model, no previous run) is a note in the page.
+
+    \b
+    Examples:
+      segspark report --config conf/local.yaml
+      segspark report --config conf/local.yaml --run-id daily-2026-10-31 --out /tmp/report.html
+    """
+    from segspark.config import load_config
+    from segspark.report import write_report
+
+    cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark:
+        result = write_report(spark, cfg, run_id=run_id, out=out_path)
+    click.echo(f"report of run {result.run_id}: {len(result.figures)} figures, {result.size_bytes / 1e6:.1f} MB")
+    if result.skipped:
+        click.echo("  left out: " + "; ".join(f"{s.id} ({s.reason})" for s in result.skipped))
+    click.echo(str(result.path))
 
 
 def _overrides(flagged: Sequence[str], trailing: Sequence[str]) -> list[str]:
@@ -289,25 +343,60 @@ def _spark_conf(cfg) -> dict[str, str]:
 
 
 def _print_summary(result) -> None:
-    click.echo(f"run {result.run_id} {result.status} (as of {result.as_of})")
+    """The final summary: counts, each model's choice, a table of segments, stage times, tables."""
+    total = sum(result.stage_seconds.values())
+    click.echo(f"run {result.run_id} {result.status} (as of {result.as_of}, {total:,.1f} s)")
     click.echo(
         f"  input rows {result.input_rows:,} = clean {result.clean_rows:,} + quarantined {result.quarantined_rows:,}"
     )
     click.echo(f"  users {result.users:,}")
-    shown = None
-    for seg in result.segments:
-        if seg["model"] != shown:
-            shown = seg["model"]
-            bundle = result.metrics.get("scored_with_bundle")
-            reason = result.metrics.get(shown, {}).get("reason") or (
-                f"segments of training run {bundle['run_id']} (bundle {bundle['path']})" if bundle else ""
-            )
-            click.echo(f"  {shown}: {reason}")
-        share = seg["size"] / result.users if result.users else 0.0
-        click.echo(f"    segment {seg['segment']:>2}  {seg['size']:>9,}  {share:6.1%}  {seg['name']}")
-    click.echo("  tables:")
-    for name, path in result.tables.items():
-        click.echo(f"    {name:<19} {path}")
+    bundle = result.metrics.get("scored_with_bundle")
+    models = list(dict.fromkeys(seg["model"] for seg in result.segments))
+    for model in models:
+        reason = result.metrics.get(model, {}).get("reason") or (
+            f"segments of training run {bundle['run_id']} (bundle {bundle['path']})" if bundle else ""
+        )
+        click.echo(f"  {model}: {reason}")
+    if result.segments:
+        rows = [
+            [seg["model"], seg["segment"], seg["size"], f"{seg['size'] / result.users:.1%}" if result.users else "",
+             seg["name"]]
+            for seg in result.segments
+        ]
+        click.echo("")
+        click.echo(format_table(["model", "segment", "users", "share", "name"], rows))
+    if result.stage_seconds:
+        click.echo("")
+        stages = [[name, f"{seconds:,.1f}"] for name, seconds in result.stage_seconds.items()]
+        click.echo(format_table(["stage", "seconds"], stages))
+    click.echo("")
+    click.echo(format_table(["table", "location"], [[name, path] for name, path in result.tables.items()]))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: numbers right-aligned (with thousands separators), text left-aligned."""
+    def text(value: object) -> str:
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+    cells = [[text(v) for v in row] for row in rows]
+    numeric = [bool(rows) and all(_is_number(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  " + "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    rule = "  " + "  ".join("-" * w for w in widths)
+    return "\n".join([line(list(headers)), rule, *(line(r) for r in cells)])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", "").rstrip("%"))
+        return True
+    except ValueError:
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

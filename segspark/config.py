@@ -48,6 +48,7 @@ class _Section(BaseModel):
 class SparkConfig(_Section):
     app_name: str = "segspark"
     master: str = "local[2]"
+    remote: str | None = None  # Spark Connect URL (sc://host:port); also the SPARK_REMOTE variable
     shuffle_partitions: int = Field(8, ge=1)
     conf: dict[str, str] = Field(default_factory=dict)
 

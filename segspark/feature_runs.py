@@ -52,7 +52,7 @@ def load_feature_run(
     ConfigError (exit 2) when there is no such run, it did not succeed, it has no features, or its
     as_of is not the one asked for: each message says what was found and what to run instead."""
     runs_path = table_path(output, "runs")
-    if not table_exists(runs_path) or not table_exists(table_path(output, "user_features")):
+    if not table_exists(runs_path, spark) or not table_exists(table_path(output, "user_features"), spark):
         raise ConfigError(
             f"train: no features under output.root={output.root!r} (tables runs and user_features not found); "
             "run `segspark features --config FILE` first, or `segspark run` for features and training in one go"

@@ -19,7 +19,7 @@ from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from segspark import ingest
+from segspark import ingest, progress
 from segspark.bundle_models import (
     bundle_location,
     bundle_slots,
@@ -37,12 +37,13 @@ from segspark.features import resolve_slots, user_features
 from segspark.features.behaviour import FeatureSlots
 from segspark.features.catalog import category_slot_names, feature_columns
 from segspark.io.readers import read_raw_events
-from segspark.io.tables import read_output_table, table_path, write_run_rows
+from segspark.io.tables import check_output, read_output_table, table_path, write_run_rows
 from segspark.models import deep
 from segspark.models.prepare import fit_preparation
 from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
 from segspark.schema import USER_FEATURES_KEYS as KEYS
 from segspark.segments import ModelSegments, build_segments, stable_segments
+from segspark.session import apply_required_conf
 from segspark.tracking import check_tracking, log_run
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,11 @@ def _stage(result: RunResult, name: str) -> Iterator[dict]:
     """Times a stage and logs one line with its row counts when it ends."""
     counts: dict = {}
     start = time.perf_counter()
-    yield counts
+    progress.stage_started(name, counts)
+    try:
+        yield counts
+    finally:
+        progress.stage_finished(name)
     seconds = time.perf_counter() - start
     result.stage_seconds[name] = round(seconds, 3)
     detail = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in counts.items())
@@ -96,6 +101,8 @@ def run(
     models of an existing bundle (`segspark score`) instead of training new ones. from_features:
     train on the features an earlier `segspark features` run wrote (`segspark train`): run_id names
     that run (default: the latest succeeded one), whose record the training then completes."""
+    apply_required_conf(spark)
+    check_output(spark, cfg.output)
     source = load_feature_run(spark, cfg.output, run_id, as_of) if from_features else None
     if source is not None:
         result = RunResult(run_id=source.run_id, as_of=source.as_of)

@@ -168,7 +168,7 @@ class _PreviousRun:
 
 def _previous_run(spark: SparkSession, output: OutputConfig, model: str, run_id: str) -> _PreviousRun | None:
     """The latest earlier successful run that wrote profiles for `model` (profiles and runs are small)."""
-    if not (table_exists(table_path(output, "segment_profiles")) and table_exists(table_path(output, "runs"))):
+    if not (table_exists(table_path(output, "segment_profiles"), spark) and table_exists(table_path(output, "runs"), spark)):
         return None
     profiles = read_output_table(spark, output, "segment_profiles").filter(
         (F.col("model") == model) & (F.col("run_id") != run_id)

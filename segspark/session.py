@@ -60,8 +60,10 @@ def get_spark(
     app_name: str = "segspark",
     master: str = "local[2]",
     conf: Mapping[str, str] | None = None,
+    remote: str | None = None,
 ) -> SparkSession:
-    """Return the active SparkSession, or build a local one.
+    """Return the active SparkSession, or build one: a Spark Connect client when `remote` (or the
+    SPARK_REMOTE variable) names a server, otherwise a local session.
 
     An active session (Databricks, spark-submit, a notebook) is reused as is, apart from the few
     SQL settings segspark relies on (REQUIRED_CONF), which are set at session level.
@@ -69,10 +71,11 @@ def get_spark(
     active = SparkSession.getActiveSession()
     if active is not None:
         log.info("using the active SparkSession (Spark %s)", active.version)
-        for key, value in REQUIRED_CONF.items():
-            active.conf.set(key, value)
-        return active
+        return apply_required_conf(active)
 
+    remote = remote or os.environ.get("SPARK_REMOTE")
+    if remote:
+        return _connect_session(app_name, remote, conf)
     if os.environ.get("PYSPARK_GATEWAY_PORT"):
         # Launched by spark-submit (or the pyspark shell): the JVM already holds the master and
         # settings the user submitted with; add only what segspark needs.
@@ -88,6 +91,40 @@ def get_spark(
     spark.sparkContext.setLogLevel("WARN")
     log.info("started SparkSession (Spark %s, master %s)", spark.version, spark.sparkContext.master)
     return spark
+
+
+def _connect_session(app_name: str, remote: str, conf: Mapping[str, str] | None) -> SparkSession:
+    # The server owns master, memory and the rest: a client can set SQL settings only.
+    spark = SparkSession.builder.remote(remote).appName(app_name).getOrCreate()
+    for key, value in {**dict(conf or {}), **REQUIRED_CONF}.items():
+        if key.startswith("spark.sql."):
+            spark.conf.set(key, str(value))
+    log.info("connected to Spark Connect server %s (Spark %s)", remote, spark.version)
+    return spark
+
+
+def apply_required_conf(spark: SparkSession) -> SparkSession:
+    """Set the session-level SQL settings segspark relies on (REQUIRED_CONF) on a session someone
+    else built: a notebook's `spark`, a Spark Connect session. Library entry points call it, so
+    `pipeline.run(spark, cfg)` works on any session."""
+    for key, value in REQUIRED_CONF.items():
+        if spark.conf.get(key, None) != value:
+            spark.conf.set(key, value)
+    return spark
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """True for a Spark Connect session (Databricks serverless and shared clusters, `sc://` remotes):
+    no SparkContext and no JVM gateway on this side."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def share_session(spark: SparkSession) -> None:
+    """Make `spark` this thread's active session: a thread-pool initializer. Spark Connect keeps
+    the active session per thread, and MLlib's remote calls (model.clusterCenters() and the like)
+    look it up there, so a worker thread without it fails. Classic sessions need nothing."""
+    if is_connect(spark) and type(spark).getActiveSession() is None:
+        type(spark)._set_default_and_active_session(spark)  # no public setter in pyspark 4.2
 
 
 def has_delta_connector(spark: SparkSession) -> bool:
@@ -108,19 +145,30 @@ def has_delta_connector(spark: SparkSession) -> bool:
 
 
 def _connect_has_delta(spark: SparkSession) -> bool:
-    # Under Spark Connect there is no JVM gateway; Databricks serverless always has Delta.
-    if getattr(spark, "_jvm", None) is not None:
+    # Under Spark Connect there is no JVM gateway to ask: ask the server to resolve the data
+    # source instead (analysis only, no data read). Without Delta the error names the missing source.
+    if not is_connect(spark):
         return False
-    return bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+    try:
+        spark.read.format("delta").load("/segspark-delta-probe-does-not-exist").schema  # noqa: B018
+    except Exception as exc:  # noqa: BLE001 - the kind of error is the answer
+        text = str(exc)
+        return not ("DATA_SOURCE_NOT_FOUND" in text or "Failed to find the data source" in text)
+    return True
 
 
 @contextmanager
-def spark_session(app_name: str = "segspark", master: str = "local[2]", conf: Mapping[str, str] | None = None):
+def spark_session(
+    app_name: str = "segspark",
+    master: str = "local[2]",
+    conf: Mapping[str, str] | None = None,
+    remote: str | None = None,
+):
     """`get_spark` for a command's lifetime: stops the session at the end only if this call built
     it, so a notebook's or job's session is left running. Stopping matters: a process that loaded
     delta-rs and left Spark running was seen aborting at exit (code 134), hiding the exit status."""
     existed = SparkSession.getActiveSession() is not None
-    spark = get_spark(app_name, master, conf)
+    spark = get_spark(app_name, master, conf, remote)
     try:
         yield spark
     finally:

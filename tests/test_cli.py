@@ -26,7 +26,14 @@ def test_run_prints_summary_and_exits_0(spark, capsys, sample_parquet, tmp_path)
         "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}", *FAST_MODELS,
     )
     assert code == 0, err
-    assert "run cli-1 succeeded" in out and "kmeans: k=" in out and "segment  0" in out and "user_segments" in out
+    assert "run cli-1 succeeded" in out and "kmeans: k=" in out and "user_segments" in out
+    # The summary table: a header, a rule, then one row per model and segment.
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["model", "segment", "users", "share", "name"])
+    assert set(lines[header + 1].strip()) <= {"-", " "}
+    rows = [line.split() for line in lines[header + 2:] if line.strip()]
+    assert {"kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"} <= {row[0] for row in rows}
+    assert any(line.split()[:2] == ["stage", "seconds"] for line in lines)
     assert DeltaTable(str(tmp_path / "user_segments")).to_pyarrow_table().num_rows > 0
 
 
@@ -59,6 +66,68 @@ def test_missing_columns_exit_2_listing_missing_and_present(spark, capsys, tmp_p
     assert "lacks required columns" in err and "Columns present: ts, uid" in err
 
 
+def test_invalid_yaml_exits_2_naming_the_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spark: [unclosed\n")
+    code, _, err = run_cli(capsys, "run", "--config", str(bad))
+    assert code == 2 and "bad.yaml" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+
+
+def _damage(bundle, how: str) -> None:
+    bundle.mkdir()
+    manifest = bundle / "manifest.json"
+    if how == "garbage":
+        manifest.write_text("{not json")
+    elif how == "binary":
+        manifest.write_bytes(b"\xff\xfe\x00\x81" * 8)
+    elif how == "not-a-manifest":
+        manifest.write_text('{"format_version": 1}')
+    elif how == "a-folder":
+        manifest.mkdir()
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing", "manifest.json is missing"),
+        ("garbage", "is not valid JSON"),
+        ("binary", "cannot be read"),
+        ("not-a-manifest", "manifest"),
+        ("a-folder", "cannot be read"),
+    ],
+)
+@pytest.mark.parametrize("command", ["score", "stream"])
+def test_unreadable_bundle_exits_2_with_one_message(capsys, tmp_path, how, message, command):
+    bundle = tmp_path / "bundle"
+    _damage(bundle, how)
+    code, _, err = run_cli(capsys, command, "--config", str(REPO / "conf/local.yaml"), "--bundle", str(bundle),
+                           "--set", f"output.root={tmp_path / 'out'}")
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+
+
+def test_catalog_tables_without_the_delta_connector_exit_2(spark, capsys, sample_parquet, tmp_path):
+    code, _, err = run_cli(
+        capsys, "run", "--config", str(REPO / "conf/local.yaml"),
+        "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}", "output.catalog=main",
+        "output.schema=crm",
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "catalog tables are written by the Delta Spark connector" in err and "output.catalog" in err
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    from segspark.cli import cli
+
+    for name in ["", *cli.commands]:
+        code, out, _ = run_cli(capsys, *([name] if name else []), "--help")
+        assert code == 0 and "Usage:" in out, name
+        assert "Example" in out, f"segspark {name} --help shows no example"
+
+
 def test_missing_config_file_exits_2(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--config", str(tmp_path / "missing.yaml"))
     assert code == 2 and "not found" in err
@@ -78,6 +147,7 @@ def test_end_to_end_on_local_cluster_with_two_executor_jvms(sample_parquet, tmp_
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "local-cluster[2,1,1024]" in proc.stderr  # the session really ran on the cluster master
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr  # stderr is a pipe: no progress line
     segments = DeltaTable(str(out / "user_segments")).to_pyarrow_table()
     features = DeltaTable(str(out / "user_features")).to_pyarrow_table()
     runs = DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist()

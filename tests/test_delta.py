@@ -335,3 +335,24 @@ def test_nested_and_vector_columns_are_stored_without_stats(spark, tmp_path):
     assert list(stats["minValues"]) == list(stats["maxValues"]) == ["id"]
     back = read_table(spark, path).where("id = 1").first()
     assert back["emb"] == [0.5, 1.5] and back["v"]["values"] == [1.0, 2.0]
+
+
+def test_catalog_names_are_quoted_and_need_a_schema():
+    from segspark.config import OutputConfig
+    from segspark.errors import ConfigError
+    from segspark.io.delta import is_catalog_name
+    from segspark.io.tables import table_path
+
+    name = table_path(OutputConfig(root="/x", catalog="main", schema="crm"), "user_segments")
+    assert name == "`main`.`crm`.`user_segments`" and is_catalog_name(name)
+    assert table_path(OutputConfig(root="/x", schema="odd`name"), "runs") == "`odd``name`.`runs`"
+    assert table_path(OutputConfig(root="/x/"), "runs") == "/x/runs" and not is_catalog_name("/x/runs")
+    with pytest.raises(ConfigError, match="needs output.schema"):
+        table_path(OutputConfig(root="/x", catalog="main"), "runs")
+
+
+def test_catalog_table_without_the_connector_is_refused(spark):
+    from segspark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the Delta Spark connector"):
+        write_table(spark, spark.range(1), "`main`.`crm`.`t`")

@@ -31,6 +31,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from segspark.evaluation.metrics import DEFAULT_FEATURES, cluster_metrics, mean_pairwise_ari
+from segspark.session import share_session
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ def sweep(
         )
 
     result = SweepResult()
-    with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="segspark-sweep") as pool:
+    with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="segspark-sweep",
+                            initializer=share_session, initargs=(prepared.sparkSession,)) as pool:
         futures: dict[tuple[int, int], Future] = {
             (k, seed): pool.submit(fit_one, prepared, k, seed) for k in sorted(ks) for seed in seeds
         }

@@ -57,6 +57,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from segspark.errors import ConfigError
 from segspark.io.delta_files import (
     FileFacts,
     arrow_schema,
@@ -101,8 +102,24 @@ class WriteResult:
     skipped: bool = False
 
 
-def table_exists(path: str) -> bool:
-    """True when `path` holds a Delta table (a readable `_delta_log`)."""
+def is_catalog_name(table: str) -> bool:
+    """Tables are given by path, or by a quoted catalog name (`catalog`.`schema`.`table`, see
+    `catalog_name`): a path never starts with a backtick."""
+    return table.startswith("`")
+
+
+def catalog_name(*parts: str) -> str:
+    """The quoted identifier of a catalog table, e.g. `main`.`crm`.`user_segments`."""
+    return ".".join(_quote_name(p) for p in parts if p)
+
+
+def table_exists(path: str, spark: SparkSession | None = None) -> bool:
+    """True when `path` holds a Delta table (a readable `_delta_log`), or when the catalog table
+    `path` names exists (then `spark` is needed)."""
+    if is_catalog_name(path):
+        if spark is None:
+            raise ValueError(f"table_exists({path}): a catalog table name needs the SparkSession")
+        return spark.catalog.tableExists(path)
     return DeltaTable.is_deltatable(_locate(path).table_uri)
 
 
@@ -127,11 +144,14 @@ def write_table(
     _check_replace_where(df, path, replace_where)
     if has_delta_connector(spark):
         return _connector_write(spark, df, path, replace_where, partition_by, txn)
+    _refuse_catalog_name(path)
     return _Committer(spark, df, path, replace_where or {}, partition_by, txn).run()
 
 
 def read_table(spark: SparkSession, path: str) -> DataFrame:
-    """The current snapshot of the Delta table at `path` as a DataFrame."""
+    """The current snapshot of the Delta table at `path` (or with that catalog name) as a DataFrame."""
+    if is_catalog_name(path):
+        return spark.read.table(path)
     if has_delta_connector(spark):
         return spark.read.format("delta").load(path)
     loc = _locate(path)
@@ -212,7 +232,10 @@ def _connector_write(spark, df, path, replace_where, partition_by, txn) -> Write
         writer = writer.partitionBy(*partition_by)
     if txn is not None:
         writer = writer.option("txnAppId", txn[0]).option("txnVersion", str(txn[1]))
-    writer.save(path)
+    if is_catalog_name(path):
+        writer.saveAsTable(path)  # created in the catalog (managed) on the first write
+    else:
+        writer.save(path)
     last = _connector_last_commit(spark, path)
     if txn is not None and before is not None and last["version"] == before["version"]:
         log.info("Delta table %s: txn %s already committed, write skipped by the connector", path, txn)
@@ -233,9 +256,9 @@ def _connector_write(spark, df, path, replace_where, partition_by, txn) -> Write
 
 
 def _connector_last_commit(spark, path):
-    quoted = path.replace("`", "``")
+    table = path if is_catalog_name(path) else "delta." + _quote_name(path)
     try:
-        return spark.sql(f"DESCRIBE HISTORY delta.`{quoted}` LIMIT 1").collect()[0]
+        return spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]
     except Exception:  # noqa: BLE001 - not a Delta table yet
         return None
 
@@ -554,6 +577,16 @@ class _Committer:
             self.loc.fs.delete_dir(stage_path)
         except (FileNotFoundError, OSError) as exc:
             log.warning("could not delete staged files %s: %s", stage_path, exc)
+
+
+def _refuse_catalog_name(path: str) -> None:
+    if is_catalog_name(path):
+        raise ConfigError(
+            f"table {path}: output.catalog/output.schema write catalog tables, which needs the Delta Spark "
+            "connector (Databricks, or spark-submit --packages io.delta:delta-spark_2.13:<version>); it is not "
+            "on this session's classpath. Leave output.catalog and output.schema empty to write path tables "
+            "under output.root"
+        )
 
 
 def _check_replace_where(df: DataFrame, path: str, replace_where: Mapping[str, object] | None) -> None:

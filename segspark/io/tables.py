@@ -1,7 +1,9 @@
 """Where segspark's output tables live, and writing one run's rows into them.
 
-Tables are Delta tables under `output.root/<name>`. Writing a run's rows replaces that run's earlier
-rows in the same commit (re-running a run id never duplicates it).
+Tables are Delta tables under `output.root/<name>`, or catalog tables `output.catalog`.`output.schema`.
+`<name>` when those are set (Unity Catalog or a metastore; written by the Delta Spark connector, which
+the catalog needs). Model bundles, reports and checkpoints stay under output.root either way. Writing a
+run's rows replaces that run's earlier rows in the same commit (re-running a run id never duplicates it).
 """
 
 from __future__ import annotations
@@ -10,16 +12,34 @@ from pyspark.sql import DataFrame, SparkSession
 
 from segspark.config import OutputConfig
 from segspark.errors import ConfigError
-from segspark.io.delta import WriteResult, read_table, write_table
+from segspark.io.delta import WriteResult, catalog_name, read_table, write_table
+from segspark.session import has_delta_connector
+
+
+def uses_catalog(output: OutputConfig) -> bool:
+    return bool(output.catalog or output.schema_)
 
 
 def table_path(output: OutputConfig, name: str) -> str:
-    if output.catalog or output.schema_:
-        raise ConfigError(
-            "output.catalog/output.schema: writing to catalog tables is not supported yet; "
-            "leave them empty and set output.root to a path"
-        )
+    """The table's path under output.root, or its quoted catalog name (io.delta accepts both)."""
+    if uses_catalog(output):
+        if not output.schema_:
+            raise ConfigError(f"output.catalog={output.catalog!r} needs output.schema too (the schema the tables go to)")
+        return catalog_name(output.catalog or "", output.schema_, name)
     return f"{output.root.rstrip('/')}/{name}"
+
+
+def check_output(spark: SparkSession, output: OutputConfig) -> None:
+    """Fail before any work when catalog tables are asked for but cannot be written here."""
+    if uses_catalog(output) and not has_delta_connector(spark):
+        raise ConfigError(
+            f"output.catalog={output.catalog!r} output.schema={output.schema_!r}: catalog tables are written by "
+            "the Delta Spark connector (Databricks, or spark-submit --packages io.delta:delta-spark_2.13:<version>), "
+            "which this session does not have. Leave output.catalog and output.schema empty to write path tables "
+            "under output.root"
+        )
+    if uses_catalog(output):
+        table_path(output, "runs")  # schema given?
 
 
 def write_run_rows(spark: SparkSession, output: OutputConfig, name: str, df: DataFrame, run_id: str) -> WriteResult:

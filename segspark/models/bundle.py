@@ -402,6 +402,8 @@ def open_bundle(bundle_dir: str | os.PathLike[str], *, verify: bool = True) -> M
             f"{where} is missing: {root} is not a finished bundle (training writes the manifest last, so a "
             "run that failed or is still running leaves none). Retrain, or point to another bundle."
         ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{where} cannot be read ({exc}); check the file's permissions, or retrain") from None
     try:
         doc = json.loads(text)
     except ValueError as exc:
@@ -412,7 +414,12 @@ def open_bundle(bundle_dir: str | os.PathLike[str], *, verify: bool = True) -> M
         raise BundleError(
             f"{where} holds a JSON {type(doc).__name__}, expected an object: not a segspark manifest"
         )
-    manifest = Manifest.from_dict(doc, root)
+    try:
+        manifest = Manifest.from_dict(doc, root)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{where} is not a segspark manifest ({type(exc).__name__}: {exc}); the file was damaged or edited. Retrain."
+        ) from None
     if verify:
         _verify(manifest)
         for name, (trained, installed) in manifest.library_mismatches().items():

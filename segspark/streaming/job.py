@@ -44,10 +44,11 @@ from segspark.config import Config
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
 from segspark.io.delta import read_table, table_exists, write_table
-from segspark.io.tables import read_output_table, table_path, write_run_rows
+from segspark.io.tables import read_output_table, table_path, uses_catalog, write_run_rows
 from segspark.models.bundle import Manifest
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.schema import RUNS
+from segspark.session import apply_required_conf
 from segspark.streaming import drift
 from segspark.streaming.feature_state import batch_state, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
@@ -439,6 +440,14 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
                run_id: str | None = None, on_batch=None) -> StreamRun:
     """Start the stream and wait for it (until stopped, or until the input is processed with
     available_now). Every batch updates the stream's `runs` row (status running, then succeeded)."""
+    apply_required_conf(spark)
+    if uses_catalog(cfg.output):
+        # Exactly-once rests on reading each table's Delta transactions (delta-rs, by path) before a
+        # batch writes; catalog names would need the metastore's storage location for that.
+        raise ConfigError(
+            "segspark stream writes path tables under output.root: leave output.catalog and output.schema "
+            "empty for the stream (the batch commands write catalog tables)"
+        )
     bundle = bundle or cfg.streaming.bundle or latest_bundle(spark, cfg)
     models = load_stream_models(spark, cfg, bundle)
     started_at = dt.datetime.now(dt.UTC)

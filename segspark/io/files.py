@@ -1,0 +1,44 @@
+"""Writing one small file (a report) next to the output tables: a local path or a file-system URI.
+
+Local paths (and `file:` URIs; `dbfs:/x` as the driver's `/dbfs/x`) are written with the standard
+library, creating the folders; other URIs (`s3://`, `gs://`, `abfss://`, `hdfs://`, ...) go through
+pyarrow's file systems. A local file is written under a temporary name and then moved into place,
+so that a reader never sees half of it (on object stores the final write is atomic anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import uuid
+from urllib.parse import unquote, urlparse
+
+log = logging.getLogger(__name__)
+
+
+def write_text_file(path: str, text: str) -> int:
+    """Write `text` (UTF-8) to `path`, replacing an existing file; returns the number of bytes."""
+    data = text.encode("utf-8")
+    parsed = urlparse(path)
+    if parsed.scheme == "dbfs":  # Databricks: DBFS is mounted on the driver at /dbfs
+        parsed = urlparse("file:///dbfs/" + (parsed.netloc + parsed.path).lstrip("/"))
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive
+        local = pathlib.Path(unquote(parsed.path) if parsed.scheme == "file" else path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            partial.write_bytes(data)
+            partial.replace(local)
+        finally:
+            partial.unlink(missing_ok=True)
+    else:
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        parent = inner.rsplit("/", 1)[0]
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(inner) as stream:
+            stream.write(data)
+    log.debug("wrote %s (%d bytes)", path, len(data))
+    return len(data)

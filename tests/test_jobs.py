@@ -1,0 +1,46 @@
+"""jobs/*.py under a real spark-submit: the JVM's session is used, exit codes come through.
+
+spark-submit merges the Python driver's stderr into its stdout (PythonRunner), so segspark's log
+and error lines are looked for in both."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from deltalake import DeltaTable
+from pyspark.find_spark_home import _find_spark_home
+
+from .conftest import REPO
+
+
+def _spark_submit(job: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    env.pop("SPARK_REMOTE", None)
+    command = [
+        os.path.join(_find_spark_home(), "bin", "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
+        "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
+        "--conf", "spark.ui.enabled=false", str(REPO / "jobs" / job), *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def test_features_job_under_spark_submit(sample_parquet, tmp_path):
+    done = _spark_submit(
+        "features.py", "--config", str(REPO / "conf/local.yaml"), "--run-id", "submitted",
+        "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}",
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "run submitted succeeded" in done.stdout
+    assert "started SparkSession" in output and "master local[2])" in output  # spark-submit's session
+    runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
+    assert [(r["run_id"], r["status"]) for r in runs] == [("submitted", "succeeded")]
+
+
+def test_a_bad_config_fails_the_submitted_job_with_exit_2(tmp_path):
+    done = _spark_submit("pipeline.py", "--config", str(tmp_path / "missing.yaml"))
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "missing.yaml" in output and "Traceback" not in output
