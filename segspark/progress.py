@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TextIO
 
+from segspark.session import is_connect
+
 CLEAR_LINE = "\r\x1b[K"
 
 
@@ -95,7 +97,7 @@ class TerminalProgress:
 def spark_tasks(spark) -> tuple[int, int] | None:
     """(completed, total) tasks of the active Spark stages, from the status tracker; None where
     there is none (Spark Connect has no SparkContext) or nothing runs."""
-    if spark is None or type(spark).__module__.startswith("pyspark.sql.connect"):
+    if spark is None or is_connect(spark):
         return None
     try:
         tracker = spark.sparkContext.statusTracker()

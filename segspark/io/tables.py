@@ -12,7 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from segspark.config import OutputConfig
 from segspark.errors import ConfigError
-from segspark.io.delta import WriteResult, catalog_name, read_table, write_table
+from segspark.io.delta import WriteResult, catalog_name, read_table, table_exists, write_table
 from segspark.session import has_delta_connector
 
 
@@ -49,3 +49,7 @@ def write_run_rows(spark: SparkSession, output: OutputConfig, name: str, df: Dat
 
 def read_output_table(spark: SparkSession, output: OutputConfig, name: str) -> DataFrame:
     return read_table(spark, table_path(output, name))
+
+
+def output_table_exists(spark: SparkSession, output: OutputConfig, name: str) -> bool:
+    return table_exists(table_path(output, name), spark)

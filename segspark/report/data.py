@@ -16,21 +16,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from deltalake.exceptions import TableNotFoundError
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from segspark.config import OutputConfig
 from segspark.errors import UsageError
-from segspark.io.tables import read_output_table
+from segspark.io.tables import output_table_exists, read_output_table
+from segspark.models.persist import DEEP_MODEL
 
 log = logging.getLogger(__name__)
 
 # The models a training run can hold, in the order the pipeline fits them.
 MODELS = ("kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan")
-DEEP_MODEL = "ae_hdbscan"
 KEY_COLUMNS = ("user_id", "as_of", "run_id")
 
 
@@ -68,28 +66,10 @@ class ProjectionSample:
 
 
 def optional_table(spark: SparkSession, output: OutputConfig, name: str) -> DataFrame | None:
-    """Table `name`, or None when it does not exist (yet): e.g. `segment_drift` before any stream.
-
-    Only "not found" is caught: a table that exists but cannot be read still raises."""
-    try:
-        frame = read_output_table(spark, output, name)
-        frame.columns  # noqa: B018 - resolves the schema (Spark Connect analyses lazily)
-    except TableNotFoundError:
+    """Table `name`, or None when it does not exist (yet): e.g. `segment_drift` before any stream."""
+    if not output_table_exists(spark, output, name):
         return None
-    except AnalysisException as exc:
-        if _is_not_found(exc):
-            return None
-        raise
-    return frame
-
-
-def _is_not_found(exc: AnalysisException) -> bool:
-    condition = (exc.getCondition() if hasattr(exc, "getCondition") else exc.getErrorClass()) or ""
-    text = str(exc)
-    return any(
-        marker in condition or marker in text
-        for marker in ("PATH_NOT_FOUND", "TABLE_OR_VIEW_NOT_FOUND", "DELTA_MISSING_DELTA_TABLE", "is not a Delta table")
-    )
+    return read_output_table(spark, output, name)
 
 
 def _runs_table(spark: SparkSession, output: OutputConfig) -> DataFrame:
