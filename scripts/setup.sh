@@ -2,11 +2,19 @@
 # Create .venv and install segspark with its dev tools. Idempotent: a second run only checks.
 # Needs Python 3.11+ and Java 17+; installs a headless JRE with apt when Java is missing and we are
 # root on Debian/Ubuntu, otherwise stops with a clear message.
+#
+# Installs from the lock (locks/py311-linux-x86_64.txt: exact versions with sha256 hashes, the set the
+# suite passed with) on Python 3.11 / Linux x86-64, so every machine gets the same libraries. Elsewhere,
+# or with SEGSPARK_LOCK=none, pip resolves pyproject.toml's ranges instead (what users get when they
+# `pip install segspark` into their own environment). SEGSPARK_VENV picks another environment folder
+# (scripts/lock.sh and scripts/test_latest.sh use that to test a new resolve beside .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV=${SEGSPARK_VENV:-.venv}
+LOCK=${SEGSPARK_LOCK:-locks/py311-linux-x86_64.txt}
 
 java_major() {
   command -v java >/dev/null 2>&1 || { echo 0; return; }
@@ -32,11 +40,38 @@ if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
   exit 2
 fi
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-stamp=.venv/.segspark-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev,mlflow]"
-  touch "$stamp"
+# The lock is for CPython 3.11 on Linux x86-64 (wheels and hashes are per platform).
+platform=$("$PYTHON" -c 'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}-{platform.system()}-{platform.machine()}")')
+if [ "$LOCK" != none ] && [ "$platform" != "3.11-Linux-x86_64" ]; then
+  echo "setup: the lock $LOCK is for Python 3.11 on Linux x86-64, this is $platform: installing from pyproject.toml's ranges" >&2
+  LOCK=none
 fi
-echo "setup: ready ($(.venv/bin/python --version), $(java -version 2>&1 | head -1))" >&2
+if [ "$LOCK" != none ] && [ ! -f "$LOCK" ]; then
+  echo "setup: lock file $LOCK not found (SEGSPARK_LOCK=none installs from pyproject.toml's ranges)" >&2
+  exit 2
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# The stamp names what was installed: a changed lock or pyproject.toml installs again.
+want="lock=$LOCK $(cat pyproject.toml "$([ "$LOCK" = none ] && echo /dev/null || echo "$LOCK")" | sha256sum | cut -c1-16)"
+stamp="$VENV/.segspark-installed"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  if [ "$LOCK" = none ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[dev,mlflow]"
+  else
+    # Every package, pip and the build tools included, comes from the lock and is checked against its
+    # hashes; segspark itself is then installed on top, without dependencies or a build environment.
+    # The build tools go first: pyspark ships only as a source distribution, built without an isolated
+    # build environment (which would fetch an unpinned setuptools).
+    tools=$(mktemp)
+    awk '/^(pip|setuptools|wheel)==/ {keep=1} /^[A-Za-z0-9]/ && !/^(pip|setuptools|wheel)==/ {keep=0} keep' "$LOCK" > "$tools"
+    "$VENV/bin/python" -m pip install -q --require-hashes --no-deps -r "$tools"
+    rm -f "$tools"
+    "$VENV/bin/python" -m pip install -q --require-hashes --no-deps --no-build-isolation -r "$LOCK"
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+    "$VENV/bin/python" -m pip check >&2 || { echo "setup: the lock $LOCK is inconsistent (pip check above); rebuild it with scripts/lock.sh" >&2; exit 1; }
+  fi
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready in $VENV ($("$VENV/bin/python" --version), $(java -version 2>&1 | head -1), $([ "$LOCK" = none ] && echo "pyproject.toml ranges" || echo "lock $LOCK"))" >&2

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_chromium.sh || echo "test: without Chromium, tests/test_report.py fails (the rest runs)" >&2
-exec .venv/bin/python -m pytest "$@"
+exec "${SEGSPARK_VENV:-.venv}/bin/python" -m pytest "$@"

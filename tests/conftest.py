@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 
 from segspark.session import get_spark
+
+# The same results on any machine: before any JVM starts, the process runs in UTC (pyspark turns naive
+# datetimes into timestamps, and collected timestamps back into datetimes, in the machine's zone) and
+# ignores settings of the surrounding shell that would point Spark elsewhere.
+os.environ["TZ"] = "UTC"
+time.tzset()
+for _variable in ("SPARK_REMOTE", "PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET", "SPARK_HOME", "SPARK_CONF_DIR"):
+    os.environ.pop(_variable, None)
 
 
 @pytest.fixture(scope="session")

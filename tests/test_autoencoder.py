@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from segspark.config import AutoencoderConfig
+from segspark.models.autoencoder import NUMPY_MATCH_ATOL
 from segspark.models.encoder import NumpyEncoder
 
 N_FEATURES = 12
@@ -75,14 +76,16 @@ def test_numpy_encoder_matches_keras(activation, variational):
     assert numpy_encoder.activations == (activation, activation, "linear")
     got = numpy_encoder.encode(x)
     assert got.dtype == np.float32 and got.shape == (257, 4)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # float32 rounding only: the library's own bound (kernels differ between CPUs and TensorFlow builds)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=NUMPY_MATCH_ATOL * max(1.0, float(np.abs(expected).max())))
 
 
 def test_trained_encoder_matches_keras(trained, blobs):
     x = blobs[0]
     expected = np.asarray(trained.keras_encoder(x, training=False))
-    np.testing.assert_allclose(trained.encoder.encode(x), expected, rtol=1e-5, atol=1e-5)
-    assert trained.numpy_max_abs_diff < 1e-5
+    bound = NUMPY_MATCH_ATOL * max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(trained.encoder.encode(x), expected, rtol=0, atol=bound)
+    assert trained.numpy_max_abs_diff <= bound
 
 
 # ----------------------------------------------------------------------------------- training
@@ -142,9 +145,13 @@ def test_early_stopping_stops_and_restores_the_best_weights(blobs):
     assert len(h["val_loss"]) == h["epochs_run"]
     assert h["best_epoch"] == h["epochs_run"] - 1  # patience 1: stopped one epoch after the best
     assert h["val_loss"][-1] >= h["best_loss"]
-    # Restored: the final model scores the best epoch's validation loss, not the last epoch's.
+    # The mechanism, not a particular loss curve: the best epoch is the validation minimum, and the
+    # final model is restored to it (it scores that epoch's loss, not the last one's).
+    assert h["best_epoch"] == int(np.argmin(h["val_loss"])) + 1
+    assert h["best_loss"] == pytest.approx(min(h["val_loss"]), rel=1e-6)
     assert result.reconstruction_mse == pytest.approx(h["best_loss"], rel=1e-4)
-    assert result.reconstruction_mse != pytest.approx(h["val_loss"][-1], rel=1e-4)
+    if min(h["val_loss"]) < h["val_loss"][-1] * (1 - 1e-3):  # the last epoch was clearly worse
+        assert result.reconstruction_mse != pytest.approx(h["val_loss"][-1], rel=1e-4)
 
 
 def test_no_validation_split_monitors_training_loss_and_caps_the_sample(blobs):

@@ -119,23 +119,65 @@ def test_hdbscan_does_not_repredict_training_probabilities(data):
 
 @pytest.fixture(scope="module")
 def gridded():
-    """Rounded coordinates: duplicates and equal distances everywhere. With this seed a selected
-    cluster splits before any point falls out of it, which hdbscan's prediction map mishandles."""
+    """Rounded coordinates: duplicates and equal distances everywhere (for the tie-order test)."""
     rng = np.random.default_rng(31)
     centres = rng.normal(0.0, 4.0, size=(3, 3))
     parts = [rng.normal(c, 1.0, size=(100, 3)) for c in centres] + [rng.uniform(-10, 10, size=(40, 3))]
     return np.round(np.vstack(parts)), centres
 
 
-def test_training_points_where_hdbscan_predicts_other_labels(gridded):
-    train, _ = gridded
+def _ring(rng, centre, points: int = 30, jitter: float = 0.05) -> np.ndarray:
+    """Points one unit apart on a circle, jittered: every point has the same density around it."""
+    angles = np.arange(points) * 2 * np.pi / points
+    radius = points / (2 * np.pi)
+    ring = np.c_[np.cos(angles), np.sin(angles)] * radius + centre
+    return ring + rng.normal(0.0, jitter, ring.shape)
+
+
+@pytest.fixture(scope="module")
+def split_before_falling_out():
+    """A selected cluster that splits before any point falls out of it, built without ties.
+
+    Two rings of equal density 4.5 apart form one cluster; a third ring lies far away. Every point
+    of the pair has the same core distance (about 3), below the gap, so the pair splits into its two
+    rings before losing a single point, and each ring then dissolves at once: the pair's stability
+    beats its rings' and it is selected. hdbscan's prediction map then labels only one ring (the
+    case `_cluster_map_from_labels` repairs). The jitter is continuous, so no two distances are
+    equal and nothing depends on how ties break; the layout holds for every seed with an exact
+    minimum spanning tree, and this seed holds with hdbscan's default approximate one too."""
+    rng = np.random.default_rng(3)
+    radius = 30 / (2 * np.pi)
+    pair = [_ring(rng, [0.0, 0.0]), _ring(rng, [2 * radius + 4.5, 0.0])]
+    return np.vstack([*pair, _ring(rng, [0.0, 60.0])])
+
+
+def _unmapped_subclusters(artifact: SlimHdbscan) -> tuple[int, np.ndarray]:
+    """The mechanism, read from the condensed tree: (label, training points) of a selected cluster
+    that no point falls out of directly and whose sub-clusters the prediction map leaves at -1."""
+    n = artifact.points.shape[0]
+    own = artifact.cluster_label[artifact.point_parent - n]
+    missing = (own == -1) & (artifact.fitted_labels >= 0)
+    assert missing.any(), "the layout no longer produces a split-before-falling-out cluster"
+    labels = np.unique(artifact.fitted_labels[missing])
+    assert labels.size == 1
+    return int(labels[0]), np.flatnonzero(missing)
+
+
+def test_training_points_where_hdbscan_predicts_other_labels(split_before_falling_out):
+    train = split_before_falling_out
     fitted = fit_hdbscan(train, HdbscanConfig(min_cluster_size=15, min_samples=5))
     clusterer = fitted.clusterer
+    label, unmapped = _unmapped_subclusters(fitted.artifact)
+    # The label's points fall out of two sibling clusters (the rings), none of the selected pair itself.
+    parents = np.unique(fitted.artifact.point_parent[clusterer.labels_ == label])
+    assert parents.size == 2
+    assert unmapped.size == 30  # one whole ring
+
     hdbscan_labels, _, _ = _hdbscan_predict(clusterer, train)
-    wrong = hdbscan_labels != clusterer.labels_
-    assert wrong.sum() >= 10  # whole sub-clusters of a selected cluster come back as noise
+    wrong = np.flatnonzero(hdbscan_labels != clusterer.labels_)
+    np.testing.assert_array_equal(wrong, unmapped)  # exactly the unmapped ring comes back as noise
     assert (hdbscan_labels[wrong] == -1).all()
-    assert fitted.artifact.map_gaps == wrong.sum() == fitted.metrics()["prediction_map_gaps"]
+    assert fitted.artifact.map_gaps == wrong.size == fitted.metrics()["prediction_map_gaps"]
 
     labels, probabilities, scores = fitted.artifact.predict(train)
     np.testing.assert_array_equal(labels, clusterer.labels_)
@@ -162,17 +204,21 @@ def test_ties_follow_hdbscan_neighbour_order(gridded):
         assert "reference" in fitted.artifact._cache
 
 
-def test_repair_cluster_map_labels_the_whole_selected_cluster(gridded):
-    train, _ = gridded
+def test_repair_cluster_map_labels_the_whole_selected_cluster(split_before_falling_out):
+    train = split_before_falling_out
     cfg = HdbscanConfig(min_cluster_size=15, min_samples=5)
     plain = fit_hdbscan(train, cfg).artifact
+    label, unmapped = _unmapped_subclusters(plain)
     repaired = fit_hdbscan(train, cfg, repair_cluster_map=True)
     assert repaired.artifact.map_gaps == 0 and repaired.metrics()["repair_cluster_map"] is True
+    n = train.shape[0]
+    assert (repaired.artifact.cluster_label[repaired.artifact.point_parent[unmapped] - n] == label).all()
+    # New points a little off the unmapped ring: noise with hdbscan's map, the label with the repair.
     jittered = train + np.random.default_rng(3).normal(0.0, 0.05, size=train.shape)
     before, _, _ = plain.predict(jittered)
     after, _, _ = repaired.artifact.predict(jittered)
+    assert (before[unmapped] == -1).all() and (after[unmapped] == label).all()
     changed = before != after
-    assert changed.sum() >= 10
     assert (before[changed] == -1).all() and (after[changed] >= 0).all()
 
 

@@ -17,7 +17,7 @@ def ev(user, when, kind="view", price=None, qty=1.0, session=None, order=None, i
        country=None, device=None):
     return Row(
         user_id=user,
-        event_time=dt.datetime.fromisoformat(when),
+        event_time=dt.datetime.fromisoformat(when).replace(tzinfo=dt.UTC),
         event_type=kind,
         item_id=item,
         category=category,

@@ -8,6 +8,7 @@ import pty
 import subprocess
 import sys
 import threading
+import time
 
 from segspark import progress
 
@@ -67,7 +68,11 @@ def test_spark_tasks_are_counted_while_a_job_runs(spark):
         done.set()
         watcher.join()
     assert seen and all(0 <= completed <= total for completed, total in seen)
-    assert progress.spark_tasks(spark) is None  # idle again
+    # Idle again: the status store is updated asynchronously, so give it a moment after the job.
+    deadline = time.monotonic() + 30
+    while progress.spark_tasks(spark) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert progress.spark_tasks(spark) is None
 
 
 def test_cli_draws_progress_on_a_real_terminal(sample_parquet, tmp_path):
