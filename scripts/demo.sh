@@ -8,9 +8,8 @@ bash scripts/setup.sh
 USERS=${USERS:-5000}
 .venv/bin/segspark generate --out sample --users "$USERS" --days 90 --seed 42 \
   --duplicates 0.002 --missing-prices 0.001
-# One seed per k keeps the demo short; production runs keep the default three (conf/base.yaml).
-.venv/bin/segspark run --config conf/local.yaml --run-id demo --set input.path=sample/events output.root=out/local \
-  models.selection.seeds=1
+.venv/bin/segspark run --config conf/local.yaml --run-id demo --set input.path=sample/events output.root=out/local
+
 echo
 echo "Delta tables are under $(pwd)/out/local/ (quarantine, user_features, user_segments, user_embeddings,"
 echo "model_selection, segment_profiles, segment_transitions, runs); the model bundle is out/local/_models/demo."

@@ -166,13 +166,17 @@ class PrepareConfig(_Section):
 
 
 class KSelectionConfig(_Section):
-    """How k is chosen when a model has no fixed k: a sweep over k_min..k_max, several seeds per k."""
+    """How k is chosen when a model has no fixed k: a sweep over k_min..k_max, several seeds per k,
+    each fitted with scikit-learn on a bounded user sample as a Spark task; the chosen k is then
+    fitted once on every user with MLlib."""
 
     k_min: int = Field(3, ge=2)
     k_max: int = Field(8, ge=2)
     seeds: int = Field(3, ge=1)  # fits per k; the best by the model's objective is kept
-    parallelism: int = Field(2, ge=1)  # fits submitted to Spark at once (driver threads)
-    silhouette_sample: int = Field(2000, ge=50)  # rows for the true-Euclidean silhouette
+    sample_size: int = Field(50_000, ge=100)  # users the sweep fits and measures on (hash of user_id)
+    sample_seed: int = 42  # seed of the user sample's hash (also the autoencoder's and HDBSCAN's samples)
+    parallelism: int = Field(2, ge=1)  # full-scale MLlib fits submitted to Spark at once (driver threads)
+    silhouette_sample: int = Field(2000, ge=50)  # sampled rows for the silhouette and the Dunn index
     silhouette_tolerance: float = Field(0.02, ge=0.0, le=1.0)  # relative, see evaluation.selection
 
     @model_validator(mode="after")

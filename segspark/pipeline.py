@@ -11,11 +11,12 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import reduce
 
 from pyspark import StorageLevel
-from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -29,9 +30,9 @@ from segspark.bundle_models import (
     start_bundle,
 )
 from segspark.config import Config
-from segspark.evaluation.metrics import cluster_metrics
 from segspark.evaluation.profiles import SEGMENT_PROFILES
-from segspark.evaluation.segment_ids import NOISE_SEGMENT, with_transition_keys
+from segspark.evaluation.sample_metrics import sample_metrics
+from segspark.evaluation.segment_ids import NOISE_SEGMENT
 from segspark.feature_runs import FeatureRun, load_feature_run
 from segspark.features import resolve_slots, user_features
 from segspark.features.behaviour import FeatureSlots
@@ -40,10 +41,11 @@ from segspark.io.readers import read_raw_events
 from segspark.io.tables import check_output, read_output_table, table_path, write_run_rows
 from segspark.models import deep
 from segspark.models.prepare import fit_preparation
+from segspark.models.sample import UserSample, collect_user_sample
 from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
 from segspark.schema import USER_FEATURES_KEYS as KEYS
-from segspark.segments import ModelSegments, build_segments, stable_segments
-from segspark.session import apply_required_conf
+from segspark.segments import ModelSegments, TrainedModel, stable_segments, train_baselines, transitions_frame
+from segspark.session import apply_required_conf, right_sized, share_session
 from segspark.tracking import check_tracking, log_run
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,8 @@ def _features_of_run(result: RunResult, source: FeatureRun, cached: list[DataFra
     carried = {k: v for k, v in source.metrics.items() if k not in ("stage_seconds", "quarantine_reasons", "error")}
     result.metrics.update(carried)
     result.metrics["event_range"] = source.event_range
-    features = source.features.persist(StorageLevel.MEMORY_AND_DISK)
+    features = right_sized(source.features, source.users, bytes_per_row=16 * len(source.features.columns))
+    features = features.persist(StorageLevel.MEMORY_AND_DISK)
     cached.append(features)
     log.info("train: %d users of features run %s (as of %s)", source.users, source.run_id, source.as_of)
     return features, source.slots
@@ -220,6 +223,8 @@ def _features_stages(
         cached.append(features)
         written = write_run_rows(spark, out, "user_features", features, run_id)
         result.users = written.rows if written.rows >= 0 else features.count()
+        # Every later pass and the iterative fits read these users: no more partitions than they need.
+        features = right_sized(features, result.users, bytes_per_row=16 * len(features.columns))
         result.tables["user_features"] = table_path(out, "user_features")
         counts.update(users=result.users, as_of=str(result.as_of))
         # `segspark train` may use these features even if a later stage of this run fails.
@@ -252,16 +257,24 @@ def _train_stages(
 
     with _stage(result, "segments") as counts:
         labels = dict(zip(category_slot_names(cfg.features), slots.categories, strict=False))
-        built = []
-        for name, model_cfg in cfg.models.enabled().items():
-            built.append(
-                build_segments(
-                    spark, out, run_id, name, model_cfg, cfg.models.selection, prepared, features,
-                    feature_columns(cfg.features), labels,
-                )
-            )
-        if cfg.models.autoencoder.enabled:
-            built.append(_deep_segments(spark, cfg, result, prepared, features, prep.selected, labels, cached))
+        models = cfg.models
+        # One hash sample of the prepared users, collected once: the k sweep, the autoencoder and
+        # HDBSCAN each fit on a prefix of it.
+        sample = collect_user_sample(prepared, prep.selected, _sample_size(cfg), result.users,
+                                     models.selection.sample_seed)
+        result.metrics["user_sample"] = {"users": sample.size, "of": sample.total_users, "seed": sample.seed}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segspark-deep") as background:
+            # The autoencoder and HDBSCAN fit on the driver while the baselines' Spark jobs run (at small
+            # scale those mostly wait on job latency); the deep model's own scoring job follows there.
+            deep_model = (background.submit(_train_deep, spark, cfg, result, prepared, prep.selected, cached, sample)
+                          if models.autoencoder.enabled else None)
+            trained = train_baselines(spark, models.enabled(), models.selection, prepared, sample)
+            if deep_model is not None:
+                trained.append(deep_model.result())
+        built = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels, cached)
+        for model in built:
+            if model.name == deep.MODEL_NAME:
+                _note_noise(model)
         for model in built:
             result.metrics[model.name] = model.metrics
             result.segments += [
@@ -343,85 +356,88 @@ def _score_stage(spark: SparkSession, cfg: Config, result: RunResult, features: 
         counts.update(bundle_run=scored.manifest.run_id, rows=written.rows)
 
 
-def _deep_segments(
+def _sample_size(cfg: Config) -> int:
+    """Users the run's sample needs: the largest of the sweep's, the autoencoder's and HDBSCAN's."""
+    models = cfg.models
+    sizes = [models.selection.sample_size]
+    if models.autoencoder.enabled:
+        sizes += [models.autoencoder.sample_size, models.hdbscan.sample_size]
+    return max(sizes)
+
+
+def _train_deep(
     spark: SparkSession,
     cfg: Config,
     result: RunResult,
     prepared: DataFrame,
-    features: DataFrame,
     model_inputs: list[str],
-    labels: dict[str, str],
     cached: list[DataFrame],
-) -> ModelSegments:
-    """ae_hdbscan: fit on samples, score every user once (embeddings + segments), write the embeddings."""
-    out, run_id, name = cfg.output, result.run_id, deep.MODEL_NAME
-    hdb = cfg.models.hdbscan
-    fitted = deep.fit_deep(prepared, result.users, cfg.models.autoencoder, hdb, model_inputs)
+    sample: UserSample,
+) -> TrainedModel:
+    """ae_hdbscan: fit on prefixes of the user sample (on the driver), score every user once
+    (embeddings + segments) and write the embeddings."""
+    out, run_id = cfg.output, result.run_id
+    share_session(spark)
+    fitted = deep.fit_deep(sample, cfg.models.autoencoder, cfg.models.hdbscan, model_inputs)
     scores = fitted.scores(prepared).persist(StorageLevel.MEMORY_AND_DISK)
     cached.append(scores)
     keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
     write_run_rows(spark, out, "user_embeddings", scores.select("user_id", *keys, "embedding"), run_id)
     result.tables["user_embeddings"] = table_path(out, "user_embeddings")
 
-    segments = stable_segments(
-        spark, out, run_id, name, fitted.assign(prepared, scores), features, feature_columns(cfg.features), labels
-    )
-    noise = next((p.share for p in segments.profiles.segments if p.segment == NOISE_SEGMENT), 0.0)
-    quality = cluster_metrics(
-        scores.where(F.col("segment") != NOISE_SEGMENT).select(
-            "user_id", "segment", array_to_vector("embedding").alias("embedding")
-        ),
-        "embedding",
-        "segment",
-        silhouette_sample=cfg.models.selection.silhouette_sample,
-        seed=hdb.seed,
-    )
+    # Quality of the clusters on HDBSCAN's own fitting sample (its non-noise embeddings), in memory.
+    kept = fitted.sample_labels != NOISE_SEGMENT
+    quality = sample_metrics(fitted.sample_embeddings[kept], fitted.sample_labels[kept],
+                             cfg.models.selection.silhouette_sample)
     hdb_metrics = fitted.hdbscan_metrics
     reason = (
         f"k={fitted.k}: the clusters HDBSCAN found in {hdb_metrics.get('sample_rows')} sampled embeddings "
-        f"(min_cluster_size={hdb_metrics.get('min_cluster_size')}, min_samples={hdb_metrics.get('min_samples')}); "
-        f"{noise:.1%} of users are noise (segment -1)"
+        f"(min_cluster_size={hdb_metrics.get('min_cluster_size')}, min_samples={hdb_metrics.get('min_samples')})"
     )
-    log.info("%s: %s", name, reason)
-    segments.k, segments.reason, segments.fitted = fitted.k, reason, fitted
-    segments.curve = [{"k": fitted.k, **{m: quality.get(m) for m in _CURVE_METRICS}}]
-    segments.metrics.update(
-        k=fitted.k, reason=reason, curve=segments.curve, noise_share=noise, model=fitted.metrics()
-    )
-    return segments
+    curve = [{"k": fitted.k, "sample_users": int(kept.sum()), **{m: quality.get(m) for m in _CURVE_METRICS}}]
+    metrics = {"k": fitted.k, "reason": reason, "curve": curve, "model": fitted.metrics()}
+    return TrainedModel(deep.MODEL_NAME, fitted.k, reason, fitted, curve, fitted.assign(prepared, scores), metrics)
 
 
-_CURVE_METRICS = ("silhouette", "silhouette_sq", "davies_bouldin", "calinski_harabasz", "wss")
+def _note_noise(model: ModelSegments) -> None:
+    """The deep model's reason ends with the share of every user called noise (from its profiles)."""
+    noise = next((p.share for p in model.profiles.segments if p.segment == NOISE_SEGMENT), 0.0)
+    model.reason = f"{model.reason}; {noise:.1%} of users are noise (segment -1)"
+    model.metrics.update(reason=model.reason, noise_share=noise)
+    log.info("%s: %s", model.name, model.reason)
+
+
+_CURVE_METRICS = ("silhouette", "silhouette_sq", "davies_bouldin", "calinski_harabasz", "wss", "dunn")
 
 
 def _write_segment_tables(spark: SparkSession, cfg: Config, result: RunResult, built: list) -> None:
-    """One commit per table for all models, so that a run's rows appear (and are replaced) together."""
+    """One commit per table for all models, so that a run's rows appear (and are replaced) together.
+    The tables are independent, so the small ones are written while user_segments is."""
     out, run_id, as_of = cfg.output, result.run_id, result.as_of
     keys = [F.lit(as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
-    segments = None
-    for model in built:
-        rows = model.assignments.select(
-            "user_id", *keys, F.lit(model.name).alias("model"), *USER_SEGMENTS_COLUMNS[4:]
-        )
-        segments = rows if segments is None else segments.unionByName(rows)
-    written = write_run_rows(spark, out, "user_segments", segments, run_id)
-    result.tables["user_segments"] = table_path(out, "user_segments")
-
-    selection_rows = [row for model in built for row in _selection_rows(model, as_of, run_id)]
-    write_run_rows(spark, out, "model_selection", spark.createDataFrame(selection_rows, MODEL_SELECTION), run_id)
-    result.tables["model_selection"] = table_path(out, "model_selection")
-
-    profile_rows = [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)]
-    write_run_rows(spark, out, "segment_profiles", spark.createDataFrame(profile_rows, SEGMENT_PROFILES), run_id)
-    result.tables["segment_profiles"] = table_path(out, "segment_profiles")
-
-    moves = [with_transition_keys(m.transitions, as_of, run_id, m.name) for m in built if m.transitions is not None]
-    if moves:
-        frame = moves[0]
-        for other in moves[1:]:
-            frame = frame.unionByName(other)
-        write_run_rows(spark, out, "segment_transitions", frame, run_id)
-        result.tables["segment_transitions"] = table_path(out, "segment_transitions")
+    segments = reduce(DataFrame.unionByName, [
+        model.assignments.select("user_id", *keys, F.lit(model.name).alias("model"), *USER_SEGMENTS_COLUMNS[4:])
+        for model in built
+    ])
+    small = {
+        "model_selection": spark.createDataFrame(
+            [row for model in built for row in _selection_rows(model, as_of, run_id)], MODEL_SELECTION
+        ),
+        "segment_profiles": spark.createDataFrame(
+            [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)], SEGMENT_PROFILES
+        ),
+    }
+    moves = transitions_frame(spark, built, as_of, run_id)
+    if moves is not None:
+        small["segment_transitions"] = moves
+    with ThreadPoolExecutor(max_workers=len(small), thread_name_prefix="segspark-write",
+                            initializer=share_session, initargs=(spark,)) as pool:
+        pending = [pool.submit(write_run_rows, spark, out, name, frame, run_id) for name, frame in small.items()]
+        written = write_run_rows(spark, out, "user_segments", segments, run_id)
+        for future in pending:
+            future.result()
+    for name in ("user_segments", *small):
+        result.tables[name] = table_path(out, name)
     log.info("segments written: %s user_segments rows", f"{written.rows:,}" if written.rows >= 0 else "?")
 
 
@@ -440,6 +456,8 @@ def _selection_rows(model, as_of: dt.date, run_id: str) -> list[tuple]:
                 number(entry, "objective"), number(entry, "silhouette"), number(entry, "silhouette_sq"),
                 number(entry, "davies_bouldin"), number(entry, "calinski_harabasz"), number(entry, "wss"),
                 number(entry, "bic"), number(entry, "aic"), entry.get("degenerate_retries"),
+                number(entry, "dunn"), entry.get("sample_users"), number(entry, "full_objective"),
+                entry.get("full_cluster_sizes"),
             )
         )
     return rows

@@ -83,6 +83,8 @@ USER_EMBEDDINGS = StructType(
 )
 
 # One row per model x k of the k sweep (the whole curve); `chosen` marks the k used, with its reason.
+# The metrics are measured on the sweep's user sample (`sample_users` of them); the chosen row also
+# has the full-scale fit's objective and cluster sizes (every user).
 MODEL_SELECTION = StructType(
     [
         StructField("as_of", DateType(), False),
@@ -103,6 +105,10 @@ MODEL_SELECTION = StructType(
         StructField("bic", DoubleType(), True),
         StructField("aic", DoubleType(), True),
         StructField("degenerate_retries", IntegerType(), True),
+        StructField("dunn", DoubleType(), True),
+        StructField("sample_users", LongType(), True),
+        StructField("full_objective", DoubleType(), True),
+        StructField("full_cluster_sizes", ArrayType(LongType()), True),
     ]
 )
 

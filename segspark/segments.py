@@ -1,41 +1,82 @@
-"""One model's segments: choose k, fit, keep segment ids stable across runs, profile and name.
+"""Segments of every model of a run: choose k, fit, keep segment ids stable across runs, profile and name.
 
-`build_segments` is what the pipeline runs per enabled model (kmeans, bisecting_kmeans, gmm):
+`train_baselines` fits the enabled MLlib baselines (kmeans, bisecting_kmeans, gmm):
 
-1. k: a sweep over models.selection.k_min..k_max with several seeds per k (evaluation.selection:
-   the documented rule and its reason in words), or the model's fixed k;
-2. assignments for every user on the executors (segment, probability, anomaly score and flag);
+1. k: a sweep over models.selection.k_min..k_max with several seeds per k, every fit a Spark task
+   running scikit-learn on the bounded user sample (models.sample_grid; evaluation.selection: the
+   documented rule and its reason in words), or the model's fixed k;
+2. one MLlib fit of the chosen k on every user, started from the sample's best solution where MLlib
+   allows it (models.mllib_start), and its assignments for every user on the executors (segment,
+   probability, anomaly score and flag).
+
+`stable_segments` then takes every trained model of the run (the deep model too) at once:
+
 3. stable ids: the clusters are matched to the previous run's segments of the same model
    (evaluation.segment_ids: member overlap, profile z-scores for clusters without common users);
    new clusters get ids never used before by that model;
 4. profiles and deterministic names (evaluation.profiles) on the stable ids, and transitions
    between the previous run and this one.
+
+Steps 3 and 4 are a fixed number of Spark jobs for all models together (the assignments are
+persisted once; one aggregation gives every model's profiles, one join every model's overlap with
+its previous run, from which the transitions follow), so their cost does not grow with the number
+of models.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import reduce
 
+import numpy as np
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from segspark.config import ClusteringConfig, KSelectionConfig, OutputConfig
-from segspark.evaluation.profiles import SegmentProfiles, segment_profiles
-from segspark.evaluation.segment_ids import SegmentMapping, apply_mapping, match_segments, transitions
-from segspark.evaluation.selection import sweep
+from segspark.evaluation.profiles import SegmentProfiles, segment_profiles_by_model
+from segspark.evaluation.segment_ids import (
+    SEGMENT_TRANSITIONS,
+    SegmentMapping,
+    apply_mapping,
+    cross_counts_by_model,
+    match_from_counts,
+    transitions_from_counts,
+)
+from segspark.evaluation.selection import SweepResult, curve_from_grid
 from segspark.io.delta import table_exists
 from segspark.io.tables import read_output_table, table_path
+from segspark.models.sample import UserSample
+from segspark.models.sample_grid import Cell, run_grid
+from segspark.session import share_session, task_slots
 
 log = logging.getLogger(__name__)
+
+ASSIGNMENT_COLUMNS = ("segment", "probability", "anomaly_score", "is_anomaly", "probabilities")
 
 MODEL_MODULES = {
     "kmeans": "segspark.models.kmeans",
     "bisecting_kmeans": "segspark.models.bisecting",
     "gmm": "segspark.models.gmm",
 }
+
+
+@dataclass
+class TrainedModel:
+    """A model fitted on this run's users, before stable ids: what `stable_segments` takes."""
+
+    name: str
+    k: int
+    reason: str
+    fitted: object  # the module's Fitted* (model, centroids, metrics()), or models.deep.FittedDeep
+    curve: list[dict]
+    raw: DataFrame  # user_id + ASSIGNMENT_COLUMNS, segment as the model numbers its clusters
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -49,114 +90,191 @@ class ModelSegments:
     profiles: SegmentProfiles
     mapping: SegmentMapping
     previous_run_id: str | None
-    transitions: DataFrame | None  # from_segment, to_segment, users
+    transitions: list[tuple]  # (from_segment, to_segment, users); empty on a model's first run
     metrics: dict = field(default_factory=dict)
 
 
-def fit_function(name: str, cfg: ClusteringConfig) -> Callable[[DataFrame, int, int], object]:
-    """`fit(prepared, k, seed)` for the model `name` with its configured options."""
-    module = importlib.import_module(MODEL_MODULES[name])
-    options = {"max_iter": cfg.max_iter, "contamination": cfg.contamination}
+def model_options(name: str, cfg: ClusteringConfig, sample: np.ndarray) -> dict:
+    """The keyword options of model `name`'s `fit_sample` and `fit_one`, from its config; GMM's
+    principal axes come from the sample, so that the sweep and the full fit share one projection."""
+    options: dict = {"max_iter": cfg.max_iter, "contamination": cfg.contamination}
     if name == "bisecting_kmeans":
         options["min_divisible_cluster_size"] = cfg.min_divisible_cluster_size
     if name == "gmm":
+        from segspark.models.gmm import principal_axes
+
         options.update(
             tol=cfg.tol,
             max_retries=cfg.max_retries,
             min_component_weight=cfg.min_component_weight,
             principal_components=cfg.principal_components,
+            projection=principal_axes(sample, cfg.principal_components),
         )
-    return lambda prepared, k, seed: module.fit_one(prepared, k, seed, **options)
+    return options
 
 
-def build_segments(
+@dataclass(frozen=True)
+class _Selected:
+    name: str
+    k: int
+    reason: str
+    swept: SweepResult
+    options: dict
+
+
+def train_baselines(
     spark: SparkSession,
-    output: OutputConfig,
-    run_id: str,
-    name: str,
-    cfg: ClusteringConfig,
+    models: Mapping[str, ClusteringConfig],
     selection: KSelectionConfig,
     prepared: DataFrame,
-    features: DataFrame,
-    feature_names: list[str],
-    category_labels: Mapping[str, str] | None = None,
-) -> ModelSegments:
-    """An MLlib baseline: k from the sweep (or fixed), then `stable_segments`."""
-    fixed = cfg.k is not None
-    ks = [cfg.k] if fixed else list(range(selection.k_min, selection.k_max + 1))
-    seeds = [cfg.seed + 1009 * i for i in range(selection.seeds)]
-    swept = sweep(
-        fit_function(name, cfg),
-        prepared,
-        ks,
-        seeds,
-        parallelism=selection.parallelism,
-        metrics_kwargs={"silhouette_sample": selection.silhouette_sample, "seed": cfg.seed},
-    )
-    if fixed:
-        k, reason = cfg.k, f"k={cfg.k}: fixed in config (models.{name}.k)"
-    else:
-        k, reason = swept.choose(selection.silhouette_tolerance)
-    fitted = swept.models[k]
-    log.info("%s: %s", name, reason)
-    segments = stable_segments(
-        spark, output, run_id, name, fitted.assign(prepared), features, feature_names, category_labels
-    )
-    segments.k, segments.reason, segments.fitted, segments.curve = k, reason, fitted, swept.curve
-    segments.metrics.update(k=k, reason=reason, fixed_k=fixed, curve=swept.curve, model=fitted.metrics())
-    return segments
+    sample: UserSample,
+) -> list[TrainedModel]:
+    """The MLlib baselines: k chosen on the user sample (one Spark job fits every model, k and seed
+    with scikit-learn: models.sample_grid), then one MLlib fit per model on every user, started from
+    the sample's best solution for that k."""
+    if not models:
+        return []
+    sweep_sample = sample.head(selection.sample_size)
+    cells, fitters, options = [], {}, {}
+    for name, cfg in models.items():
+        module = importlib.import_module(MODEL_MODULES[name])
+        fitters[name] = module.fit_sample
+        options[name] = model_options(name, cfg, sweep_sample.matrix)
+        ks = [cfg.k] if cfg.k is not None else list(range(selection.k_min, selection.k_max + 1))
+        seeds = [cfg.seed + 1009 * i for i in range(selection.seeds)]
+        cells += [Cell(name, k, seed) for k in ks for seed in seeds]
+    # Two tasks per task slot: every core busy, cells balanced over them, and the per-task cost of
+    # Spark (scheduling, the closure) paid a few times rather than once per fit.
+    slots = task_slots(spark)
+    results = run_grid(spark, sweep_sample.matrix, cells, fitters, options, selection.silhouette_sample,
+                       tasks=None if slots is None else 2 * slots)
+
+    chosen = []
+    for name, cfg in models.items():
+        swept = curve_from_grid([r for r in results if r.cell.model == name])
+        for entry in swept.curve:
+            entry["sample_users"] = sweep_sample.size
+        if cfg.k is not None:
+            if cfg.k not in swept.best:
+                raise RuntimeError(f"{name}: every fit of the fixed k={cfg.k} failed on the sample: {'; '.join(swept.failed)}")
+            k, reason = cfg.k, f"k={cfg.k}: fixed in config (models.{name}.k)"
+        else:
+            try:
+                k, reason = swept.choose(selection.silhouette_tolerance)
+            except ValueError as exc:
+                failed = f"; failed fits: {'; '.join(swept.failed)}" if swept.failed else ""
+                raise RuntimeError(f"{name}: no k could be chosen: {exc}{failed}") from exc
+            reason += f"; measured on a hash sample of {sweep_sample.describe()}"
+        log.info("%s: %s", name, reason)
+        chosen.append(_Selected(name, k, reason, swept, options[name]))
+
+    fitted = _fit_full(prepared, chosen, selection.parallelism, sample.total_users)
+    trained = []
+    for pick in chosen:
+        model = fitted[pick.name]
+        for entry in pick.swept.curve:
+            if entry["k"] == pick.k:  # the full-scale fit next to the sample's metrics
+                entry["full_objective"] = model.objective
+                entry["full_cluster_sizes"] = list(model.cluster_sizes)
+        metrics = {
+            "k": pick.k, "reason": pick.reason, "fixed_k": models[pick.name].k is not None, "curve": pick.swept.curve,
+            "model": model.metrics(), "sample_users": sweep_sample.size, "failed_sample_fits": pick.swept.failed,
+        }
+        trained.append(TrainedModel(pick.name, pick.k, pick.reason, model, pick.swept.curve, model.assign(prepared), metrics))
+    return trained
+
+
+def _fit_full(prepared: DataFrame, chosen: list[_Selected], parallelism: int, users: int) -> dict[str, object]:
+    """One MLlib fit per model on every user, `parallelism` at a time (Spark runs jobs from several
+    driver threads at once), each started from the best sample fit of its chosen k."""
+
+    def fit(pick: _Selected):
+        best = pick.swept.best[pick.k]
+        module = importlib.import_module(MODEL_MODULES[pick.name])
+        options = {**pick.options, **({"users": users} if pick.name == "gmm" else {})}
+        return module.fit_one(prepared, pick.k, best.cell.seed, start=best.fit, **options)
+
+    with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="segspark-fit",
+                            initializer=share_session, initargs=(prepared.sparkSession,)) as pool:
+        futures = {pick.name: pool.submit(fit, pick) for pick in chosen}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def stable_segments(
     spark: SparkSession,
     output: OutputConfig,
     run_id: str,
-    name: str,
-    raw: DataFrame,
+    trained: Sequence[TrainedModel],
     features: DataFrame,
     feature_names: list[str],
     category_labels: Mapping[str, str] | None = None,
-) -> ModelSegments:
-    """Stable ids, profiles, names and transitions for one model's raw assignments (user_id,
-    segment as the model numbers it, -1 for noise, plus the model's score columns).
+    cached: list[DataFrame] | None = None,
+) -> list[ModelSegments]:
+    """Stable ids, profiles, names and transitions of every trained model of the run, together.
 
-    The caller fills in k, reason, fitted and curve."""
-    raw_profiles = segment_profiles(features, raw, feature_names, category_labels=category_labels)
-    previous = _previous_run(spark, output, name, run_id)
-    if previous is None:
-        mapping = match_segments(raw.select("user_id", "segment"), None)
-        previous_assignments = None
-    else:
-        previous_assignments = (
-            read_output_table(spark, output, "user_segments")
-            .filter((F.col("model") == name) & (F.col("run_id") == previous.run_id))
-            .select("user_id", "segment")
-        )
-        mapping = match_segments(
-            raw.select("user_id", "segment"),
-            previous_assignments,
-            current_centroids={p.segment: _vector(p.zscores, feature_names) for p in raw_profiles.segments},
-            previous_centroids={s: _vector(z, feature_names) for s, z in previous.zscores.items()},
-            next_id=previous.max_id + 1,
-        )
-    stable = apply_mapping(raw, mapping)
-    profiles = raw_profiles.relabel(mapping.mapping)  # no second pass over the users
-    assignments = profiles.with_names(stable)
-    moved = None if previous_assignments is None else transitions(stable.select("user_id", "segment"), previous_assignments)
-    metrics = {
-        "previous_run_id": None if previous is None else previous.run_id,
-        "segment_ids": {
-            "mapping": {str(a): b for a, b in sorted(mapping.mapping.items())},
-            "new": mapping.new,
-            "vanished": mapping.vanished,
-            "method": {str(a): m for a, m in sorted(mapping.method.items())},
-        },
-        "segment_names": {str(s): n for s, n in sorted(profiles.names().items())},
-    }
-    return ModelSegments(
-        name, 0, "", None, [], assignments, profiles, mapping,
-        None if previous is None else previous.run_id, moved, metrics,
+    The models' raw assignments are persisted once (appended to `cached`; the caller unpersists them
+    after writing), profiled in one aggregation, and matched to their previous runs with one join."""
+    if not trained:
+        return []
+    names = [t.name for t in trained]
+    raw = reduce(
+        DataFrame.unionByName,
+        [t.raw.select(F.lit(t.name).alias("model"), "user_id", *ASSIGNMENT_COLUMNS) for t in trained],
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    if cached is not None:
+        cached.append(raw)
+    raw_profiles = segment_profiles_by_model(
+        features, raw.select("model", "user_id", "segment"), feature_names, category_labels=category_labels, models=names
     )
+    previous = _previous_runs(spark, output, names, run_id)
+    cells: dict[str, list] = {}
+    if previous:
+        earlier = reduce(operator.or_, [(F.col("model") == m) & (F.col("run_id") == p.run_id) for m, p in previous.items()])
+        previous_assignments = read_output_table(spark, output, "user_segments").filter(earlier)
+        cells = cross_counts_by_model(raw.select("model", "user_id", "segment"), previous_assignments)
+
+    built = []
+    for model in trained:
+        profiles_raw, before = raw_profiles[model.name], previous.get(model.name)
+        if before is None:
+            mapping = match_from_counts(None, [p.segment for p in profiles_raw.segments])
+        else:
+            mapping = match_from_counts(
+                cells.get(model.name, []),
+                [p.segment for p in profiles_raw.segments],
+                current_centroids={p.segment: _vector(p.zscores, feature_names) for p in profiles_raw.segments},
+                previous_centroids={s: _vector(z, feature_names) for s, z in before.zscores.items()},
+                next_id=before.max_id + 1,
+            )
+        profiles = profiles_raw.relabel(mapping.mapping)  # no second pass over the users
+        assignments = profiles.with_names(
+            apply_mapping(raw.where(F.col("model") == model.name).select("user_id", *ASSIGNMENT_COLUMNS), mapping)
+        )
+        moved = [] if before is None else transitions_from_counts(cells.get(model.name, []), mapping.mapping)
+        metrics = {
+            **model.metrics,
+            "previous_run_id": None if before is None else before.run_id,
+            "segment_ids": {
+                "mapping": {str(a): b for a, b in sorted(mapping.mapping.items())},
+                "new": mapping.new,
+                "vanished": mapping.vanished,
+                "method": {str(a): m for a, m in sorted(mapping.method.items())},
+            },
+            "segment_names": {str(s): n for s, n in sorted(profiles.names().items())},
+        }
+        built.append(ModelSegments(
+            model.name, model.k, model.reason, model.fitted, model.curve, assignments, profiles, mapping,
+            None if before is None else before.run_id, moved, metrics,
+        ))
+    return built
+
+
+def transitions_frame(spark: SparkSession, built: Sequence[ModelSegments], as_of, run_id: str) -> DataFrame | None:
+    """segment_transitions rows of every model that has a previous run (None when none has)."""
+    rows = [(as_of, run_id, m.name, a, b, int(n)) for m in built for a, b, n in m.transitions]
+    if not any(m.previous_run_id for m in built):
+        return None
+    return spark.createDataFrame(rows, SEGMENT_TRANSITIONS)
 
 
 @dataclass(frozen=True)
@@ -166,21 +284,36 @@ class _PreviousRun:
     max_id: int  # the largest segment id this model ever used (vanished ones included)
 
 
-def _previous_run(spark: SparkSession, output: OutputConfig, model: str, run_id: str) -> _PreviousRun | None:
-    """The latest earlier successful run that wrote profiles for `model` (profiles and runs are small)."""
+def _previous_runs(spark: SparkSession, output: OutputConfig, models: Sequence[str], run_id: str) -> dict[str, _PreviousRun]:
+    """Per model, the latest earlier successful run that wrote its profiles (profiles and runs are
+    small tables): two small jobs for all models."""
     if not (table_exists(table_path(output, "segment_profiles"), spark) and table_exists(table_path(output, "runs"), spark)):
-        return None
+        return {}
     profiles = read_output_table(spark, output, "segment_profiles").filter(
-        (F.col("model") == model) & (F.col("run_id") != run_id)
+        F.col("model").isin(list(models)) & (F.col("run_id") != run_id)
     )
-    runs = read_output_table(spark, output, "runs").filter(F.col("status") == "succeeded").select("run_id", "started_at")
-    latest = profiles.join(runs, "run_id").orderBy(F.col("started_at").desc(), F.col("run_id").desc()).limit(1).collect()
+    runs = read_output_table(spark, output, "runs").select("run_id", "status", "started_at")
+    per_run = (
+        profiles.groupBy("model", "run_id").agg(F.max("segment").alias("max_id"))
+        .join(runs, "run_id", "left")
+        .collect()
+    )
+    latest: dict[str, tuple] = {}
+    max_ids: dict[str, int] = {}
+    for row in per_run:
+        # The largest id a model ever used counts every earlier run, failed ones too: never reuse it.
+        max_ids[row.model] = max(max_ids.get(row.model, -1), int(row.max_id))
+        if row.status == "succeeded":
+            key = (row.started_at, row.run_id)
+            if row.model not in latest or key > latest[row.model]:
+                latest[row.model] = key
     if not latest:
-        return None
-    previous_id = latest[0].run_id
-    rows = profiles.filter(F.col("run_id") == previous_id).select("segment", "feature_zscores").collect()
-    max_id = profiles.agg(F.max("segment")).collect()[0][0]
-    return _PreviousRun(previous_id, {r.segment: dict(r.feature_zscores) for r in rows}, int(max_id))
+        return {}
+    wanted = reduce(operator.or_, [(F.col("model") == m) & (F.col("run_id") == key[1]) for m, key in latest.items()])
+    zscores: dict[str, dict[int, dict[str, float]]] = {}
+    for row in profiles.filter(wanted).select("model", "segment", "feature_zscores").collect():
+        zscores.setdefault(row.model, {})[row.segment] = dict(row.feature_zscores)
+    return {m: _PreviousRun(key[1], zscores.get(m, {}), max_ids[m]) for m, key in latest.items()}
 
 
 def _vector(zscores: Mapping[str, float], names: list[str]) -> list[float]:

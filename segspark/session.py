@@ -8,12 +8,13 @@ Delta Spark connector is on the classpath, which decides how Delta tables are wr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,28 @@ def is_connect(spark: SparkSession) -> bool:
     """True for a Spark Connect session (Databricks serverless and shared clusters, `sc://` remotes):
     no SparkContext and no JVM gateway on this side."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def task_slots(spark: SparkSession) -> int | None:
+    """How many tasks the session runs at once (its default parallelism: every core of a local
+    session, every executor core of a cluster); None when the client cannot tell (Spark Connect
+    without spark.default.parallelism set)."""
+    if not is_connect(spark):
+        return int(spark.sparkContext.defaultParallelism)
+    value = spark.conf.get("spark.default.parallelism", None)
+    return int(value) if value and str(value).isdigit() else None
+
+
+TARGET_PARTITION_BYTES = 128 * 1024 * 1024  # Spark's own default split size for files
+
+
+def right_sized(df: DataFrame, rows: int, bytes_per_row: int) -> DataFrame:
+    """`df` with at most max(task slots, its size / 128 MB) partitions (a coalesce: no shuffle, and on
+    a persisted frame no recomputation). Small runs otherwise pay for many near-empty tasks in every
+    job, and an iterative MLlib fit runs dozens of jobs."""
+    slots = task_slots(df.sparkSession) or 1
+    # coalesce never adds partitions: a frame that already has fewer keeps them.
+    return df.coalesce(max(slots, math.ceil(rows * bytes_per_row / TARGET_PARTITION_BYTES)))
 
 
 def share_session(spark: SparkSession) -> None:

@@ -1,16 +1,13 @@
-"""Choosing k: the written rule on hand-made curves, and a real sweep over MLlib KMeans."""
+"""Choosing k: the written rule on hand-made curves, and a real sweep of scikit-learn fits in Spark tasks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
-from pyspark.ml.clustering import KMeans, KMeansModel
-from pyspark.ml.linalg import Vectors
-from pyspark.sql import functions as F
 from sklearn.datasets import make_blobs
 
-from segspark.evaluation.selection import SweepResult, choose_k, sweep
+from segspark.evaluation.selection import SweepResult, choose_k, curve_from_grid
+from segspark.models import kmeans
+from segspark.models.sample_grid import Cell, run_grid
 
 
 def _entry(k, sil, db, ch, wss=100.0):
@@ -70,36 +67,23 @@ def test_entries_with_missing_metrics_are_skipped():
         choose_k(curve, silhouette_tolerance=-0.1)
 
 
-@dataclass
-class _KMeansFit:
-    model: KMeansModel
-    objective: float
-
-    def predict(self, prepared):
-        # Only user_id and segment: sweep must join the vector back from `prepared`.
-        return self.model.transform(prepared).select("user_id", F.col("segment").cast("int"))
-
-
-def _fit_kmeans(prepared, k, seed):
-    model = KMeans(k=k, seed=seed, maxIter=20, featuresCol="features_vector", predictionCol="segment").fit(prepared)
-    return _KMeansFit(model, float(model.summary.trainingCost))
-
-
 @pytest.fixture(scope="module")
-def blobs(spark):
-    X, _ = make_blobs(n_samples=400, centers=4, n_features=4, cluster_std=0.5, center_box=(-10, 10), random_state=4)
-    rows = [(f"u{i:04d}", Vectors.dense(x.tolist())) for i, x in enumerate(X)]
-    return spark.createDataFrame(rows, ["user_id", "features_vector"]).cache()
+def blobs():
+    x, truth = make_blobs(n_samples=400, centers=4, n_features=4, cluster_std=0.5, center_box=(-10, 10), random_state=4)
+    return x, truth
 
 
-def test_sweep_finds_the_planted_k(blobs):
-    result = sweep(
-        _fit_kmeans, blobs, ks=[2, 3, 4, 5], seeds=[1, 2], parallelism=2, metrics_kwargs={"silhouette_sample": 300}
-    )
+def test_sweep_finds_the_planted_k(spark, blobs):
+    """Every (k, seed) fitted with scikit-learn in Spark tasks; the best seed per k measured there."""
+    x, _ = blobs
+    cells = [Cell("kmeans", k, seed) for k in (2, 3, 4, 5) for seed in (1, 2)]
+    results = run_grid(spark, x, cells, {"kmeans": kmeans.fit_sample}, {"kmeans": {"max_iter": 20}}, 300, tasks=3)
+    assert [r.cell for r in results] == cells
+    result = curve_from_grid(results)
 
     assert isinstance(result, SweepResult)
     assert [e["k"] for e in result.curve] == [2, 3, 4, 5]
-    assert sorted(result.models) == [2, 3, 4, 5]
+    assert sorted(result.best) == [2, 3, 4, 5]
     by_k = {e["k"]: e for e in result.curve}
     for entry in result.curve:
         assert entry["objective"] == min(entry["seed_objectives"].values())
@@ -109,6 +93,9 @@ def test_sweep_finds_the_planted_k(blobs):
     planted = by_k[4]
     assert planted["clusters"] == 4
     assert planted["seed_ari"] > 0.95
+    assert planted["dunn"] > 0.5  # four separated blobs
+    # The best seed's fit carries what the full-scale fit starts from.
+    assert result.best[4].fit.params["centroids"].shape == (4, 4)
 
     k, reason = result.choose()
     assert k == 4, result.curve
@@ -116,9 +103,23 @@ def test_sweep_finds_the_planted_k(blobs):
     assert "silhouette" in reason and "Davies-Bouldin" in reason
 
 
-def test_sweep_names_the_failing_fit(blobs):
-    def broken(prepared, k, seed):
+def test_sweep_names_the_failing_fit(spark, blobs):
+    x, _ = blobs
+
+    def sometimes(points, k, seed, **options):
+        if k == 2 and seed == 1:
+            raise ArithmeticError("no convergence")
+        return kmeans.fit_sample(points, k, seed, **options)
+
+    def always(points, k, seed, **options):
         raise ArithmeticError("no convergence")
 
-    with pytest.raises(RuntimeError, match=r"fit_one failed for k=2 seed=1: no convergence"):
-        sweep(broken, blobs, ks=[2, 3], seeds=[1, 2])
+    cells = [Cell("kmeans", k, seed) for k in (2, 3) for seed in (1, 2)]
+    result = curve_from_grid(run_grid(spark, x, cells, {"kmeans": sometimes}, {}, 300))
+    assert result.failed == ["k=2 seed=1: ArithmeticError: no convergence"]
+    assert [e["k"] for e in result.curve] == [2, 3] and result.curve[0]["best_seed"] == 2
+
+    result = curve_from_grid(run_grid(spark, x, cells, {"kmeans": always}, {}, 300))
+    assert len(result.failed) == 4 and result.curve == []
+    with pytest.raises(ValueError, match="no curve entry"):
+        result.choose()

@@ -2,7 +2,8 @@
 
 `segment_profiles` describes every segment of one model run with two Spark aggregations (per
 segment: size and the mean of every feature; over all users: each feature's mean and population
-standard deviation). Only k x d numbers come back to the driver. For each segment:
+standard deviation); `segment_profiles_by_model` does the same for every model of a run in the same
+two aggregations. Only k x d numbers come back to the driver. For each segment:
 
 - `size` (users), `share` (of all assigned users, the noise segment -1 included);
 - `means`: the segment's mean of each feature, over the members where the feature is not null;
@@ -182,6 +183,32 @@ def segment_profiles(
     feature_names: the numeric columns of `features` to describe (raw features read best: means in
     their catalog units). category_labels: optional `top_category_<i>_share` -> category value for
     the names (the slot values recorded in `runs.metrics.feature_slots`)."""
+    for column in ("user_id", "segment"):
+        if column not in assignments.columns:
+            raise ValueError(
+                f"segment_profiles: assignments has no column {column!r}; it has {assignments.columns}. "
+                "Pass the model's assignments (user_id, segment)."
+            )
+    one = assignments.select(F.lit("_").alias("model"), "user_id", "segment")
+    return segment_profiles_by_model(
+        features, one, feature_names, top_n=top_n, category_labels=category_labels, models=["_"]
+    )["_"]
+
+
+def segment_profiles_by_model(
+    features: DataFrame,
+    assignments: DataFrame,
+    feature_names: Sequence[str],
+    *,
+    top_n: int = 5,
+    category_labels: Mapping[str, str] | None = None,
+    models: Sequence[str] = (),
+) -> dict[str, SegmentProfiles]:
+    """`segment_profiles` of several models at once: `assignments` has model, user_id, segment.
+    Every model in `models` gets an entry, with no segments when it has no assigned user.
+
+    Two Spark jobs whatever the number of models: one join and aggregation by (model, segment), and
+    the population statistics over `features`, which every model shares."""
     names = list(feature_names)
     missing = [n for n in [*names, "user_id"] if n not in features.columns]
     if missing:
@@ -189,11 +216,11 @@ def segment_profiles(
             f"segment_profiles: features has no column(s) {missing}; it has {features.columns}. "
             "Pass feature_names that are columns of the features DataFrame."
         )
-    for column in ("user_id", "segment"):
+    for column in ("model", "user_id", "segment"):
         if column not in assignments.columns:
             raise ValueError(
                 f"segment_profiles: assignments has no column {column!r}; it has {assignments.columns}. "
-                "Pass the model's assignments (user_id, segment)."
+                "Pass the models' assignments (model, user_id, segment)."
             )
     if top_n < 0:
         raise ValueError(f"segment_profiles: top_n must be >= 0, got {top_n}")
@@ -202,9 +229,9 @@ def segment_profiles(
     alias = {n: f"_f{i}" for i, n in enumerate(names)}
     values = features.select("user_id", *[F.col(n).cast("double").alias(alias[n]) for n in names])
     # Left join: an assigned user without a feature row still counts in size and share.
-    joined = assignments.select("user_id", F.col("segment").cast("int")).join(values, "user_id", "left")
+    joined = assignments.select("model", "user_id", F.col("segment").cast("int")).join(values, "user_id", "left")
     per_segment = (
-        joined.groupBy("segment")
+        joined.groupBy("model", "segment")
         .agg(F.count(F.lit(1)).alias("_size"), *[F.avg(alias[n]).alias(alias[n]) for n in names])
         .collect()
     )
@@ -215,24 +242,29 @@ def segment_profiles(
     pop_means = {n: _finite(population[f"m{alias[n]}"]) for n in names}
     pop_stds = {n: _finite(population[f"s{alias[n]}"]) for n in names}
 
-    total = sum(int(r["_size"]) for r in per_segment)
-    raw: list[tuple[int, int, dict, dict]] = []
-    for row in sorted(per_segment, key=lambda r: (r["segment"] is None, r["segment"])):
-        if row["segment"] is None:
-            raise ValueError("segment_profiles: assignments has users with a null segment; use -1 for noise")
-        means = {n: _finite(row[alias[n]]) for n in names}
-        zscores = {n: _zscore(means[n], pop_means[n], pop_stds[n]) for n in names}
-        raw.append((int(row["segment"]), int(row["_size"]), means, zscores))
-
-    unnamed = [
-        SegmentProfile(seg, "", size, size / total if total else 0.0, means, z, _ranked(z)[:top_n])
-        for seg, size, means, z in raw
-    ]
-    labels = _segment_names(unnamed, pop_means, category_labels or {})
-    profiles = [replace(p, name=labels[p.segment]) for p in unnamed]
-    log.info("segment profiles: %d segments over %d users: %s", len(profiles), total,
-             {p.segment: (p.name, p.size) for p in profiles})
-    return SegmentProfiles(names, profiles, pop_means, pop_stds, dict(category_labels or {}))
+    by_model: dict[str, list] = {model: [] for model in models}
+    for row in per_segment:
+        by_model.setdefault(row["model"], []).append(row)
+    result = {}
+    for model, rows in sorted(by_model.items()):
+        total = sum(int(r["_size"]) for r in rows)
+        raw: list[tuple[int, int, dict, dict]] = []
+        for row in sorted(rows, key=lambda r: (r["segment"] is None, r["segment"])):
+            if row["segment"] is None:
+                raise ValueError("segment_profiles: assignments has users with a null segment; use -1 for noise")
+            means = {n: _finite(row[alias[n]]) for n in names}
+            zscores = {n: _zscore(means[n], pop_means[n], pop_stds[n]) for n in names}
+            raw.append((int(row["segment"]), int(row["_size"]), means, zscores))
+        unnamed = [
+            SegmentProfile(seg, "", size, size / total if total else 0.0, means, z, _ranked(z)[:top_n])
+            for seg, size, means, z in raw
+        ]
+        labels = _segment_names(unnamed, pop_means, category_labels or {})
+        profiles = [replace(p, name=labels[p.segment]) for p in unnamed]
+        log.info("segment profiles%s: %d segments over %d users: %s", "" if model == "_" else f" of {model}",
+                 len(profiles), total, {p.segment: (p.name, p.size) for p in profiles})
+        result[model] = SegmentProfiles(names, profiles, pop_means, pop_stds, dict(category_labels or {}))
+    return result
 
 
 def _segment_names(profiles: Sequence[SegmentProfile], population_means, category_labels) -> dict[int, str]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,23 +105,51 @@ def match_segments(
     Jaccard index (0..1] that counts as an overlap match. next_id: the smallest id a new cluster
     may get (one more than the largest id the model ever used)."""
     _check_assignments(current, "current")
+    if previous is None:
+        sizes = current.groupBy(F.col("segment").cast("int").alias("segment")).count().collect()
+        ids = {int(r["segment"]) for r in sizes if r["segment"] is not None}
+        return match_from_counts(None, ids | set(current_centroids or ()), min_overlap=min_overlap)
+    _check_assignments(previous, "previous")
+    return match_from_counts(
+        _cross_counts(current, previous),
+        set(current_centroids or ()),
+        current_centroids=current_centroids,
+        previous_centroids=previous_centroids,
+        min_overlap=min_overlap,
+        max_distance=max_distance,
+        next_id=next_id,
+    )
+
+
+def match_from_counts(
+    cells: Sequence[tuple[int | None, int | None, int]] | None,
+    current_ids: Iterable[int] = (),
+    *,
+    current_centroids: Mapping[int, Sequence[float]] | None = None,
+    previous_centroids: Mapping[int, Sequence[float]] | None = None,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+    max_distance: float | None = None,
+    next_id: int | None = None,
+) -> SegmentMapping:
+    """`match_segments` from the user counts it reads, computed by the caller (no Spark here).
+
+    cells: (current raw cluster, previous stable id, users) with None for "not in that run", as
+    `cross_counts_by_model` gives them; None when there is no previous run (identity mapping).
+    current_ids: clusters of the current run (the profiles' segments), also those no common user has."""
     if not 0.0 < min_overlap <= 1.0:
         raise ValueError(f"match_segments: min_overlap is a Jaccard index in (0, 1], got {min_overlap}")
     if max_distance is not None and max_distance < 0:
         raise ValueError(f"match_segments: max_distance must be >= 0, got {max_distance}")
 
-    if previous is None:
-        sizes = current.groupBy(F.col("segment").cast("int").alias("segment")).count().collect()
-        ids = sorted({int(r["segment"]) for r in sizes if r["segment"] is not None} | set(current_centroids or ()))
+    if cells is None:
+        ids = sorted(set(current_ids) | set(current_centroids or ()))
         mapping = {c: c for c in ids}
         method = {c: "noise" if c == NOISE_SEGMENT else "new" for c in ids}
         new = [c for c in ids if c != NOISE_SEGMENT]
         log.info("segment ids: no previous run, identity mapping for %d clusters", len(new))
         return SegmentMapping(mapping, new, [], method)
 
-    _check_assignments(previous, "previous")
-    cells = _cross_counts(current, previous)
-    cur_ids = sorted({c for c, _, _ in cells if c is not None} | set(current_centroids or ()))
+    cur_ids = sorted({c for c, _, _ in cells if c is not None} | set(current_ids) | set(current_centroids or ()))
     prev_ids = sorted({p for _, p, _ in cells if p is not None} | set(previous_centroids or ()))
     cur_clusters = [c for c in cur_ids if c != NOISE_SEGMENT]
     prev_clusters = [p for p in prev_ids if p != NOISE_SEGMENT]
@@ -246,6 +274,31 @@ def _cross_counts(current: DataFrame, previous: DataFrame) -> list[tuple[int | N
     """(current segment, previous segment, users) cells, None for 'not in that run'; (k+1) x (k'+1) rows."""
     rows = _pairs(current, previous).groupBy("to_segment", "from_segment").count().collect()
     return [(r["to_segment"], r["from_segment"], int(r["count"])) for r in rows]
+
+
+def cross_counts_by_model(current: DataFrame, previous: DataFrame) -> dict[str, list[tuple[int | None, int | None, int]]]:
+    """The cells of `_cross_counts` for several models in one job: both sides have model, user_id,
+    segment (the current run's raw clusters; the previous run's stable ids), joined per model."""
+    cur = current.select("model", "user_id", F.col("segment").cast("int").alias("to_segment"))
+    prev = previous.select("model", "user_id", F.col("segment").cast("int").alias("from_segment"))
+    rows = prev.join(cur, ["model", "user_id"], "full_outer").groupBy("model", "to_segment", "from_segment").count()
+    cells: dict[str, list] = {}
+    for r in rows.collect():
+        cells.setdefault(r["model"], []).append((r["to_segment"], r["from_segment"], int(r["count"])))
+    return cells
+
+
+def transitions_from_counts(
+    cells: Sequence[tuple[int | None, int | None, int]], mapping: Mapping[int, int]
+) -> list[tuple[int | None, int | None, int]]:
+    """`transitions` (from_segment, to_segment, users) from the cross counts of the raw current
+    clusters, relabelled with the stable ids: no second pass over the users."""
+    flows: dict[tuple[int | None, int | None], int] = {}
+    for current, previous, users in cells:
+        to = None if current is None else int(mapping.get(current, current))
+        flows[(previous, to)] = flows.get((previous, to), 0) + users
+    return [(a, b, n) for (a, b), n in sorted(flows.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0,
+                                                                             kv[0][1] is None, kv[0][1] or 0))]
 
 
 def apply_mapping(assignments: DataFrame, mapping: Mapping[int, int] | SegmentMapping) -> DataFrame:

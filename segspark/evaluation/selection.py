@@ -13,30 +13,25 @@ Why: the silhouette alone is noisy between neighbouring k (a sampled estimate, d
 third decimal), so it only shortlists; Davies-Bouldin then prefers the compact, well-separated
 solution among near-equals, and the smaller k is the simpler segmentation to act on.
 
-`sweep` fits every (k, seed) with a caller-supplied `fit_one`, keeps the best seed per k by its
-objective, measures it with `cluster_metrics` and measures seed disagreement with the mean pairwise
-adjusted Rand index between the seeds' labels.
+`curve_from_grid` turns the sample fits of one model (every k and seed, fitted on the user sample by
+models.sample_grid, the best seed of each k measured there) into the curve: the best seed per k by
+its objective, its metrics, and the seeds' disagreement as the mean pairwise adjusted Rand index of
+their labels.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
-
-from segspark.evaluation.metrics import DEFAULT_FEATURES, cluster_metrics, mean_pairwise_ari
-from segspark.session import share_session
+from segspark.models.sample_grid import CellResult
 
 log = logging.getLogger(__name__)
 
 RULE_METRICS = ("silhouette", "davies_bouldin", "calinski_harabasz")
-SEGMENT_COL = "segment"
 
 
 def _usable(value: Any) -> bool:
@@ -117,134 +112,73 @@ def choose_k(curve: Sequence[Mapping], *, silhouette_tolerance: float = 0.02) ->
 
 @dataclass
 class SweepResult:
-    """One curve entry per k (ascending) and the best-seed fitted object per k."""
+    """One curve entry per k (ascending) and the best seed's sample fit per k."""
 
     curve: list[dict] = field(default_factory=list)
-    models: dict[int, Any] = field(default_factory=dict)
+    best: dict[int, CellResult] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # "k=.. seed=..: error" of the fits that raised
 
     def choose(self, silhouette_tolerance: float = 0.02) -> tuple[int, str]:
         return choose_k(self.curve, silhouette_tolerance=silhouette_tolerance)
 
 
-def _objective(model: Any, k: int, seed: int) -> float:
-    value = getattr(model, "objective", None)
+def curve_from_grid(results: Sequence[CellResult]) -> SweepResult:
+    """The curve of one model from its cells of the sample grid (models.sample_grid).
+
+    Per k the seed with the lowest objective is kept (ties: the earlier seed; the task that fitted
+    the k's seeds picked it and measured it) and its sample metrics go into the entry, with the
+    seeds' disagreement as the mean pairwise adjusted Rand index between their labels of the sample.
+    A cell whose fit raised is left out and named in `failed`; a k whose every seed raised gets no
+    entry. Each entry: k, best_seed, objective, seeds, seed_objectives ({seed: objective}), seed_ari
+    (None for one seed), the sample metrics (`clusters` = non-empty clusters), fit_seconds (the
+    seeds' fitting time in the tasks), and bic / aic / degenerate_retries of the best seed when it
+    has them."""
+    result = SweepResult()
+    by_k: dict[int, list[CellResult]] = {}
+    for cell in results:
+        by_k.setdefault(cell.cell.k, []).append(cell)
+    for k in sorted(by_k):
+        cells = by_k[k]
+        for cell in cells:
+            if cell.fit is None:
+                result.failed.append(f"k={k} seed={cell.cell.seed}: {cell.error}")
+                log.warning("sample sweep: %s k=%d seed=%d failed: %s", cell.cell.model, k, cell.cell.seed, cell.error)
+        best = next((c for c in cells if c.best), None)
+        if best is None:
+            continue
+        objectives = {c.cell.seed: _objective(c.fit.objective, k, c.cell.seed) for c in cells if c.fit is not None}
+        metrics = best.metrics
+        entry: dict[str, Any] = {
+            "k": k,
+            "best_seed": best.cell.seed,
+            "objective": objectives[best.cell.seed],
+            "seeds": [c.cell.seed for c in cells],
+            "seed_objectives": objectives,
+            "seed_ari": best.seed_ari,
+            "clusters": metrics["k"],
+            "fit_seconds": round(math.fsum(c.seconds for c in cells), 3),
+        }
+        entry.update({name: value for name, value in metrics.items() if name not in ("k", "segments")})
+        for extra in ("bic", "aic", "degenerate_retries"):
+            if best.fit.extras.get(extra) is not None:
+                entry[extra] = best.fit.extras[extra]
+        result.curve.append(entry)
+        result.best[k] = best
+        log.info(
+            "sample sweep %s k=%d: best seed %d of %d (objective %.6g), %d non-empty clusters, silhouette %s, "
+            "Davies-Bouldin %s, Calinski-Harabasz %s, Dunn %s, seed ARI %s",
+            best.cell.model, k, best.cell.seed, len(cells), entry["objective"], metrics["k"],
+            _fmt(metrics["silhouette"], 3), _fmt(metrics["davies_bouldin"], 3),
+            _fmt(metrics["calinski_harabasz"], 1), _fmt(metrics.get("dunn"), 3), _fmt(best.seed_ari, 3),
+        )
+    return result
+
+
+def _objective(value: Any, k: int, seed: int) -> float:
     if not _usable(value):
         log.warning("sweep: k=%d seed=%d has no finite objective (%r); it ranks last", k, seed, value)
         return math.inf
     return float(value)
-
-
-def _labels(model: Any, prepared: DataFrame, k: int, seed: int) -> DataFrame:
-    predicted = model.predict(prepared)
-    missing = [c for c in ("user_id", SEGMENT_COL) if c not in predicted.columns]
-    if missing:
-        raise ValueError(
-            f"predict() of the model for k={k} seed={seed} returned columns {predicted.columns}, "
-            f"missing {missing}; it must return user_id and an integer {SEGMENT_COL}"
-        )
-    return predicted
-
-
-def sweep(
-    fit_one: Callable[[DataFrame, int, int], Any],
-    prepared: DataFrame,
-    ks: Sequence[int],
-    seeds: Sequence[int],
-    *,
-    parallelism: int = 2,
-    metrics_kwargs: Mapping[str, Any] | None = None,
-) -> SweepResult:
-    """Fit every (k, seed), keep the best seed per k, and measure it.
-
-    fit_one(prepared, k, seed) returns an object with `objective` (float, lower is better) and
-    `predict(prepared) -> DataFrame` with `user_id` and an integer `segment`; optional attributes
-    `bic`, `aic`, `degenerate_retries` are copied into the curve. When predict's output lacks the
-    vector column (`metrics_kwargs["features_col"]`, default "features_vector") it is joined back
-    from `prepared` on user_id, so user_id must identify a row of `prepared`.
-
-    Fits are submitted to a thread pool of `parallelism` workers (Spark runs jobs from several driver
-    threads at once); the metrics of each k are computed on the calling thread while later fits run.
-    `prepared` is read by every fit and metric pass: cache it first.
-
-    Each curve entry: k, best_seed, objective, seeds, seed_objectives ({seed: objective}), seed_ari
-    (mean pairwise ARI between the seeds' labels, None for one seed), the `cluster_metrics` results
-    (its non-empty cluster count as `clusters`), and bic / aic / degenerate_retries of the best
-    seed when it has them."""
-    ks, seeds = [int(k) for k in ks], [int(s) for s in seeds]
-    if not ks or not seeds:
-        raise ValueError(f"sweep needs at least one k and one seed, got ks={ks} seeds={seeds}")
-    if len(set(ks)) != len(ks) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"ks and seeds must not repeat, got ks={ks} seeds={seeds}")
-    if parallelism < 1:
-        raise ValueError(f"parallelism must be at least 1, got {parallelism}")
-    kwargs = dict(metrics_kwargs or {})
-    features_col = kwargs.pop("features_col", DEFAULT_FEATURES)
-    kwargs.pop("prediction_col", None)  # predictions are always in `segment`
-    if "user_id" not in prepared.columns or features_col not in prepared.columns:
-        raise ValueError(
-            f"prepared must have user_id and the vector column {features_col!r} (features_col in metrics_kwargs); "
-            f"it has {prepared.columns}"
-        )
-
-    result = SweepResult()
-    with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="segspark-sweep",
-                            initializer=share_session, initargs=(prepared.sparkSession,)) as pool:
-        futures: dict[tuple[int, int], Future] = {
-            (k, seed): pool.submit(fit_one, prepared, k, seed) for k in sorted(ks) for seed in seeds
-        }
-        try:
-            for k in sorted(ks):
-                fitted = {}
-                for seed in seeds:
-                    try:
-                        fitted[seed] = futures[(k, seed)].result()
-                    except Exception as exc:
-                        raise RuntimeError(f"fit_one failed for k={k} seed={seed}: {exc}") from exc
-                objectives = {seed: _objective(model, k, seed) for seed, model in fitted.items()}
-                best_seed = min(seeds, key=lambda s: objectives[s])  # ties: the earlier seed
-                best = fitted[best_seed]
-
-                predictions = {seed: _labels(model, prepared, k, seed) for seed, model in fitted.items()}
-                scored = predictions[best_seed]
-                if features_col not in scored.columns:
-                    scored = scored.select("user_id", SEGMENT_COL).join(
-                        prepared.select("user_id", features_col), "user_id"
-                    )
-                metrics = cluster_metrics(scored, features_col, SEGMENT_COL, **kwargs)
-
-                labels = None
-                for i, seed in enumerate(seeds):
-                    one = predictions[seed].select("user_id", F.col(SEGMENT_COL).alias(f"_seed_{i}"))
-                    labels = one if labels is None else labels.join(one, "user_id")
-                seed_ari = mean_pairwise_ari(labels, [f"_seed_{i}" for i in range(len(seeds))])
-
-                entry: dict[str, Any] = {
-                    "k": k,
-                    "best_seed": best_seed,
-                    "objective": objectives[best_seed],
-                    "seeds": list(seeds),
-                    "seed_objectives": objectives,
-                    "seed_ari": seed_ari,
-                    "clusters": metrics["k"],
-                }
-                entry.update({name: value for name, value in metrics.items() if name != "k"})
-                for extra in ("bic", "aic", "degenerate_retries"):
-                    value = getattr(best, extra, None)
-                    if value is not None:
-                        entry[extra] = value
-                result.curve.append(entry)
-                result.models[k] = best
-                log.info(
-                    "sweep k=%d: best seed %d of %d (objective %.6g), %d non-empty clusters, silhouette %s, "
-                    "Davies-Bouldin %s, Calinski-Harabasz %s, seed ARI %s",
-                    k, best_seed, len(seeds), entry["objective"], metrics["k"], _fmt(metrics["silhouette"], 3),
-                    _fmt(metrics["davies_bouldin"], 3), _fmt(metrics["calinski_harabasz"], 1), _fmt(seed_ari, 3),
-                )
-        except BaseException:
-            # Do not run the queued fits after a failure (leaving the `with` waits for them).
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    return result
 
 
 def _fmt(value: float | None, digits: int) -> str:

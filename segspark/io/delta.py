@@ -232,6 +232,9 @@ def _connector_write(spark, df, path, replace_where, partition_by, txn) -> Write
         writer = writer.partitionBy(*partition_by)
     if txn is not None:
         writer = writer.option("txnAppId", txn[0]).option("txnVersion", str(txn[1]))
+    # New nullable columns of a newer segspark are added to an existing table (as the embedded
+    # committer does); a changed or missing column is still an error.
+    writer = writer.option("mergeSchema", "true")
     if is_catalog_name(path):
         writer.saveAsTable(path)  # created in the catalog (managed) on the first write
     else:
@@ -328,6 +331,7 @@ class _Committer:
         self.partition_by = list(partition_by or [])
         self.replace_where = replace_where
         self.arrow_schema = arrow_schema(df.schema)
+        self.table_schema: DeltaSchema | None = None  # set when the write adds columns to the table
         self.write_id = uuid.uuid4().hex
 
     def run(self) -> WriteResult:
@@ -402,12 +406,23 @@ class _Committer:
             )
         expected = delta_types(table.schema())
         found = delta_types(DeltaSchema.from_arrow(self.arrow_schema))
-        problems = schema_problems(found, expected, what="the DataFrame")
+        # Additive schema evolution: nullable columns the table does not have yet (a newer segspark
+        # writing to an older table) are appended to the table's schema in the same commit; the
+        # table's earlier files read them as null. Anything else that differs is an error.
+        added = [c for c in found if c not in expected and self.arrow_schema.field(c).nullable]
+        problems = schema_problems({c: t for c, t in found.items() if c not in added}, expected, what="the DataFrame")
         if problems:
             raise ValueError(
                 f"cannot write to Delta table {self.path}: the DataFrame's schema differs from the table's "
-                f"({'; '.join(problems)}). Cast or select the columns to match the table (schema evolution "
-                "is not supported), or write to a new table"
+                f"({'; '.join(problems)}). Cast or select the columns to match the table (only new nullable "
+                "columns are added to a table), or write to a new table"
+            )
+        if added:
+            log.info("Delta table %s: adding column(s) %s to the table's schema", self.path, ", ".join(added))
+            expected.update({c: found[c] for c in added})
+            table_fields = list(pa.schema(table.schema().to_arrow()))
+            self.table_schema = DeltaSchema.from_arrow(
+                pa.schema([*table_fields, *[self.arrow_schema.field(c) for c in added]])
             )
         parts = list(table.metadata().partition_columns)
         if self.partition_by and self.partition_by != parts:
@@ -556,7 +571,7 @@ class _Committer:
                 table.create_write_transaction(
                     [*removes, *adds],
                     mode="append",
-                    schema=table.schema(),
+                    schema=self.table_schema or table.schema(),
                     partition_by=self.partition_by or None,
                     commit_properties=props,
                 )

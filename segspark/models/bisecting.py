@@ -28,6 +28,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 from pyspark.ml.clustering import BisectingKMeans, BisectingKMeansModel
 from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.sql import DataFrame
@@ -35,6 +36,7 @@ from pyspark.sql import functions as F
 
 from segspark.models.kmeans import _squared_distance
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
+from segspark.models.sample_grid import SampleFit
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,18 @@ class FittedBisectingKMeans:
         )
 
 
+def fit_sample(points: np.ndarray, k: int, seed: int, *, max_iter: int = 20, **_: object) -> SampleFit:
+    """scikit-learn BisectingKMeans on the sample: what the k sweep measures. `largest_cluster` is
+    the strategy closest to MLlib's, which splits the larger divisible clusters first."""
+    from sklearn.cluster import BisectingKMeans as SkBisectingKMeans
+
+    fitted = SkBisectingKMeans(
+        n_clusters=k, n_init=1, max_iter=max_iter, random_state=seed, bisecting_strategy="largest_cluster"
+    ).fit(points)
+    return SampleFit(labels=fitted.labels_, objective=float(fitted.inertia_),
+                     params={"centroids": fitted.cluster_centers_})
+
+
 def fit_one(
     prepared: DataFrame,
     k: int,
@@ -114,10 +128,13 @@ def fit_one(
     min_divisible_cluster_size: float = 1.0,
     contamination: float = 0.01,
     quantile_relative_error: float = QUANTILE_RELATIVE_ERROR,
+    start: SampleFit | None = None,
 ) -> FittedBisectingKMeans:
     """Fit BisectingKMeans on `features_vector`; only clusters x d numbers and one quantile come back.
 
     min_divisible_cluster_size: >= 1 a point count, < 1 a share of the users (MLlib's meaning).
+    start: ignored. Neither of MLlib's BisectingKMeans estimators takes an initial model, so the full
+    fit always starts from its own initialisation, with the sweep's best seed.
     Cache `prepared` first: it is read by the fit and once more for the anomaly threshold."""
     check_prepared(prepared, need_user_id=False)
     _check_common(k, contamination, quantile_relative_error)

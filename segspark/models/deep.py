@@ -1,8 +1,9 @@
 """The deep model `ae_hdbscan`: autoencoder embeddings, density-based segments and noise.
 
-Fitting happens on the driver on bounded, logged samples (models.autoencoder.sample_size users for
-the autoencoder, models.hdbscan.sample_size of their embeddings for HDBSCAN); nothing proportional
-to the number of users comes back. Assignment of every user runs on the executors
+Fitting happens on the driver on bounded, logged samples: prefixes of the run's hash-ordered user
+sample (models.sample), models.autoencoder.sample_size users for the autoencoder and
+models.hdbscan.sample_size of their embeddings for HDBSCAN; nothing proportional to the number of
+users comes back. Assignment of every user runs on the executors
 (segspark.scoring.deep_scores): the numpy encoder and the slim HDBSCAN artifact, shipped in the
 function closure.
 
@@ -18,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType
 
 from segspark.config import AutoencoderConfig, HdbscanConfig
-from segspark.models.prepare import PREPARED_VECTOR
+from segspark.models.sample import UserSample
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ class FittedDeep:
     hdbscan_metrics: dict = field(default_factory=dict)
     keras_model: object | None = None  # the trained Keras autoencoder (saved with the bundle); None when loaded
     model_name: str = MODEL_NAME
+    # The HDBSCAN fitting sample and its fitted labels (for the sample metrics; not saved, None when loaded).
+    sample_embeddings: np.ndarray | None = field(default=None, repr=False)
+    sample_labels: np.ndarray | None = field(default=None, repr=False)
 
     def metrics(self) -> dict:
         return {"k": self.k, "autoencoder": self.autoencoder_metrics, "hdbscan": self.hdbscan_metrics}
@@ -94,33 +97,22 @@ def _flag(score: Column, threshold: float | None) -> Column:
     return F.lit(False) if threshold is None else F.coalesce(score > F.lit(float(threshold)), F.lit(False))
 
 
-def sample_matrix(prepared: DataFrame, rows: int, total: int, seed: int) -> np.ndarray:
-    """At most `rows` prepared vectors, drawn uniformly at random (Bernoulli, then cut), as float32."""
-    fraction = min(1.0, 1.1 * rows / max(total, 1) + 1e-6)
-    picked = prepared if fraction >= 1.0 else prepared.sample(False, fraction, seed)
-    frame = picked.select(vector_to_array(F.col(PREPARED_VECTOR), "float32").alias("x")).limit(rows).toPandas()
-    if frame.empty:
-        raise ValueError("no prepared users to fit the autoencoder on")
-    return np.stack(frame["x"].to_numpy()).astype(np.float32, copy=False)
-
-
 def fit_deep(
-    prepared: DataFrame,
-    users: int,
+    sample: UserSample,
     ae_cfg: AutoencoderConfig,
     hdb_cfg: HdbscanConfig,
     feature_names: list[str] | None = None,
 ) -> FittedDeep:
-    """Train the autoencoder on a sample of `prepared` (users = its row count), embed a sub-sample
-    and fit HDBSCAN on it."""
+    """Train the autoencoder on the first models.autoencoder.sample_size users of the hash-ordered user
+    sample (models.sample), embed its first models.hdbscan.sample_size users and fit HDBSCAN on them."""
     from segspark.models.autoencoder import train_autoencoder
     from segspark.models.density import fit_hdbscan
 
-    sample = sample_matrix(prepared, max(ae_cfg.sample_size, hdb_cfg.sample_size), users, ae_cfg.seed)
-    rng = np.random.default_rng(hdb_cfg.seed)
-    order = rng.permutation(len(sample))
-    training = sample[order[: ae_cfg.sample_size]]
-    log.info("ae_hdbscan: autoencoder sample %d of %d users, %d features", len(training), users, sample.shape[1])
+    if sample.size == 0:
+        raise ValueError("no prepared users to fit the autoencoder on")
+    training = sample.head(ae_cfg.sample_size).matrix.astype(np.float32)
+    log.info("ae_hdbscan: autoencoder sample %d of %d users, %d features", len(training), sample.total_users,
+             training.shape[1])
     try:
         trained = train_autoencoder(training, ae_cfg, feature_names)
     except ValueError as exc:
@@ -128,12 +120,14 @@ def fit_deep(
             f"ae_hdbscan: {exc} (settings under models.autoencoder; models.autoencoder.enabled=false skips "
             "the deep model)"
         ) from exc
-    density_rows = sample[order[: hdb_cfg.sample_size]]
-    embeddings = trained.encoder.encode(density_rows)
+    embeddings = trained.encoder.encode(sample.head(hdb_cfg.sample_size).matrix.astype(np.float32))
     log.info("ae_hdbscan: HDBSCAN sample %d embeddings of size %d", len(embeddings), embeddings.shape[1])
     density = fit_hdbscan(embeddings, hdb_cfg)
     hdb_metrics = density.metrics()
     k = int(hdb_metrics["n_clusters"])
     if k == 0:
         log.warning("ae_hdbscan: HDBSCAN found no cluster in %d embeddings: every user is noise", len(embeddings))
-    return FittedDeep(trained.encoder, density.artifact, k, trained.metrics(), hdb_metrics, trained.keras_model)
+    fitted = FittedDeep(trained.encoder, density.artifact, k, trained.metrics(), hdb_metrics, trained.keras_model)
+    fitted.sample_embeddings = embeddings
+    fitted.sample_labels = density.clusterer.labels_
+    return fitted

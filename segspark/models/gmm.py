@@ -1,25 +1,34 @@
-"""MLlib GaussianMixture segmentation with full covariances, a likelihood anomaly score and a guard
+"""Gaussian mixture segmentation with full covariances, a likelihood anomaly score and a guard
 against degenerate fits.
 
-Per user: `probabilities` is MLlib's posterior membership vector, `probability` its largest entry
-(the assigned segment's), and `anomaly_score` the negative log-likelihood of the user's point under
-the mixture, -log(sum_j w_j N(x | mu_j, Sigma_j)). It is a log-density, so it can be negative for
-points inside tight components; larger means less likely. It is computed on the executors by a
-pandas UDF that carries the k (log-weight, mean, whitening matrix, log-determinant) in its closure,
-with log-sum-exp so that far-away users get a large finite score instead of -log(0) = inf.
-`is_anomaly` marks scores above the training scores' (1 - contamination) quantile, computed once at
-fit time and stored. For a user far from every component MLlib's posteriors flatten towards 1/k
-(every weighted density underflows to its epsilon floor, below), so there a low `probability` goes
-with a high `anomaly_score`: read the two together.
+Fitting. The k sweep fits scikit-learn's GaussianMixture on the user sample (`fit_sample`); the
+chosen k is then fitted on every user (`fit_one`) starting from the sample's best mixture, by EM run
+as Spark aggregations (`_em`: each iteration one pass in which every partition sums its users'
+responsibilities, weighted means and centred scatter matrices with numpy, k x (1 + d + d^2) numbers
+per partition). MLlib cannot start from a given mixture: its DataFrame estimator takes no initial
+model (SPARK-15785), and the RDD-based one, which does, lowered the likelihood of a converged
+scikit-learn mixture on every step (measured on 5,000 generated users: -49,976 to -50,391 after one
+step, and its own epsilon-floored objective too), so it is not used. Without a sample solution
+(`start=None`), MLlib's GaussianMixture fits from its own random start, with the retries below.
+
+Per user (`assign`): `probabilities` is the posterior membership vector, `probability` its largest
+entry (the assigned segment's), and `anomaly_score` the negative log-likelihood of the user's point
+under the mixture, -log(sum_j w_j N(x | mu_j, Sigma_j)). It is a log-density, so it can be negative
+for points inside tight components; larger means less likely. All three come from one pandas UDF
+that carries the k (log-weight, mean, whitening matrix, log-determinant) in its closure, with
+log-sum-exp so that far-away users get a large finite score instead of -log(0) = inf and exact
+posteriors. `is_anomaly` marks scores above the training scores' (1 - contamination) quantile,
+computed once at fit time and stored.
 
 Degenerate guard: EM can collapse a component onto a few (or duplicated) points, giving it a
-near-zero weight or a near-singular covariance; MLlib has no covariance regulariser, so such a fit is
-detected (`degeneracy_reasons`) and refitted with another seed (seed + 1000 * attempt) up to
-`max_retries` times. When every try is degenerate, `DegenerateModelError` carries each try's reasons.
+near-zero weight or a near-singular covariance; such a fit is detected (`degeneracy_reasons`) and
+refitted with another seed (seed + 1000 * attempt) up to `max_retries` times. When every try is
+degenerate, `DegenerateModelError` carries each try's reasons. A full-scale EM that ends degenerate
+falls back to MLlib's fit with retries.
 
-Input space: the mixture is fitted on the leading `principal_components` principal components of
-the prepared features (PCA fitted on the training users, distributed; saved with the fitted object),
-not on all of them. A full covariance in d dimensions has d(d+1)/2 parameters per component, and on
+Input space: the mixture is fitted on the leading `principal_components` principal axes of the
+prepared features (of the k sweep's sample, or of every user with MLlib's PCA when fitted without
+one; saved as numbers with the fitted object), not on all of them. A full covariance in d dimensions has d(d+1)/2 parameters per component, and on
 behavioural features (counts, shares, one-hot columns) a segment is often constant along some
 direction, so full-dimensional covariances come out singular for every seed. `centroids` and
 `covariances` are in that input space; BIC/AIC count its dimension.
@@ -28,7 +37,7 @@ Log-likelihood: MLlib adds machine epsilon to every weighted component density b
 log (its E-step and summary.logLikelihood do), which floors each user's log-likelihood at
 log(k * 2.2e-16) ~ -35 and so understates how unlikely far-away users are. `log_likelihood` (and
 with it `objective`, BIC and AIC) is therefore the exact sum of the per-user log-likelihoods computed
-here, in the same training pass as the anomaly threshold; MLlib's figure is kept as
+here, in the same training pass as the anomaly threshold; after an MLlib fit its figure is kept as
 `mllib_log_likelihood` and cross-checked against the same sum with MLlib's floor applied. BIC and AIC
 count p = (k-1) + k*d + k*d(d+1)/2 free parameters (full covariances).
 """
@@ -44,12 +53,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from pyspark.ml.clustering import GaussianMixture, GaussianMixtureModel
-from pyspark.ml.feature import PCA, PCAModel
-from pyspark.ml.functions import vector_to_array
+from pyspark.ml.feature import PCA
+from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.types import BinaryType, StructField, StructType
 
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
+from segspark.models.sample_grid import SampleFit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,9 @@ _RESERVED = ("segment", MEMBERSHIP_VECTOR)  # columns the model adds
 GMM_INPUT = "_gmm_input"  # the vectors the mixture is fitted on (principal components, see docstring)
 QUANTILE_RELATIVE_ERROR = 0.001  # rank error of the anomaly threshold: 0.1% of the training users
 LOG_LIKELIHOOD_RTOL = 1e-6
+# Convergence of the full-scale fit started from the sample's mixture: a change of the log-likelihood
+# per user below this: the test scikit-learn applies on the sample (its default tol).
+WARM_TOL_PER_USER = 1e-3
 MLLIB_EPSILON = float(np.finfo(float).eps)  # MLUtils.EPSILON, added to each w_j * N_j(x) by MLlib
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -82,23 +96,24 @@ class FittedGMM:
     model_name: str
     k: int
     seed: int  # as requested; fit_seed is the one the returned model was fitted with
-    model: GaussianMixtureModel  # save with model.write().overwrite().save(path)
     centroids: list[list[float]]  # component means in the prepared space, k x d
     weights: list[float]
     covariances: list[list[list[float]]]  # k x d x d
     objective: float  # negative total log-likelihood; lower is better
     log_likelihood: float  # exact: the sum of the users' log-likelihoods (module docstring)
-    mllib_log_likelihood: float  # summary.logLikelihood: floored per user at log(k * EPSILON)
+    mllib_log_likelihood: float | None  # MLlib's summary.logLikelihood, floored per user at log(k * EPSILON);
+    # None when the full-scale EM started from the sample's mixture (not MLlib's)
     bic: float
     aic: float
     cluster_sizes: list[int]  # users per argmax segment
     contamination: float
     anomaly_threshold: float | None  # None when contamination is 0: nobody is flagged
     fit_seed: int
-    iterations: int
+    iterations: int  # EM iterations on every user
     degenerate_retries: int = 0
     degenerate_reasons: list[dict] = field(default_factory=list)  # the rejected tries: {"seed", "reasons"}
-    projection: PCAModel | None = None  # prepared vector -> GMM input (principal components); None = as is
+    projection: list[list[float]] | None = None  # d x components principal axes: GMM input = x @ axes; None = x
+    warm_start: bool = False  # EM on every user started from the sample's mixture (else MLlib's fit)
 
     def metrics(self) -> dict:
         return {
@@ -120,30 +135,32 @@ class FittedGMM:
             "degenerate_reasons": self.degenerate_reasons,
             "input_dimensions": len(self.centroids[0]),
             "principal_components": self.projection is not None,
+            "warm_start": self.warm_start,
         }
 
     def predict(self, prepared: DataFrame) -> DataFrame:
         """Every column of `prepared` plus `segment` (int)."""
         check_prepared(prepared, need_user_id=False, reserved=_RESERVED)
-        frame = _gmm_input(prepared, self.projection)
-        return self.model.transform(frame).select(*prepared.columns, F.col("segment").cast("int"))
+        mixture = self.mixture(F.col(GMM_INPUT))
+        return _gmm_input(prepared, self.projection).select(*prepared.columns, mixture["segment"].alias("segment"))
 
     def assign(self, prepared: DataFrame) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities per user (executors only)."""
         check_prepared(prepared, need_user_id=True, reserved=_RESERVED)
-        memberships = vector_to_array(F.col(MEMBERSHIP_VECTOR))
-        scored = self.model.transform(_gmm_input(prepared, self.projection)).select(
+        scored = _gmm_input(prepared, self.projection).select(
+            "user_id", self.mixture(F.col(GMM_INPUT)).alias("_m")
+        ).select(
             "user_id",
-            F.col("segment").cast("int").alias("segment"),
-            memberships.alias("probabilities"),
-            (-self.log_density(F.col(GMM_INPUT))).alias("anomaly_score"),
+            F.col("_m.segment").alias("segment"),
+            F.col("_m.probabilities").alias("probabilities"),
+            (-F.col("_m.log_density")).alias("anomaly_score"),
         )
         flagged = (
             F.col("anomaly_score") > F.lit(self.anomaly_threshold)
             if self.anomaly_threshold is not None
             else F.lit(False)
         )
-        # The posteriors are normalised by MLlib; the clamp only absorbs a last-bit rounding excess.
+        # Posteriors are normalised; the clamp only absorbs a last-bit rounding excess.
         probability = F.least(F.lit(1.0), F.greatest(F.lit(0.0), F.array_max("probabilities")))
         return scored.select(
             "user_id",
@@ -154,9 +171,75 @@ class FittedGMM:
             "probabilities",
         )
 
+    def mixture(self, vector: Column) -> Column:
+        """struct(segment, probabilities, log_density) of a GMM input vector column (`GMM_INPUT`)."""
+        return _mixture_udf(self.weights, self.centroids, self.covariances)(vector_to_array(vector))
+
     def log_density(self, vector: Column) -> Column:
-        """log sum_j w_j N(x | mu_j, Sigma_j) of a GMM input vector column (`GMM_INPUT`), as a pandas UDF."""
-        return _log_density_udf(self.weights, self.centroids, self.covariances)(vector_to_array(vector))
+        """log sum_j w_j N(x | mu_j, Sigma_j) of a GMM input vector column (`GMM_INPUT`)."""
+        return self.mixture(vector)["log_density"]
+
+
+def principal_axes(points: np.ndarray, components: int | None) -> np.ndarray | None:
+    """The leading `components` principal axes of a sample (d x components), or None when
+    `components` is None or not below the number of features. Projecting is x @ axes, uncentred, as
+    MLlib's PCAModel does: a shift of every point, which a mixture absorbs in its means."""
+    points = np.asarray(points, dtype=float)
+    if components is None or components >= points.shape[1]:
+        return None
+    centred = points - points.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:components].T
+    # A sign per axis that does not depend on the SVD routine: the largest loading is positive.
+    signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(components)])
+    return np.ascontiguousarray(axes * np.where(signs == 0, 1.0, signs))
+
+
+def fit_sample(
+    points: np.ndarray,
+    k: int,
+    seed: int,
+    *,
+    projection: np.ndarray | None = None,
+    max_iter: int = 100,
+    max_retries: int = 3,
+    min_component_weight: float | None = None,
+    min_variance: float = 1e-6,
+    max_condition: float = 1e12,
+    **_: object,
+) -> SampleFit:
+    """scikit-learn GaussianMixture (full covariances, k-means initialisation) on the sample projected
+    on `projection`, with the degenerate guard and retries of the full fit. Its own convergence test
+    (1e-3 on the mean log-likelihood) applies; models.gmm.tol is the full fit's."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    x = np.asarray(points, dtype=float) if projection is None else np.asarray(points, dtype=float) @ projection
+    min_weight = 0.005 / k if min_component_weight is None else min_component_weight
+    rejected: list[dict] = []
+    for attempt in range(max_retries + 1):
+        fit_seed = seed + 1000 * attempt
+        fitted = SkGaussianMixture(n_components=k, covariance_type="full", max_iter=max_iter, random_state=fit_seed).fit(x)
+        labels = fitted.predict(x)
+        reasons = degeneracy_reasons(
+            fitted.weights_, fitted.means_, fitted.covariances_, np.bincount(labels, minlength=k).tolist(),
+            min_component_weight=min_weight, min_variance=min_variance, max_condition=max_condition,
+        )
+        if not reasons:
+            break
+        rejected.append({"seed": fit_seed, "reasons": reasons})
+    else:
+        raise DegenerateModelError(
+            f"GaussianMixture k={k} was degenerate on all {max_retries + 1} seeds tried on the sample: "
+            f"{rejected[-1]['reasons']}", rejected,
+        )
+    log_likelihood = float(fitted.score(x)) * x.shape[0]
+    return SampleFit(
+        labels=labels,
+        objective=-log_likelihood,
+        params={"weights": fitted.weights_, "means": fitted.means_, "covariances": fitted.covariances_},
+        extras={"bic": float(fitted.bic(x)), "aic": float(fitted.aic(x)), "degenerate_retries": len(rejected),
+                "fit_seed": fit_seed},
+    )
 
 
 def fit_one(
@@ -173,12 +256,22 @@ def fit_one(
     max_retries: int = 3,
     quantile_relative_error: float = QUANTILE_RELATIVE_ERROR,
     principal_components: int | None = 8,
+    projection: np.ndarray | None = None,
+    start: SampleFit | None = None,
+    users: int | None = None,
 ) -> FittedGMM:
-    """Fit a full-covariance GaussianMixture on `features_vector`, retrying degenerate fits.
+    """Fit a full-covariance GaussianMixture on every user, retrying degenerate fits.
 
     min_component_weight: smallest acceptable mixing weight (default 0.005 / k, i.e. 1/200 of an even
     share); min_variance: smallest acceptable covariance eigenvalue relative to the data's mean
     per-dimension variance; max_condition: largest acceptable covariance condition number.
+    projection: the principal axes to fit on (d x components: `principal_axes` of the k sweep's
+    sample); None computes them from every user with MLlib's PCA (`principal_components` of them).
+    start: the sample's mixture in that projection, to start from (models.mllib_start: on a classic
+    session; a degenerate result falls back to MLlib's own initialisation with retries). MLlib stops
+    EM when the total log-likelihood changes by less than `tol`, which at a million users means
+    running every iteration; started from a converged solution, the fit stops instead when the change
+    per user is below WARM_TOL_PER_USER (given `users`, the number of rows), or `tol` if larger.
     Only k x d x d numbers and one aggregate row come back to the driver. Cache `prepared` first: it
     is read by every fit and once more for the anomaly threshold."""
     check_prepared(prepared, need_user_id=False, reserved=_RESERVED)
@@ -191,74 +284,60 @@ def fit_one(
     if not 0.0 < quantile_relative_error < 1.0:
         raise ValueError(f"quantile_relative_error={quantile_relative_error}: expected a value in (0, 1), e.g. 0.001")
     min_weight = 0.005 / k if min_component_weight is None else min_component_weight
-    projection = _fit_projection(prepared, principal_components)
-    prepared = _gmm_input(prepared, projection)
+    if projection is None:
+        projection = _fit_projection(prepared, principal_components)
+    prepared = _gmm_input(prepared.select(PREPARED_VECTOR), projection)
+    guard = {"min_component_weight": min_weight, "min_variance": min_variance, "max_condition": max_condition}
 
     rejected: list[dict] = []
-    for attempt in range(max_retries + 1):
-        fit_seed = seed + 1000 * attempt
-        estimator = GaussianMixture(
-            k=k,
-            maxIter=max_iter,
-            tol=tol,
-            seed=fit_seed,
-            featuresCol=GMM_INPUT,
-            predictionCol="segment",
-            probabilityCol=MEMBERSHIP_VECTOR,
+    parameters, warm, iterations, mllib_log_likelihood, fit_seed = None, False, 0, None, seed
+    if start is not None:
+        weights, means, covariances, iterations = _em(
+            prepared, start.params["weights"], start.params["means"], start.params["covariances"],
+            max_iter=max_iter, tol_per_user=WARM_TOL_PER_USER,
         )
-        model: GaussianMixtureModel = estimator.fit(prepared)
-        weights, means, covariances = _parameters(model)
-        sizes = [int(s) for s in model.summary.clusterSizes]
-        reasons = degeneracy_reasons(
-            weights,
-            means,
-            covariances,
-            sizes,
-            min_component_weight=min_weight,
-            min_variance=min_variance,
-            max_condition=max_condition,
-        )
-        if not reasons:
-            break
-        for reason in reasons:
-            log.warning("gmm k=%d seed=%d (try %d) is degenerate: %s", k, fit_seed, attempt + 1, reason)
-        rejected.append({"seed": fit_seed, "reasons": reasons})
-    else:
-        raise DegenerateModelError(
-            f"GaussianMixture k={k} was degenerate on all {max_retries + 1} seeds tried "
-            f"({', '.join(str(a['seed']) for a in rejected)}): {rejected[-1]['reasons']}. "
-            "Lower k, drop constant or duplicated features, or raise max_retries",
-            rejected,
-        )
-
-    summary = model.summary
-    mllib_log_likelihood, iterations = float(summary.logLikelihood), int(summary.numIter)
-    n, d = sum(sizes), len(means[0])
+        reasons = degeneracy_reasons(weights, means, covariances, **guard)
+        if reasons:
+            for reason in reasons:
+                log.warning("gmm k=%d started from the sample's mixture ended degenerate: %s", k, reason)
+            rejected.append({"seed": None, "reasons": reasons})
+        else:
+            parameters, warm = (weights, means, covariances), True
+    if parameters is None:
+        model = _fit_cold(prepared, k, seed, max_iter, tol, max_retries, guard, rejected)
+        parameters = _parameters(model)
+        fit_seed, iterations = int(model.getSeed()), int(model.summary.numIter)
+        mllib_log_likelihood = float(model.summary.logLikelihood)
+    weights, means, covariances = parameters
 
     # One pass over the training users: the exact log-likelihood, MLlib's floored version of it (to
-    # cross-check the densities computed here) and the anomaly threshold.
-    ll = prepared.select(
-        _log_density_udf(weights, means, covariances)(vector_to_array(F.col(GMM_INPUT))).alias("ll")
+    # cross-check the densities computed here), the cluster sizes and the anomaly threshold.
+    mixture = _mixture_udf(weights, means, covariances)(vector_to_array(F.col(GMM_INPUT)))
+    scored = prepared.select(mixture.alias("_m")).select(
+        F.col("_m.segment").alias("segment"), F.col("_m.log_density").alias("ll")
     )
     floor = F.lit(math.log(k * MLLIB_EPSILON))
     # log(exp(ll) + k * EPSILON) without leaving log space: what MLlib adds up for each user.
     floored = F.greatest(F.col("ll"), floor) + F.log1p(F.exp(-F.abs(F.col("ll") - floor)))
     accuracy = max(1, round(1.0 / quantile_relative_error))
-    row = ll.agg(
+    row = scored.agg(
         F.sum("ll").alias("total"),
         F.sum(floored).alias("floored"),
         F.percentile_approx(-F.col("ll"), 1.0 - contamination, accuracy).alias("threshold"),
+        *[F.sum(F.when(F.col("segment") == j, 1).otherwise(0)).alias(f"size_{j}") for j in range(k)],
     ).first()
+    sizes = [int(row[f"size_{j}"]) for j in range(k)]
     log_likelihood = float(row["total"])
-    _cross_check(k, float(row["floored"]), mllib_log_likelihood, tol, converged=iterations < max_iter)
+    if mllib_log_likelihood is not None:
+        _cross_check(k, float(row["floored"]), mllib_log_likelihood, tol, converged=iterations < max_iter)
     threshold = float(row["threshold"]) if contamination > 0 else None
 
+    n, d = sum(sizes), len(means[0])
     p = (k - 1) + k * d + k * d * (d + 1) // 2
     fitted = FittedGMM(
         model_name=MODEL_NAME,
         k=k,
         seed=seed,
-        model=model,
         centroids=means,
         weights=weights,
         covariances=covariances,
@@ -274,23 +353,48 @@ def fit_one(
         iterations=iterations,
         degenerate_retries=len(rejected),
         degenerate_reasons=rejected,
-        projection=projection,
+        projection=None if projection is None else np.asarray(projection, dtype=float).tolist(),
+        warm_start=warm,
     )
     log.info(
-        "gmm k=%d seed=%d fitted on %d users in %d iterations after %d degenerate retries: sizes %s, "
-        "log-likelihood %.6g (MLlib's floored %.6g), bic %.6g, anomaly threshold %s",
-        k,
-        fit_seed,
-        n,
-        iterations,
-        len(rejected),
-        sizes,
-        log_likelihood,
-        mllib_log_likelihood,
-        fitted.bic,
-        threshold,
+        "gmm k=%d seed=%d fitted on %d users (%s) after %d degenerate retries: sizes %s, log-likelihood %.6g, "
+        "bic %.6g, anomaly threshold %s",
+        k, fit_seed, n, f"{iterations} EM iterations from the sample's mixture" if warm
+        else f"MLlib, {iterations} iterations from its own start",
+        len(rejected), sizes, log_likelihood, fitted.bic, threshold,
     )
     return fitted
+
+
+def _fit_cold(
+    prepared: DataFrame, k: int, seed: int, max_iter: int, tol: float, max_retries: int, guard: dict, rejected: list
+) -> GaussianMixtureModel:
+    """MLlib's GaussianMixture from its own initialisation, retried with other seeds while degenerate."""
+    for attempt in range(max_retries + 1):
+        fit_seed = seed + 1000 * attempt
+        estimator = GaussianMixture(
+            k=k,
+            maxIter=max_iter,
+            tol=tol,
+            seed=fit_seed,
+            featuresCol=GMM_INPUT,
+            predictionCol="segment",
+            probabilityCol=MEMBERSHIP_VECTOR,
+        )
+        model: GaussianMixtureModel = estimator.fit(prepared)
+        sizes = [int(s) for s in model.summary.clusterSizes]
+        reasons = degeneracy_reasons(*_parameters(model), sizes, **guard)
+        if not reasons:
+            return model
+        for reason in reasons:
+            log.warning("gmm k=%d seed=%d (try %d) is degenerate: %s", k, fit_seed, attempt + 1, reason)
+        rejected.append({"seed": fit_seed, "reasons": reasons})
+    raise DegenerateModelError(
+        f"GaussianMixture k={k} was degenerate on all {max_retries + 1} seeds tried "
+        f"({', '.join(str(a['seed']) for a in rejected if a['seed'] is not None)}): {rejected[-1]['reasons']}. "
+        "Lower k, drop constant or duplicated features, or raise max_retries",
+        rejected,
+    )
 
 
 def _cross_check(k: int, floored: float, mllib: float, tol: float, *, converged: bool) -> None:
@@ -381,37 +485,121 @@ def _parameters(model: GaussianMixtureModel) -> tuple[list[float], list[list[flo
     return weights, means, covariances
 
 
-def _log_density_udf(weights: Sequence[float], means: Sequence[Sequence[float]], covariances: Sequence):
-    """A pandas UDF array<double> -> double: the mixture log-density, with the constants in its closure.
-
-    Each covariance is factored once here as Sigma = U diag(s) U^T: then A = diag(s^-1/2) U^T whitens,
+def _components(weights: Sequence[float], means, covariances) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(means k x d, whitening matrices k x d x d, log coefficients k) of a mixture: each covariance
+    is factored once as Sigma = U diag(s) U^T, so that A = diag(s^-1/2) U^T whitens,
     (x - mu)^T Sigma^-1 (x - mu) = |A (x - mu)|^2 and log det Sigma = sum log s."""
     mu = np.asarray(means, dtype=float)
     d = mu.shape[1]
     whitening, log_coef = [], []
     for w, cov in zip(weights, covariances, strict=True):
-        s, u = np.linalg.eigh((np.asarray(cov, dtype=float) + np.asarray(cov, dtype=float).T) / 2.0)
+        sym = (np.asarray(cov, dtype=float) + np.asarray(cov, dtype=float).T) / 2.0
+        s, u = np.linalg.eigh(sym)
         whitening.append((u / np.sqrt(s)).T)
         log_coef.append(math.log(w) - 0.5 * (d * _LOG_2PI + float(np.log(s).sum())))
-    whiten = np.stack(whitening)
-    coef = np.asarray(log_coef)
+    return mu, np.stack(whitening), np.asarray(log_coef)
 
-    @F.pandas_udf("double")
-    def log_density(points: pd.Series) -> pd.Series:
-        out = np.full(len(points), np.nan)
+
+def _weighted_log_densities(x: np.ndarray, mu: np.ndarray, whiten: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """n x k: log w_j + log N(x | mu_j, Sigma_j)."""
+    out = np.empty((x.shape[0], len(coef)))
+    for j in range(len(coef)):
+        z = (x - mu[j]) @ whiten[j].T
+        out[:, j] = coef[j] - 0.5 * np.einsum("ij,ij->i", z, z)
+    return out
+
+
+def _mixture_udf(weights: Sequence[float], means: Sequence[Sequence[float]], covariances: Sequence):
+    """A pandas UDF array<double> -> struct(segment, probabilities, log_density) with the mixture in its
+    closure: the most likely component, the exact posteriors and the log-density, with log-sum-exp so
+    that a far-away point keeps a finite log-density and normalised posteriors."""
+    mu, whiten, coef = _components(weights, means, covariances)
+
+    @F.pandas_udf("segment int, probabilities array<double>, log_density double")
+    def mixture(points: pd.Series) -> pd.DataFrame:
+        n = len(points)
+        segment = np.full(n, -1, dtype=np.int32)
+        density = np.full(n, np.nan)
+        posteriors: list = [None] * n
         valid = points.notna().to_numpy()
         if valid.any():
             x = np.stack(points[valid].to_numpy()).astype(float)
-            comp = np.empty((x.shape[0], len(coef)))
-            for j in range(len(coef)):
-                z = (x - mu[j]) @ whiten[j].T
-                comp[:, j] = coef[j] - 0.5 * np.einsum("ij,ij->i", z, z)
+            comp = _weighted_log_densities(x, mu, whiten, coef)
             top = comp.max(axis=1)
-            # log-sum-exp: factor out the largest term so a far-away point keeps a finite log-density.
-            out[valid] = top + np.log(np.exp(comp - top[:, None]).sum(axis=1))
-        return pd.Series(out)
+            log_total = top + np.log(np.exp(comp - top[:, None]).sum(axis=1))
+            density[valid] = log_total
+            segment[valid] = comp.argmax(axis=1)
+            rows = np.flatnonzero(valid)
+            for row, posterior in zip(rows, np.exp(comp - log_total[:, None]), strict=True):
+                posteriors[row] = posterior
+        return pd.DataFrame({"segment": segment, "probabilities": posteriors, "log_density": density})
 
-    return log_density
+    return mixture
+
+
+_EM_STATS = "stats"
+
+
+def _em(
+    frame: DataFrame, weights, means, covariances, *, max_iter: int, tol_per_user: float, reg_covar: float = 1e-6
+) -> tuple[list[float], list[list[float]], list[list[list[float]]], int]:
+    """EM on every user of `frame` (the `GMM_INPUT` column) from the given mixture, until the mean
+    log-likelihood per user changes by less than `tol_per_user` or `max_iter` steps; (weights, means,
+    covariances, steps). Each step is one Spark job: every partition returns its sums of
+    responsibilities, responsibility-weighted points and scatter matrices around the current means
+    (centred, so no precision is lost to large offsets); the driver adds them up (the M step).
+    reg_covar is added to every covariance's diagonal, as scikit-learn does on the sample."""
+    w = np.asarray(weights, dtype=float)
+    mu = np.asarray(means, dtype=float)
+    cov = np.asarray(covariances, dtype=float)
+    k, d = mu.shape
+    schema = StructType([StructField(_EM_STATS, BinaryType(), False)])
+    vectors = frame.select(vector_to_array(F.col(GMM_INPUT)).alias("x"))
+    previous, steps = None, 0
+    while steps < max_iter:
+        steps += 1
+        stats = vectors.mapInPandas(_em_partition(w, mu, cov), schema).collect()
+        total = np.zeros(2 + k + k * d + k * d * d)
+        for row in stats:
+            total += np.frombuffer(row[_EM_STATS], dtype=np.float64)
+        n, log_likelihood = total[0], total[1]
+        nk = total[2:2 + k]
+        shift = total[2 + k:2 + k + k * d].reshape(k, d)  # sum r (x - mu_old)
+        scatter = total[2 + k + k * d:].reshape(k, d, d)  # sum r (x - mu_old)(x - mu_old)^T
+        safe = np.maximum(nk, 1e-300)
+        delta = shift / safe[:, None]
+        mu = mu + delta
+        cov = scatter / safe[:, None, None] - np.einsum("ki,kj->kij", delta, delta) + reg_covar * np.eye(d)
+        w = nk / max(n, 1.0)
+        if previous is not None and abs(log_likelihood - previous) < tol_per_user * n:
+            break
+        previous = log_likelihood
+    return w.tolist(), mu.tolist(), cov.tolist(), steps
+
+
+def _em_partition(weights: np.ndarray, means: np.ndarray, covariances: np.ndarray):
+    mu, whiten, coef = _components(weights, means, covariances)
+    k, d = means.shape
+
+    def run(batches):
+        total = np.zeros(2 + k + k * d + k * d * d)
+        for batch in batches:
+            if batch.empty:
+                continue
+            x = np.stack(batch["x"].to_numpy()).astype(float)
+            comp = _weighted_log_densities(x, mu, whiten, coef)
+            top = comp.max(axis=1)
+            log_total = top + np.log(np.exp(comp - top[:, None]).sum(axis=1))
+            r = np.exp(comp - log_total[:, None])  # responsibilities, n x k
+            centred = x[:, None, :] - mu[None, :, :]  # n x k x d
+            total[0] += x.shape[0]
+            total[1] += log_total.sum()
+            total[2:2 + k] += r.sum(axis=0)
+            total[2 + k:2 + k + k * d] += np.einsum("nk,nkd->kd", r, centred).ravel()
+            total[2 + k + k * d:] += np.einsum("nk,nkd,nke->kde", r, centred, centred).ravel()
+        yield pd.DataFrame({_EM_STATS: [total.tobytes()]})
+
+    return run
 
 
 # Without a native LAPACK (no libblas/liblapack on the machine, as here and on CI), Spark falls back
@@ -424,15 +612,17 @@ def _log_density_udf(weights: Sequence[float], means: Sequence[Sequence[float]],
 _DRIVER_LAPACK = threading.Lock()
 
 
-def _fit_projection(prepared: DataFrame, components: int | None) -> PCAModel | None:
-    """Principal components of the prepared vectors (distributed: one d x d covariance), or None
-    when `components` is None or not below the number of prepared features."""
+def _fit_projection(prepared: DataFrame, components: int | None) -> np.ndarray | None:
+    """Principal axes of every user's prepared vector (MLlib's PCA, distributed: one d x d covariance),
+    d x components, or None when `components` is None or not below the number of prepared features.
+    The k sweep passes the axes of its sample instead (`principal_axes`)."""
     _initialise_lapack_constants(prepared.sparkSession)
     dimensions = len(prepared.select(PREPARED_VECTOR).first()[0])
     if components is None or components >= dimensions:
         return None
     with _DRIVER_LAPACK:
-        return PCA(k=components, inputCol=PREPARED_VECTOR, outputCol=GMM_INPUT).fit(prepared.select(PREPARED_VECTOR))
+        model = PCA(k=components, inputCol=PREPARED_VECTOR, outputCol=GMM_INPUT).fit(prepared.select(PREPARED_VECTOR))
+    return np.asarray(model.pc.toArray(), dtype=float)
 
 
 def _initialise_lapack_constants(spark) -> None:
@@ -446,9 +636,19 @@ def _initialise_lapack_constants(spark) -> None:
         spark._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().dlamch("E")
 
 
-def _gmm_input(prepared: DataFrame, projection: PCAModel | None) -> DataFrame:
+def _gmm_input(prepared: DataFrame, projection) -> DataFrame:
+    """`prepared` with the GMM input column: the prepared vector, or its projection x @ axes (a pandas
+    UDF with the d x components axes in its closure)."""
     if GMM_INPUT in prepared.columns:
         return prepared
     if projection is None:
         return prepared.withColumn(GMM_INPUT, F.col(PREPARED_VECTOR))
-    return projection.transform(prepared)
+    axes = np.asarray(projection, dtype=float)
+
+    @F.pandas_udf("array<double>")
+    def project(points: pd.Series) -> pd.Series:
+        if len(points) == 0:
+            return pd.Series([], dtype=object)
+        return pd.Series(list(np.stack(points.to_numpy()).astype(float) @ axes))
+
+    return prepared.withColumn(GMM_INPUT, array_to_vector(project(vector_to_array(F.col(PREPARED_VECTOR)))))

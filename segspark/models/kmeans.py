@@ -21,17 +21,21 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType
 
+from segspark.models.mllib_start import can_start_from_sample, kmeans_from_centres
 from segspark.models.prepare import PREPARED_VECTOR
+from segspark.models.sample_grid import SampleFit
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "kmeans"
+QUANTILE_ACCURACY = 10_000  # percentile_approx accuracy of the anomaly threshold: rank error 1e-4
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class FittedKMeans:
     anomaly_threshold: float | None  # None: nobody is flagged (contamination 0)
     model_name: str = MODEL_NAME
     degenerate_retries: int = 0
+    warm_start: bool = False  # started from the sample's centroids (models.mllib_start)
 
     def metrics(self) -> dict:
         return {
@@ -55,6 +60,7 @@ class FittedKMeans:
             "training_cost": self.objective,
             "sigma2": self.sigma2,
             "anomaly_threshold": self.anomaly_threshold,
+            "warm_start": self.warm_start,
         }
 
     def predict(self, prepared: DataFrame) -> DataFrame:
@@ -75,36 +81,65 @@ class FittedKMeans:
         )
 
 
+def fit_sample(points: np.ndarray, k: int, seed: int, *, max_iter: int = 40, **_: object) -> SampleFit:
+    """scikit-learn KMeans (k-means++, one initialisation) on the sample: what the k sweep measures."""
+    from sklearn.cluster import KMeans as SkKMeans
+
+    fitted = SkKMeans(n_clusters=k, n_init=1, max_iter=max_iter, random_state=seed).fit(points)
+    return SampleFit(labels=fitted.labels_, objective=float(fitted.inertia_),
+                     params={"centroids": fitted.cluster_centers_})
+
+
 def fit_one(
-    prepared: DataFrame, k: int, seed: int, *, max_iter: int = 40, contamination: float = 0.01
+    prepared: DataFrame,
+    k: int,
+    seed: int,
+    *,
+    max_iter: int = 40,
+    contamination: float = 0.01,
+    start: SampleFit | None = None,
 ) -> FittedKMeans:
-    """Fit KMeans on the prepared vector (`FittedPreparation.transform`); only k x d comes back."""
-    estimator = KMeans(k=k, maxIter=max_iter, seed=seed, featuresCol=PREPARED_VECTOR, predictionCol="segment")
+    """Fit MLlib KMeans on every user's prepared vector (`FittedPreparation.transform`); only k x d
+    and one aggregate row come back. start: the sample's solution to start from (models.mllib_start:
+    on a classic session; otherwise, and without one, MLlib's k-means|| with `seed`)."""
     # Fit on a projection, not on the cached `prepared` itself: MLlib caches its own deserialised
     # vectors only when its input is not cached, and re-reading Spark's columnar cache on every
     # iteration was measured 3.6x slower (200k users, 33 dimensions).
-    model: KMeansModel = estimator.fit(prepared.select(PREPARED_VECTOR))
+    vectors = prepared.select(PREPARED_VECTOR)
+    warm = start is not None and can_start_from_sample(prepared)
+    if warm:
+        model = kmeans_from_centres(vectors, PREPARED_VECTOR, start.params["centroids"], max_iter=max_iter, seed=seed)
+    else:
+        estimator = KMeans(k=k, maxIter=max_iter, seed=seed, featuresCol=PREPARED_VECTOR, predictionCol="segment")
+        model = estimator.fit(vectors)
+    model.setFeaturesCol(PREPARED_VECTOR).setPredictionCol("segment")
     centroids = [list(map(float, c)) for c in model.clusterCenters()]
-    summary = model.summary
-    sizes = [int(s) for s in summary.clusterSizes]
-    n, d = sum(sizes), len(centroids[0])
-    sigma2 = max(summary.trainingCost / max(n * d, 1), 1e-12)
-    partial = FittedKMeans(model, k, seed, centroids, sigma2, sizes, float(summary.trainingCost), None)
-    threshold = anomaly_threshold(_scores(partial, prepared), contamination)
-    log.info("kmeans k=%d seed=%d on %d users: sizes %s, cost %.1f", k, seed, n, sizes, summary.trainingCost)
-    return FittedKMeans(model, k, seed, centroids, sigma2, sizes, float(summary.trainingCost), threshold)
+    # One pass over the users: cluster sizes, the cost and the anomaly threshold. The score is the
+    # distance to the centroid over the RMS training distance sqrt(cost / n), so the quantile of the
+    # plain distance is taken and divided afterwards.
+    scored = model.transform(vectors).select(
+        F.col("segment").cast("int").alias("segment"), F.array(*[
+            _squared_distance(vector_to_array(F.col(PREPARED_VECTOR)), c) for c in centroids
+        ]).alias("_d2")
+    ).select("segment", F.array_min("_d2").alias("_nearest"))
+    aggregates = [F.sum("_nearest").alias("cost"), F.count(F.lit(1)).alias("n")]
+    aggregates += [F.sum(F.when(F.col("segment") == j, 1).otherwise(0)).alias(f"size_{j}") for j in range(len(centroids))]
+    if contamination > 0:
+        aggregates.append(F.percentile_approx(F.sqrt("_nearest"), 1.0 - contamination, QUANTILE_ACCURACY).alias("q"))
+    row = scored.agg(*aggregates).first()
+    n, cost = int(row["n"]), float(row["cost"] or 0.0)
+    sizes = [int(row[f"size_{j}"]) for j in range(len(centroids))]
+    d = len(centroids[0])
+    sigma2 = max(cost / max(n * d, 1), 1e-12)
+    rms = math.sqrt(sigma2 * d)
+    threshold = float(row["q"]) / rms if contamination > 0 and row["q"] is not None else None
+    log.info("kmeans k=%d seed=%d on %d users (%s): sizes %s, cost %.1f", k, seed, n,
+             "started from the sample's centroids" if warm else "k-means|| start", sizes, cost)
+    return FittedKMeans(model, k, seed, centroids, sigma2, sizes, cost, threshold, warm_start=warm)
 
 
 def _flag(score: Column, threshold: float | None) -> Column:
     return F.lit(False) if threshold is None else F.coalesce(score > F.lit(threshold), F.lit(False))
-
-
-def anomaly_threshold(scored: DataFrame, contamination: float) -> float | None:
-    """The (1 - contamination) quantile of `anomaly_score` (None when contamination is 0)."""
-    if contamination <= 0:
-        return None
-    (value,) = scored.approxQuantile("anomaly_score", [1.0 - contamination], 1e-4)
-    return float(value)
 
 
 def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:

@@ -1,8 +1,7 @@
 """Saving a fitted model into a model bundle and loading it back for scoring.
 
 A fitted baseline (kmeans, bisecting_kmeans, gmm) is a dataclass holding Spark ML models (the
-clustering model, and GMM's PCA projection) next to plain numbers (centroids, variances,
-thresholds). The Spark ML models go to `mllib/<name>/<field>` with MLlib's own writer; the numbers
+clustering model) next to plain numbers (centroids, variances, thresholds, GMM's principal axes). The Spark ML models go to `mllib/<name>/<field>` with MLlib's own writer; the numbers
 to `models/<name>.json`, together with what scoring needs to reproduce the run's segments: the map
 from the model's cluster numbers to the run's stable segment ids, and the segment names. The deep
 model (ae_hdbscan) writes its encoder and HDBSCAN artifact itself (models.deep.FittedDeep.save);
@@ -30,8 +29,10 @@ _FITTED = {
 _SPARK_MODELS = {  # field -> class per model
     "kmeans": {"model": "pyspark.ml.clustering.KMeansModel"},
     "bisecting_kmeans": {"model": "pyspark.ml.clustering.BisectingKMeansModel"},
-    "gmm": {"model": "pyspark.ml.clustering.GaussianMixtureModel", "projection": "pyspark.ml.feature.PCAModel"},
+    "gmm": {"model": "pyspark.ml.clustering.GaussianMixtureModel"},
 }
+# Bundles written before GMM's principal axes were kept as numbers saved them as an MLlib PCAModel.
+_LEGACY_SPARK_FIELDS = {("gmm", "projection"): "pyspark.ml.feature.PCAModel"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,10 @@ def load_fitted(name: str, bundle_dir: str) -> SavedSegments:
     for field_name, spark_class in _SPARK_MODELS[name].items():
         relative = values.get(field_name)
         values[field_name] = None if relative is None else _spark_class(spark_class).load(str(root / relative))
+    for (model, field_name), spark_class in _LEGACY_SPARK_FIELDS.items():
+        if model == name and isinstance(values.get(field_name), str):
+            legacy = _spark_class(spark_class).load(str(root / values[field_name]))
+            values[field_name] = legacy.pc.toArray().tolist()
     known = {f.name for f in dataclasses.fields(cls)}
     fitted = cls(**{k: v for k, v in values.items() if k in known})
     return SavedSegments(fitted, ids, names)

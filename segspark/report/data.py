@@ -187,11 +187,12 @@ def profile_names(spark: SparkSession, output: OutputConfig, run_id: str, model:
 def model_selection(spark: SparkSession, output: OutputConfig, run_id: str) -> pd.DataFrame:
     """The k sweep of every model (one row per model and k)."""
     columns = ["model", "k", "chosen", "reason", "best_seed", "seeds", "seed_ari", "silhouette", "silhouette_sq",
-               "davies_bouldin", "calinski_harabasz", "wss", "bic", "aic"]
+               "davies_bouldin", "calinski_harabasz", "wss", "bic", "aic", "dunn", "sample_users"]
     rows = _of_run(spark, output, "model_selection", run_id)
     if rows is None:
         return pd.DataFrame(columns=columns)
-    frame = pd.DataFrame.from_records([r.asDict() for r in rows.select(*columns).collect()], columns=columns)
+    present = [c for c in columns if c in rows.columns]  # tables of older versions lack the newer columns
+    frame = pd.DataFrame.from_records([r.asDict() for r in rows.select(*present).collect()], columns=columns)
     return _sorted(frame, ["k"])
 
 

@@ -170,6 +170,7 @@ SELECTION_METRICS = (
     ("silhouette", "silhouette", "higher"),
     ("davies_bouldin", "Davies-Bouldin", "lower"),
     ("calinski_harabasz", "Calinski-Harabasz", "higher"),
+    ("dunn", "Dunn", "higher"),
     ("wss", "WSS", "lower"),
     ("bic", "BIC", "lower"),
 )

@@ -281,13 +281,15 @@ def selection_section(ctx: ReportContext) -> Section:
     if len(ctx.selection):
         rows = [
             (r.model, int(r.k), "yes" if r.chosen else "", number(r.silhouette), number(r.davies_bouldin),
-             number(r.calinski_harabasz), number(r.wss), number(r.bic), number(r.seed_ari, 3), count(r.seeds))
+             number(r.calinski_harabasz), number(r.dunn), number(r.wss), number(r.bic), number(r.seed_ari, 3),
+             count(r.seeds), count(r.sample_users))
             for r in ctx.selection.itertuples()
         ]
         blocks.append(Table(
-            ["model", "k", "chosen", "silhouette", "Davies-Bouldin", "Calinski-Harabasz", "WSS", "BIC", "seed ARI",
-             "seeds"],
-            rows, caption="All values of the sweep (model_selection)", collapsed=True, numeric=(1, 3, 4, 5, 6, 7, 8, 9),
+            ["model", "k", "chosen", "silhouette", "Davies-Bouldin", "Calinski-Harabasz", "Dunn", "WSS", "BIC",
+             "seed ARI", "seeds", "sample users"],
+            rows, caption="All values of the sweep (model_selection), measured on the sweep's user sample",
+            collapsed=True, numeric=(1, 3, 4, 5, 6, 7, 8, 9, 10, 11),
         ))
     return Section("sec-selection", "Choosing k", blocks)
 
