@@ -12,8 +12,12 @@ Suites:
   baselines        metric mllib_kmeans_vs_sklearn: MLlib KMeans fit time / scikit-learn KMeans fit time
                    on the same prepared matrix (the users of --scale events, default 50M -> 1M users;
                    the features are computed once and cached under --work); metric
-                   kmeans_sweep_vs_single_fit: the whole k sweep (models.selection, with its metrics)
-                   / one KMeans fit.
+                   kmeans_sweep_vs_single_fit: choosing k for KMeans as a run does (the user sample,
+                   every k and seed fitted and measured on it in Spark tasks, then the full-scale fit
+                   of the chosen k from the sample's centroids) / one MLlib KMeans fit (k=6, from
+                   k-means||); metric segments_stage_vs_single_fit: the whole segments stage of a
+                   training run (every model: the sweep, the full-scale fits, the autoencoder and
+                   HDBSCAN, stable ids, profiles, the tables written) / the same single fit.
   scoring          metric hdbscan_predict_speedup: hdbscan.approximate_predict time / the vectorised
                    prediction's time on the same 100k held-out embeddings and clusterer (labels must
                    agree), ours on every core (hdbscan uses one) and, as one_core_ratio, on one; metric udf_overhead: embedding + HDBSCAN prediction of every user through
@@ -115,16 +119,15 @@ def ingest_features_at(spark, args, scale: int):
 
 
 def prepared_users(spark, args):
-    """(cfg, prepared DataFrame (persisted), users, numpy matrix) for the users of --scale events.
-
-    The features are computed once by the pipeline and cached under --work."""
+    """(cfg, preparation, prepared DataFrame (persisted), users, numpy matrix) for the users of
+    --scale events. The features are computed once by the pipeline (run "bench") and cached under --work."""
     import numpy as np
-    from pyspark.ml.functions import vector_to_array
 
     from segspark import pipeline
     from segspark.features.catalog import feature_columns
     from segspark.io.delta import read_table
-    from segspark.models.prepare import PREPARED_VECTOR, fit_preparation
+    from segspark.models.prepare import fit_preparation
+    from segspark.session import right_sized
 
     scale = (args.scale or [50_000_000])[0]
     events = ensure_events(spark, scale, Path(args.work))
@@ -132,26 +135,29 @@ def prepared_users(spark, args):
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={events}", f"output.root={root}"])
     if not (root / "user_features" / "_delta_log").exists():
         pipeline.run(spark, cfg, run_id="bench", segments=False)
-    features = read_table(spark, str(root / "user_features"))
+    features = read_table(spark, str(root / "user_features")).where(F.col("run_id") == "bench")
+    users = features.count()
+    features = right_sized(features, users, bytes_per_row=16 * len(features.columns))
     prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
-    prepared = prep.transform(features).select("user_id", PREPARED_VECTOR).persist(StorageLevel.MEMORY_AND_DISK)
-    users = prepared.count()
-    vectors = prepared.select(vector_to_array(PREPARED_VECTOR, "float32").alias("v")).toPandas()["v"]
-    matrix = np.stack(vectors.to_numpy())
-    return cfg, prepared, users, matrix
+    prepared = prep.transform(features).persist(StorageLevel.MEMORY_AND_DISK)
+    prepared.count()
+    matrix = prepared.select(*prep.selected).toPandas().to_numpy(dtype=np.float64)
+    return cfg, prep, prepared, users, matrix
 
 
 def suite_baselines(spark, args):
-    """MLlib KMeans versus scikit-learn KMeans on the same prepared matrix, and the k sweep's cost."""
+    """MLlib KMeans versus scikit-learn KMeans on the same prepared matrix, what choosing k costs
+    against one fit, and the whole segments stage against one fit."""
     from pyspark.ml.clustering import KMeans as SparkKMeans
     from sklearn.cluster import KMeans as SkKMeans
 
-    from segspark.evaluation.selection import sweep
+    from segspark import pipeline
     from segspark.models import kmeans
     from segspark.models.prepare import PREPARED_VECTOR
+    from segspark.models.sample import collect_user_sample
+    from segspark.segments import train_baselines
 
-    cfg, prepared, users, matrix = prepared_users(spark, args)
-    matrix = matrix.astype("float64")
+    cfg, prep, prepared, users, matrix = prepared_users(spark, args)
     k, iterations = 6, 20
 
     def mllib(frame=None):
@@ -173,24 +179,34 @@ def suite_baselines(spark, args):
          mllib_on_cached_dataframe_s=round(cached_input_s, 3))
 
     selection = cfg.models.selection
-    ks = list(range(selection.k_min, selection.k_max + 1))
-    seeds = [42 + 1009 * i for i in range(selection.seeds)]
-
-    def fit(frame, k_, seed):
-        return kmeans.fit_one(frame, k_, seed, max_iter=cfg.models.kmeans.max_iter)
+    chosen = {}
 
     def one_fit():
-        fit(prepared, 6, 42)
+        kmeans.fit_one(prepared, 6, 42, max_iter=cfg.models.kmeans.max_iter, contamination=cfg.models.kmeans.contamination)
 
-    def full_sweep():
-        sweep(fit, prepared, ks, seeds, parallelism=selection.parallelism,
-              metrics_kwargs={"silhouette_sample": selection.silhouette_sample, "seed": 42})
+    def kmeans_sweep():
+        sample = collect_user_sample(prepared, prep.selected, selection.sample_size, users, selection.sample_seed)
+        (trained,) = train_baselines(spark, {"kmeans": cfg.models.kmeans}, selection, prepared, sample)
+        chosen.update(k=trained.k, sample_users=sample.size)
 
-    single = timed(one_fit, 1, False)
-    swept = timed(full_sweep, 1, False)
+    single = timed(one_fit, args.repeat, args.warmup)
+    swept = timed(kmeans_sweep, args.repeat, args.warmup)
+    ks = list(range(selection.k_min, selection.k_max + 1))
     emit("baselines", "kmeans_sweep_vs_single_fit", round(swept, 3), "s", baseline=round(single, 3),
-         ratio=round(swept / single, 3), users=users, ks=ks, seeds=len(seeds), fits=len(ks) * len(seeds),
-         parallelism=selection.parallelism)
+         ratio=round(swept / single, 3), users=users, ks=ks, seeds=selection.seeds, fits=len(ks) * selection.seeds,
+         sample_users=chosen["sample_users"], chosen_k=chosen["k"])
+
+    stage = []
+
+    def segments_stage():
+        result = pipeline.run(spark, cfg, run_id="bench", from_features=True)
+        stage.append(result.stage_seconds)
+
+    timed(segments_stage, 1, False)
+    seconds = stage[-1]["segments"]
+    emit("baselines", "segments_stage_vs_single_fit", round(seconds, 3), "s", baseline=round(single, 3),
+         ratio=round(seconds / single, 3), users=users, models=["kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"],
+         stage_seconds=stage[-1])
     prepared.unpersist()
 
 
@@ -205,7 +221,7 @@ def suite_scoring(spark, args):
     from segspark.models.density import fit_hdbscan
     from segspark.scoring import deep_scores
 
-    cfg, prepared, users, matrix = prepared_users(spark, args)
+    cfg, _, prepared, users, matrix = prepared_users(spark, args)
     ae_cfg, hdb_cfg = cfg.models.autoencoder, cfg.models.hdbscan
     rng = np.random.default_rng(7)
     order = rng.permutation(users)

@@ -184,20 +184,27 @@ def _features_stages(
         raw = read_raw_events(spark, cfg.input)
         tagged = ingest.tag_events(raw, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(tagged)
-        # One small aggregation gives every count and the end of the data.
+        # One small aggregation gives every count and the end of the data. Dates and times are
+        # formatted by Spark in the session's zone (UTC): a collected timestamp would come back in the
+        # driver machine's local zone.
+        stamp = "yyyy-MM-dd HH:mm:ss"
         summary = (
             tagged.groupBy(F.col(ingest.REASON).alias("reason"))
-            .agg(F.count(F.lit(1)).alias("rows"), F.min("event_time").alias("first_event"),
-                 F.max("event_time").alias("last_event"))
+            .agg(F.count(F.lit(1)).alias("rows"), F.date_format(F.min("event_time"), stamp).alias("first_event"),
+                 F.date_format(F.max("event_time"), stamp).alias("last_event"),
+                 F.to_date(F.max("event_time")).alias("last_day"))
             .collect()
         )
         result.reasons = {row.reason: int(row.rows) for row in summary if row.reason is not None}
         result.clean_rows = sum(int(row.rows) for row in summary if row.reason is None)
         result.quarantined_rows = sum(result.reasons.values())
         result.input_rows = result.clean_rows + result.quarantined_rows
-        last_event = max((row.last_event for row in summary if row.reason is None and row.last_event), default=None)
-        first_event = min((row.first_event for row in summary if row.reason is None and row.first_event), default=None)
-        result.metrics["event_range"] = {"first_event": str(first_event), "last_event": str(last_event)}
+        clean_summary = next((row for row in summary if row.reason is None), None)
+        last_day = clean_summary.last_day if clean_summary is not None else None
+        result.metrics["event_range"] = {
+            "first_event": str(clean_summary.first_event if clean_summary else None),
+            "last_event": str(clean_summary.last_event if clean_summary else None),
+        }
         counts.update(input=result.input_rows, clean=result.clean_rows, quarantined=result.quarantined_rows)
 
     with _stage(result, "quarantine") as counts:
@@ -206,9 +213,9 @@ def _features_stages(
         counts.update(rows=written.rows, reasons=json.dumps(result.reasons, sort_keys=True))
 
     if result.as_of is None:
-        if last_event is None:
+        if last_day is None:
             raise ValueError(f"input {cfg.input.path!r} has no valid events (all {result.input_rows} quarantined)")
-        result.as_of = last_event.date()
+        result.as_of = last_day
 
     with _stage(result, "features") as counts:
         clean = ingest.clean_events(tagged)

@@ -236,12 +236,32 @@ def test_schema_mismatch_is_refused_and_table_stays_readable(spark, tmp_path):
     ) as err:
         write_table(spark, wrong, path)
     assert path in str(err.value)
-    extra = frame(spark, rows("r2", 1)).withColumn("bonus", spark_col("amount"))
-    with pytest.raises(ValueError, match=r"column 'bonus' of the DataFrame is not in the table"):
-        write_table(spark, extra, path)
     assert stage_dirs(path) and len(stage_dirs(path)) == 1
     assert DeltaTable(path).to_pandas().shape == (2, 5)
     assert read_table(spark, path).count() == 2
+
+
+def test_new_nullable_columns_are_added_to_the_table(spark, tmp_path):
+    """A newer segspark writes a column an older table lacks: the commit adds it to the schema, the
+    old rows read it as null, and every other difference is still refused."""
+    path = str(tmp_path / "t")
+    write_table(spark, frame(spark, rows("r1", 2)), path, replace_where={"run_id": "r1"})
+    newer = frame(spark, rows("r2", 3)).withColumn("dunn", spark_col("amount") * 2)
+    result = write_table(spark, newer, path, replace_where={"run_id": "r2"})
+    # The schema change is its own commit (ALTER TABLE ADD COLUMNS), then the rows.
+    assert result.version == 2
+    assert any("metaData" in action for action in log_actions(path, 1))
+    assert any("add" in action for action in log_actions(path, 2))
+    table = DeltaTable(path)
+    assert table.schema().to_arrow().names == ["run_id", "user_id", "amount", "ts", "day", "dunn"]
+    back = table.to_pandas().sort_values(["run_id", "user_id"])
+    assert back[back.run_id == "r1"].dunn.isna().all()
+    assert back[back.run_id == "r2"].dunn.tolist() == [1.0, 3.0, 5.0]
+    assert read_table(spark, path).where("dunn IS NULL").count() == 2
+    # Once added, the column is part of the table: a writer without it (an older version) is refused.
+    older = frame(spark, rows("r1", 2))
+    with pytest.raises(ValueError, match=r"column 'dunn' is missing from the DataFrame"):
+        write_table(spark, older, path, replace_where={"run_id": "r1"})
 
 
 def test_int96_timestamps_are_refused(spark, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
 
 from segspark.evaluation.selection import SweepResult, choose_k, curve_from_grid
 from segspark.models import kmeans
@@ -123,3 +124,53 @@ def test_sweep_names_the_failing_fit(spark, blobs):
     assert len(result.failed) == 4 and result.curve == []
     with pytest.raises(ValueError, match="no curve entry"):
         result.choose()
+
+
+@pytest.fixture(scope="module")
+def planted(spark):
+    """Six planted groups in 8 dimensions, as prepared users (user_id, columns, the prepared vector)."""
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    x, truth = make_blobs(n_samples=3000, centers=6, n_features=8, cluster_std=1.0, center_box=(-6, 6), random_state=11)
+    columns = [f"f{i}" for i in range(8)]
+    rows = [(f"u{i:05d}", *map(float, v)) for i, v in enumerate(x)]
+    frame = spark.createDataFrame(rows, ["user_id", *columns])
+    prepared = frame.withColumn("features_vector", array_to_vector(F.array(*columns))).coalesce(2).cache()
+    return prepared, columns, {f"u{i:05d}": int(t) for i, t in enumerate(truth)}
+
+
+def test_k_chosen_on_a_sample_is_the_k_chosen_on_every_user(spark, planted):
+    """On planted data: the same k from a third of the users as from all of them, and the full-scale
+    fit (MLlib, from the sample's best solution where MLlib allows it) as good as the sample's."""
+    import importlib
+
+    from segspark.config import ModelsConfig
+    from segspark.models.sample import collect_user_sample
+    from segspark.segments import MODEL_MODULES, model_options, train_baselines
+
+    prepared, columns, truth = planted
+    models = ModelsConfig()
+    baselines = {name: getattr(models, name) for name in MODEL_MODULES}
+    chosen = {}
+    for size in (3000, 1000):
+        selection = models.selection.model_copy(update={"sample_size": size, "silhouette_sample": 1000})
+        sample = collect_user_sample(prepared, columns, size, 3000, selection.sample_seed)
+        trained = train_baselines(spark, baselines, selection, prepared, sample)
+        chosen[size] = {t.name: t.k for t in trained}
+        if size == 3000:
+            continue
+        for model in trained:
+            entry = next(e for e in model.curve if e["k"] == model.k)
+            assert entry["sample_users"] == 1000 and sum(entry["full_cluster_sizes"]) == 3000
+            assert "measured on a hash sample of 1,000 of 3,000 users" in model.reason
+            # The sweep's best fit at the chosen k, again on the sample (it is deterministic)...
+            module = importlib.import_module(MODEL_MODULES[model.name])
+            options = model_options(model.name, baselines[model.name], sample.matrix)
+            labels = module.fit_sample(sample.matrix, model.k, entry["best_seed"], **options).labels
+            sweep_ari = adjusted_rand_score([truth[u] for u in sample.user_ids], labels)
+            # ...against the full-scale fit of every user.
+            rows = model.raw.select("user_id", "segment").collect()
+            full_ari = adjusted_rand_score([truth[r.user_id] for r in rows], [r.segment for r in rows])
+            assert full_ari >= sweep_ari - 0.02, (model.name, sweep_ari, full_ari)
+    assert chosen[1000] == chosen[3000] == dict.fromkeys(baselines, 6), chosen

@@ -331,7 +331,6 @@ class _Committer:
         self.partition_by = list(partition_by or [])
         self.replace_where = replace_where
         self.arrow_schema = arrow_schema(df.schema)
-        self.table_schema: DeltaSchema | None = None  # set when the write adds columns to the table
         self.write_id = uuid.uuid4().hex
 
     def run(self) -> WriteResult:
@@ -406,24 +405,27 @@ class _Committer:
             )
         expected = delta_types(table.schema())
         found = delta_types(DeltaSchema.from_arrow(self.arrow_schema))
-        # Additive schema evolution: nullable columns the table does not have yet (a newer segspark
-        # writing to an older table) are appended to the table's schema in the same commit; the
-        # table's earlier files read them as null. Anything else that differs is an error.
-        added = [c for c in found if c not in expected and self.arrow_schema.field(c).nullable]
+        # Additive schema evolution, as Spark's mergeSchema: columns the table does not have yet (a
+        # newer segspark writing to an older table) are appended to the table's schema in the same
+        # commit, nullable like every Delta column; the table's earlier files read them as null.
+        # Anything else that differs (a missing column, another type) is an error.
+        added = [c for c in found if c not in expected]
         problems = schema_problems({c: t for c, t in found.items() if c not in added}, expected, what="the DataFrame")
         if problems:
             raise ValueError(
                 f"cannot write to Delta table {self.path}: the DataFrame's schema differs from the table's "
-                f"({'; '.join(problems)}). Cast or select the columns to match the table (only new nullable "
-                "columns are added to a table), or write to a new table"
+                f"({'; '.join(problems)}). Cast or select the columns to match the table (only new columns "
+                "are added to a table), or write to a new table"
             )
         if added:
+            # Its own commit before the data's (delta-rs writes no schema change with added files),
+            # like ALTER TABLE ADD COLUMNS: harmless if the write then fails, since the new columns
+            # are null for every existing row.
             log.info("Delta table %s: adding column(s) %s to the table's schema", self.path, ", ".join(added))
-            expected.update({c: found[c] for c in added})
-            table_fields = list(pa.schema(table.schema().to_arrow()))
-            self.table_schema = DeltaSchema.from_arrow(
-                pa.schema([*table_fields, *[self.arrow_schema.field(c) for c in added]])
-            )
+            new_fields = DeltaSchema.from_arrow(pa.schema([self.arrow_schema.field(c) for c in added])).fields
+            table.alter.add_columns(list(new_fields))
+            table.update_incremental()
+            expected = delta_types(table.schema())
         parts = list(table.metadata().partition_columns)
         if self.partition_by and self.partition_by != parts:
             raise ValueError(
@@ -571,7 +573,7 @@ class _Committer:
                 table.create_write_transaction(
                     [*removes, *adds],
                     mode="append",
-                    schema=self.table_schema or table.schema(),
+                    schema=table.schema(),
                     partition_by=self.partition_by or None,
                     commit_properties=props,
                 )

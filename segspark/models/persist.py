@@ -29,9 +29,10 @@ _FITTED = {
 _SPARK_MODELS = {  # field -> class per model
     "kmeans": {"model": "pyspark.ml.clustering.KMeansModel"},
     "bisecting_kmeans": {"model": "pyspark.ml.clustering.BisectingKMeansModel"},
-    "gmm": {"model": "pyspark.ml.clustering.GaussianMixtureModel"},
+    "gmm": {},  # plain numbers: weights, means, covariances, principal axes
 }
-# Bundles written before GMM's principal axes were kept as numbers saved them as an MLlib PCAModel.
+# Bundles of earlier versions saved GMM's principal axes as an MLlib PCAModel (read back as numbers)
+# and its MLlib GaussianMixtureModel (not needed: the mixture's numbers are in the JSON).
 _LEGACY_SPARK_FIELDS = {("gmm", "projection"): "pyspark.ml.feature.PCAModel"}
 
 

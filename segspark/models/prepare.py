@@ -2,9 +2,10 @@
 
 Steps, in this order: impute -> log1p -> cap -> selection -> scale (config: `prepare.*`).
 
-Fitting (`fit_preparation`) runs on the executors and brings back only small aggregates: the
-imputation statistics (one agg), one approxQuantile call for the caps and the near-constant check,
-a d x d Pearson correlation matrix and the scaling constants. The result, `FittedPreparation`, is plain
+Fitting (`fit_preparation`) runs on the executors in three passes and brings back only small
+aggregates: the imputation statistics (one agg), one approxQuantile call for the caps and the
+near-constant check, and one pass of per-partition numpy statistics (`_column_moments`) that gives
+the near-constant shares, the d x d Pearson correlation matrix and the scaling constants. The result, `FittedPreparation`, is plain
 data: it is saved as JSON with the run, and its `transform` is a select of column expressions over
 those constants, so scoring other users applies the training run's preparation and never refits
 it on the data being scored.
@@ -30,8 +31,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+import pandas as pd
 from pyspark.ml.feature import VectorAssembler
-from pyspark.ml.stat import Correlation
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -46,7 +47,6 @@ FORMAT_VERSION = 1
 RELATIVE_ERROR = 0.001  # of every approxQuantile: rank error 0.1% of the users
 NAMED_RULES = ("zero", "mean", "median", "max")
 FEATURE_RULE = "feature:"
-_CORR_VECTOR = "_corr_input"
 
 
 @dataclass(frozen=True)
@@ -238,9 +238,12 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
     capped = before_cap.select(*[_clipped(F.col(name), caps[name]).alias(name) for name in inputs])
 
     keep = set(cfg.selection.keep)
-    dropped = _near_constant(capped, near_constant, keep, set(log1p))
+    # One pass over the capped features gives what the rest needs: the near-constant shares, the
+    # correlation matrix and the scaling's centres and spreads.
+    moments = _column_moments(capped, inputs, near_constant)
+    dropped = _near_constant(moments, near_constant, keep, set(log1p))
     remaining = [n for n in inputs if n not in {d["feature"] for d in dropped}]
-    dropped += _correlated(capped, remaining, cfg.selection)
+    dropped += _correlated(moments, remaining, cfg.selection)
     gone = {d["feature"] for d in dropped}
     selected = [n for n in inputs if n not in gone]
     for entry in dropped:
@@ -250,7 +253,7 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
             f"feature selection dropped every input feature ({sorted(gone)}); relax prepare.selection "
             "thresholds or list features in prepare.selection.keep"
         )
-    centre, scale = _fit_scaling(capped, selected, cfg.scaling)
+    centre, scale = _fit_scaling(moments, selected, cfg.scaling)
     log.info("prepare: %d of %d features selected, %s scaling", len(selected), len(inputs), cfg.scaling)
     return FittedPreparation(
         features=inputs,
@@ -318,17 +321,100 @@ def _four(quantiles: list[float]) -> list[float]:
     return quantiles
 
 
+@dataclass(frozen=True)
+class _Moments:
+    """Per-column statistics of the capped features from one pass (`_column_moments`)."""
+
+    names: list[str]
+    count: np.ndarray  # (d,) non-null values per column
+    mean: np.ndarray  # (d,)
+    scatter: np.ndarray  # (d, d) sum of (x - mean)(x - mean)^T over the rows where both are not null
+    minimum: np.ndarray  # (d,)
+    maximum: np.ndarray  # (d,)
+    shares: dict[str, float]  # near-constant candidates: share of users at the candidate value
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+
+def _column_moments(capped: DataFrame, names: list[str], candidates: Mapping[str, float]) -> _Moments:
+    """Count, means, the centred scatter matrix, minima and maxima of `names`, and the share of users
+    at each near-constant candidate's value: one Spark job. Every partition returns its exact
+    statistics (numpy, centred on its own means), merged on the driver with the pairwise update of
+    Chan, Golub and LeVeque, so no precision is lost to large offsets. The preparation imputes
+    before this, so there are no nulls; a NaN value propagates into its column's statistics, as in
+    Spark's own aggregates."""
+    d = len(names)
+    targets = np.array([candidates.get(n, np.nan) for n in names])
+
+    def partition(batches):
+        stats = _Partial(d)
+        for batch in batches:
+            x = batch[names].to_numpy(dtype=float)
+            if len(x):
+                stats.add(x, targets)
+        yield pd.DataFrame({"stats": [stats.to_bytes()]})
+
+    total = _Partial(d)
+    for row in capped.select(*names).mapInPandas(partition, "stats binary").collect():
+        total.merge(_Partial.from_bytes(row["stats"], d))
+    if total.rows == 0:
+        raise ValueError("cannot fit the preparation on an empty DataFrame (no users)")
+    shares = {n: float(total.at[i] / total.rows) for i, n in enumerate(names) if n in candidates}
+    return _Moments(names, np.full(d, float(total.rows)), total.mean, total.scatter, total.low, total.high, shares)
+
+
+class _Partial:
+    """Mergeable statistics of a set of rows (see `_column_moments`)."""
+
+    def __init__(self, d: int):
+        self.rows = 0.0
+        self.mean, self.scatter = np.zeros(d), np.zeros((d, d))
+        self.low, self.high, self.at = np.full(d, np.inf), np.full(d, -np.inf), np.zeros(d)
+
+    def add(self, x: np.ndarray, targets: np.ndarray) -> None:
+        part = _Partial(x.shape[1])
+        part.rows = float(len(x))
+        part.mean = x.mean(axis=0)
+        centred = x - part.mean
+        part.scatter = centred.T @ centred
+        with np.errstate(invalid="ignore"):
+            part.low, part.high = np.nanmin(x, axis=0), np.nanmax(x, axis=0)
+        part.at = (x == targets).sum(axis=0).astype(float)
+        self.merge(part)
+
+    def merge(self, other: _Partial) -> None:
+        if other.rows == 0:
+            return
+        total = self.rows + other.rows
+        delta = other.mean - self.mean
+        self.scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.rows * other.rows / total)
+        self.mean = self.mean + delta * (other.rows / total)
+        self.rows = total
+        self.low, self.high = np.fmin(self.low, other.low), np.fmax(self.high, other.high)
+        self.at = self.at + other.at
+
+    def to_bytes(self) -> bytes:
+        return np.concatenate([[self.rows], self.mean, self.low, self.high, self.at, self.scatter.ravel()]).tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, d: int) -> _Partial:
+        values = np.frombuffer(blob, dtype=np.float64)
+        part = cls(d)
+        part.rows = float(values[0])
+        part.mean, part.low, part.high, part.at = (values[1 + i * d:1 + (i + 1) * d].copy() for i in range(4))
+        part.scatter = values[1 + 4 * d:].reshape(d, d).copy()
+        return part
+
+
 def _near_constant(
-    capped: DataFrame, candidates: Mapping[str, float], keep: set[str], logged: set[str]
+    moments: _Moments, candidates: Mapping[str, float], keep: set[str], logged: set[str]
 ) -> list[dict[str, str]]:
     """Drop the features where the middle `near_constant_share` of users share one value."""
     if not candidates:
         return []
     names = list(candidates)
-    # The exact share of the common value, for the record (one small agg).
-    shares = capped.agg(
-        *[F.avg((F.col(n) == F.lit(candidates[n])).cast("double")).alias(n) for n in names]
-    ).first().asDict()
+    shares = moments.shares  # the exact share of the common value, for the record
     dropped = []
     for name in names:
         value = candidates[name]
@@ -342,7 +428,7 @@ def _near_constant(
     return dropped
 
 
-def _correlated(capped: DataFrame, names: list[str], selection: SelectionConfig) -> list[dict[str, str]]:
+def _correlated(moments: _Moments, names: list[str], selection: SelectionConfig) -> list[dict[str, str]]:
     """Walk the features in order; drop one whose |r| with an already kept feature exceeds
     max_abs_correlation, or that the kept features determine almost exactly (multiple correlation R
     above max_multiple_correlation: shares that sum to 1, one-hot columns, a total and its parts).
@@ -350,9 +436,13 @@ def _correlated(capped: DataFrame, names: list[str], selection: SelectionConfig)
     pair being highly correlated. Both tests use the one d x d correlation matrix."""
     if len(names) < 2:
         return []
-    vectors = VectorAssembler(inputCols=names, outputCol=_CORR_VECTOR).transform(capped).select(_CORR_VECTOR)
-    raw = Correlation.corr(vectors, _CORR_VECTOR, "pearson").head()[0].toArray()
-    matrix = np.nan_to_num(np.asarray(raw, dtype=float), nan=0.0)  # a constant feature: no linear relation
+    index = [moments.index(n) for n in names]
+    scatter = moments.scatter[np.ix_(index, index)]
+    spread = np.sqrt(np.diag(scatter))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        raw = scatter / np.outer(spread, spread)  # Pearson's r, as MLlib's Correlation computes it
+    np.fill_diagonal(raw, np.where(spread > 0, 1.0, np.nan))
+    matrix = np.nan_to_num(raw, nan=0.0)  # a constant feature: no linear relation
     keep = set(selection.keep)
     # Kept features count as kept from the start: a feature correlated with one is the one that goes.
     kept = [i for i, name in enumerate(names) if name in keep]
@@ -383,16 +473,17 @@ def _multiple_correlation(matrix: np.ndarray, target: int, kept: list[int]) -> f
     return math.sqrt(min(max(r2, 0.0), 1.0))
 
 
-def _fit_scaling(capped: DataFrame, selected: list[str], scaling: str) -> tuple[dict, dict]:
-    """Centre and scale per selected feature from one agg; a zero scale becomes 1 (constants stay finite)."""
+def _fit_scaling(moments: _Moments, selected: list[str], scaling: str) -> tuple[dict, dict]:
+    """Centre and scale per selected feature (mean and population standard deviation, or minimum
+    and maximum); a zero scale becomes 1 (constants stay finite)."""
+    index = [moments.index(n) for n in selected]
     if scaling == "standard":
-        aggregates = [F.mean(n) for n in selected] + [F.stddev_pop(n) for n in selected]
+        firsts = moments.mean[index].tolist()
+        seconds = np.sqrt(np.maximum(np.diag(moments.scatter)[index] / moments.count[index], 0.0)).tolist()
     elif scaling == "minmax":
-        aggregates = [F.min(n) for n in selected] + [F.max(n) for n in selected]
+        firsts, seconds = moments.minimum[index].tolist(), moments.maximum[index].tolist()
     else:
         raise ConfigError(f"prepare.scaling: expected standard or minmax, found {scaling!r}")
-    row = list(capped.agg(*aggregates).first())
-    firsts, seconds = row[: len(selected)], row[len(selected) :]
     centre, scale = {}, {}
     for name, first, second in zip(selected, firsts, seconds, strict=True):
         centre[name] = _finite_or(first, 0.0)
