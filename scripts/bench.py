@@ -17,7 +17,10 @@ Suites:
                    of the chosen k from the sample's centroids) / one MLlib KMeans fit (k=6, from
                    k-means||); metric segments_stage_vs_single_fit: the whole segments stage of a
                    training run (every model: the sweep, the full-scale fits, the autoencoder and
-                   HDBSCAN, stable ids, profiles, the tables written) / the same single fit.
+                   HDBSCAN, stable ids, profiles, the tables written) / the same single fit; metric
+                   selection_sample_size (one line per --sample-sizes): the sweep of the three
+                   baselines on a user sample of that size / the same single fit, with the k it
+                   chooses per model (the figures behind models.selection.sample_size).
   scoring          metric hdbscan_predict_speedup: hdbscan.approximate_predict time / the vectorised
                    prediction's time on the same 100k held-out embeddings and clusterer (labels must
                    agree), ours on every core (hdbscan uses one) and, as one_core_ratio, on one; metric udf_overhead: embedding + HDBSCAN prediction of every user through
@@ -196,6 +199,32 @@ def suite_baselines(spark, args):
          ratio=round(swept / single, 3), users=users, ks=ks, seeds=selection.seeds, fits=len(ks) * selection.seeds,
          sample_users=chosen["sample_users"], chosen_k=chosen["k"])
 
+    # The sample size: what the sweep of every baseline costs and which k it chooses per size.
+    import importlib
+
+    from segspark.evaluation.selection import curve_from_grid
+    from segspark.models.sample_grid import Cell, run_grid
+    from segspark.segments import MODEL_MODULES, model_options
+    from segspark.session import task_slots
+
+    largest = collect_user_sample(prepared, prep.selected, max(args.sample_sizes), users, selection.sample_seed)
+    for size in sorted(args.sample_sizes):
+        sample = largest.head(size)
+        cells, fitters, options = [], {}, {}
+        for name in MODEL_MODULES:
+            model_cfg = getattr(cfg.models, name)
+            fitters[name] = importlib.import_module(MODEL_MODULES[name]).fit_sample
+            options[name] = model_options(name, model_cfg, sample.matrix)
+            cells += [Cell(name, k, model_cfg.seed + 1009 * i) for k in ks for i in range(selection.seeds)]
+        start = time.perf_counter()
+        results = run_grid(spark, sample.matrix, cells, fitters, options, selection.silhouette_sample,
+                           tasks=2 * (task_slots(spark) or 1))
+        seconds = time.perf_counter() - start
+        picks = {name: curve_from_grid([r for r in results if r.cell.model == name]).choose(selection.silhouette_tolerance)[0]
+                 for name in MODEL_MODULES}
+        emit("baselines", "selection_sample_size", round(seconds, 3), "s", baseline=round(single, 3),
+             ratio=round(seconds / single, 3), users=users, sample_users=sample.size, fits=len(cells), chosen_k=picks)
+
     stage = []
 
     def segments_stage():
@@ -368,6 +397,8 @@ SUITES = {"ingest_features": suite_ingest_features, "baselines": suite_baselines
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--sample-sizes", type=int, nargs="*", default=[10_000, 25_000, 50_000, 100_000],
+                        help="baselines: user sample sizes whose sweep is timed (and its chosen k reported)")
     parser.add_argument("--scale", type=int, action="append",
                         help="number of events (about; default 10M); repeat for several scales")
     parser.add_argument("--repeat", type=int, default=3)
