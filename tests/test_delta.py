@@ -376,3 +376,31 @@ def test_catalog_table_without_the_connector_is_refused(spark):
 
     with pytest.raises(ConfigError, match="needs the Delta Spark connector"):
         write_table(spark, spark.range(1), "`main`.`crm`.`t`")
+
+
+def test_a_writer_that_loses_the_creation_race_commits_on_the_winners_table(spark, tmp_path):
+    """Two writers create one new table: the one that commits second reads the table the first
+    created, re-checks it and commits its own files: both runs land once."""
+    from segspark.io import delta
+
+    path = str(tmp_path / "t")
+    competitor = {"run": "other", "rows": frame(spark, rows("other", 2, start=100))}
+
+    class Racing(delta._Committer):
+        raced = False
+
+        def _commit(self, table, removes, adds):
+            if not Racing.raced:  # the other writer creates the table while this one writes its files
+                Racing.raced = True
+                write_table(spark, competitor["rows"], path, replace_where={"run_id": competitor["run"]})
+            return super()._commit(table, removes, adds)
+
+    result = Racing(spark, frame(spark, rows("mine", 3)), path, {"run_id": "mine"}, None, None).run()
+    assert Racing.raced and result.version == 1
+    assert run_counts(path) == {"other": 2, "mine": 3}
+    # The same writer against the same run id: the later commit replaces, nothing is duplicated.
+    again = Racing(spark, frame(spark, rows("mine", 4)), path, {"run_id": "mine"}, None, None)
+    Racing.raced = False
+    competitor.update(run="mine", rows=frame(spark, rows("mine", 5, start=200)))  # a concurrent rerun of "mine"
+    again.run()
+    assert run_counts(path) == {"other": 2, "mine": 4}

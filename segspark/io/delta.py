@@ -15,6 +15,11 @@ Embedded committer, one `write_table` call:
 4. One atomic delta-rs commit holds the new files, the removal of the files `replace_where` replaces,
    and the `txn` (app id, version). A failed verification deletes the new folder; a failed commit
    leaves it unreferenced (Delta readers never see it; VACUUM removes it).
+5. Concurrent writers: when another writer committed to the table first (or created it while this
+   one wrote its files), the commit is redone on the new version: the table is read again, the txn,
+   the schema and the files `replace_where` replaces are checked again, and the same staged files
+   are committed (up to COMMIT_ATTEMPTS times). Two runs writing one output root at once therefore
+   each land exactly once; two writers of the same run id leave one copy, the later one's.
 
 Rows are replaced by whole files only; this committer never rewrites a file. A file holding both
 rows that match `replace_where` and other rows (for instance after OPTIMIZE merged several runs)
@@ -77,6 +82,7 @@ log = logging.getLogger(__name__)
 
 STAGE_PREFIX = "write-"
 WRITE_ID_KEY = "segsparkWriteId"  # commitInfo key that finds our commit's version in the history
+COMMIT_ATTEMPTS = 5  # commits tried when other writers keep committing to the same table first
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 # Table features whose rules this committer does not apply (reads: that it cannot read correctly).
 WRITE_UNSUPPORTED = {
@@ -381,7 +387,9 @@ class _Committer:
             self._delete(stage_path)
             raise
         rows = sum(json.loads(a.stats)["numRecords"] for a in adds)
-        version = self._commit(table, removes, adds)
+        version = self._commit_with_retries(table, removes, adds, stage_path)
+        if version is None:
+            return WriteResult(self.path, None, 0, 0, skipped=True)
         seconds = time.monotonic() - self.started
         log.info(
             "Delta commit: table=%s version=%s files=%d rows=%d removed_files=%d seconds=%.2f",
@@ -553,6 +561,37 @@ class _Committer:
         )
 
     # -- commit -------------------------------------------------------------------------------
+
+    def _commit_with_retries(self, table, removes, adds, stage_path: str) -> int | None:
+        """Commit; when another writer committed to the table (or created it) since it was read, read
+        it again, re-check the txn, the schema and the files `replace_where` replaces, and commit
+        again. The staged files stay the same: only the log entry is redone, so a retry can neither
+        lose nor duplicate rows. None when the other writer had committed this write's txn."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            read_version = None if table is None else table.version()
+            try:
+                return self._commit(table, removes, adds)
+            except Exception as exc:
+                fresh = DeltaTable(self.loc.table_uri) if DeltaTable.is_deltatable(self.loc.table_uri) else None
+                moved = fresh is not None and (read_version is None or fresh.version() > read_version)
+                if not moved or attempt == COMMIT_ATTEMPTS:
+                    raise
+                log.info(
+                    "Delta table %s: another writer committed version %s first (%s); re-checking and committing "
+                    "again (attempt %d of %d)", self.path, fresh.version(), type(exc).__name__, attempt + 1,
+                    COMMIT_ATTEMPTS,
+                )
+                table = fresh
+                if self.txn is not None:
+                    done = table.transaction_version(self.txn[0])
+                    if done is not None and done >= self.txn[1]:
+                        log.info("Delta table %s: txn %s was committed by the other writer; write skipped",
+                                 self.path, self.txn)
+                        self._delete(stage_path)
+                        return None
+                self._check_existing(table)
+                removes = self._replaced_files(table)
+        raise AssertionError("unreachable")
 
     def _commit(self, table: DeltaTable | None, removes: list, adds: list[AddAction]) -> int:
         props = CommitProperties(

@@ -1,0 +1,76 @@
+"""Real processes on one output root: two writers at once, and a run killed (-9) then run again.
+Nothing may be lost and nothing duplicated: every table readable, each run's rows exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deltalake import DeltaTable
+
+from .conftest import REPO
+
+TABLES = ("quarantine", "user_features", "runs")
+
+
+def _features(events: Path, root: Path, run_id: str) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "segspark", "-q", "features", "--config", str(REPO / "conf/local.yaml"),
+        "--run-id", run_id, "--set", f"input.path={events}", f"output.root={root}",
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def _rows(root: Path, table: str) -> dict[str, int]:
+    frame = DeltaTable(str(root / table)).to_pandas()
+    return frame["run_id"].value_counts().to_dict()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 300.0) -> None:
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_two_runs_writing_one_new_output_root_at_once(sample_parquet, tmp_path):
+    root = tmp_path / "out"
+    runs = [_features(sample_parquet / "events", root, run_id) for run_id in ("left", "right")]
+    outputs = [proc.communicate(timeout=600)[0] for proc in runs]
+    assert [proc.returncode for proc in runs] == [0, 0], outputs
+    users = _rows(root, "user_features")
+    assert set(users) == {"left", "right"} and users["left"] == users["right"] > 0
+    assert _rows(root, "runs") == {"left": 1, "right": 1}
+    runs_table = DeltaTable(str(root / "runs")).to_pandas()
+    assert set(runs_table.status) == {"succeeded"}
+
+
+def test_a_run_killed_at_any_moment_then_run_again_lands_once(sample_parquet, tmp_path):
+    root = tmp_path / "out"
+    events = sample_parquet / "events"
+    # Killed between two commits of one run (a table written, the next not), and after the last
+    # table but before its runs row: both leave partial output that the rerun must complete.
+    first_commit = {
+        "after the quarantine commit": root / "quarantine" / "_delta_log" / f"{0:020d}.json",
+        "after the features commit": root / "user_features" / "_delta_log" / f"{0:020d}.json",
+    }
+    expected = None
+    for moment, marker in first_commit.items():
+        proc = _features(events, root, "nightly")
+        _wait_for(marker, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        # The same command again completes the run: one copy of its rows and one runs row.
+        again = _features(events, root, "nightly")
+        output = again.communicate(timeout=600)[0]
+        assert again.returncode == 0, (moment, output)
+        counts = {table: _rows(root, table) for table in TABLES if (root / table / "_delta_log").exists()}
+        assert counts["runs"] == {"nightly": 1}, moment
+        expected = expected or counts["user_features"]
+        assert counts["user_features"] == expected, moment
+        assert DeltaTable(str(root / "runs")).to_pandas().status.tolist() == ["succeeded"]
