@@ -250,9 +250,11 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
     from segspark.config import load_config
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    from segspark.bundle_models import bundle_signing
     from segspark.models.bundle import open_bundle
 
-    open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
+    # A broken, tampered or (with bundle.signing_key_env) unsigned bundle fails now, before Spark starts.
+    open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
     _print_summary(result)
@@ -283,9 +285,10 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     if bundle_dir is not None:
+        from segspark.bundle_models import bundle_signing
         from segspark.models.bundle import open_bundle
 
-        open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
+        open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))  # a broken bundle fails now, before Spark starts
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark:
         run = run_stream(spark, cfg, available_now=available_now, bundle=bundle_dir)
     summary = run.summary()

@@ -265,6 +265,13 @@ class OutputConfig(_Section):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
+class BundleConfig(_Section):
+    # The NAME of an environment variable holding the HMAC-SHA256 key that signs bundle manifests
+    # (never the key itself: config is logged, hashed and sent to MLflow). Set: training signs each
+    # bundle, and score/stream refuse bundles that are unsigned or signed with another key.
+    signing_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class MlflowConfig(_Section):
     tracking_uri: str | None = None  # set: each run logs params, metrics and its model bundle
     experiment: str = "segspark"  # on Databricks an absolute workspace path, e.g. /Users/me/segspark
@@ -311,6 +318,7 @@ class Config(_Section):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    bundle: BundleConfig = Field(default_factory=BundleConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
 
