@@ -291,8 +291,9 @@ class StreamDriftConfig(_Section):
 
 
 class StreamingConfig(_Section):
-    # Stable id of the stream's Delta transactions (txn app id): not Spark's query id, which changes
-    # when a checkpoint's metadata is lost. Keep it when moving or resetting the checkpoint.
+    # Stable id of the stream's Delta transactions (txn app id). Keep it when moving a checkpoint; a
+    # new checkpoint needs a new app_id: the tables record which checkpoint's query wrote each batch,
+    # and a checkpoint that does not own them is refused (streaming.identity).
     app_id: str = Field("segspark-stream", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     checkpoint: str | None = None  # default: <output.root>/_checkpoints/<app_id>
     max_files_per_trigger: int | None = Field(None, ge=1)  # file sources: files per micro-batch
