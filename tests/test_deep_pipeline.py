@@ -221,8 +221,12 @@ def test_score_with_a_signing_key(spark, deep_run, tmp_path, capsys, monkeypatch
                      f"input.path={cfg.input.path}", f"output.root={tmp_path / 'out'}", f"bundle.signing_key_env={KEY_ENV}"])
         return code, capsys.readouterr().err
 
-    # Unsigned (trained without a key): refused before Spark starts.
+    # Unsigned (trained without a key): refused before Spark starts, by score and by stream.
     code, err = score(original)
+    assert code == 2 and "is not signed (manifest.sig is missing)" in err and "Traceback" not in err
+    code = main(["stream", "--config", str(REPO / "conf/local.yaml"), "--available-now", "--bundle", str(original),
+                 "--set", f"input.path={tmp_path}", f"output.root={tmp_path / 'out'}", f"bundle.signing_key_env={KEY_ENV}"])
+    err = capsys.readouterr().err
     assert code == 2 and "is not signed (manifest.sig is missing)" in err and "Traceback" not in err
     # Signed, then a model file and the manifest's checksums rewritten: refused.
     tampered = _copy_with_checksums(original, tmp_path / "tampered", signing=key)
