@@ -4,7 +4,9 @@ The bundle is `<output.root>/_models/<run_id>/` (layout in models.bundle): the f
 the feature spec, every model of the run with its map to the run's stable segment ids and names,
 and a manifest with checksums written last. Scoring opens it only after every checksum matches and
 the new data's features match the spec, so a changed file or a different feature set is refused
-with a message saying what differs instead of producing silently wrong segments.
+with a message saying what differs instead of producing silently wrong segments. With
+`bundle.signing_key_env` set, training signs the manifest and scoring and streaming accept only
+bundles signed with that key (models.bundle, "Signing").
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from segspark.config import OutputConfig
+from segspark.config import BundleConfig, OutputConfig
 from segspark.evaluation.segment_ids import apply_mapping
 from segspark.features.behaviour import FeatureSlots
 from segspark.models.bundle import (
     BundleError,
     FeatureSpec,
     Manifest,
+    SigningKey,
     bundle_path,
     open_bundle,
+    signing_key_from_env,
     write_manifest,
 )
 from segspark.models.persist import DEEP_MODEL, load_fitted, save_fitted
@@ -48,6 +52,13 @@ def bundle_location(output: OutputConfig, run_id: str) -> str:
             "local or FUSE-mounted path (on Databricks /dbfs/... or /Volumes/...); set output.root to one"
         )
     return str(bundle_path(f"{root}/_models/{run_id}"))
+
+
+def bundle_signing(cfg: BundleConfig) -> SigningKey | None:
+    """The manifest signing key from the environment variable bundle.signing_key_env names (None:
+    signing off); a ConfigError when that variable is unset or too short. Commands call it before
+    any work, so a missing key fails at once rather than after training."""
+    return signing_key_from_env(cfg.signing_key_env)
 
 
 def start_bundle(location: str) -> None:
@@ -72,17 +83,20 @@ def finish_bundle(
     preparation: FittedPreparation,
     models: list[str],
     training_data: Mapping,
+    signing: SigningKey | None = None,
 ) -> Manifest:
     FeatureSpec.from_schema(features.schema, preparation.features).write(location)
     return write_manifest(
-        location, run_id=run_id, config_hash=config_hash, as_of=as_of, training_data=training_data, models=models
+        location, run_id=run_id, config_hash=config_hash, as_of=as_of, training_data=training_data, models=models,
+        signing=signing,
     )
 
 
-def bundle_slots(location: str) -> FeatureSlots | None:
+def bundle_slots(location: str, signing: SigningKey | None = None) -> FeatureSlots | None:
     """The category and one-hot slot values the bundle's models were trained on (None for bundles
-    written before they were recorded: the new data's own are used then, as before)."""
-    recorded = open_bundle(location, verify=False).training_data.get("feature_slots")
+    written before they were recorded: the new data's own are used then, as before). With `signing`
+    the manifest they come from is authenticated first."""
+    recorded = open_bundle(location, verify=False, signing=signing).training_data.get("feature_slots")
     if recorded is None:
         log.warning("bundle %s does not record its feature slots; resolving them from the data to score", location)
         return None
@@ -107,16 +121,21 @@ class LoadedBundle:
     models: dict  # name -> persist.SavedSegments
 
 
-def load_bundle(location: str) -> LoadedBundle:
-    manifest = open_bundle(location)
-    preparation = FittedPreparation.load(str(Path(location) / "prepare"))
-    return LoadedBundle(location, manifest, preparation, {name: load_fitted(name, location) for name in manifest.models})
+def load_bundle(location: str, signing: SigningKey | None = None) -> LoadedBundle:
+    """Verify the bundle (checksums, and the signature when a key is given), then load only files
+    its manifest lists."""
+    manifest = open_bundle(location, signing=signing)
+    preparation = FittedPreparation.load(str(manifest.file("prepare/prepare.json", what="the fitted preparation")))
+    models = {name: load_fitted(name, location, manifest) for name in manifest.models}
+    return LoadedBundle(location, manifest, preparation, models)
 
 
-def score_with_bundle(bundle: str | LoadedBundle, features: DataFrame) -> BundleScores:
+def score_with_bundle(
+    bundle: str | LoadedBundle, features: DataFrame, signing: SigningKey | None = None
+) -> BundleScores:
     """Every model of a verified bundle (a path, or one loaded already) applied to `features`
     (user_id + feature columns)."""
-    loaded = load_bundle(bundle) if isinstance(bundle, str) else bundle
+    loaded = load_bundle(bundle, signing) if isinstance(bundle, str) else bundle
     manifest = loaded.manifest
     spec = manifest.feature_spec()
     spec.check(features.schema, what="the features of the data to score")
@@ -145,5 +164,5 @@ def score_with_bundle(bundle: str | LoadedBundle, features: DataFrame) -> Bundle
     return BundleScores(manifest, assignments, embeddings, cached)
 
 
-__all__ = ["BundleError", "BundleScores", "LoadedBundle", "bundle_location", "bundle_slots", "load_bundle", "finish_bundle", "save_model", "score_with_bundle",
+__all__ = ["BundleError", "BundleScores", "LoadedBundle", "bundle_location", "bundle_signing", "bundle_slots", "load_bundle", "finish_bundle", "save_model", "score_with_bundle",
            "start_bundle"]

@@ -250,9 +250,11 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
     from segspark.config import load_config
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    from segspark.bundle_models import bundle_signing
     from segspark.models.bundle import open_bundle
 
-    open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
+    # A broken, tampered or (with bundle.signing_key_env) unsigned bundle fails now, before Spark starts.
+    open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
     _print_summary(result)
@@ -279,13 +281,20 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
       segspark stream --config conf/local.yaml --available-now --set input.path=/landing/events
     """
     from segspark.config import load_config
-    from segspark.streaming.job import run_stream
+    from segspark.streaming.identity import StreamLock
+    from segspark.streaming.job import check_stream_identity, run_stream
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     if bundle_dir is not None:
+        from segspark.bundle_models import bundle_signing
         from segspark.models.bundle import open_bundle
 
-        open_bundle(bundle_dir)  # a broken bundle fails now, before Spark starts
+        open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))  # a broken bundle fails now, before Spark starts
+    # A live stream on this app_id, or a checkpoint that does not own the tables, fails now, before
+    # Spark starts; run_stream checks both again while it holds the lock.
+    with StreamLock(cfg.output.root, cfg.streaming.app_id).acquire(checkpoint=cfg.streaming.checkpoint_path(cfg.output)):
+        pass
+    check_stream_identity(cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark:
         run = run_stream(spark, cfg, available_now=available_now, bundle=bundle_dir)
     summary = run.summary()

@@ -265,6 +265,13 @@ class OutputConfig(_Section):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
+class BundleConfig(_Section):
+    # The NAME of an environment variable holding the HMAC-SHA256 key that signs bundle manifests
+    # (never the key itself: config is logged, hashed and sent to MLflow). Set: training signs each
+    # bundle, and score/stream refuse bundles that are unsigned or signed with another key.
+    signing_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class MlflowConfig(_Section):
     tracking_uri: str | None = None  # set: each run logs params, metrics and its model bundle
     experiment: str = "segspark"  # on Databricks an absolute workspace path, e.g. /Users/me/segspark
@@ -284,8 +291,9 @@ class StreamDriftConfig(_Section):
 
 
 class StreamingConfig(_Section):
-    # Stable id of the stream's Delta transactions (txn app id): not Spark's query id, which changes
-    # when a checkpoint's metadata is lost. Keep it when moving or resetting the checkpoint.
+    # Stable id of the stream's Delta transactions (txn app id). Keep it when moving a checkpoint; a
+    # new checkpoint needs a new app_id: the tables record which checkpoint's query wrote each batch,
+    # and a checkpoint that does not own them is refused (streaming.identity).
     app_id: str = Field("segspark-stream", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     checkpoint: str | None = None  # default: <output.root>/_checkpoints/<app_id>
     max_files_per_trigger: int | None = Field(None, ge=1)  # file sources: files per micro-batch
@@ -311,6 +319,7 @@ class Config(_Section):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    bundle: BundleConfig = Field(default_factory=BundleConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
 

@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 from segspark import ingest, progress
 from segspark.bundle_models import (
     bundle_location,
+    bundle_signing,
     bundle_slots,
     finish_bundle,
     save_model,
@@ -143,9 +144,11 @@ def _run_stages(
     location = bundle_location(out, run_id) if segments and bundle is None else None
     if location is not None:
         check_tracking(cfg.mlflow)
+    # A configured signing key that is not in the environment fails now, not after training.
+    signing = bundle_signing(cfg.bundle) if segments else None
 
     if source is None:
-        trained = bundle_slots(bundle) if bundle is not None else None
+        trained = bundle_slots(bundle, signing) if bundle is not None else None
         features, slots = _features_stages(spark, cfg, result, cached, trained)
     else:
         features, slots = _features_of_run(result, source, cached)
@@ -154,7 +157,7 @@ def _run_stages(
     if not segments:
         return
     if bundle is not None:
-        _score_stage(spark, cfg, result, features, bundle)
+        _score_stage(spark, cfg, result, features, bundle, signing)
         return
     _train_stages(spark, cfg, result, cached, features, slots, location)
 
@@ -311,6 +314,7 @@ def _train_stages(
                            **result.metrics["event_range"], "as_of": str(result.as_of),
                            # scoring and streaming compute features with the slot values trained on
                            "feature_slots": slots.as_dict()},
+            signing=bundle_signing(cfg.bundle),
         )
         result.metrics["bundle"] = {"path": location, "content_sha256": manifest.content_sha256}
         result.tables["bundle"] = location
@@ -324,11 +328,13 @@ def _train_stages(
             counts.update(mlflow_run=mlflow_run)
 
 
-def _score_stage(spark: SparkSession, cfg: Config, result: RunResult, features: DataFrame, bundle: str) -> None:
+def _score_stage(
+    spark: SparkSession, cfg: Config, result: RunResult, features: DataFrame, bundle: str, signing=None
+) -> None:
     """`segspark score`: every model of an existing bundle applied to this run's users."""
     out, run_id = cfg.output, result.run_id
     with _stage(result, "score") as counts:
-        scored = score_with_bundle(bundle, features)
+        scored = score_with_bundle(bundle, features, signing)
         keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
         try:
             if scored.embeddings is not None:

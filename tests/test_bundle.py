@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from pathlib import Path
 
@@ -239,3 +240,121 @@ def test_mllib_model_directory_round_trip(spark, tmp_path):
     (root / crc[0]).unlink()
     with pytest.raises(BundleError, match="1 missing: " + crc[0].replace(".", r"\.")):
         open_bundle(root)
+
+
+# --- paths read from a bundle stay inside it ------------------------------------------------------
+
+
+def _entry(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _rechecksum(root: Path, **fields) -> None:
+    """What someone who edits a bundle does next: a new manifest whose checksums match the edit."""
+    old = open_bundle(root, verify=False)
+    write_manifest(root, run_id=old.run_id, config_hash=old.config_hash, as_of=old.as_of,
+                   training_data=old.training_data, models=list(old.models), **fields)
+
+
+def test_paths_read_from_a_bundle_are_confined_to_it(bundle, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "part-00000").write_text("{}")
+    manifest = open_bundle(bundle)
+    assert manifest.file("models/kmeans.json", what="x") == (bundle / "models/kmeans.json").resolve()
+    assert manifest.directory("mllib/kmeans", what="x") == (bundle / "mllib/kmeans").resolve()
+    refused = {
+        str(outside): "absolute path",
+        f"file://{outside}": "absolute path or URI",
+        "../outside": "climbs out",
+        "mllib/../../outside": "climbs out",
+        "": "expected a path relative",
+        "models/other.json": "does not list",
+    }
+    for rel, reason in refused.items():
+        with pytest.raises(BundleError, match=reason) as info:
+            manifest.file(rel, what="fitted.model of models/kmeans.json")
+        assert "fitted.model of models/kmeans.json" in str(info.value)
+    with pytest.raises(BundleError, match="a directory with no file in the manifest"):
+        manifest.directory("mllib/gmm", what="x")
+    # A link inside the bundle that resolves outside it: refused as a path, and by verification.
+    (bundle / "mllib" / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(BundleError, match="resolves to .*outside the bundle"):
+        manifest.directory("mllib/linked", what="x")
+    assert "1 link(s) to outside the bundle: mllib/linked -> " in _error(bundle)
+
+
+def test_load_fitted_refuses_a_model_path_outside_the_bundle(bundle, tmp_path):
+    from segspark.models.persist import load_fitted
+
+    elsewhere = tmp_path / "elsewhere" / "model"
+    elsewhere.mkdir(parents=True)
+    for target in (str(elsewhere), "../elsewhere/model"):
+        document = {"model": "kmeans", "fitted": {"model": target}, "segment_ids": {"0": 0}, "segment_names": {"0": "a"}}
+        (bundle / "models/kmeans.json").write_text(json.dumps(document))
+        _rechecksum(bundle)  # the checksums match the edit: only confinement stops it
+        manifest = open_bundle(bundle)
+        for given in (manifest, None):  # with the verified manifest, and confined to the folder alone
+            with pytest.raises(BundleError, match=r"models/kmeans.json fitted.model \(an MLlib model directory\)"):
+                load_fitted("kmeans", str(bundle), given)
+    with pytest.raises(BundleError, match="model '../x' is not one segspark knows"):
+        load_fitted("../x", str(bundle), manifest)
+
+
+# --- signed manifests ------------------------------------------------------------------------------
+
+KEY_ENV = "SEGSPARK_TEST_BUNDLE_KEY"
+
+
+@pytest.fixture
+def key(monkeypatch):
+    from segspark.models.bundle import signing_key_from_env
+
+    monkeypatch.setenv(KEY_ENV, "k" * 32)
+    return signing_key_from_env(KEY_ENV)
+
+
+def test_signed_manifest_verifies_and_an_edit_with_new_checksums_does_not(bundle, key, monkeypatch):
+    from segspark.models.bundle import SIGNATURE_NAME, signing_key_from_env
+
+    with pytest.raises(BundleError, match=rf"is not signed \(manifest.sig is missing\).*\${KEY_ENV}"):
+        open_bundle(bundle, signing=key)
+    _rechecksum(bundle, signing=key)
+    assert (bundle / SIGNATURE_NAME).is_file() and SIGNATURE_NAME not in open_bundle(bundle).files
+    assert open_bundle(bundle, signing=key).run_id == "r1"
+    assert "k" * 32 not in repr(key)  # the key never shows in logs or messages
+
+    # Someone rewrites a model file and the manifest's checksums (the signature stays as it was).
+    target = bundle / "models/kmeans.json"
+    target.write_text('{"centroids": [[9.0, 9.0]]}')
+    doc = json.loads((bundle / MANIFEST_NAME).read_text())
+    doc["files"]["models/kmeans.json"] = _entry(target)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+    open_bundle(bundle)  # checksums alone no longer see it
+    with pytest.raises(BundleError, match="manifest.sig does not match manifest.json .*rewrote files"):
+        open_bundle(bundle, signing=key)
+    with pytest.raises(BundleError, match="does not match"):
+        open_bundle(bundle, verify=False, signing=key)  # checked even when files are not
+
+    # Signed with another key.
+    _rechecksum(bundle, signing=key)
+    monkeypatch.setenv(KEY_ENV, "another key of 32 bytes or more!!")
+    with pytest.raises(BundleError, match="signed with another key"):
+        open_bundle(bundle, signing=signing_key_from_env(KEY_ENV))
+    # An unsigned rewrite removes the stale signature rather than leaving one that cannot match.
+    _rechecksum(bundle)
+    assert not (bundle / SIGNATURE_NAME).exists()
+
+
+def test_signing_key_must_be_in_the_environment(monkeypatch):
+    from segspark.errors import ConfigError
+    from segspark.models.bundle import signing_key_from_env
+
+    assert signing_key_from_env(None) is None
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ConfigError, match=rf"bundle.signing_key_env='{KEY_ENV}'.*\${KEY_ENV} is not set"):
+        signing_key_from_env(KEY_ENV)
+    monkeypatch.setenv(KEY_ENV, "short")
+    with pytest.raises(ConfigError, match="holds a 5-byte key; expected at least 16"):
+        signing_key_from_env(KEY_ENV)

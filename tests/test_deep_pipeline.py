@@ -1,7 +1,9 @@
 """The deep path end to end (autoencoder embeddings + HDBSCAN on the executors), the run's model
 bundle, and `segspark score` applying the bundle to data without retraining."""
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,10 +12,19 @@ import pytest
 from deltalake import DeltaTable
 
 from segspark import pipeline
+from segspark.bundle_models import load_bundle
 from segspark.cli import main
-from segspark.models.bundle import BundleError, open_bundle
+from segspark.models.bundle import (
+    SIGNATURE_NAME,
+    BundleError,
+    open_bundle,
+    signing_key_from_env,
+    write_manifest,
+)
 
 from .conftest import FAST_MODELS, REPO
+
+KEY_ENV = "SEGSPARK_TEST_BUNDLE_KEY"
 
 
 def frame(root, name):
@@ -132,16 +143,22 @@ def test_missing_bundle_exits_2(capsys, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
-def test_same_seed_gives_the_same_segments(spark, deep_run, tmp_path):
+def test_same_seed_gives_the_same_segments(spark, deep_run, tmp_path, monkeypatch):
     from segspark.config import load_config
 
     cfg, _ = deep_run
+    # This second training run also signs its bundle (bundle.signing_key_env).
+    monkeypatch.setenv(KEY_ENV, "s" * 32)
     again = load_config(
         REPO / "conf/local.yaml",
         [f"input.path={cfg.input.path}", f"output.root={tmp_path / 'out'}", *FAST_MODELS,
-         "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false", "models.kmeans.enabled=false"],
+         "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false", "models.kmeans.enabled=false",
+         f"bundle.signing_key_env={KEY_ENV}"],
     )
-    pipeline.run(spark, again, run_id="train")
+    trained = pipeline.run(spark, again, run_id="train")
+    signed = trained.metrics["bundle"]["path"]
+    assert Path(signed, SIGNATURE_NAME).is_file()
+    assert open_bundle(signed, signing=signing_key_from_env(KEY_ENV)).run_id == "train"
     first = frame(cfg.output.root, "user_segments").query("model == 'ae_hdbscan' and run_id == 'train'")
     second = frame(again.output.root, "user_segments").query("model == 'ae_hdbscan'")
     merged = first.merge(second, on="user_id")
@@ -161,3 +178,77 @@ def test_too_few_users_for_the_autoencoder_names_the_settings(spark, sample_parq
     )
     with pytest.raises(ValueError, match=r"fewer than one batch.*models\.autoencoder\.enabled=false"):
         pipeline.run(spark, cfg, run_id="too-few")
+
+
+def _copy_with_checksums(source, target, edit=None, signing=None):
+    """A copy of the bundle, `edit`ed (models/kmeans.json as a dict), with a manifest whose checksums
+    match: what someone who rewrites a bundle and its manifest produces."""
+    shutil.copytree(source, target)
+    if edit is not None:
+        path = target / "models" / "kmeans.json"
+        document = json.loads(path.read_text())
+        edit(document)
+        path.write_text(json.dumps(document))
+    old = open_bundle(target, verify=False)
+    write_manifest(target, run_id=old.run_id, config_hash=old.config_hash, as_of=old.as_of,
+                   training_data=old.training_data, models=list(old.models), signing=signing)
+    return target
+
+
+def test_score_refuses_a_bundle_whose_json_points_outside_it(deep_run, tmp_path, capsys):
+    cfg, result = deep_run
+    original = Path(result.metrics["bundle"]["path"])
+    elsewhere = original / "mllib" / "kmeans" / "model"  # a valid MLlib model, but not this bundle's file
+    for name, target in (("absolute", str(elsewhere)), ("relative", os.path.relpath(elsewhere, tmp_path / "relative"))):
+        copy = _copy_with_checksums(original, tmp_path / name, edit=lambda d, t=target: d["fitted"].update(model=t))
+        open_bundle(copy)  # its checksums match the edit
+        with pytest.raises(BundleError, match=r"models/kmeans.json fitted.model .*(absolute path|climbs out)"):
+            load_bundle(str(copy))
+    code = main(["score", "--config", str(REPO / "conf/local.yaml"), "--bundle", str(tmp_path / "absolute"),
+                 "--set", f"input.path={cfg.input.path}", f"output.root={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is the absolute path or URI" in err and "Traceback" not in err
+
+
+def test_score_with_a_signing_key(spark, deep_run, tmp_path, capsys, monkeypatch):
+    cfg, result = deep_run
+    original = result.metrics["bundle"]["path"]
+    monkeypatch.setenv(KEY_ENV, "s" * 32)
+    key = signing_key_from_env(KEY_ENV)
+
+    def score(bundle) -> tuple[int, str]:
+        code = main(["score", "--config", str(REPO / "conf/local.yaml"), "--bundle", str(bundle), "--set",
+                     f"input.path={cfg.input.path}", f"output.root={tmp_path / 'out'}", f"bundle.signing_key_env={KEY_ENV}"])
+        return code, capsys.readouterr().err
+
+    # Unsigned (trained without a key): refused before Spark starts, by score and by stream.
+    code, err = score(original)
+    assert code == 2 and "is not signed (manifest.sig is missing)" in err and "Traceback" not in err
+    code = main(["stream", "--config", str(REPO / "conf/local.yaml"), "--available-now", "--bundle", str(original),
+                 "--set", f"input.path={tmp_path}", f"output.root={tmp_path / 'out'}", f"bundle.signing_key_env={KEY_ENV}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not signed (manifest.sig is missing)" in err and "Traceback" not in err
+    # Signed, then a model file and the manifest's checksums rewritten: refused.
+    tampered = _copy_with_checksums(original, tmp_path / "tampered", signing=key)
+    kmeans = tampered / "models" / "kmeans.json"
+    document = json.loads(kmeans.read_text())
+    document["segment_ids"] = {k: v + 1 for k, v in document["segment_ids"].items()}
+    kmeans.write_text(json.dumps(document))
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    data = kmeans.read_bytes()
+    manifest["files"]["models/kmeans.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (tampered / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    open_bundle(tampered)  # the checksums alone pass
+    code, err = score(tampered)
+    assert code == 2 and "manifest.sig does not match manifest.json" in err and "Traceback" not in err
+    # Signed with this key: scores, with the training run's segments.
+    signed = _copy_with_checksums(original, tmp_path / "signed", signing=key)
+    signed_cfg = cfg.model_copy(update={
+        "bundle": cfg.bundle.model_copy(update={"signing_key_env": KEY_ENV}),
+        "output": cfg.output.model_copy(update={"root": str(tmp_path / "scored")}),
+    })
+    scored = pipeline.run(spark, signed_cfg, run_id="signed", bundle=str(signed))
+    assert scored.metrics["scored_with_bundle"]["run_id"] == "train"
+    assert sorted((s["model"], s["segment"], s["size"]) for s in scored.segments) == sorted(
+        (s["model"], s["segment"], s["size"]) for s in result.segments
+    )

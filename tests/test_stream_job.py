@@ -5,7 +5,15 @@ batch features of the same events."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from deltalake import DeltaTable
@@ -18,6 +26,14 @@ from segspark.io.delta import read_table
 from segspark.io.readers import read_raw_events
 from segspark.streaming import job
 from segspark.streaming.feature_state import state_features
+from segspark.streaming.identity import (
+    QUERY_KEY,
+    CheckpointState,
+    StreamLock,
+    StreamRefused,
+    TableCommits,
+    check_identity,
+)
 
 from .conftest import FAST_MODELS, REPO, data_lines
 
@@ -128,8 +144,129 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
 def test_stream_cli_exit_codes(trained, tmp_path):
     cfg, root, _ = trained
     config = str(REPO / "conf/local.yaml")
+    # Its own app_id: the checkpoint is new, and the tables may hold the default app's batches.
     kafka = ["--set", "input.format=kafka", "input.options.kafka.bootstrap.servers=127.0.0.1:9", "input.options.subscribe=events",
-             f"output.root={cfg.output.root}", f"streaming.checkpoint={tmp_path / 'ck'}"]
+             f"output.root={cfg.output.root}", f"streaming.checkpoint={tmp_path / 'ck'}", "streaming.app_id=kafka-test"]
     assert main(["stream", "--config", config, "--available-now", *kafka]) == 2
     empty = ["--set", f"output.root={tmp_path / 'nothing'}", f"input.path={tmp_path}"]
     assert main(["stream", "--config", config, "--available-now", *empty]) == 2
+
+
+# --- stream identity: a reset checkpoint, another stream's checkpoint, two live streams ------------
+
+
+def _own_root(base, root, tmp_path, **streaming):
+    """A config on a copy of the training run's tables and bundle (no stream tables, no checkpoint),
+    reading the landing folder tmp_path/landing."""
+    out = tmp_path / "out"
+    for name in ("user_features", "user_segments", "_models"):
+        shutil.copytree(Path(base.output.root) / name, out / name)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    return base.model_copy(update={
+        "input": base.input.model_copy(update={"path": str(landing)}),
+        "output": base.output.model_copy(update={"root": str(out)}),
+        "streaming": base.streaming.model_copy(update={"state_buckets": 2, "bundle": str(out / "_models/train-1"),
+                                                       **streaming}),
+    })
+
+
+def _stream_args(cfg, *extra):
+    return ["stream", "--config", str(REPO / "conf/local.yaml"), "--available-now", "--set", f"input.path={cfg.input.path}",
+            "input.format=json", f"output.root={cfg.output.root}", f"streaming.bundle={cfg.streaming.bundle}", *extra]
+
+
+def test_a_reset_checkpoint_is_refused_and_a_new_app_id_processes_every_new_file(spark, trained, tmp_path):
+    base, root, lines = trained
+    cfg = _own_root(base, root, tmp_path)  # the default app_id, the default checkpoint
+    landing, app = Path(cfg.input.path), cfg.streaming.app_id
+    (landing / "a.json").write_text("\n".join(lines[:150]) + "\n")
+    assert [r.batch_id for r in job.run_stream(spark, cfg, available_now=True).reports] == [0]
+    checkpoint = Path(cfg.streaming.checkpoint_path(cfg.output))
+    query_id = json.loads((checkpoint / "metadata").read_text().splitlines()[0])["id"]
+    # Every commit of the batch records the checkpoint's query id next to its txn.
+    for table in job.STREAM_TXNS:
+        assert DeltaTable(f"{cfg.output.root}/{table}").history(1)[0][QUERY_KEY] == query_id, table
+    assert set(_table(cfg, "stream_batches").query_id) == {query_id}
+
+    # "Starting afresh" by deleting the checkpoint: batch ids restart at 0, which the tables hold.
+    shutil.rmtree(checkpoint)
+    (landing / "b.json").write_text("\n".join(lines[150:300]) + "\n")
+    done = subprocess.run([sys.executable, "-m", "segspark", *_stream_args(cfg)], capture_output=True, text=True,
+                          timeout=600, env=os.environ)
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(error) == 1 and f"checkpoint reset or another stream uses app_id '{app}'" in error[0]
+    assert "up to batch 0" in error[0] and f"streaming.app_id={app}-2" in error[0]
+    assert not checkpoint.exists() and _table(cfg, "stream_batches").batch_id.tolist() == [0]
+
+    # The documented way: processed files moved out, a new app_id (its checkpoint by default its own).
+    (tmp_path / "processed").mkdir()
+    (landing / "a.json").rename(tmp_path / "processed" / "a.json")
+    fresh = cfg.model_copy(update={"streaming": cfg.streaming.model_copy(update={"app_id": f"{app}-2"})})
+    assert [r.batch_id for r in job.run_stream(spark, fresh, available_now=True).reports] == [0]
+    batches = _table(cfg, "stream_batches").set_index("app_id")
+    assert batches.loc[f"{app}-2", "input_rows"] == 150 == data_lines(landing)  # every new record, none skipped
+    live = _table(cfg, "user_segments_live")
+    assert set(live[live.app_id == f"{app}-2"].user_id) == {str(json.loads(line)["user_id"]) for line in lines[150:300]}
+
+    # The old app_id with the new app's checkpoint: another query's checkpoint, refused.
+    other = cfg.model_copy(update={"streaming": cfg.streaming.model_copy(update={
+        "checkpoint": fresh.streaming.checkpoint_path(fresh.output)})})
+    with pytest.raises(StreamRefused, match=f"another stream uses app_id '{app}'.*written by query {query_id}"):
+        job.check_stream_identity(other)
+
+
+def test_a_second_live_stream_on_one_app_id_is_refused(spark, trained, tmp_path, capsys):
+    base, root, _ = trained
+    cfg = _own_root(base, root, tmp_path, app_id="live-app", trigger_seconds=1)
+    first = threading.Thread(target=job.run_stream, args=(spark, cfg), daemon=True)
+    first.start()
+    deadline = time.monotonic() + 300
+    while not any(q.name == "live-app" for q in spark.streams.active):
+        assert first.is_alive() and time.monotonic() < deadline
+        time.sleep(0.5)
+    try:
+        code = main(_stream_args(cfg, "streaming.app_id=live-app"))
+        err = capsys.readouterr().err
+        assert code == 2 and f"stream app_id 'live-app' is already running: pid {os.getpid()} on host" in err
+        assert "Traceback" not in err
+        with pytest.raises(StreamRefused, match="already running"):
+            job.run_stream(spark, cfg, available_now=True)
+    finally:
+        for query in spark.streams.active:
+            if query.name == "live-app":
+                query.stop()
+        first.join(120)
+    StreamLock(cfg.output.root, "live-app").acquire().release()  # released when the stream stopped
+
+
+def test_the_lock_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from segspark.streaming.identity import StreamLock; "
+         "StreamLock(sys.argv[1], 'app').acquire(checkpoint='ck'); print('held', flush=True); sys.stdin.read()",
+         str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StreamRefused, match=f"pid {holder.pid} on host .*checkpoint ck.* holds the lock"):
+            StreamLock(str(tmp_path), "app").acquire()
+    finally:
+        holder.kill()  # SIGKILL: the holder cleans nothing up
+        holder.wait()
+    with StreamLock(str(tmp_path), "app").acquire(checkpoint="mine"):  # the kernel dropped the lock
+        assert json.loads((tmp_path / "_checkpoints/app.lock").read_text())["checkpoint"] == "mine"
+
+
+def test_identity_rules():
+    commits = [TableCommits("/o/stream_batches", 4, "q1"), TableCommits("/o/stream_feature_state", 5, "q1")]
+    check_identity("a", "/o", CheckpointState("/c", True, "q1", 5), commits)  # its own checkpoint
+    check_identity("a", "/o", CheckpointState("/c", True, "q1", 6), commits)
+    check_identity("a", "/o", CheckpointState("/c", True, None, None), [])  # a new app
+    check_identity("a", "/o", CheckpointState("/c", True, "q0", 5), [TableCommits("/o/x", 5, None)])  # older tables
+    with pytest.raises(StreamRefused, match="checkpoint reset .* up to batch 5 .*but the checkpoint /c is new"):
+        check_identity("a", "/o", CheckpointState("/c", True, None, None), commits)
+    with pytest.raises(StreamRefused, match="belongs to query q2"):
+        check_identity("a", "/o", CheckpointState("/c", True, "q2", 9), commits)
+    with pytest.raises(StreamRefused, match="has planned batches up to 3: its next batches would be skipped"):
+        check_identity("a", "/o", CheckpointState("/c", True, "q0", 3), [TableCommits("/o/x", 5, None)])

@@ -137,6 +137,7 @@ def write_table(
     replace_where: dict[str, object] | None = None,
     partition_by: list[str] | None = None,
     txn: tuple[str, int] | None = None,
+    commit_metadata: Mapping[str, str] | None = None,
 ) -> WriteResult:
     """Append `df` to the Delta table at `path` (created when missing) in one commit.
 
@@ -146,12 +147,15 @@ def write_table(
     partition_by: partition columns when the table is created; must match an existing table's.
     txn: (app_id, version): skip the write when the table already holds this version or a later
       one for app_id, otherwise record it in the commit (idempotent re-runs, streaming batches).
+    commit_metadata: string entries recorded in the commit's commitInfo next to the txn (a stream
+      records which checkpoint's query wrote the batch): custom keys with the embedded committer,
+      `userMetadata` (JSON) with the connector. Readers find them in the table's history.
     """
     _check_replace_where(df, path, replace_where)
     if has_delta_connector(spark):
-        return _connector_write(spark, df, path, replace_where, partition_by, txn)
+        return _connector_write(spark, df, path, replace_where, partition_by, txn, commit_metadata)
     _refuse_catalog_name(path)
-    return _Committer(spark, df, path, replace_where or {}, partition_by, txn).run()
+    return _Committer(spark, df, path, replace_where or {}, partition_by, txn, commit_metadata).run()
 
 
 def read_table(spark: SparkSession, path: str) -> DataFrame:
@@ -226,7 +230,7 @@ def _partition_bases(files: list[dict], parts: list[str]) -> dict[str, list[str]
 # Delta Spark connector
 
 
-def _connector_write(spark, df, path, replace_where, partition_by, txn) -> WriteResult:
+def _connector_write(spark, df, path, replace_where, partition_by, txn, commit_metadata=None) -> WriteResult:
     started = time.monotonic()
     before = _connector_last_commit(spark, path)
     writer = df.write.format("delta")
@@ -238,6 +242,8 @@ def _connector_write(spark, df, path, replace_where, partition_by, txn) -> Write
         writer = writer.partitionBy(*partition_by)
     if txn is not None:
         writer = writer.option("txnAppId", txn[0]).option("txnVersion", str(txn[1]))
+    if commit_metadata:
+        writer = writer.option("userMetadata", json.dumps(dict(commit_metadata), sort_keys=True))
     # New nullable columns of a newer segspark are added to an existing table (as the embedded
     # committer does); a changed or missing column is still an error.
     writer = writer.option("mergeSchema", "true")
@@ -330,8 +336,9 @@ def _locate(path: str) -> _Location:
 
 
 class _Committer:
-    def __init__(self, spark, df, path, replace_where, partition_by, txn):
+    def __init__(self, spark, df, path, replace_where, partition_by, txn, commit_metadata=None):
         self.spark, self.df, self.path, self.txn = spark, df, path, txn
+        self.commit_metadata = {str(k): str(v) for k, v in (commit_metadata or {}).items()}
         self.loc = _locate(path)
         self.started = time.monotonic()
         self.partition_by = list(partition_by or [])
@@ -595,7 +602,7 @@ class _Committer:
 
     def _commit(self, table: DeltaTable | None, removes: list, adds: list[AddAction]) -> int:
         props = CommitProperties(
-            custom_metadata={WRITE_ID_KEY: self.write_id},
+            custom_metadata={**self.commit_metadata, WRITE_ID_KEY: self.write_id},
             app_transactions=[Transaction(self.txn[0], self.txn[1])] if self.txn else None,
         )
         try:

@@ -12,6 +12,7 @@ contents are written by the model code:
       autoencoder/ hdbscan/  deep path (encoder.npz, autoencoder.keras, hdbscan.npz)
       mllib/<model>/         Spark MLlib model directories, incl. their .crc and _SUCCESS files
       models/<model>.json    small per-model JSON (centroids, thresholds)
+      manifest.sig           optional: HMAC-SHA256 of manifest.json under the signing key
 
 Integrity rules (`open_bundle`):
 - manifest.json is written last and atomically (temp file + os.replace), so a bundle without one is
@@ -26,6 +27,17 @@ Integrity rules (`open_bundle`):
   writing and when verifying.
 - `content_sha256` (one hash over all paths and file hashes) identifies a bundle's contents: scoring
   code can key per-worker model caches by it.
+- Every path read from a bundle file (a model directory named in models/<model>.json, say) is
+  confined to the bundle (`Manifest.file` / `Manifest.directory`): an absolute path, a `..` or a
+  link that resolves outside is refused, and so is a file the manifest does not list. Otherwise an
+  edited JSON could make scoring load a file that no checksum covers. Symbolic links that resolve
+  outside the bundle are refused by `open_bundle` for the same reason.
+
+Signing (optional, `bundle.signing_key_env`): checksums catch corruption, not someone who rewrites a
+model file and then the manifest's checksums to match. With a key (read from the environment variable
+the config names, never from the config itself), `write_manifest` writes `manifest.sig`, the
+HMAC-SHA256 of manifest.json's bytes, and `open_bundle` refuses a bundle whose signature is missing
+or does not match that key. The signature covers the manifest, the manifest covers every file.
 
 Paths are local file system paths, which includes FUSE mounts such as Databricks' /dbfs/... and
 /Volumes/...; `file:` URIs are accepted. Object-store URIs (s3://, abfss://, dbfs:/) are refused
@@ -39,6 +51,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -49,11 +62,11 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from segspark.errors import UsageError
+from segspark.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:  # only for annotations: pyspark's types need no JVM, but keep imports light
     from pyspark.sql.types import StructType
@@ -62,6 +75,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the manifest layout changes in a way older readers cannot handle
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"  # hex HMAC-SHA256 of manifest.json's bytes (signed bundles only)
+SIGNING_SETTING = "bundle.signing_key_env"
+MIN_KEY_BYTES = 16  # a shorter HMAC key can be guessed; `openssl rand -hex 32` gives 64 characters
 FEATURE_SPEC_NAME = "feature_spec.json"
 # Names skipped wherever they appear (files or directories): litter from desktops and notebooks.
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints", "__pycache__"})
@@ -89,6 +105,91 @@ _CHUNK = 1 << 20
 
 class BundleError(UsageError):
     """The bundle cannot be used: not found, incomplete, tampered with, or not fitting the data (exit 2)."""
+
+
+# --- signing -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """An HMAC-SHA256 key for bundle manifests, and where it came from (named in messages; the key never is)."""
+
+    key: bytes = field(repr=False)
+    source: str  # e.g. "$SEGSPARK_BUNDLE_KEY (bundle.signing_key_env)"
+
+    def sign(self, data: bytes) -> str:
+        return hmac.new(self.key, data, hashlib.sha256).hexdigest()
+
+
+def signing_key_from_env(variable: str | None) -> SigningKey | None:
+    """The key in environment variable `variable` (the value of bundle.signing_key_env); None when
+    signing is off. A configured variable that is unset, empty or too short is a ConfigError now,
+    before any training or scoring: silently falling back to unsigned bundles would defeat it."""
+    if not variable:
+        return None
+    value = os.environ.get(variable)
+    if value is None or not value.strip():
+        state = "not set" if value is None else "empty"
+        raise ConfigError(
+            f"{SIGNING_SETTING}={variable!r} names the environment variable that holds the bundle signing key, "
+            f"but ${variable} is {state}. Export it (e.g. export {variable}=$(openssl rand -hex 32)), with the same "
+            f"key for training, scoring and streaming, or set {SIGNING_SETTING} to null to use unsigned bundles"
+        )
+    key = value.strip().encode()
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(
+            f"${variable} ({SIGNING_SETTING}) holds a {len(key)}-byte key; expected at least {MIN_KEY_BYTES} bytes "
+            f"(e.g. export {variable}=$(openssl rand -hex 32))"
+        )
+    return SigningKey(key, f"${variable} ({SIGNING_SETTING})")
+
+
+def _check_signature(root: Path, manifest_bytes: bytes, signing: SigningKey) -> None:
+    where = root / SIGNATURE_NAME
+    try:
+        found = where.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise BundleError(
+            f"bundle {root} is not signed ({SIGNATURE_NAME} is missing), but a signing key is configured "
+            f"({signing.source}): only bundles trained with that key are accepted. Retrain with the key set, "
+            f"or set {SIGNING_SETTING} to null to accept unsigned bundles"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{where} cannot be read as a signature ({exc}); retrain with {signing.source} set") from None
+    if not hmac.compare_digest(found.lower(), signing.sign(manifest_bytes)):
+        raise BundleError(
+            f"bundle {root}: {SIGNATURE_NAME} does not match {MANIFEST_NAME} under the key in {signing.source}. "
+            "Either the manifest was changed after training (someone rewrote files and their checksums), or the "
+            "bundle was signed with another key. Retrain with this key, or score with the key it was trained with"
+        )
+    log.info("bundle %s: manifest signature verified (%s)", root, signing.source)
+
+
+# --- paths read from a bundle --------------------------------------------------------------------
+
+
+def confined(root: str | os.PathLike[str], rel: object, *, what: str) -> Path:
+    """`root/rel` for a path read from a bundle's own files, refused (BundleError) unless it is a
+    relative path that stays inside the bundle once resolved (`..` and links included)."""
+    root = bundle_path(root)
+    text = rel if isinstance(rel, str) else None
+    problem = None
+    if not text:
+        problem = f"is {rel!r}, expected a path relative to the bundle"
+    elif text.startswith(("/", "\\")) or _SCHEME.match(text) or re.match(r"^[A-Za-z]:", text):
+        problem = f"is the absolute path or URI {text!r}, expected a path relative to the bundle"
+    elif "\\" in text or ".." in PurePosixPath(text).parts:
+        problem = f"is {text!r}, which climbs out of its folder (or uses backslashes); expected a path inside the bundle"
+    else:
+        base, target = root.resolve(), (root / text).resolve()
+        if target == base or not target.is_relative_to(base):
+            problem = f"is {text!r}, which resolves to {target}, outside the bundle"
+        else:
+            return target
+    raise BundleError(
+        f"bundle {root}: {what} {problem}. A bundle loads only its own files, each covered by its manifest; "
+        "this one was edited or built by hand. Retrain, or restore the bundle from where it was copied"
+    )
 
 
 # --- feature spec --------------------------------------------------------------------------------
@@ -304,7 +405,29 @@ class Manifest:
             ) from None
 
     def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec.read(self.path)
+        return FeatureSpec.read(self.file(FEATURE_SPEC_NAME, what="the feature spec").parent)
+
+    def file(self, rel: object, *, what: str) -> Path:
+        """The bundle file `rel` (read from a bundle file), inside the bundle and listed in the manifest."""
+        target = confined(self.path, rel, what=what)
+        name = target.relative_to(self.path.resolve()).as_posix()
+        if name not in self.files:
+            raise BundleError(
+                f"bundle {self.path}: {what} is {rel!r}, which the manifest does not list (no checksum covers it); "
+                "the bundle was edited or built by hand. Retrain, or restore it from where it was copied"
+            )
+        return target
+
+    def directory(self, rel: object, *, what: str) -> Path:
+        """The bundle directory `rel` (an MLlib model), inside the bundle and holding manifest-listed files."""
+        target = confined(self.path, rel, what=what)
+        prefix = target.relative_to(self.path.resolve()).as_posix() + "/"
+        if not any(name.startswith(prefix) for name in self.files):
+            raise BundleError(
+                f"bundle {self.path}: {what} is {rel!r}, a directory with no file in the manifest; "
+                "the bundle was edited or built by hand. Retrain, or restore it from where it was copied"
+            )
+        return target
 
     def library_mismatches(self) -> dict[str, tuple[str, str]]:
         """Model libraries whose installed version differs from training: {name: (trained, installed)}."""
@@ -340,12 +463,15 @@ def write_manifest(
     training_data: Mapping[str, Any],
     models: Sequence[str],
     extra: Mapping[str, Any] | None = None,
+    signing: SigningKey | None = None,
 ) -> Manifest:
     """Checksum every file of the bundle and write manifest.json atomically, last.
 
     Call it after everything else (feature_spec.json included) is written: files added later make
     `open_bundle` fail. `training_data` describes the fitting input (path, first/last event time,
-    users, events); dates and datetimes in it are written as ISO strings.
+    users, events); dates and datetimes in it are written as ISO strings. With `signing`, manifest.sig
+    (the HMAC of the manifest's bytes) is written just before the manifest, so that a finished bundle
+    (one with a manifest) is never missing its signature.
     """
     root = bundle_path(bundle_dir)
     if not root.is_dir():
@@ -374,29 +500,40 @@ def write_manifest(
         content_sha256=_content_hash(files),
         extra=_jsonable(dict(extra or {}), "extra"),
     )
-    _atomic_write(root / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n"
+    if signing is not None:
+        _atomic_write(root / SIGNATURE_NAME, signing.sign(text.encode("utf-8")) + "\n")
+    else:  # a signature left by an earlier attempt would not match this manifest
+        (root / SIGNATURE_NAME).unlink(missing_ok=True)
+    _atomic_write(root / MANIFEST_NAME, text)
     total = sum(e.size for e in files.values())
     log.info(
-        "bundle %s: manifest written (%d files, %d bytes, content %s)",
+        "bundle %s: manifest written (%d files, %d bytes, content %s)%s",
         root,
         len(files),
         total,
         manifest.content_sha256[:12],
+        f", signed with the key in {signing.source}" if signing is not None else "",
     )
     return manifest
 
 
-def open_bundle(bundle_dir: str | os.PathLike[str], *, verify: bool = True) -> Manifest:
+def open_bundle(
+    bundle_dir: str | os.PathLike[str], *, verify: bool = True, signing: SigningKey | None = None
+) -> Manifest:
     """Read manifest.json and (by default) check every file against it; BundleError names each problem.
 
     verify=False only reads the manifest (for listing bundles); never score without verifying.
+    signing: the configured key (`signing_key_from_env`); the manifest's signature is checked before
+    anything in it is used, with or without `verify`. None: signatures are not checked.
     """
     root = bundle_path(bundle_dir)
     if not root.is_dir():
         raise BundleError(f"bundle directory {root} does not exist (check the path given for the bundle)")
     where = root / MANIFEST_NAME
     try:
-        text = where.read_text()
+        raw = where.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise BundleError(
             f"{where} is missing: {root} is not a finished bundle (training writes the manifest last, so a "
@@ -404,6 +541,10 @@ def open_bundle(bundle_dir: str | os.PathLike[str], *, verify: bool = True) -> M
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{where} cannot be read ({exc}); check the file's permissions, or retrain") from None
+    if signing is not None:
+        _check_signature(root, raw, signing)
+    elif (root / SIGNATURE_NAME).exists():
+        log.info("bundle %s is signed, but no key is configured (%s): signature not checked", root, SIGNING_SETTING)
     try:
         doc = json.loads(text)
     except ValueError as exc:
@@ -433,6 +574,7 @@ def _verify(manifest: Manifest) -> None:
     expected = set(manifest.files)
     missing = sorted(expected - present)
     unexpected = sorted(present - expected)
+    escaping = _links_outside(root)
     changed = []
     for rel in sorted(expected & present):
         want = manifest.files[rel]
@@ -441,7 +583,7 @@ def _verify(manifest: Manifest) -> None:
             changed.append(
                 f"{rel} (sha256 {got.sha256[:12]}.. size {got.size}, expected {want.sha256[:12]}.. size {want.size})"
             )
-    if not (missing or unexpected or changed):
+    if not (missing or unexpected or changed or escaping):
         log.info("bundle %s verified: %d files, content %s", root, len(present), manifest.content_sha256[:12])
         return
     parts = []
@@ -451,6 +593,8 @@ def _verify(manifest: Manifest) -> None:
         parts.append(f"{len(changed)} changed: {', '.join(changed)}")
     if unexpected:
         parts.append(f"{len(unexpected)} not in the manifest: {', '.join(unexpected)}")
+    if escaping:
+        parts.append(f"{len(escaping)} link(s) to outside the bundle: {', '.join(escaping)}")
     raise BundleError(
         f"bundle {root} does not match its manifest (run {manifest.run_id}): {'; '.join(parts)}. "
         "A bundle must not be changed after training; restore it from where it was copied, or retrain."
@@ -481,8 +625,22 @@ def bundle_path(bundle_dir: str | os.PathLike[str]) -> Path:
     return Path(text)
 
 
+def _links_outside(root: Path) -> list[str]:
+    """Symbolic links under root (files or directories) that resolve outside it: what they point at
+    is no bundle file (a linked directory is not even walked, so no checksum would cover it)."""
+    base = root.resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(base):
+                found.append(f"{path.relative_to(root).as_posix()} -> {os.readlink(path)}")
+    return sorted(found)
+
+
 def _bundle_files(root: Path) -> list[str]:
-    """Relative posix paths of every file under root except the manifest and IGNORED_NAMES, sorted."""
+    """Relative posix paths of every file under root except the manifest, its signature and
+    IGNORED_NAMES, sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in IGNORED_NAMES]
@@ -490,7 +648,7 @@ def _bundle_files(root: Path) -> list[str]:
             if name in IGNORED_NAMES:
                 continue
             rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel != MANIFEST_NAME:
+            if rel not in (MANIFEST_NAME, SIGNATURE_NAME):
                 found.append(rel)
     return sorted(found)
 

@@ -6,6 +6,10 @@ to `models/<name>.json`, together with what scoring needs to reproduce the run's
 from the model's cluster numbers to the run's stable segment ids, and the segment names. The deep
 model (ae_hdbscan) writes its encoder and HDBSCAN artifact itself (models.deep.FittedDeep.save);
 its JSON holds its metrics.
+
+Loading follows paths from the bundle's JSON (the MLlib directories), so every path is confined to
+the bundle and, when the verified manifest is given (scoring always gives it), must be a file or
+directory the manifest lists: an edited JSON cannot make scoring load a file no checksum covers.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pyspark.ml.util import MLReadable
+
+from segspark.models.bundle import BundleError, Manifest, confined
 
 DEEP_MODEL = "ae_hdbscan"
 # model name -> (module, fitted class); the Spark ML fields are recognised by their type
@@ -74,26 +80,40 @@ def save_fitted(
     os.replace(partial, target)
 
 
-def load_fitted(name: str, bundle_dir: str) -> SavedSegments:
+def load_fitted(name: str, bundle_dir: str, manifest: Manifest | None = None) -> SavedSegments:
+    """The model `name` saved in `bundle_dir`. `manifest`: the bundle's verified manifest; every file
+    and directory read must then be listed in it (without one, paths are only confined to the bundle)."""
     if name not in _FITTED and name != DEEP_MODEL:
-        raise ValueError(f"model {name!r}: expected one of {sorted([*_FITTED, DEEP_MODEL])}")
-    root = Path(bundle_dir)
-    document = json.loads((root / "models" / f"{name}.json").read_text())
+        raise BundleError(f"bundle {bundle_dir}: model {name!r} is not one segspark knows; expected one of "
+                          f"{sorted([*_FITTED, DEEP_MODEL])}. Retrain, or score with the segspark that trained it")
+
+    def file(rel: str, what: str) -> Path:
+        return manifest.file(rel, what=what) if manifest is not None else confined(bundle_dir, rel, what=what)
+
+    def directory(rel: object, what: str) -> str:
+        found = manifest.directory(rel, what=what) if manifest is not None else confined(bundle_dir, rel, what=what)
+        return str(found)
+
+    document = json.loads(file(f"models/{name}.json", f"the JSON of model {name}").read_text())
     ids = {int(a): int(b) for a, b in document["segment_ids"].items()}
     names = {int(a): b for a, b in document["segment_names"].items()}
     if name == DEEP_MODEL:
-        from segspark.models.deep import FittedDeep
+        from segspark.models.deep import DENSITY_FILE, ENCODER_FILE, FittedDeep
 
+        file(ENCODER_FILE, "the encoder of ae_hdbscan")
+        file(DENSITY_FILE, "the HDBSCAN artifact of ae_hdbscan")
         return SavedSegments(FittedDeep.load(bundle_dir, document["fitted"]), ids, names)
     module_name, class_name = _FITTED[name]
     cls = getattr(importlib.import_module(module_name), class_name)
     values = dict(document["fitted"])
     for field_name, spark_class in _SPARK_MODELS[name].items():
         relative = values.get(field_name)
-        values[field_name] = None if relative is None else _spark_class(spark_class).load(str(root / relative))
+        what = f"models/{name}.json fitted.{field_name} (an MLlib model directory)"
+        values[field_name] = None if relative is None else _spark_class(spark_class).load(directory(relative, what))
     for (model, field_name), spark_class in _LEGACY_SPARK_FIELDS.items():
         if model == name and isinstance(values.get(field_name), str):
-            legacy = _spark_class(spark_class).load(str(root / values[field_name]))
+            what = f"models/{name}.json fitted.{field_name} (an MLlib model directory)"
+            legacy = _spark_class(spark_class).load(directory(values[field_name], what))
             values[field_name] = legacy.pc.toArray().tolist()
     known = {f.name for f in dataclasses.fields(cls)}
     fitted = cls(**{k: v for k, v in values.items() if k in known})

@@ -20,8 +20,9 @@ For every micro-batch of the landing folder (or Kafka), exactly once per batch i
 Each table's commit carries the Delta transaction (`<app_id>.<table>`, batch id) and is skipped
 when `transaction_version` shows it was already committed: a batch that Spark re-runs after a
 crash (its offsets were logged, its commit was not) finishes what is missing and duplicates
-nothing. The app id comes from the config, not from the query id, which changes when a
-checkpoint's metadata is lost.
+nothing. The app id comes from the config; each commit also records the checkpoint's query id, and
+a stream whose checkpoint does not own the app's commits (a reset checkpoint, another stream's) is
+refused before its first batch, as is a second live stream on the same app_id (`identity`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from segspark.bundle_models import LoadedBundle, bundle_slots, load_bundle, score_with_bundle
+from segspark.bundle_models import LoadedBundle, bundle_signing, bundle_slots, load_bundle, score_with_bundle
 from segspark.config import Config
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
@@ -49,7 +51,7 @@ from segspark.models.bundle import Manifest
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.schema import RUNS
 from segspark.session import apply_required_conf
-from segspark.streaming import drift
+from segspark.streaming import drift, identity
 from segspark.streaming.feature_state import batch_state, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
 from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
@@ -61,6 +63,9 @@ STATE, LIVE, CENTROIDS, DRIFT, BATCHES = (
 )
 ONLINE_MODEL = "kmeans_online"
 BUCKET = "bucket"
+# Each table the stream writes -> the suffix of its txn app id (`<app_id>.<suffix>`).
+STREAM_TXNS = {"quarantine": "quarantine", STATE: "state", LIVE: "live", CENTROIDS: "online", DRIFT: "drift",
+               BATCHES: BATCHES}
 
 LIVE_SCHEMA = T.StructType([
     T.StructField("user_id", T.StringType(), False),
@@ -84,7 +89,7 @@ DRIFT_SCHEMA = (
 BATCH_SCHEMA = (
     "app_id string, batch_id bigint, as_of date, input_rows bigint, clean_rows bigint, quarantined_rows bigint, "
     "users bigint, retrain_recommended boolean, reasons array<string>, seconds double, step_seconds string, "
-    "processed_at timestamp"
+    "processed_at timestamp, query_id string"
 )
 
 
@@ -103,6 +108,10 @@ class StreamModels:
     online: OnlineKMeans | None
     online_batch: int | None = None  # the batch id the online model includes (its snapshot's)
     as_of: dt.date | None = None  # the stream's as-of date so far (the newest event day committed)
+    query_id: str | None = None  # the checkpoint's query id, recorded with every commit
+
+    def commit_metadata(self, app_id: str) -> dict[str, str]:
+        return identity.commit_metadata(app_id, self.query_id)
 
 
 @dataclass
@@ -149,9 +158,10 @@ def latest_bundle(spark: SparkSession, cfg: Config) -> str:
 
 
 def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamModels:
-    loaded = load_bundle(bundle)
+    signing = bundle_signing(cfg.bundle)
+    loaded = load_bundle(bundle, signing)
     manifest = loaded.manifest
-    slots = bundle_slots(bundle)
+    slots = bundle_slots(bundle, signing)
     if slots is None:
         raise ConfigError(f"stream: bundle {bundle} does not record its feature slots; retrain with this version")
     run_id = manifest.run_id
@@ -217,7 +227,7 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
     out, app = cfg.output, cfg.streaming.app_id
     report = BatchReport(batch_id)
     with report.step("ingest"):
-        ingested = ingest_micro_batch(spark, cfg, records, batch_id)
+        ingested = ingest_micro_batch(spark, cfg, records, batch_id, commit_metadata=models.commit_metadata(app))
     try:
         report.input_rows, report.clean_rows = ingested.input_rows, ingested.clean_rows
         report.quarantined_rows = ingested.quarantined_rows
@@ -230,7 +240,7 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
         else:  # nothing to assign (every record quarantined): the stream stays where it was
             report.as_of = models.as_of
         report.seconds = time.perf_counter() - started
-        _write_batch_row(spark, cfg, report)
+        _write_batch_row(spark, cfg, report, models)
         models.as_of = report.as_of
     finally:
         ingested.unpersist()
@@ -276,7 +286,8 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             if online is not None:
                 assignments[ONLINE_MODEL] = online
             live = _live_rows(assignments, touched, report.as_of, app, batch_id).localCheckpoint()
-            write_table(spark, live, table_path(out, LIVE), txn=(f"{app}.live", batch_id))
+            write_table(spark, live, table_path(out, LIVE), txn=(f"{app}.live", batch_id),
+                        commit_metadata=models.commit_metadata(app))
         with report.step("drift"):
             _drift(spark, cfg, models, features, live, batch_id, report)
     finally:
@@ -302,7 +313,7 @@ def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) 
     rows = merged.unionByName(untouched)
     written = write_table(
         spark, rows, state_path, replace_where={BUCKET: buckets}, partition_by=[BUCKET],
-        txn=(f"{cfg.streaming.app_id}.state", batch_id),
+        txn=(f"{cfg.streaming.app_id}.state", batch_id), commit_metadata=models.commit_metadata(cfg.streaming.app_id),
     )
     log.info("stream batch %d: feature state buckets %s rewritten (%d rows)", batch_id, buckets, written.rows)
     return merged
@@ -339,7 +350,8 @@ def _online_assignments(spark, cfg: Config, models: StreamModels, features: Data
              float(models.online.weights[j]), now)
             for j in range(models.online.k)
         ]
-        write_table(spark, spark.createDataFrame(rows, CENTROID_SCHEMA), path, txn=(f"{app}.online", batch_id))
+        write_table(spark, spark.createDataFrame(rows, CENTROID_SCHEMA), path, txn=(f"{app}.online", batch_id),
+                    commit_metadata=models.commit_metadata(app))
     cluster, squared = nearest_centre(PREPARED_VECTOR, models.online.centers)
     ids = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_ids.items()) for x in pair])
     segment = ids[cluster]
@@ -405,17 +417,18 @@ def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: 
     if reasons:
         log.warning("stream batch %d: retrain recommended: %s", batch_id, "; ".join(reasons))
     write_table(spark, spark.createDataFrame(rows, DRIFT_SCHEMA), table_path(cfg.output, DRIFT),
-                txn=(f"{cfg.streaming.app_id}.drift", batch_id))
+                txn=(f"{cfg.streaming.app_id}.drift", batch_id), commit_metadata=models.commit_metadata(cfg.streaming.app_id))
 
 
-def _write_batch_row(spark, cfg: Config, report: BatchReport) -> None:
+def _write_batch_row(spark, cfg: Config, report: BatchReport, models: StreamModels) -> None:
     row = (
         cfg.streaming.app_id, report.batch_id, report.as_of, report.input_rows, report.clean_rows,
         report.quarantined_rows, report.users, report.retrain_recommended, report.reasons, round(report.seconds, 3),
-        json.dumps(report.step_seconds, sort_keys=True), dt.datetime.now(dt.UTC),
+        json.dumps(report.step_seconds, sort_keys=True), dt.datetime.now(dt.UTC), models.query_id,
     )
     write_table(spark, spark.createDataFrame([row], BATCH_SCHEMA), table_path(cfg.output, BATCHES),
-                txn=(f"{cfg.streaming.app_id}.{BATCHES}", report.batch_id))
+                txn=(f"{cfg.streaming.app_id}.{BATCHES}", report.batch_id),
+                commit_metadata=models.commit_metadata(cfg.streaming.app_id))
 
 
 @dataclass
@@ -448,28 +461,59 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
             "segspark stream writes path tables under output.root: leave output.catalog and output.schema "
             "empty for the stream (the batch commands write catalog tables)"
         )
-    bundle = bundle or cfg.streaming.bundle or latest_bundle(spark, cfg)
-    models = load_stream_models(spark, cfg, bundle)
-    started_at = dt.datetime.now(dt.UTC)
-    run = StreamRun(run_id or f"{cfg.streaming.app_id}-{started_at:%Y%m%dT%H%M%S}", bundle)
-    log.info("stream %s: app %s, bundle %s (training run %s), models %s", run.run_id, cfg.streaming.app_id, bundle,
-             models.loaded.manifest.run_id, ", ".join(models.loaded.manifest.models))
+    app, checkpoint_path = cfg.streaming.app_id, cfg.streaming.checkpoint_path(cfg.output)
+    with identity.StreamLock(cfg.output.root, app).acquire(checkpoint=checkpoint_path) as lock:
+        checkpoint, commits = check_stream_identity(cfg)
+        bundle = bundle or cfg.streaming.bundle or latest_bundle(spark, cfg)
+        models = load_stream_models(spark, cfg, bundle)
+        started_at = dt.datetime.now(dt.UTC)
+        run = StreamRun(run_id or f"{app}-{started_at:%Y%m%dT%H%M%S}", bundle)
+        log.info("stream %s: app %s, bundle %s (training run %s), models %s", run.run_id, app, bundle,
+                 models.loaded.manifest.run_id, ", ".join(models.loaded.manifest.models))
+        # The query's id is known only once it has started: no batch may write before it is checked.
+        checked, refusal = threading.Event(), []
 
-    def each(records: DataFrame, batch_id: int) -> None:
-        report = process_batch(spark, cfg, models, records, batch_id)
-        run.reports.append(report)
-        _record_stream_run(spark, cfg, run, started_at, "running")
-        if on_batch is not None:
-            on_batch(report)
+        def each(records: DataFrame, batch_id: int) -> None:
+            checked.wait()
+            if refusal:
+                raise identity.StreamRefused(refusal[0])
+            report = process_batch(spark, cfg, models, records, batch_id)
+            run.reports.append(report)
+            _record_stream_run(spark, cfg, run, started_at, "running")
+            if on_batch is not None:
+                on_batch(report)
 
-    query = start_stream(spark, cfg, each, available_now=available_now)
-    try:
-        query.awaitTermination()
-    except BaseException:
-        _record_stream_run(spark, cfg, run, started_at, "failed")
-        raise
-    _record_stream_run(spark, cfg, run, started_at, "succeeded")
+        query = start_stream(spark, cfg, each, available_now=available_now)
+        try:
+            identity.confirm_query(app, cfg.output.root, checkpoint, commits, str(query.id))
+            models.query_id = str(query.id)
+            lock.update(query_id=models.query_id)
+            log.info("stream %s: query %s of checkpoint %s", run.run_id, models.query_id, checkpoint_path)
+        except BaseException as exc:
+            refusal.append(str(exc) or type(exc).__name__)
+            checked.set()
+            query.stop()
+            raise
+        checked.set()
+        try:
+            query.awaitTermination()
+        except BaseException:
+            _record_stream_run(spark, cfg, run, started_at, "failed")
+            raise
+        _record_stream_run(spark, cfg, run, started_at, "succeeded")
     return run
+
+
+def check_stream_identity(cfg: Config) -> tuple[identity.CheckpointState, list[identity.TableCommits]]:
+    """Refuse (identity.StreamRefused) a checkpoint that does not own the app's commits in the tables
+    (a reset checkpoint, another stream's); returns what the check read, for `confirm_query`. Needs no
+    Spark: the CLI runs it before the session starts, and `run_stream` again under the lock."""
+    app = cfg.streaming.app_id
+    checkpoint = identity.read_checkpoint(cfg.streaming.checkpoint_path(cfg.output))
+    tables = {table_path(cfg.output, table): f"{app}.{suffix}" for table, suffix in STREAM_TXNS.items()}
+    commits = identity.committed_batches(tables, app)
+    identity.check_identity(app, cfg.output.root, checkpoint, commits)
+    return checkpoint, commits
 
 
 def _record_stream_run(spark, cfg: Config, run: StreamRun, started_at: dt.datetime, status: str) -> None:
@@ -483,4 +527,5 @@ def _record_stream_run(spark, cfg: Config, run: StreamRun, started_at: dt.dateti
     write_run_rows(spark, cfg.output, "runs", spark.createDataFrame([row], RUNS), run.run_id)
 
 
-__all__ = ["BatchReport", "StreamModels", "StreamRun", "latest_bundle", "load_stream_models", "process_batch", "run_stream"]
+__all__ = ["BatchReport", "StreamModels", "StreamRun", "check_stream_identity", "latest_bundle", "load_stream_models",
+           "process_batch", "run_stream"]

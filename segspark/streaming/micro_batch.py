@@ -50,8 +50,11 @@ def batch_run_id(cfg: Config, batch_id: int) -> str:
     return f"{cfg.streaming.app_id}-{batch_id}"
 
 
-def ingest_micro_batch(spark: SparkSession, cfg: Config, records: DataFrame, batch_id: int) -> IngestedBatch:
-    """Tag one micro-batch's source records and write its quarantine rows exactly once."""
+def ingest_micro_batch(
+    spark: SparkSession, cfg: Config, records: DataFrame, batch_id: int, *, commit_metadata: dict[str, str] | None = None
+) -> IngestedBatch:
+    """Tag one micro-batch's source records and write its quarantine rows exactly once.
+    commit_metadata: recorded in the quarantine commit next to its txn (the stream's identity)."""
     check_required_columns(records, cfg.input)
     run_id = batch_run_id(cfg, batch_id)
     tagged = ingest.tag_events(records, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
@@ -63,6 +66,7 @@ def ingest_micro_batch(spark: SparkSession, cfg: Config, records: DataFrame, bat
             table_path(cfg.output, "quarantine"),
             replace_where={"run_id": run_id},
             txn=(f"{cfg.streaming.app_id}.quarantine", batch_id),
+            commit_metadata=commit_metadata,
         )
     except BaseException:
         tagged.unpersist()
