@@ -3,10 +3,12 @@ logged config, the report's configuration table (MLflow params: tests/test_track
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pandas as pd
 import pytest
+from deltalake import DeltaTable
 
 from segspark.config import load_config
 from segspark.redaction import MASK, is_secret_key, redact, redact_text
@@ -130,7 +132,7 @@ def test_resolved_config_log_line_holds_no_secret(caplog):
 
 def test_report_configuration_table_is_redacted():
     from segspark.report import data
-    from segspark.report.html import Table
+    from segspark.report.html import Table, render_page
     from segspark.report.sections import ReportContext, run_section
 
     cfg = load_config(REPO / "conf/local.yaml", ["spark.conf.fs.s3a.secret.key=s3-secret-2",
@@ -145,3 +147,19 @@ def test_report_configuration_table_is_redacted():
     text = json.dumps([[list(map(str, row)) for row in b.rows] for b in section.blocks if isinstance(b, Table)])
     assert "s3-secret-2" not in text and "connect-tok-2" not in text
     assert "spark.conf.fs.s3a.secret.key" in text and "models.selection.k_min" in text
+    page = render_page("report", "", [section], dt.datetime.now(dt.UTC))
+    assert "s3-secret-2" not in page and "connect-tok-2" not in page and "spark.conf.fs.s3a.secret.key" in page
+
+
+def test_cli_error_lines_are_redacted(spark, capsys, tmp_path):
+    from segspark.cli import main
+
+    # The error names the input path, which here carries a (Hive-style) token: printed redacted.
+    missing = tmp_path / "exports" / "token=cli-tok-1" / "events"
+    code = main(["features", "--config", str(REPO / "conf/local.yaml"), "--set", f"input.path={missing}",
+                 f"output.root={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no parquet data found" in err and "token=***" in err and "cli-tok-1" not in err
+    # The failed run's recorded error (runs.metrics, shown by the report) is redacted the same way.
+    [run] = DeltaTable(str(tmp_path / "out" / "runs")).to_pyarrow_table().to_pylist()
+    assert run["status"] == "failed" and "token=***" in run["metrics"] and "cli-tok-1" not in run["metrics"]
