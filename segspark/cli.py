@@ -16,6 +16,7 @@ import click
 
 from segspark import progress
 from segspark.errors import UsageError
+from segspark.redaction import redact_text
 
 log = logging.getLogger("segspark")
 
@@ -420,11 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         exc.show()
         return 2
     except UsageError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {redact_text(str(exc))}", err=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - a run-time failure: log it fully, exit 1
-        log.error("failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-        click.echo(f"error: {type(exc).__name__}: {_first_line(exc)} (run with -v for the traceback)", err=True)
+        # Error texts may quote a URL or connection string with its credentials: redacted like the config.
+        log.error("failed: %s: %s", type(exc).__name__, redact_text(str(exc)), exc_info=log.isEnabledFor(logging.DEBUG))
+        click.echo(f"error: {type(exc).__name__}: {redact_text(_first_line(exc))} (run with -v for the traceback)",
+                   err=True)
         return 1
 
 

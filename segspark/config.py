@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segspark.errors import ConfigError
+from segspark.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +275,9 @@ class BundleConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str | None = None  # set: each run logs params, metrics and its model bundle
     experiment: str = "segspark"  # on Databricks an absolute workspace path, e.g. /Users/me/segspark
+    # The bundle's per-user files (HDBSCAN's fitting sample of embeddings) go to MLflow only when true:
+    # a tracking server is often readable by more people than the output tables.
+    log_samples: bool = False
 
 
 class StreamDriftConfig(_Section):
@@ -312,6 +315,26 @@ class StreamingConfig(_Section):
         return self.checkpoint or f"{output.root.rstrip('/')}/_checkpoints/{self.app_id}"
 
 
+class PrivacyConfig(_Section):
+    """Pseudonymised user ids and how much of a rejected record quarantine keeps (README, Data protection)."""
+
+    # Replace every user id at ingest by HMAC-SHA256(key, id) in hex, before anything is stored.
+    pseudonymise_user_id: bool = False
+    # Where the key comes from (never from config): this environment variable, or, when both are set and
+    # dbutils is available (Databricks), the secret `secret_key` of the secret scope `secret_scope`.
+    key_env: str = Field("SEGSPARK_PSEUDONYM_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    secret_scope: str | None = Field(None, min_length=1)
+    secret_key: str | None = Field(None, min_length=1)
+    # quarantine.raw: full (the whole source record), mapped (only the mapped source columns), none (null).
+    quarantine_raw: Literal["full", "mapped", "none"] = "full"
+
+    @model_validator(mode="after")
+    def _scope_and_key(self) -> PrivacyConfig:
+        if (self.secret_scope is None) != (self.secret_key is None):
+            raise ValueError("secret_scope and secret_key go together: set both (a Databricks secret) or neither")
+        return self
+
+
 class Config(_Section):
     spark: SparkConfig = Field(default_factory=SparkConfig)
     input: InputConfig
@@ -322,6 +345,7 @@ class Config(_Section):
     bundle: BundleConfig = Field(default_factory=BundleConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -336,23 +360,6 @@ class Config(_Section):
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|api_?key|access_?key|private_?key)", re.I)
-_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """Replace secret values (by key name, and user:password in URIs) with '***'."""
-    if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value is not None and _SECRET_KEY.search(key):
-        return "***"
-    if isinstance(value, str):
-        return _URI_USERINFO.sub("***@", value)
-    return value
-
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:

@@ -27,6 +27,8 @@ from pyspark.sql.types import (
 
 from segspark.config import InputConfig
 from segspark.io.readers import CORRUPT_COLUMN
+from segspark.privacy import Protection, pseudonym
+from segspark.redaction import redact_text
 from segspark.schema import EVENT_COLUMNS
 
 REASON = "_reason"
@@ -126,8 +128,14 @@ def _event_type(src: _Source, cfg: InputConfig) -> Column:
     return F.element_at(mapping, F.lower(src.text(cfg.columns.event_type)))
 
 
-def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
+def tag_events(raw: DataFrame, cfg: InputConfig, protection: Protection | None = None) -> DataFrame:
     """Canonical event columns plus `_reason` (null when clean) and `_raw` (set when not clean).
+
+    protection (privacy.py): with a pseudonym key, user_id is the id's HMAC from here on (the rules
+    see the id itself, so a missing id is still `missing_user_id`), and `_raw` holds the pseudonym in
+    the id's source column. Its quarantine_raw mode says what `_raw` keeps: `full` the source record
+    (a line that is no record as its text, unless ids are pseudonymised: the id in it cannot be
+    found), `mapped` the mapped source columns only, `none` nothing.
 
     Every canonical column is typed before the shuffle by user, and only those narrow typed columns
     cross it, with a 96-bit fingerprint of the whole source record (xxhash64 + murmur3) standing in
@@ -146,6 +154,9 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
     source_type = _event_type(src, cfg)
     event_type = F.when((source_type == "purchase") & (quantity < 0), F.lit("return")).otherwise(source_type)
     user_id = _user_id(src, cols.user_id)
+    protection = protection or Protection()
+    key = protection.pseudonym_key
+    stored_id = user_id if key is None else pseudonym(user_id, key)
 
     rule_reason = (
         F.when(src.col(CORRUPT_COLUMN).isNotNull(), "malformed_record")
@@ -160,7 +171,7 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
         .when(~quantity_present | quantity.isNull(), "unparseable_quantity")
     )
     canonical = {
-        "user_id": user_id,
+        "user_id": stored_id,
         "event_time": event_time,
         "event_type": event_type,
         "item_id": src.text(cols.item_id),
@@ -173,13 +184,12 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
         "device": src.text(cols.device),
     }
     source_cols = [src.col(name) for name in src.names]
-    record = F.to_json(F.struct(*[src.col(name).alias(name) for name in src.names if name != CORRUPT_COLUMN]))
     c = F.col
     typed = src.df.select(
         *[canonical[name].alias(name) for name in EVENT_COLUMNS],
         rule_reason.alias(REASON),
         # The source record's text is kept only for rejected records: clean rows cross the shuffle narrow.
-        F.when(rule_reason.isNotNull(), F.coalesce(src.col(CORRUPT_COLUMN), record)).alias(RAW),
+        F.when(rule_reason.isNotNull(), _raw_record(src, cols, stored_id, protection)).alias(RAW),
         F.xxhash64(*source_cols).alias(_FP64),
         F.hash(*source_cols).alias(_FP32),
     )
@@ -196,11 +206,29 @@ def tag_events(raw: DataFrame, cfg: InputConfig) -> DataFrame:
     # The duplicate's source record is identical to the clean copy kept; it is quarantined as the
     # canonical event in JSON (the source text does not cross the shuffle).
     canonical_json = F.to_json(F.struct(*[c(name) for name in EVENT_COLUMNS]))
+    if protection.quarantine_raw == "none":
+        canonical_json = F.lit(None).cast(StringType())
     return flagged.select(
         *EVENT_COLUMNS,
         F.when(c(_DUP), F.lit("duplicate")).otherwise(c(REASON)).alias(REASON),
         F.when(c(_DUP), canonical_json).otherwise(c(RAW)).alias(RAW),
     )
+
+
+def _raw_record(src: _Source, cols, stored_id: Column, protection: Protection) -> Column:
+    """What quarantine.raw keeps of a rejected source record (tag_events' docstring)."""
+    if protection.quarantine_raw == "none":
+        return F.lit(None).cast(StringType())
+    mapped = set(cols.mapped().values())
+    kept = [name for name in src.names if name != CORRUPT_COLUMN
+            and (protection.quarantine_raw == "full" or name in mapped)]
+    pseudonymised = protection.pseudonym_key is not None
+    record = F.to_json(F.struct(*[
+        (stored_id if pseudonymised and name == cols.user_id else src.col(name)).alias(name) for name in kept
+    ]))
+    if protection.quarantine_raw == "full" and not pseudonymised:
+        return F.coalesce(src.col(CORRUPT_COLUMN), record)
+    return record
 
 
 def clean_events(tagged: DataFrame) -> DataFrame:
@@ -209,10 +237,10 @@ def clean_events(tagged: DataFrame) -> DataFrame:
 
 
 def quarantine_rows(tagged: DataFrame, run_id: str, source: str) -> DataFrame:
-    """One row per rejected record: run_id, source, reason, raw, ingested_at."""
+    """One row per rejected record: run_id, source (credentials in it redacted), reason, raw, ingested_at."""
     return tagged.filter(F.col(REASON).isNotNull()).select(
         F.lit(run_id).alias("run_id"),
-        F.lit(source).alias("source"),
+        F.lit(redact_text(source)).alias("source"),
         F.col(REASON).alias("reason"),
         F.col(RAW).alias("raw"),
         F.current_timestamp().alias("ingested_at"),

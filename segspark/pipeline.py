@@ -43,6 +43,8 @@ from segspark.io.tables import check_output, read_output_table, table_path, writ
 from segspark.models import deep
 from segspark.models.prepare import fit_preparation
 from segspark.models.sample import UserSample, collect_user_sample
+from segspark.privacy import check_same_pseudonyms, resolve_protection
+from segspark.redaction import redact_text
 from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
 from segspark.schema import USER_FEATURES_KEYS as KEYS
 from segspark.segments import ModelSegments, TrainedModel, stable_segments, train_baselines, transitions_frame
@@ -120,7 +122,7 @@ def run(
         result.status = "succeeded"
     except BaseException as exc:
         result.status = "failed"
-        result.metrics["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        result.metrics["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:2000]
         raise
     finally:
         for df in cached:
@@ -183,9 +185,12 @@ def _features_stages(
     """ingest -> quarantine -> features: (the persisted features, their slot values). `slots`: the
     category and one-hot values of a bundle's training (scoring), else resolved from these events."""
     out, run_id = cfg.output, result.run_id
+    # The pseudonym key is read before any input (a missing key is exit 2), and applied at ingest.
+    protection = resolve_protection(cfg.privacy, spark)
+    result.metrics["privacy"] = protection.describe()
     with _stage(result, "ingest") as counts:
         raw = read_raw_events(spark, cfg.input)
-        tagged = ingest.tag_events(raw, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
+        tagged = ingest.tag_events(raw, cfg.input, protection).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(tagged)
         # One small aggregation gives every count and the end of the data. Dates and times are
         # formatted by Spark in the session's zone (UTC): a collected timestamp would come back in the
@@ -310,10 +315,10 @@ def _train_stages(
             features=features,
             preparation=prep,
             models=[m.name for m in built],
-            training_data={"input_path": cfg.input.path, "users": result.users, "events": result.clean_rows,
+            training_data={"input_path": redact_text(cfg.input.path), "users": result.users, "events": result.clean_rows,
                            **result.metrics["event_range"], "as_of": str(result.as_of),
                            # scoring and streaming compute features with the slot values trained on
-                           "feature_slots": slots.as_dict()},
+                           "feature_slots": slots.as_dict(), "privacy": result.metrics.get("privacy")},
             signing=bundle_signing(cfg.bundle),
         )
         result.metrics["bundle"] = {"path": location, "content_sha256": manifest.content_sha256}
@@ -335,6 +340,7 @@ def _score_stage(
     out, run_id = cfg.output, result.run_id
     with _stage(result, "score") as counts:
         scored = score_with_bundle(bundle, features, signing)
+        check_same_pseudonyms(scored.manifest.training_data.get("privacy"), result.metrics.get("privacy"), bundle)
         keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
         try:
             if scored.embeddings is not None:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 from pyspark.sql import DataFrame, SparkSession
 
+from segspark.redaction import redact_text
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -100,7 +102,8 @@ def _connect_session(app_name: str, remote: str, conf: Mapping[str, str] | None)
     for key, value in {**dict(conf or {}), **REQUIRED_CONF}.items():
         if key.startswith("spark.sql."):
             spark.conf.set(key, str(value))
-    log.info("connected to Spark Connect server %s (Spark %s)", remote, spark.version)
+    # A Connect URL may carry `;token=...` or user info: logged redacted.
+    log.info("connected to Spark Connect server %s (Spark %s)", redact_text(remote), spark.version)
     return spark
 
 

@@ -17,6 +17,11 @@ Why it looks like this:
   after the models are fitted.
 - With a SQLite store, a new experiment keeps its artifacts beside the database file rather than
   in ./mlruns of whatever directory the job happens to run in.
+- Params and tags pass through the one redaction (segspark.redaction) whoever calls, so `spark.conf`
+  keys such as fs.s3a.secret.key never reach the server; URIs in messages are redacted the same way.
+- A tracking server is often readable by more people than the tables: the bundle's per-user files
+  (models.deep.PER_USER_FILES, HDBSCAN's fitting sample of embeddings) are left out of the upload
+  unless `mlflow.log_samples` is true; the run's tag segspark.bundle_left_out names them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import math
 import numbers
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from segspark.config import MlflowConfig
 from segspark.errors import UsageError
+from segspark.redaction import redact, redact_text
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -68,11 +76,12 @@ def log_run(
 ) -> str | None:
     """Log one pipeline run to MLflow; returns the MLflow run id, or None when tracking is off.
 
-    params: nested dicts are flattened with dotted keys (the resolved config fits as is); values are
-    stringified (JSON for non-strings) and truncated to MLflow's limit.
+    params: redacted (segspark.redaction), nested dicts flattened with dotted keys (the resolved
+    config fits as is); values are stringified (JSON for non-strings) and truncated to MLflow's limit.
     metrics: flattened the same way; finite numbers are logged (bools as 0/1), None, NaN, inf,
     strings and lists are skipped (logged at debug level).
-    bundle_dir: logged as artifacts under "bundle/" (the whole directory, manifest included).
+    bundle_dir: logged as artifacts under "bundle/" (the directory, manifest included; its per-user
+    files only with tracking.log_samples).
     tags: added to segspark.run_id and segspark.version.
     """
     if not tracking.tracking_uri:
@@ -85,11 +94,11 @@ def log_run(
 
     from segspark import __version__
 
-    all_tags = {
+    all_tags = redact({
         "segspark.run_id": run_id,
         "segspark.version": __version__,
         **{str(k): v for k, v in (tags or {}).items()},
-    }
+    })
     run = client.create_run(
         experiment_id,
         tags={_key(k): _truncate(_text(v), MAX_TAG_VALUE) for k, v in all_tags.items()},
@@ -97,10 +106,10 @@ def log_run(
     )
     mlflow_run_id: str = run.info.run_id
     try:
-        _log_params(client, mlflow_run_id, params)
+        _log_params(client, mlflow_run_id, redact(params))
         _log_metrics(client, mlflow_run_id, metrics)
         if bundle is not None:
-            client.log_artifacts(mlflow_run_id, bundle, BUNDLE_ARTIFACT_PATH)
+            _log_bundle(client, mlflow_run_id, bundle, tracking.log_samples)
     except BaseException:
         try:
             client.set_terminated(mlflow_run_id, status="FAILED")
@@ -111,10 +120,38 @@ def log_run(
     log.info(
         "MLflow run %s logged to %s (experiment %r)",
         mlflow_run_id,
-        _redact(tracking.tracking_uri),
+        redact_text(tracking.tracking_uri),
         experiment,
     )
     return mlflow_run_id
+
+
+def _log_bundle(client: MlflowClient, run_id: str, bundle: str, log_samples: bool) -> None:
+    """The bundle under "bundle/"; without log_samples, a copy without its per-user files."""
+    from segspark.models.deep import PER_USER_FILES
+
+    left_out = [] if log_samples else [name for name in PER_USER_FILES if os.path.exists(os.path.join(bundle, name))]
+    if not left_out:
+        client.log_artifacts(run_id, bundle, BUNDLE_ARTIFACT_PATH)
+        return
+    with tempfile.TemporaryDirectory(prefix="segspark-bundle-") as scratch:
+        copy = os.path.join(scratch, "bundle")
+        skipped = {os.path.normpath(os.path.join(bundle, name)) for name in left_out}
+        shutil.copytree(bundle, copy, copy_function=_link_or_copy, ignore=lambda folder, names: [
+            n for n in names if os.path.normpath(os.path.join(folder, n)) in skipped])
+        client.log_artifacts(run_id, copy, BUNDLE_ARTIFACT_PATH)
+    note = f"{', '.join(left_out)} (per-user embedding points; mlflow.log_samples: true logs them)"
+    client.set_tag(run_id, "segspark.bundle_left_out", note)
+    log.info("MLflow: bundle logged without %s; the manifest lists them, so the logged copy does not pass "
+             "open_bundle: the bundle under output.root does", note)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    # A hard link costs no space; across file systems it fails and the file is copied.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def check_tracking(tracking: MlflowConfig) -> None:
@@ -218,20 +255,20 @@ def _client(uri: str) -> MlflowClient:
         from mlflow.exceptions import MlflowException
     except ImportError:
         raise TrackingError(
-            f"mlflow.tracking_uri is set ({_redact(uri)}) but MLflow is not installed: "
+            f"mlflow.tracking_uri is set ({redact_text(uri)}) but MLflow is not installed: "
             "pip install 'segspark[mlflow]', or unset mlflow.tracking_uri to run without tracking"
         ) from None
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme in _DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
         raise TrackingError(
-            f"mlflow.tracking_uri {_redact(uri)!r} is a database store, which needs SQLAlchemy and Alembic "
+            f"mlflow.tracking_uri {redact_text(uri)!r} is a database store, which needs SQLAlchemy and Alembic "
             "besides mlflow-skinny: pip install sqlalchemy alembic (or the full mlflow package)"
         )
     try:
         return MlflowClient(tracking_uri=uri)
     except ImportError as exc:
         raise TrackingError(
-            f"mlflow.tracking_uri {_redact(uri)!r} needs a package that is not installed ({exc}); "
+            f"mlflow.tracking_uri {redact_text(uri)!r} needs a package that is not installed ({exc}); "
             "install it or use another tracking URI"
         ) from None
     except MlflowException as exc:
@@ -243,7 +280,7 @@ def _client(uri: str) -> MlflowClient:
                 "(needs sqlalchemy and alembic) or a tracking server (http://...)."
             )
         raise TrackingError(
-            f"mlflow.tracking_uri {_redact(uri)!r} cannot be opened: {_first_line(exc)}.{hint}"
+            f"mlflow.tracking_uri {redact_text(uri)!r} cannot be opened: {_first_line(exc)}.{hint}"
         ) from None
 
 
@@ -260,7 +297,7 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
                 raise
     if found.lifecycle_stage != "active":
         raise TrackingError(
-            f"MLflow experiment {name!r} at {_redact(uri)} is deleted: restore it (mlflow experiments restore) "
+            f"MLflow experiment {name!r} at {redact_text(uri)} is deleted: restore it (mlflow experiments restore) "
             "or log to another experiment"
         )
     return found.experiment_id
@@ -278,11 +315,6 @@ def default_artifact_location(uri: str) -> str | None:
     if not database or database == ":memory:":
         return None
     return (Path(database).resolve().parent / "mlartifacts").as_uri()
-
-
-def _redact(uri: str) -> str:
-    """The URI without user:password@ (a tracking server URI may carry credentials)."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,9 +16,12 @@ import sys
 import time
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from pyspark.find_spark_home import _find_spark_home
+
+from segspark.privacy import pseudonym_of
 
 from .conftest import FAST_MODELS, REPO
 
@@ -75,6 +78,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=1200)
 
 
+def _source_ids(sample) -> set:
+    return set(pq.read_table(str(sample / "events"), columns=["user_id"]).column("user_id").to_pylist())
+
+
 def _segments(root, run_id: str) -> dict[tuple[str, str], int]:
     table = DeltaTable(str(root / "user_segments")).to_pyarrow_table(
         columns=["user_id", "model", "segment", "run_id"]
@@ -86,12 +93,19 @@ def _segments(root, run_id: str) -> dict[tuple[str, str], int]:
     return keyed
 
 
-def test_pipeline_and_scoring_run_over_spark_connect(connect_url, sample_parquet, tmp_path):
+def test_pipeline_and_scoring_run_over_spark_connect(connect_url, sample_parquet, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    common = [f"spark.remote={connect_url}", f"input.path={sample_parquet}/events", f"output.root={out}"]
-    trained = _cli("run", "--config", "conf/local.yaml", "--run-id", "connect-train", "--set", *common, *FAST_MODELS)
+    # Pseudonymised ids: the HMAC's Spark expressions run on the server, the same in training and scoring.
+    monkeypatch.setenv("SEGSPARK_PSEUDONYM_KEY", "connect-test-key-0123456789")
+    common = [f"input.path={sample_parquet}/events", f"output.root={out}", "privacy.pseudonymise_user_id=true"]
+    # A URL parameter the client sends as a gRPC header (as ;token= would, which needs TLS): never logged.
+    remote = f"spark.remote={connect_url}/;x-api-token=connect-header-secret"
+    trained = _cli("run", "--config", "conf/local.yaml", "--run-id", "connect-train", "--set", remote, *common,
+                   *FAST_MODELS)
     assert trained.returncode == 0, trained.stderr[-4000:]
-    assert "connected to Spark Connect server" in trained.stderr
+    assert f"connected to Spark Connect server {connect_url}/;x-api-token=***" in trained.stderr
+    assert "connect-header-secret" not in trained.stderr + trained.stdout
+    common.append(f"spark.remote={connect_url}")
     assert "run connect-train succeeded" in trained.stdout
 
     segments = _segments(out, "connect-train")
@@ -99,6 +113,8 @@ def test_pipeline_and_scoring_run_over_spark_connect(connect_url, sample_parquet
     assert models == {"kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"}
     users = {user for user, _ in segments}
     assert len(segments) == 4 * len(users)
+    key = b"connect-test-key-0123456789"
+    assert users <= {pseudonym_of(str(u), key) for u in _source_ids(sample_parquet)}
     embeddings = DeltaTable(str(out / "user_embeddings")).to_pyarrow_table(columns=["user_id", "embedding"])
     assert embeddings.num_rows == len(users)
     runs = DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -11,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from segspark.config import MlflowConfig
-from segspark.tracking import MAX_PARAM_VALUE, TRUNCATED, TrackingError, check_tracking, log_run, param_items
+from segspark.tracking import (
+    BUNDLE_ARTIFACT_PATH,
+    MAX_PARAM_VALUE,
+    TRUNCATED,
+    TrackingError,
+    check_tracking,
+    log_run,
+    param_items,
+)
 
 
 @pytest.fixture
@@ -222,3 +231,44 @@ def test_a_pipeline_run_logs_its_params_metrics_and_bundle(spark, mlflow, tmp_pa
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
     assert {"bundle/manifest.json", "bundle/feature_spec.json", "bundle/models"} <= logged
     assert client.get_experiment(run.info.experiment_id).name == "segments"
+
+
+def test_secrets_in_params_never_reach_mlflow(mlflow, store):
+    params = {"spark": {"conf": {"fs.s3a.secret.key": "s3-secret-3", "spark.sql.shuffle.partitions": "8"},
+                        "remote": "sc://h:15002/;token=connect-tok-3"},
+              "spark.conf.fs.azure.account.key.acct.dfs.core.windows.net": "azure-key-3"}
+    run_id = log_run(store, run_id="r", params=params, metrics={}, bundle_dir=None,
+                     tags={"source": "https://u:tag-pass-3@host/x"})
+    run = mlflow.MlflowClient(tracking_uri=store.tracking_uri).get_run(run_id)
+    logged = json.dumps([run.data.params, run.data.tags])
+    assert not any(s in logged for s in ("s3-secret-3", "connect-tok-3", "azure-key-3", "tag-pass-3"))
+    assert run.data.params["spark.conf.spark.sql.shuffle.partitions"] == "8"
+    assert run.data.params["spark.remote"] == "sc://h:15002/;token=***"
+
+
+def test_bundle_goes_to_mlflow_without_per_user_samples_unless_asked(mlflow, store, bundle, tmp_path):
+    from segspark.models.deep import PER_USER_FILES
+
+    for name in PER_USER_FILES:
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_bytes(b"embedding points of users")
+    client = mlflow.MlflowClient(tracking_uri=store.tracking_uri)
+
+    def logged(run_id):
+        found, folders = set(), [BUNDLE_ARTIFACT_PATH]
+        while folders:
+            for entry in client.list_artifacts(run_id, folders.pop()):
+                (folders.append if entry.is_dir else found.add)(entry.path)
+        return found
+
+    default = log_run(store, run_id="r1", params={}, metrics={}, bundle_dir=bundle)
+    files = logged(default)
+    assert "bundle/manifest.json" in files and "bundle/mllib/kmeans/metadata/part-00000" in files
+    assert not any(f"bundle/{name}" in files for name in PER_USER_FILES)
+    assert "log_samples" in client.get_run(default).data.tags["segspark.bundle_left_out"]
+    assert all((bundle / name).exists() for name in PER_USER_FILES)  # the bundle itself is untouched
+
+    asked = log_run(MlflowConfig(tracking_uri=store.tracking_uri, log_samples=True), run_id="r2", params={},
+                    metrics={}, bundle_dir=bundle)
+    assert {f"bundle/{name}" for name in PER_USER_FILES} <= logged(asked)
+    assert "segspark.bundle_left_out" not in client.get_run(asked).data.tags

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "ae_hdbscan"
 ENCODER_FILE = "autoencoder/encoder.npz"
 DENSITY_FILE = "hdbscan/hdbscan.npz"
+# Bundle files that hold per-user data: HDBSCAN keeps its fitting sample's embedding points (up to
+# models.hdbscan.sample_size users) to assign new users. Left out of MLflow unless mlflow.log_samples.
+PER_USER_FILES = (DENSITY_FILE,)
 
 
 @dataclass

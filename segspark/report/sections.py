@@ -8,6 +8,7 @@ made-up data.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ import pandas as pd
 from pyspark.sql import SparkSession
 
 from segspark.config import OutputConfig
+from segspark.redaction import redact_text
 from segspark.report import data, figures
 from segspark.report.html import FigureBlock, Note, Paragraph, Section, Table
 from segspark.report.projection import project
+from segspark.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class ReportContext:
     profiles: pd.DataFrame
     selection: pd.DataFrame
     skipped: list[Skipped] = field(default_factory=list)
+    # The config the report was made with, already redacted (Config.redacted): shown as a table.
+    settings: dict = field(default_factory=dict)
 
     @property
     def models(self) -> list[str]:
@@ -124,12 +129,12 @@ def run_section(ctx: ReportContext) -> Section:
     ]
     bundle = metrics.get("bundle") or {}
     if bundle.get("path"):
-        facts.append(("model bundle", f"{bundle['path']} (sha256 {str(bundle.get('content_sha256', ''))[:12]}…)"))
+        facts.append(("model bundle", f"{redact_text(str(bundle['path']))} (sha256 {str(bundle.get('content_sha256', ''))[:12]}…)"))
     scored = metrics.get("scored_with_bundle") or {}
     if scored.get("path"):
-        facts.append(("scored with", f"bundle {scored['path']} of run {scored.get('run_id')}"))
+        facts.append(("scored with", f"bundle {redact_text(str(scored['path']))} of run {scored.get('run_id')}"))
     if metrics.get("error"):
-        facts.append(("error", str(metrics["error"])))
+        facts.append(("error", redact_text(str(metrics["error"]))))
     blocks: list = [Table(["", ""], facts)]
 
     stages = metrics.get("stage_seconds") or {}
@@ -152,6 +157,10 @@ def run_section(ctx: ReportContext) -> Section:
             model_rows.append((model, "—", "not trained in this run", "—"))
             ctx.skip(f"model-{model}", f"model {model} has no segments in run {run.run_id} (it was not trained in this run)")
     blocks.append(Table(["model", "chosen k", "reason", "previous run"], model_rows, caption="Models", numeric=(1,)))
+    if ctx.settings:
+        rows = [(key, value if isinstance(value, str) else json.dumps(value)) for key, value in flatten(ctx.settings)]
+        blocks.append(Table(["key", "value"], rows, collapsed=True,
+                            caption="Configuration this report was made with (secrets redacted)"))
     return Section("sec-run", "Run and configuration", blocks)
 
 

@@ -45,6 +45,7 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str | None = None, ou
         config_hash=cfg.config_hash(),
         profiles=data.segment_profiles(spark, cfg.output, run.run_id),
         selection=data.model_selection(spark, cfg.output, run.run_id),
+        settings=cfg.redacted(),
     )
     log.info("report: run %s (%s, as of %s): models %s", run.run_id, run.status, run.as_of, ", ".join(ctx.models) or "none")
     sections = []

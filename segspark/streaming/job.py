@@ -49,6 +49,7 @@ from segspark.io.delta import read_table, table_exists, write_table
 from segspark.io.tables import read_output_table, table_path, uses_catalog, write_run_rows
 from segspark.models.bundle import Manifest
 from segspark.models.prepare import PREPARED_VECTOR
+from segspark.privacy import Protection, check_same_pseudonyms, resolve_protection
 from segspark.schema import RUNS
 from segspark.session import apply_required_conf
 from segspark.streaming import drift, identity
@@ -221,13 +222,15 @@ def _done(path: str, app: str, batch_id: int) -> bool:
     return version is not None and version >= batch_id
 
 
-def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, records: DataFrame, batch_id: int) -> BatchReport:
+def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, records: DataFrame, batch_id: int,
+                  protection: Protection | None = None) -> BatchReport:
     """Everything one micro-batch does (module docstring), each table exactly once."""
     started = time.perf_counter()
     out, app = cfg.output, cfg.streaming.app_id
     report = BatchReport(batch_id)
     with report.step("ingest"):
-        ingested = ingest_micro_batch(spark, cfg, records, batch_id, commit_metadata=models.commit_metadata(app))
+        ingested = ingest_micro_batch(spark, cfg, records, batch_id, protection,
+                                      commit_metadata=models.commit_metadata(app))
     try:
         report.input_rows, report.clean_rows = ingested.input_rows, ingested.clean_rows
         report.quarantined_rows = ingested.quarantined_rows
@@ -461,11 +464,14 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
             "segspark stream writes path tables under output.root: leave output.catalog and output.schema "
             "empty for the stream (the batch commands write catalog tables)"
         )
+    # The pseudonym key is read once, before the stream starts (a missing key is exit 2).
+    protection = resolve_protection(cfg.privacy, spark)
     app, checkpoint_path = cfg.streaming.app_id, cfg.streaming.checkpoint_path(cfg.output)
     with identity.StreamLock(cfg.output.root, app).acquire(checkpoint=checkpoint_path) as lock:
         checkpoint, commits = check_stream_identity(cfg)
         bundle = bundle or cfg.streaming.bundle or latest_bundle(spark, cfg)
         models = load_stream_models(spark, cfg, bundle)
+        check_same_pseudonyms(models.loaded.manifest.training_data.get("privacy"), protection.describe(), bundle)
         started_at = dt.datetime.now(dt.UTC)
         run = StreamRun(run_id or f"{app}-{started_at:%Y%m%dT%H%M%S}", bundle)
         log.info("stream %s: app %s, bundle %s (training run %s), models %s", run.run_id, app, bundle,
@@ -477,7 +483,7 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
             checked.wait()
             if refusal:
                 raise identity.StreamRefused(refusal[0])
-            report = process_batch(spark, cfg, models, records, batch_id)
+            report = process_batch(spark, cfg, models, records, batch_id, protection)
             run.reports.append(report)
             _record_stream_run(spark, cfg, run, started_at, "running")
             if on_batch is not None:

@@ -25,6 +25,7 @@ from segspark.config import Config
 from segspark.io.delta import write_table
 from segspark.io.readers import check_required_columns
 from segspark.io.tables import table_path
+from segspark.privacy import Protection, resolve_protection
 from segspark.streaming.source import read_event_stream
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,22 @@ def batch_run_id(cfg: Config, batch_id: int) -> str:
 
 
 def ingest_micro_batch(
-    spark: SparkSession, cfg: Config, records: DataFrame, batch_id: int, *, commit_metadata: dict[str, str] | None = None
+    spark: SparkSession,
+    cfg: Config,
+    records: DataFrame,
+    batch_id: int,
+    protection: Protection | None = None,
+    *,
+    commit_metadata: dict[str, str] | None = None,
 ) -> IngestedBatch:
-    """Tag one micro-batch's source records and write its quarantine rows exactly once.
-    commit_metadata: recorded in the quarantine commit next to its txn (the stream's identity)."""
+    """Tag one micro-batch's source records and write its quarantine rows exactly once. protection:
+    the stream's resolved privacy settings (default: resolved from cfg.privacy now), the same
+    pseudonyms as the batch runs so that ids match across runs. commit_metadata: recorded in the
+    quarantine commit next to its txn (the stream's identity)."""
     check_required_columns(records, cfg.input)
     run_id = batch_run_id(cfg, batch_id)
-    tagged = ingest.tag_events(records, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
+    protection = protection or resolve_protection(cfg.privacy, spark)
+    tagged = ingest.tag_events(records, cfg.input, protection).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = {row.reason: int(row["count"]) for row in ingest.reason_counts(tagged).collect()}
         written = write_table(
