@@ -5,7 +5,8 @@ defined without NaN or infinity (README, Features); still, a bug upstream, a per
 `input.price_bounds` (sums overflow to infinity) or a `user_features` table written by another tool
 must not poison a model silently: Spark's NaN is not null, so nothing imputes it, and one value
 wrecks the scaling of every user. The feature and prepare stages refuse such values. The counts are
-extra columns of an aggregation the stage runs anyway, so the check costs no pass over the data.
+extra columns of one aggregation over the users (in preparation, the imputation's own agg; in the feature
+stage, the pass that counts the users and fills the cache the write reads).
 """
 
 from __future__ import annotations
