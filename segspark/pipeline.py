@@ -308,6 +308,11 @@ def _train_stages(
     with _stage(result, "prepare") as counts:
         # Fitted on this run's users and saved with the run: scoring other users reuses it as is.
         prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
+        # Too few users for a model: narrow its k range (warned and recorded) or stop before any fit
+        # (and before the bundle folder is started).
+        k_ranges, warnings = users_check(cfg.models, result.users, len(prep.selected))
+        if warnings:
+            result.metrics["warnings"] = warnings
         start_bundle(location, models_folder(out))
         prep.save(f"{location}/prepare", spark)
         result.metrics["prepare"] = prep.metrics()
@@ -315,10 +320,6 @@ def _train_stages(
         prepared = prep.transform(features).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(prepared)
         counts.update(inputs=len(prep.features), selected=len(prep.selected), dropped=len(prep.dropped))
-        # Too few users for a model: narrow its k range (warned and recorded) or stop, before any fit.
-        k_ranges, warnings = users_check(cfg.models, result.users, len(prep.selected))
-        if warnings:
-            result.metrics["warnings"] = warnings
 
     with _stage(result, "segments") as counts:
         labels = dict(zip(category_slot_names(cfg.features), slots.categories, strict=False))

@@ -211,3 +211,17 @@ def test_start_bundle_deletes_only_inside_the_models_folder(tmp_path):
     with pytest.raises(UsageError, match="not inside"):
         start_bundle(str(owner / "linked"), str(owner))
     assert keep.read_text() == "a table" and (outside / "data").read_text() == "precious"
+
+
+def test_the_committer_deletes_only_its_staging_folders(spark, tmp_path):
+    from segspark.io.delta import STAGE_PREFIX, _Committer
+
+    table = tmp_path / "table"
+    (table / f"{STAGE_PREFIX}1").mkdir(parents=True)
+    (table / "part-0.parquet").write_text("data")
+    committer = _Committer(spark, spark.createDataFrame([(1,)], "n int"), str(table), {}, None, None)
+    for path in (table, table / "..", table / f"{STAGE_PREFIX}1" / "..", table / "part-0.parquet", tmp_path / "write-x"):
+        with pytest.raises(ValueError, match="refusing to delete"):
+            committer._delete(str(path))
+    committer._delete(str(table / f"{STAGE_PREFIX}1"))
+    assert sorted(p.name for p in table.iterdir()) == ["part-0.parquet"]

@@ -63,7 +63,7 @@ def corrupt_file_error(exc: BaseException, cfg: InputConfig) -> CorruptFileError
     if found is None:
         return None
     path, why = found
-    skip = (" or set input.on_corrupt_file=skip to leave unreadable files out (they are listed in "
+    skip = (", or set input.on_corrupt_file=skip to leave unreadable files out (they are listed in "
             "runs.metrics.skipped_files)") if cfg.format != "delta" else ""
     return CorruptFileError(
         f"input file {path} ({cfg.format}) cannot be read: {why}. It is truncated or corrupt: replace or "
