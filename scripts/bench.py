@@ -84,7 +84,7 @@ def ensure_events(spark, scale: int, work: Path) -> Path:
     users = max(scale // EVENTS_PER_USER, 1)
     target = work / f"events-{users}u"
     if not (target / "events" / "_SUCCESS").exists():
-        write_dataset(spark, GenerateSpec(users=users, days=90, seed=7), str(target), "parquet")
+        write_dataset(spark, GenerateSpec(users=users, days=90, seed=7), str(target), "parquet", overwrite=True)
     return target / "events"
 
 

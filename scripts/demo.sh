@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 USERS=${USERS:-5000}
-.venv/bin/segspark generate --out sample --users "$USERS" --days 90 --seed 42 \
+.venv/bin/segspark generate --out sample --overwrite --users "$USERS" --days 90 --seed 42 \
   --duplicates 0.002 --missing-prices 0.001
 .venv/bin/segspark run --config conf/local.yaml --run-id demo --set input.path=sample/events output.root=out/local
 

@@ -40,7 +40,7 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="segspark-quality-"))
     spark = get_spark("segspark-quality", "local[2]", {"spark.sql.shuffle.partitions": "8"})
     try:
-        write_dataset(spark, GenerateSpec(users=args.users, seed=args.seed), str(work), "parquet")
+        write_dataset(spark, GenerateSpec(users=args.users, seed=args.seed), str(work), "parquet", overwrite=True)
         cfg = load_config(
             REPO / "conf/local.yaml", [f"input.path={work}/events", f"output.root={work}/out", *args.overrides]
         )

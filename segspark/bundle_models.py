@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,21 +36,22 @@ from segspark.models.bundle import (
 )
 from segspark.models.persist import DEEP_MODEL, load_fitted, save_fitted
 from segspark.models.prepare import FittedPreparation
+from segspark.run_ids import owned_child, remove_owned
 
 log = logging.getLogger(__name__)
 
 _OBJECT_STORE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
-def bundle_location(output: OutputConfig, run_id: str) -> str:
-    """Where run `run_id` keeps its bundle; BundleError for an object-store output.root."""
+def models_folder(output: OutputConfig) -> str:
+    """`output.root/_models`, the folder segspark owns for bundles; BundleError for an object-store output.root."""
     root = output.root.rstrip("/")
     if _OBJECT_STORE.match(root) and not root.startswith("file:"):
         raise BundleError(
             f"output.root={output.root!r}: model bundles are checksummed with plain file IO, so they need a "
             "local or FUSE-mounted path (on Databricks /dbfs/... or /Volumes/...); set output.root to one"
         )
-    return str(bundle_path(f"{root}/_models/{run_id}"))
+    return str(bundle_path(f"{root}/_models"))
 
 
 def bundle_signing(cfg: BundleConfig) -> SigningKey | None:
@@ -61,12 +61,17 @@ def bundle_signing(cfg: BundleConfig) -> SigningKey | None:
     return signing_key_from_env(cfg.signing_key_env)
 
 
-def start_bundle(location: str) -> None:
-    """An empty bundle directory: files of an earlier attempt of the same run would fail the manifest."""
-    path = Path(location)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+def bundle_location(output: OutputConfig, run_id: str) -> str:
+    """Where run `run_id` keeps its bundle: `output.root/_models/<run_id>`, for a valid run id only
+    (segspark.run_ids), checked to resolve to a folder inside `_models`."""
+    return str(owned_child(models_folder(output), run_id))
+
+
+def start_bundle(location: str, owner: str) -> None:
+    """An empty bundle directory: files of an earlier attempt of the same run would fail the manifest.
+    The old folder is deleted only if it resolves strictly inside `owner` (`models_folder`)."""
+    remove_owned(location, owner)
+    Path(location).mkdir(parents=True)
 
 
 def save_model(location: str, name: str, fitted, segment_ids: Mapping[int, int], segment_names: Mapping[int, str]):
@@ -164,5 +169,5 @@ def score_with_bundle(
     return BundleScores(manifest, assignments, embeddings, cached)
 
 
-__all__ = ["BundleError", "BundleScores", "LoadedBundle", "bundle_location", "bundle_signing", "bundle_slots", "load_bundle", "finish_bundle", "save_model", "score_with_bundle",
-           "start_bundle"]
+__all__ = ["BundleError", "BundleScores", "LoadedBundle", "bundle_location", "bundle_signing", "bundle_slots", "load_bundle",
+           "finish_bundle", "models_folder", "save_model", "score_with_bundle", "start_bundle"]

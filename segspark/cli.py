@@ -20,6 +20,11 @@ from segspark.redaction import redact_text
 
 log = logging.getLogger("segspark")
 
+RUN_ID_HELP = (
+    "Run id (default: a new one). Re-running an id replaces its rows. 1-128 letters, digits, '.', '_', '-', "
+    "starting with a letter or digit, no '..', not starting with segspark-stream or <streaming.app_id>-."
+)
+
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per log record (schedulers and log collectors parse these, not prose)."""
@@ -59,6 +64,21 @@ def _session(app_name: str, master: str | None = None, conf: dict | None = None,
     from segspark.session import spark_session
 
     return spark_session(app_name, master or "local[2]", conf, remote)
+
+
+def _run_id(ctx, param, value: str | None) -> str | None:
+    """--run-id must match the run-id pattern (segspark.run_ids) before anything starts."""
+    from segspark.run_ids import check_run_id
+
+    return None if value is None else check_run_id(value)
+
+
+def _batch_run_id(run_id: str | None, cfg) -> None:
+    """A batch command's --run-id outside the stream's namespace, checked before Spark starts."""
+    from segspark.run_ids import check_batch_run_id
+
+    if run_id is not None:
+        check_batch_run_id(run_id, cfg.streaming.app_id)
 
 
 def _parse_date(ctx, param, value: str | None) -> dt.date | None:
@@ -109,18 +129,21 @@ def _progress(spark):
 @click.option("--duplicates", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events emitted twice.")
 @click.option("--missing-prices", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events without price.")
 @click.option("--malformed", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of extra malformed lines (json/csv).")
+@click.option("--overwrite", is_flag=True, help="Replace DIR/events and DIR/truth if they exist (else refused).")
 @click.option("--master", default=None, help="Spark master for a local session (default local[2]).")
-def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, master) -> None:
+def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, overwrite, master) -> None:
     """Write a synthetic clickstream with planted personas.
 
     DIR/events/ holds the events in the chosen format, DIR/truth/ (Parquet) each user's persona.
+    Existing DIR/events or DIR/truth are replaced only with --overwrite.
 
     \b
     Example:
       segspark generate --out sample --users 10000 --days 60 --format json --duplicates 0.01
     """
-    from segspark.datagen import GenerateSpec, write_dataset
+    from segspark.datagen import GenerateSpec, check_out_dir, write_dataset
 
+    check_out_dir(out_dir, overwrite)  # before Spark starts
     if malformed > 0 and fmt == "parquet":
         raise click.UsageError("--malformed needs a text format: add --format json or --format csv")
     spec = GenerateSpec(
@@ -132,7 +155,7 @@ def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malfor
         malformed_share=malformed,
     )
     with _session("segspark-generate", master) as spark:
-        summary = write_dataset(spark, spec, out_dir, fmt)
+        summary = write_dataset(spark, spec, out_dir, fmt, overwrite=overwrite)
     click.echo(f"events: {out_dir}/events ({fmt})   truth: {out_dir}/truth")
     for key, value in summary.items():
         click.echo(f"  {key}: {value}")
@@ -140,7 +163,7 @@ def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malfor
 
 @cli.command("run")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
-@click.option("--run-id", default=None, help="Run id (default: a new one). Re-running an id replaces its rows.")
+@click.option("--run-id", default=None, callback=_run_id, help=RUN_ID_HELP)
 @click.option("--as-of", default=None, callback=_parse_date, help="Feature date YYYY-MM-DD (default: end of data).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -157,6 +180,7 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
     from segspark.config import load_config
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    _batch_run_id(run_id, cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
@@ -166,7 +190,7 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
 @click.option("--list", "list_catalog", is_flag=True, help="Print the feature catalog and exit.")
 @click.option("--markdown", is_flag=True, help="With --list: print the catalog as a Markdown table.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
-@click.option("--run-id", default=None, help="Run id (default: a new one). Re-running an id replaces its rows.")
+@click.option("--run-id", default=None, callback=_run_id, help=RUN_ID_HELP)
 @click.option("--as-of", default=None, callback=_parse_date, help="Feature date YYYY-MM-DD (default: end of data).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -193,6 +217,7 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
         raise click.UsageError("give --config FILE (or --list for the feature catalog)")
     from segspark import pipeline
 
+    _batch_run_id(run_id, cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, segments=False)
     _print_summary(result)
@@ -201,7 +226,8 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
 @cli.command("train")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option(
-    "--run-id", default=None, help="The `segspark features` run to train on (default: the latest succeeded run)."
+    "--run-id", default=None, callback=_run_id,
+    help="The `segspark features` run to train on (default: the latest succeeded run).",
 )
 @click.option("--as-of", default=None, callback=_parse_date, help="Check that the run's features are as of this date.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
@@ -223,6 +249,7 @@ def train_command(config_path, run_id, as_of, overrides, more_overrides) -> None
     from segspark.config import load_config
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    _batch_run_id(run_id, cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, from_features=True)
     _print_summary(result)
@@ -231,7 +258,7 @@ def train_command(config_path, run_id, as_of, overrides, more_overrides) -> None
 @cli.command("score")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--bundle", "bundle_dir", required=True, help="Model bundle of a training run (output.root/_models/<run_id>).")
-@click.option("--run-id", default=None, help="Run id (default: a new one). Re-running an id replaces its rows.")
+@click.option("--run-id", default=None, callback=_run_id, help=RUN_ID_HELP)
 @click.option("--as-of", default=None, callback=_parse_date, help="Feature date YYYY-MM-DD (default: end of data).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -251,6 +278,7 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
     from segspark.config import load_config
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
+    _batch_run_id(run_id, cfg)
     from segspark.bundle_models import bundle_signing
     from segspark.models.bundle import open_bundle
 
@@ -311,7 +339,8 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
 
 @cli.command("report")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
-@click.option("--run-id", default=None, help="Run to report on (default: the latest succeeded run with segments).")
+@click.option("--run-id", default=None, callback=_run_id,
+              help="Run to report on (default: the latest succeeded run with segments).")
 @click.option("--out", "out_path", default=None, help="HTML file to write (default: output.root/_reports/<run_id>/report.html).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.argument("more_overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -360,6 +389,11 @@ def _print_summary(result) -> None:
         f"  input rows {result.input_rows:,} = clean {result.clean_rows:,} + quarantined {result.quarantined_rows:,}"
     )
     click.echo(f"  users {result.users:,}")
+    skipped = result.metrics.get("skipped_files") or []
+    if skipped:
+        click.echo(f"  skipped {len(skipped):,} unreadable input files (input.on_corrupt_file=skip): {', '.join(skipped)}")
+    for warning in result.metrics.get("warnings") or []:
+        click.echo(f"  warning: {warning}")
     bundle = result.metrics.get("scored_with_bundle")
     models = list(dict.fromkeys(seg["model"] for seg in result.segments))
     for model in models:

@@ -10,9 +10,11 @@ the file (or `--set`) that set it, and the type expected.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from segspark.errors import ConfigError
 from segspark.redaction import redact
+from segspark.run_ids import RUN_ID_PATTERN, RUN_ID_RULE
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,46 @@ class InputColumns(_Section):
         return {k: v for k, v in self.model_dump().items() if v}
 
 
+def _bounds(value: Any) -> Any:
+    """[min, max] of plausible values: numbers (YAML reads `1e308` without a dot as text), min <= max."""
+    if isinstance(value, (list, tuple)):
+        value = [_number_text(v) for v in value]
+        if len(value) != 2:
+            raise ValueError("expected [min, max]: two numbers")
+        if all(isinstance(v, float) for v in value):
+            if not all(math.isfinite(v) for v in value):
+                raise ValueError("expected finite numbers [min, max]")
+            if value[0] > value[1]:
+                raise ValueError(f"min {value[0]} is above max {value[1]}")
+    return value
+
+
+def _number_text(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class PlausibleTimeConfig(_Section):
+    """Event times outside this window are quarantined as implausible_timestamp (null: no bound)."""
+
+    earliest: dt.date | None = dt.date(2000, 1, 1)  # events before this day (UTC)
+    max_future_hours: int | None = Field(24, ge=0)  # events later than this after the run started
+
+    @field_validator("earliest", mode="before")
+    @classmethod
+    def _iso_date(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return dt.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError("expected a date like 2000-01-01") from None
+        return value
+
+
 class InputConfig(_Section):
     path: str
     # kafka: streaming only (`segspark stream`), with the Kafka connector on the classpath; the
@@ -90,6 +133,20 @@ class InputConfig(_Section):
     event_types: dict[str, EventType] = Field(default_factory=dict)
     # Used for every row when the source has no event-type column (e.g. invoice lines).
     default_event_type: EventType = "purchase"
+    # Plausible values: a price or quantity outside [min, max] is quarantined (implausible_price,
+    # implausible_quantity); NaN and infinities are unparseable. One absurd value (1e308) would
+    # otherwise poison the features and the scaling of a whole run.
+    price_bounds: list[float] = Field(default_factory=lambda: [0.0, 1e9])
+    quantity_bounds: list[float] = Field(default_factory=lambda: [-1e6, 1e6])
+    plausible_time: PlausibleTimeConfig = Field(default_factory=PlausibleTimeConfig)
+    # A file of the input that cannot be read through (truncated, corrupt): fail (exit 2 naming it)
+    # or skip it (counted and listed in runs.metrics.skipped_files and the report).
+    on_corrupt_file: Literal["fail", "skip"] = "fail"
+
+    @field_validator("price_bounds", "quantity_bounds", mode="before")
+    @classmethod
+    def _check_bounds(cls, value: Any) -> Any:
+        return _bounds(value)
 
     @field_validator("options", mode="before")
     @classmethod
@@ -310,6 +367,14 @@ class StreamingConfig(_Section):
     decay: float = Field(1.0, ge=0.0, le=1.0)
     time_unit: Literal["batches", "points"] = "batches"
     drift: StreamDriftConfig = Field(default_factory=lambda: StreamDriftConfig())
+
+    @field_validator("app_id")
+    @classmethod
+    def _run_id_like(cls, value: str) -> str:
+        # It names the checkpoint folder and begins every run id the stream writes: the run-id rule.
+        if not RUN_ID_PATTERN.fullmatch(value):
+            raise ValueError(f"expected {RUN_ID_RULE}")
+        return value
 
     def checkpoint_path(self, output: OutputConfig) -> str:
         return self.checkpoint or f"{output.root.rstrip('/')}/_checkpoints/{self.app_id}"

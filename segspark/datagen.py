@@ -30,6 +30,9 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
+from segspark.errors import UsageError
+from segspark.io.files import path_exists
+
 log = logging.getLogger(__name__)
 
 BLOCK_USERS = 1000
@@ -428,11 +431,29 @@ def _text_lines(spark: SparkSession, spec: GenerateSpec, fmt: str) -> DataFrame:
     return _blocks(spark, spec).mapInPandas(lines, LINE_SCHEMA)
 
 
-def write_dataset(spark: SparkSession, spec: GenerateSpec, out_dir: str, fmt: str = "parquet") -> dict:
-    """Write out_dir/events/ (parquet, json or csv) and out_dir/truth/ (parquet: user_id, persona).
+def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
+    """UsageError when out_dir/events or out_dir/truth exists and `overwrite` is not given: a
+    generated sample never silently replaces data that is there (yours, or a sample you keep)."""
+    if overwrite:
+        return
+    root = out_dir.rstrip("/")
+    there = [f"{root}/{name}" for name in ("events", "truth") if path_exists(f"{root}/{name}")]
+    if there:
+        raise UsageError(
+            f"--out {out_dir!r}: {' and '.join(there)} already exist{'s' if len(there) == 1 else ''}; "
+            "generating would replace them. Choose another --out, or add --overwrite to replace them"
+        )
+
+
+def write_dataset(
+    spark: SparkSession, spec: GenerateSpec, out_dir: str, fmt: str = "parquet", *, overwrite: bool = False
+) -> dict:
+    """Write out_dir/events/ (parquet, json or csv) and out_dir/truth/ (parquet: user_id, persona);
+    existing ones only with `overwrite` (check_out_dir).
 
     Returns a summary: users, days, seed, format, users per persona (from the small truth table) and,
     for parquet, the number of events (read from the Parquet footers, no scan)."""
+    check_out_dir(out_dir, overwrite)
     if fmt not in ("parquet", "json", "csv"):
         raise ValueError(f"format {fmt!r} is not one of parquet, json, csv")
     if spec.malformed_share > 0 and fmt == "parquet":

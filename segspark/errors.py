@@ -16,3 +16,11 @@ class ConfigError(UsageError):
 
 class InputSchemaError(UsageError):
     """The input lacks required columns or cannot be read as configured."""
+
+
+class NonFiniteError(UsageError):
+    """Features that are NaN or infinite: names each feature and how many users have such a value."""
+
+
+class NotEnoughUsersError(UsageError):
+    """The run has fewer users than an enabled model needs: names each model and how many it needs."""

@@ -23,6 +23,7 @@ from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
 from segspark.io.delta import table_exists
 from segspark.io.tables import read_output_table, table_path
+from segspark.run_ids import STREAM_NAMESPACE, check_batch_run_id
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,12 @@ class FeatureRun:
 
 
 def load_feature_run(
-    spark: SparkSession, output: OutputConfig, run_id: str | None, as_of: dt.date | None
+    spark: SparkSession, output: OutputConfig, run_id: str | None, as_of: dt.date | None,
+    app_id: str = STREAM_NAMESPACE,
 ) -> FeatureRun:
-    """The features of run `run_id` (default: the latest run whose features are complete), checked
-    against `as_of`.
+    """The features of run `run_id` (default: the latest batch run whose features are complete),
+    checked against `as_of`. The id read back from `runs` is checked like --run-id (segspark.run_ids,
+    `app_id`: the stream namespace): training writes its bundle folder under it.
 
     ConfigError (exit 2) when there is no such run, it did not succeed, it has no features, or its
     as_of is not the one asked for: each message says what was found and what to run instead."""
@@ -61,7 +64,9 @@ def load_feature_run(
     # A run whose features were written: it succeeded, or a later stage (a training) failed after them.
     complete = (F.col("status") == "succeeded") | (F.get_json_object("metrics", "$.features_complete") == "true")
     if run_id is None:
-        latest = runs.where(complete).orderBy(F.col("finished_at").desc()).limit(1).collect()
+        # A stream's runs row (metrics.stream) holds no features: never the one to train on.
+        batch = F.get_json_object("metrics", "$.stream").isNull()
+        latest = runs.where(complete & batch).orderBy(F.col("finished_at").desc()).limit(1).collect()
         if not latest:
             raise ConfigError(f"train: no run with complete features in {runs_path}; run `segspark features` first")
         record = latest[0]
@@ -73,6 +78,7 @@ def load_feature_run(
                 f"train: --run-id {run_id!r} is not in {runs_path}; run `segspark features --run-id {run_id}` first"
             )
         record = found[0]
+    check_batch_run_id(record.run_id, app_id, source=f"the run id read from {runs_path}")
     metrics = json.loads(record.metrics or "{}")
     if record.status != "succeeded" and not metrics.get("features_complete"):
         raise ConfigError(

@@ -13,6 +13,8 @@ by user is the same shuffle the feature stage needs, so de-duplication costs no 
 
 from __future__ import annotations
 
+import datetime as dt
+
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
@@ -38,18 +40,22 @@ RAW = "_raw"
 _FP64, _FP32 = "_fp64", "_fp32"  # fingerprints of the whole source record
 _DUP = "_duplicate"
 
-# Reason codes, in the order they are checked. Documented in README ("quarantine").
+# Reason codes, in the order they are checked (a record gets the first it breaks). The one list:
+# README's "Quarantine reasons" documents each, and a test keeps the two in step.
 REASONS = (
     "malformed_record",  # the line could not be parsed as a record at all (json/csv)
     "missing_user_id",
     "missing_event_time",
     "unparseable_timestamp",  # present but not in input.timestamp_format
+    "implausible_timestamp",  # before input.plausible_time.earliest, or too far after the run's start
     "unknown_event_type",  # not a key of input.event_types
-    "unparseable_price",
+    "unparseable_price",  # not a number, or NaN / +-Infinity
     "negative_price",
+    "implausible_price",  # outside input.price_bounds (1e308 is a number, not a price)
     "missing_price",  # a purchase or return without a price
     "zero_price",  # a purchase or return at price 0: no revenue (free samples, manual adjustments)
-    "unparseable_quantity",
+    "unparseable_quantity",  # missing, not a number, or NaN / +-Infinity
+    "implausible_quantity",  # outside input.quantity_bounds
     "duplicate",  # an exact copy of an earlier record (all source columns equal); raw = canonical JSON
 )
 
@@ -77,13 +83,17 @@ class _Source:
         return F.when(value == "", None).otherwise(value)
 
     def number(self, name: str | None) -> tuple[Column, Column]:
-        """(value as double, whether a value was present)."""
+        """(value as double, whether a value was present). NaN and infinities (the text `NaN`,
+        `Infinity`, `1e999`, or a double column holding them) become null: they are no value."""
         if name is None:
             return F.lit(None).cast("double"), F.lit(False)
         if isinstance(self.types[name], NumericType):
-            return self.col(name).cast("double"), self.col(name).isNotNull()
-        text = self.text(name)
-        return text.try_cast("double"), text.isNotNull()
+            value, present = self.col(name).cast("double"), self.col(name).isNotNull()
+        else:
+            text = self.text(name)
+            value, present = text.try_cast("double"), text.isNotNull()
+        finite = ~F.isnan(value) & (F.abs(value) != F.lit(float("inf")))
+        return F.when(finite, value), present
 
 
 def _user_id(src: _Source, name: str) -> Column:
@@ -128,7 +138,24 @@ def _event_type(src: _Source, cfg: InputConfig) -> Column:
     return F.element_at(mapping, F.lower(src.text(cfg.columns.event_type)))
 
 
-def tag_events(raw: DataFrame, cfg: InputConfig, protection: Protection | None = None) -> DataFrame:
+def _outside(value: Column, bounds: list[float]) -> Column:
+    return (value < F.lit(bounds[0])) | (value > F.lit(bounds[1]))
+
+
+def _implausible_time(event_time: Column, cfg: InputConfig, now: dt.datetime) -> Column:
+    """Outside input.plausible_time: before `earliest` (UTC) or more than max_future_hours after `now`."""
+    window = cfg.plausible_time
+    outside = F.lit(False)
+    if window.earliest is not None:
+        outside = outside | (event_time < F.lit(dt.datetime.combine(window.earliest, dt.time(), tzinfo=dt.UTC)))
+    if window.max_future_hours is not None:
+        outside = outside | (event_time > F.lit(now + dt.timedelta(hours=window.max_future_hours)))
+    return outside
+
+
+def tag_events(
+    raw: DataFrame, cfg: InputConfig, protection: Protection | None = None, now: dt.datetime | None = None
+) -> DataFrame:
     """Canonical event columns plus `_reason` (null when clean) and `_raw` (set when not clean).
 
     protection (privacy.py): with a pseudonym key, user_id is the id's HMAC from here on (the rules
@@ -136,6 +163,8 @@ def tag_events(raw: DataFrame, cfg: InputConfig, protection: Protection | None =
     the id's source column. Its quarantine_raw mode says what `_raw` keeps: `full` the source record
     (a line that is no record as its text, unless ids are pseudonymised: the id in it cannot be
     found), `mapped` the mapped source columns only, `none` nothing.
+    `now`: the run's start (aware; default the current time), the reference of
+    input.plausible_time.max_future_hours.
 
     Every canonical column is typed before the shuffle by user, and only those narrow typed columns
     cross it, with a 96-bit fingerprint of the whole source record (xxhash64 + murmur3) standing in
@@ -158,18 +187,29 @@ def tag_events(raw: DataFrame, cfg: InputConfig, protection: Protection | None =
     key = protection.pseudonym_key
     stored_id = user_id if key is None else pseudonym(user_id, key)
 
-    rule_reason = (
-        F.when(src.col(CORRUPT_COLUMN).isNotNull(), "malformed_record")
-        .when(user_id.isNull(), "missing_user_id")
-        .when(~time_present, "missing_event_time")
-        .when(event_time.isNull(), "unparseable_timestamp")
-        .when(event_type.isNull(), "unknown_event_type")
-        .when(price_present & price.isNull(), "unparseable_price")
-        .when(price < 0, "negative_price")
-        .when(event_type.isin("purchase", "return") & price.isNull(), "missing_price")
-        .when(event_type.isin("purchase", "return") & (price == 0), "zero_price")
-        .when(~quantity_present | quantity.isNull(), "unparseable_quantity")
-    )
+    now = now or dt.datetime.now(dt.UTC)
+    priced = event_type.isin("purchase", "return")
+    rules = {
+        "malformed_record": src.col(CORRUPT_COLUMN).isNotNull(),
+        "missing_user_id": user_id.isNull(),
+        "missing_event_time": ~time_present,
+        "unparseable_timestamp": event_time.isNull(),
+        "implausible_timestamp": _implausible_time(event_time, cfg, now),
+        "unknown_event_type": event_type.isNull(),
+        "unparseable_price": price_present & price.isNull(),
+        "negative_price": price < 0,
+        "implausible_price": _outside(price, cfg.price_bounds),
+        "missing_price": priced & price.isNull(),
+        "zero_price": priced & (price == 0),
+        "unparseable_quantity": ~quantity_present | quantity.isNull(),
+        "implausible_quantity": _outside(quantity, cfg.quantity_bounds),
+    }
+    # Checked in the order of REASONS; `duplicate` is found below, among the records that pass.
+    assert set(rules) | {"duplicate"} == set(REASONS), "every reason but duplicate has one rule here"
+    checked = [reason for reason in REASONS if reason in rules]
+    rule_reason = F.when(rules[checked[0]], checked[0])
+    for reason in checked[1:]:
+        rule_reason = rule_reason.when(rules[reason], reason)
     canonical = {
         "user_id": stored_id,
         "event_time": event_time,

@@ -26,11 +26,13 @@ from segspark.bundle_models import (
     bundle_signing,
     bundle_slots,
     finish_bundle,
+    models_folder,
     save_model,
     score_with_bundle,
     start_bundle,
 )
 from segspark.config import Config
+from segspark.errors import InputSchemaError, UsageError
 from segspark.evaluation.profiles import SEGMENT_PROFILES
 from segspark.evaluation.sample_metrics import sample_metrics
 from segspark.evaluation.segment_ids import NOISE_SEGMENT
@@ -38,16 +40,25 @@ from segspark.feature_runs import FeatureRun, load_feature_run
 from segspark.features import resolve_slots, user_features
 from segspark.features.behaviour import FeatureSlots
 from segspark.features.catalog import category_slot_names, feature_columns
-from segspark.io.readers import read_raw_events
+from segspark.io.readers import corrupt_file_error, read_with_corrupt_files
 from segspark.io.tables import check_output, read_output_table, table_path, write_run_rows
 from segspark.models import deep
 from segspark.models.prepare import fit_preparation
 from segspark.models.sample import UserSample, collect_user_sample
 from segspark.privacy import check_same_pseudonyms, resolve_protection
+from segspark.quality import can_be_non_finite, check_finite, non_finite_counts
 from segspark.redaction import redact_text
+from segspark.run_ids import check_batch_run_id
 from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
 from segspark.schema import USER_FEATURES_KEYS as KEYS
-from segspark.segments import ModelSegments, TrainedModel, stable_segments, train_baselines, transitions_frame
+from segspark.segments import (
+    ModelSegments,
+    TrainedModel,
+    stable_segments,
+    train_baselines,
+    transitions_frame,
+    users_check,
+)
 from segspark.session import apply_required_conf, right_sized, share_session
 from segspark.tracking import check_tracking, log_run
 
@@ -106,9 +117,12 @@ def run(
     models of an existing bundle (`segspark score`) instead of training new ones. from_features:
     train on the features an earlier `segspark features` run wrote (`segspark train`): run_id names
     that run (default: the latest succeeded one), whose record the training then completes."""
+    # A run id names folders and rows: an invalid one is refused before anything is read or written.
+    if run_id is not None:
+        check_batch_run_id(run_id, cfg.streaming.app_id)
     apply_required_conf(spark)
     check_output(spark, cfg.output)
-    source = load_feature_run(spark, cfg.output, run_id, as_of) if from_features else None
+    source = load_feature_run(spark, cfg.output, run_id, as_of, cfg.streaming.app_id) if from_features else None
     if source is not None:
         result = RunResult(run_id=source.run_id, as_of=source.as_of)
         started_at = source.started_at
@@ -118,11 +132,16 @@ def run(
     log.info("run %s starting (config hash %s)", result.run_id, cfg.config_hash()[:12])
     cached: list[DataFrame] = []
     try:
-        _run_stages(spark, cfg, result, cached, segments, bundle, source)
+        _run_stages(spark, cfg, result, cached, segments, bundle, source, started_at)
         result.status = "succeeded"
     except BaseException as exc:
         result.status = "failed"
-        result.metrics["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:2000]
+        # A file the first read got through but a later stage's re-read did not: still the file's fault.
+        unreadable = corrupt_file_error(exc, cfg.input) if isinstance(exc, Exception) else None
+        failure = unreadable or exc
+        result.metrics["error"] = redact_text(f"{type(failure).__name__}: {failure}")[:2000]
+        if unreadable is not None:
+            raise unreadable from None
         raise
     finally:
         for df in cached:
@@ -139,6 +158,7 @@ def _run_stages(
     segments: bool,
     bundle: str | None,
     source: FeatureRun | None,
+    started_at: dt.datetime,
 ) -> None:
     out = cfg.output
     run_id = result.run_id
@@ -151,11 +171,14 @@ def _run_stages(
 
     if source is None:
         trained = bundle_slots(bundle, signing) if bundle is not None else None
-        features, slots = _features_stages(spark, cfg, result, cached, trained)
+        features, slots = _features_stages(spark, cfg, result, cached, started_at, trained)
     else:
         features, slots = _features_of_run(result, source, cached)
     if result.users == 0:
-        raise ValueError(f"no user has events up to as_of {result.as_of}; choose a later --as-of")
+        raise UsageError(
+            f"no user has events up to --as-of {result.as_of} (the events of input.path {cfg.input.path!r} start "
+            f"{result.metrics.get('event_range', {}).get('first_event')}); choose a later --as-of, or leave it out"
+        )
     if not segments:
         return
     if bundle is not None:
@@ -180,7 +203,12 @@ def _features_of_run(result: RunResult, source: FeatureRun, cached: list[DataFra
 
 
 def _features_stages(
-    spark: SparkSession, cfg: Config, result: RunResult, cached: list[DataFrame], slots: FeatureSlots | None = None
+    spark: SparkSession,
+    cfg: Config,
+    result: RunResult,
+    cached: list[DataFrame],
+    started_at: dt.datetime,
+    slots: FeatureSlots | None = None,
 ):
     """ingest -> quarantine -> features: (the persisted features, their slot values). `slots`: the
     category and one-hot values of a bundle's training (scoring), else resolved from these events."""
@@ -189,20 +217,29 @@ def _features_stages(
     protection = resolve_protection(cfg.privacy, spark)
     result.metrics["privacy"] = protection.describe()
     with _stage(result, "ingest") as counts:
-        raw = read_raw_events(spark, cfg.input)
-        tagged = ingest.tag_events(raw, cfg.input, protection).persist(StorageLevel.MEMORY_AND_DISK)
+        def summarise(raw: DataFrame):
+            tagged = ingest.tag_events(raw, cfg.input, protection, now=started_at).persist(StorageLevel.MEMORY_AND_DISK)
+            # One small aggregation gives every count and the end of the data. Dates and times are
+            # formatted by Spark in the session's zone (UTC): a collected timestamp would come back in the
+            # driver machine's local zone. It reads every input file, so an unreadable one fails here.
+            stamp = "yyyy-MM-dd HH:mm:ss"
+            try:
+                return tagged, (
+                    tagged.groupBy(F.col(ingest.REASON).alias("reason"))
+                    .agg(F.count(F.lit(1)).alias("rows"), F.date_format(F.min("event_time"), stamp).alias("first_event"),
+                         F.date_format(F.max("event_time"), stamp).alias("last_event"),
+                         F.to_date(F.max("event_time")).alias("last_day"))
+                    .collect()
+                )
+            except BaseException:
+                tagged.unpersist()
+                raise
+
+        (tagged, summary), skipped = read_with_corrupt_files(spark, cfg.input, summarise)
         cached.append(tagged)
-        # One small aggregation gives every count and the end of the data. Dates and times are
-        # formatted by Spark in the session's zone (UTC): a collected timestamp would come back in the
-        # driver machine's local zone.
-        stamp = "yyyy-MM-dd HH:mm:ss"
-        summary = (
-            tagged.groupBy(F.col(ingest.REASON).alias("reason"))
-            .agg(F.count(F.lit(1)).alias("rows"), F.date_format(F.min("event_time"), stamp).alias("first_event"),
-                 F.date_format(F.max("event_time"), stamp).alias("last_event"),
-                 F.to_date(F.max("event_time")).alias("last_day"))
-            .collect()
-        )
+        if skipped:
+            result.metrics["skipped_files"] = skipped
+            counts.update(skipped_files=len(skipped))
         result.reasons = {row.reason: int(row.rows) for row in summary if row.reason is not None}
         result.clean_rows = sum(int(row.rows) for row in summary if row.reason is None)
         result.quarantined_rows = sum(result.reasons.values())
@@ -214,6 +251,12 @@ def _features_stages(
             "last_event": str(clean_summary.last_event if clean_summary else None),
         }
         counts.update(input=result.input_rows, clean=result.clean_rows, quarantined=result.quarantined_rows)
+        if result.input_rows == 0:
+            left_out = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
+            raise InputSchemaError(
+                f"input.path {cfg.input.path!r} ({cfg.input.format}) holds no events: its files have no records"
+                f"{left_out}. Check input.path and input.format, or wait until events have landed there"
+            )
 
     with _stage(result, "quarantine") as counts:
         written = write_run_rows(spark, out, "quarantine", ingest.quarantine_rows(tagged, run_id, cfg.input.path), run_id)
@@ -222,7 +265,11 @@ def _features_stages(
 
     if result.as_of is None:
         if last_day is None:
-            raise ValueError(f"input {cfg.input.path!r} has no valid events (all {result.input_rows} quarantined)")
+            raise InputSchemaError(
+                f"input {cfg.input.path!r} has no valid events: all {result.input_rows:,} records were quarantined "
+                f"({', '.join(f'{k}: {v:,}' for k, v in sorted(result.reasons.items()))}); see the quarantine table, "
+                "and check input.columns, input.timestamp_format and input.event_types"
+            )
         result.as_of = last_day
 
     with _stage(result, "features") as counts:
@@ -236,8 +283,15 @@ def _features_stages(
             "user_id", "as_of", F.lit(run_id).alias("run_id"), *[c for c in features.columns if c not in KEYS]
         ).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(features)
-        written = write_run_rows(spark, out, "user_features", features, run_id)
-        result.users = written.rows if written.rows >= 0 else features.count()
+        # Counting the users (this pass also fills the cache the write reads) checks that no feature
+        # is NaN or infinite: such rows never reach user_features.
+        checked = [f.name for f in features.schema.fields if can_be_non_finite(f.dataType)]
+        stats = features.agg(F.count(F.lit(1)).alias("users:"), *non_finite_counts(checked)).first().asDict()
+        result.users = int(stats["users:"])
+        check_finite(stats, checked, result.users, "features",
+                     "check input.price_bounds and input.quantity_bounds (sums of huge values overflow to infinity); "
+                     "otherwise this is a bug in the features: please report it")
+        write_run_rows(spark, out, "user_features", features, run_id)
         # Every later pass and the iterative fits read these users: no more partitions than they need.
         features = right_sized(features, result.users, bytes_per_row=16 * len(features.columns))
         result.tables["user_features"] = table_path(out, "user_features")
@@ -262,7 +316,12 @@ def _train_stages(
     with _stage(result, "prepare") as counts:
         # Fitted on this run's users and saved with the run: scoring other users reuses it as is.
         prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
-        start_bundle(location)
+        # Too few users for a model: narrow its k range (warned and recorded) or stop before any fit
+        # (and before the bundle folder is started).
+        k_ranges, warnings = users_check(cfg.models, result.users, len(prep.selected))
+        if warnings:
+            result.metrics["warnings"] = warnings
+        start_bundle(location, models_folder(out))
         prep.save(f"{location}/prepare", spark)
         result.metrics["prepare"] = prep.metrics()
         # Every fit and metric of the k sweep reads the prepared vectors: keep them.
@@ -283,7 +342,7 @@ def _train_stages(
             # scale those mostly wait on job latency); the deep model's own scoring job follows there.
             deep_model = (background.submit(_train_deep, spark, cfg, result, prepared, prep.selected, cached, sample)
                           if models.autoencoder.enabled else None)
-            trained = train_baselines(spark, models.enabled(), models.selection, prepared, sample)
+            trained = train_baselines(spark, models.enabled(), models.selection, prepared, sample, k_ranges)
             if deep_model is not None:
                 trained.append(deep_model.result())
         built = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels, cached)

@@ -38,7 +38,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from segspark.config import ClusteringConfig, KSelectionConfig, OutputConfig
+from segspark.config import ClusteringConfig, KSelectionConfig, ModelsConfig, OutputConfig
+from segspark.errors import NotEnoughUsersError
 from segspark.evaluation.profiles import SegmentProfiles, segment_profiles_by_model
 from segspark.evaluation.segment_ids import (
     SEGMENT_TRANSITIONS,
@@ -113,6 +114,52 @@ def model_options(name: str, cfg: ClusteringConfig, sample: np.ndarray) -> dict:
     return options
 
 
+def users_check(models: ModelsConfig, users: int, dims: int) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Each swept baseline's k range for a run of `users` users with `dims` prepared features, and
+    warnings. What a model needs: k below the number of users (a silhouette needs a cluster of two),
+    and for gmm, whose components have full covariances over its `dims_gmm` input dimensions
+    (principal_components), at least dims_gmm + 1 users per component. A k range beyond that is
+    narrowed (warned); a fixed k or a deep model the users cannot carry, or a range with no k left,
+    is a NotEnoughUsersError naming every such model and the users it needs, raised before any fit."""
+    selection, ranges, warnings, problems = models.selection, {}, [], []
+    for name, cfg in models.enabled().items():
+        per_component = 1
+        if name == "gmm":
+            per_component = min(cfg.principal_components or dims, dims) + 1
+        highest = min(users - 1, users // per_component)  # the largest k the users carry
+        need = (f"k x ({per_component - 1} + 1) users (a full covariance in {per_component - 1} dimensions per component)"
+                if per_component > 1 else "k + 1 users")
+        if cfg.k is not None:
+            if cfg.k > highest:
+                problems.append(f"{name} with models.{name}.k={cfg.k} needs {need}: at least "
+                                f"{_users_for(cfg.k, per_component):,}, the run has {users:,}; lower models.{name}.k "
+                                f"or set models.{name}.enabled=false")
+            continue
+        if highest < 2:
+            problems.append(f"{name} needs {need}, at least {_users_for(2, per_component):,} for k=2, the run has "
+                            f"{users:,} (or set models.{name}.enabled=false)")
+        elif selection.k_max > highest:
+            k_min, k_max = min(selection.k_min, highest), highest
+            warnings.append(f"{users:,} users: {name}'s k range {selection.k_min}..{selection.k_max} is narrowed to "
+                            f"{k_min}..{k_max} ({name} needs {need})")
+            ranges[name] = (k_min, k_max)
+    if models.autoencoder.enabled:
+        from segspark.models.deep import users_problem
+
+        deep = users_problem(users, models.autoencoder, models.hdbscan)
+        if deep is not None:
+            problems.append(f"{deep} (or set models.autoencoder.enabled=false to leave the deep model out)")
+    if problems:
+        raise NotEnoughUsersError(f"too few users ({users:,}) for the enabled models: " + "; ".join(problems))
+    for warning in warnings:
+        log.warning("%s", warning)
+    return ranges, warnings
+
+
+def _users_for(k: int, per_component: int) -> int:
+    return max(k + 1, k * per_component)
+
+
 @dataclass(frozen=True)
 class _Selected:
     name: str
@@ -128,10 +175,12 @@ def train_baselines(
     selection: KSelectionConfig,
     prepared: DataFrame,
     sample: UserSample,
+    k_ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[TrainedModel]:
     """The MLlib baselines: k chosen on the user sample (one Spark job fits every model, k and seed
     with scikit-learn: models.sample_grid), then one MLlib fit per model on every user, started from
-    the sample's best solution for that k."""
+    the sample's best solution for that k. `k_ranges`: a model's (k_min, k_max) where the run's
+    users narrow the configured range (`users_check`)."""
     if not models:
         return []
     sweep_sample = sample.head(selection.sample_size)
@@ -140,7 +189,8 @@ def train_baselines(
         module = importlib.import_module(MODEL_MODULES[name])
         fitters[name] = module.fit_sample
         options[name] = model_options(name, cfg, sweep_sample.matrix)
-        ks = [cfg.k] if cfg.k is not None else list(range(selection.k_min, selection.k_max + 1))
+        k_min, k_max = (k_ranges or {}).get(name, (selection.k_min, selection.k_max))
+        ks = [cfg.k] if cfg.k is not None else list(range(k_min, k_max + 1))
         seeds = [cfg.seed + 1009 * i for i in range(selection.seeds)]
         cells += [Cell(name, k, seed) for k in ks for seed in seeds]
     # Two tasks per task slot: every core busy, cells balanced over them, and the per-task cost of

@@ -216,7 +216,7 @@ def test_train_completes_a_features_run_under_its_run_id(spark, capsys, sample_p
     deep_only = ["models.kmeans.enabled=false", "models.gmm.enabled=false", "models.bisecting_kmeans.enabled=false",
                  "models.autoencoder.batch_size=100000"]  # fewer users than one batch: fails at once
     code, _, err = run_cli(capsys, "train", *base, *FAST_MODELS, *deep_only, "--run-id", "split")
-    assert code == 1 and "fewer than one batch" in err
+    assert code == 2 and "fewer than one batch" in err  # too few users for the deep model: stopped before fitting
     assert DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()[0]["status"] == "failed"
     assert run_cli(capsys, "train", *base, *FAST_MODELS, *only_kmeans)[0] == 0
     assert DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()[0]["status"] == "succeeded"
@@ -254,3 +254,16 @@ def test_log_format_json_gives_one_object_per_line(tmp_path):
     assert ours and all(set(entry) >= {"time", "level", "logger", "message"} for entry in ours)
     assert any(entry["logger"].startswith("segspark") and entry["level"] == "INFO" for entry in ours)
     assert not [line for line in proc.stderr.splitlines() if " INFO  segspark" in line]  # no text lines of ours
+
+
+def test_generate_refuses_to_overwrite_events_or_truth_without_overwrite(spark, capsys, tmp_path):
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "mine.json").write_text('{"user_id": 1}\n')  # the user's own data
+    code, _, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "20", "--days", "3")
+    assert code == 2 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    assert (tmp_path / "events" / "mine.json").read_text() == '{"user_id": 1}\n' and not (tmp_path / "truth").exists()
+    code, _, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "20", "--days", "3", "--overwrite")
+    assert code == 0, err
+    assert not (tmp_path / "events" / "mine.json").exists() and (tmp_path / "truth").is_dir()
+    code, _, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "20", "--days", "3")
+    assert code == 2 and "events and" in err and "truth already exist" in err  # a sample is not replaced either

@@ -176,7 +176,9 @@ def test_too_few_users_for_the_autoencoder_names_the_settings(spark, sample_parq
          "models.kmeans.enabled=false", "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false",
          "models.autoencoder.batch_size=100000"],
     )
-    with pytest.raises(ValueError, match=r"fewer than one batch.*models\.autoencoder\.enabled=false"):
+    from segspark.errors import NotEnoughUsersError
+
+    with pytest.raises(NotEnoughUsersError, match=r"fewer than one batch.*models\.autoencoder\.enabled=false"):
         pipeline.run(spark, cfg, run_id="too-few")
 
 

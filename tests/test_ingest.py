@@ -145,3 +145,84 @@ def test_missing_input_path_is_a_usage_error(spark, make_config, tmp_path):
     cfg = make_config(f"input.path={tmp_path / 'nowhere'}")
     with pytest.raises(InputSchemaError, match="no parquet data found"):
         read_raw_events(spark, cfg.input)
+
+
+def _json_folder(tmp_path, name, records):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "part-0.json").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_non_finite_and_implausible_prices_and_quantities_are_quarantined(spark, make_config, tmp_path):
+    # Prices as JSON text and numbers (read as text), quantities in their own column.
+    path = _json_folder(tmp_path, "values", [
+        rec(product_id=1, event_type="purchase", price="NaN", qty=1),
+        rec(product_id=2, event_type="purchase", price="Infinity", qty=1),
+        rec(product_id=3, event_type="view", price="-Infinity", qty=1),  # negative, but not a number first
+        '{"event_time": "2026-10-01 10:00:00", "event_type": "purchase", "product_id": 4, "price": 1e308, '
+        '"user_id": 1, "user_session": "s1", "category_code": "c", "brand": "b", "qty": 1}',
+        rec(product_id=5, event_type="purchase", price="1e999", qty=1),  # overflows to infinity
+        rec(product_id=6, event_type="purchase", price=10.0, qty="NaN"),
+        rec(product_id=7, event_type="purchase", price=10.0, qty=5e6),
+        rec(product_id=8, event_type="purchase", price=999999999.0, qty=-1000000),  # both at the bounds: a return
+        rec(product_id=9, event_type="view", price=0.5, qty=1),
+    ])
+    cfg = make_config(f"input.path={path}", "input.format=json", "input.columns.quantity=qty")
+    tagged = ingest.tag_events(read_raw_events(spark, cfg.input), cfg.input)
+    got = {r.item_id: r[ingest.REASON] for r in tagged.collect()}
+    assert got == {
+        "1": "unparseable_price", "2": "unparseable_price", "3": "unparseable_price", "4": "implausible_price",
+        "5": "unparseable_price", "6": "unparseable_quantity", "7": "implausible_quantity", "8": None, "9": None,
+    }
+    assert ingest.clean_events(tagged).count() + ingest.quarantine_rows(tagged, "r", str(path)).count() == 9
+    # The bounds are configuration: a wider price range keeps 1e308 (and still refuses infinity).
+    wide = make_config(f"input.path={path}", "input.format=json", "input.columns.quantity=qty",
+                       "input.price_bounds=[0, 1e308]")
+    again = {r.item_id: r[ingest.REASON] for r in ingest.tag_events(read_raw_events(spark, wide.input), wide.input).collect()}
+    assert again["4"] is None and again["5"] == "unparseable_price"
+
+
+def test_non_finite_doubles_in_parquet_are_quarantined(spark, make_config, tmp_path):
+    rows = [rec(product_id=i, event_type="purchase", price=p) for i, p in
+            enumerate([float("nan"), float("inf"), float("-inf"), 1e308, 12.5])]
+    spark.createDataFrame(rows).write.parquet(str(tmp_path / "pq"))
+    got = sorted((r.item_id, r[ingest.REASON]) for r in tag(spark, make_config, tmp_path / "pq", "parquet").collect())
+    assert got == [("0", "unparseable_price"), ("1", "unparseable_price"), ("2", "unparseable_price"),
+                   ("3", "implausible_price"), ("4", None)]
+
+
+def test_event_times_outside_the_plausible_window_are_quarantined(spark, make_config, tmp_path):
+    import datetime as dt
+
+    path = _json_folder(tmp_path, "times", [
+        rec(product_id=1, event_time="1970-01-01 00:00:00"),
+        rec(product_id=2, event_time="1999-12-31 23:59:59"),
+        rec(product_id=3, event_time="2000-01-01 00:00:00"),  # the first plausible instant
+        rec(product_id=4, event_time="2026-10-02 20:00:00"),  # 20 h after the run started: clock skew
+        rec(product_id=5, event_time="2026-10-03 02:00:00"),  # 26 h after
+        rec(product_id=6, event_time="2999-01-01 00:00:00"),
+    ])
+    started = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
+    cfg = make_config(f"input.path={path}", "input.format=json")
+    got = {r.item_id: r[ingest.REASON] for r in
+           ingest.tag_events(read_raw_events(spark, cfg.input), cfg.input, now=started).collect()}
+    assert got == {"1": "implausible_timestamp", "2": "implausible_timestamp", "3": None, "4": None,
+                   "5": "implausible_timestamp", "6": "implausible_timestamp"}
+    # Archives older than 2000: the window is configuration (null: no bound).
+    old = make_config(f"input.path={path}", "input.format=json", "input.plausible_time.earliest=null",
+                      "input.plausible_time.max_future_hours=48")
+    again = {r.item_id: r[ingest.REASON] for r in
+             ingest.tag_events(read_raw_events(spark, old.input), old.input, now=started).collect()}
+    assert again == {"1": None, "2": None, "3": None, "4": None, "5": None, "6": "implausible_timestamp"}
+
+
+def test_readme_documents_every_quarantine_reason_once():
+    import re
+
+    from .conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    paragraph = text[text.index("Quarantine reasons"):].split("\n\n")[0]
+    documented = re.findall(r"`([a-z_]+)`", paragraph)
+    assert [r for r in documented if r in ingest.REASONS] == list(ingest.REASONS), "README lists REASONS in order"

@@ -317,3 +317,18 @@ def test_exact_linear_combinations_are_dropped(spark):
     (entry,) = prep.dropped
     assert entry["feature"] == "evening" and entry["reason"] == "linear_combination"
     assert entry["detail"].startswith("R=1.0000")
+
+
+def test_non_finite_inputs_are_refused_naming_the_feature_and_the_users(spark, data):
+    # Features written by another tool or an older version: NaN is not null (imputation keeps it)
+    # and one infinite value wrecks every user's scaling, so fitting stops.
+    from segspark.errors import NonFiniteError
+
+    cols = dict(data)
+    cols["money"] = [math.nan if i < 3 else v for i, v in enumerate(data["money"])]
+    cols["price"] = [math.inf if i == 5 else v for i, v in enumerate(data["price"])]
+    with pytest.raises(NonFiniteError) as error:
+        fit_preparation(_frame(spark, cols), NAMES, _cfg())
+    message = str(error.value)
+    assert message.startswith("prepare: NaN or infinite values in 2 features")
+    assert f"'money' (3 of {N} users)" in message and f"'price' (1 of {N} users)" in message

@@ -636,6 +636,10 @@ class _Committer:
         return fresh.version()
 
     def _delete(self, stage_path: str) -> None:
+        # Only a staging folder of a write, directly inside the table: never the table or above it.
+        name = stage_path[len(self.loc.root) + 1:]
+        if not stage_path.startswith(self.loc.root + "/") or not name.startswith(STAGE_PREFIX) or "/" in name or ".." in name:
+            raise ValueError(f"refusing to delete {stage_path!r}: not a staging folder inside table {self.loc.root!r}")
         try:
             self.loc.fs.delete_dir(stage_path)
         except (FileNotFoundError, OSError) as exc:

@@ -16,14 +16,31 @@ from urllib.parse import unquote, urlparse
 log = logging.getLogger(__name__)
 
 
-def write_text_file(path: str, text: str) -> int:
-    """Write `text` (UTF-8) to `path`, replacing an existing file; returns the number of bytes."""
-    data = text.encode("utf-8")
+def path_exists(path: str) -> bool:
+    """Whether a file or folder is at `path` (a local path, file: URI or file-system URI)."""
+    local = _local(path)
+    if local is not None:
+        return local.exists()
+    import pyarrow.fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def _local(path: str) -> pathlib.Path | None:
     parsed = urlparse(path)
     if parsed.scheme == "dbfs":  # Databricks: DBFS is mounted on the driver at /dbfs
         parsed = urlparse("file:///dbfs/" + (parsed.netloc + parsed.path).lstrip("/"))
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive
-        local = pathlib.Path(unquote(parsed.path) if parsed.scheme == "file" else path)
+        return pathlib.Path(unquote(parsed.path) if parsed.scheme == "file" else path)
+    return None
+
+
+def write_text_file(path: str, text: str) -> int:
+    """Write `text` (UTF-8) to `path`, replacing an existing file; returns the number of bytes."""
+    data = text.encode("utf-8")
+    local = _local(path)
+    if local is not None:
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.partial")
         try:

@@ -377,22 +377,31 @@ def _check_sample(sample: np.ndarray, feature_names: list[str] | None) -> np.nda
     return x
 
 
-def _split(n: int, cfg: AutoencoderConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) row indices from a seeded permutation, after checking there are enough rows."""
+def sample_problem(n: int, cfg: AutoencoderConfig) -> str | None:
+    """Why a training sample of `n` rows is too small for these settings (None: it is enough)."""
     if n < MIN_ROWS:
-        raise ValueError(f"the training sample has {n} rows; the autoencoder needs at least {MIN_ROWS}")
+        return f"the training sample has {n} rows; the autoencoder needs at least {MIN_ROWS}"
     n_val = int(round(n * cfg.validation_split))
     if cfg.validation_split > 0 and n_val < MIN_VALIDATION_ROWS:
-        raise ValueError(
+        return (
             f"validation_split {cfg.validation_split} of {n} rows leaves {n_val} validation rows, fewer than "
             f"{MIN_VALIDATION_ROWS}: raise validation_split, or set it to 0 to train without early stopping on "
             "validation loss"
         )
     if n - n_val < cfg.batch_size:
-        raise ValueError(
+        return (
             f"{n - n_val} training rows (of {n}, after holding out {n_val} for validation) are fewer than one "
             f"batch (batch_size {cfg.batch_size}); every epoch would be a single partial step: lower batch_size"
         )
+    return None
+
+
+def _split(n: int, cfg: AutoencoderConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) row indices from a seeded permutation, after checking there are enough rows."""
+    problem = sample_problem(n, cfg)
+    if problem is not None:
+        raise ValueError(problem)
+    n_val = int(round(n * cfg.validation_split))
     perm = np.random.default_rng(cfg.seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 

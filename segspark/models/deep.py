@@ -100,6 +100,26 @@ def _flag(score: Column, threshold: float | None) -> Column:
     return F.lit(False) if threshold is None else F.coalesce(score > F.lit(float(threshold)), F.lit(False))
 
 
+def users_problem(users: int, ae_cfg: AutoencoderConfig, hdb_cfg: HdbscanConfig) -> str | None:
+    """Why `users` prepared users are too few for the deep model, with the least number that is
+    enough for these settings (None: enough). The same rules as its fit (autoencoder.sample_problem,
+    density.sample_problem), so the run stops before any work instead of after the features."""
+    from segspark.models import autoencoder, density
+
+    def problem(n: int) -> str | None:
+        return (autoencoder.sample_problem(min(n, ae_cfg.sample_size), ae_cfg)
+                or density.sample_problem(min(n, hdb_cfg.sample_size), hdb_cfg))
+
+    found = problem(users)
+    if found is None:
+        return None
+    # Both samples stop growing at their sample_size: beyond the larger one more users change nothing.
+    limit = max(ae_cfg.sample_size, hdb_cfg.sample_size)
+    enough = next((n for n in range(users + 1, limit + 1) if problem(n) is None), None)
+    need = f"needs at least {enough:,} users with these settings" if enough else "cannot be fitted with these settings"
+    return f"{MODEL_NAME} {need}, the run has {users:,}: {found}"
+
+
 def fit_deep(
     sample: UserSample,
     ae_cfg: AutoencoderConfig,

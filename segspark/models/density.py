@@ -649,6 +649,20 @@ class FittedHdbscan:
         }
 
 
+def sample_problem(n: int, cfg: HdbscanConfig) -> str | None:
+    """Why `n` embeddings are too few for HDBSCAN with these settings (None: they are enough)."""
+    min_cluster_size = cfg.min_cluster_size or max(2, round(cfg.min_cluster_share * n))
+    min_samples = cfg.min_samples or min_cluster_size
+    if n < min_cluster_size:
+        return f"HDBSCAN needs at least min_cluster_size = {min_cluster_size} embeddings, got {n}"
+    if n < 2 * min_samples:
+        return (
+            f"prediction queries the 2 * min_samples = {2 * min_samples} nearest embeddings of the sample, "
+            f"so it needs at least {2 * min_samples} rows, got {n}"
+        )
+    return None
+
+
 def fit_hdbscan(embeddings: Any, cfg: HdbscanConfig, repair_cluster_map: bool = False) -> FittedHdbscan:
     """Fit HDBSCAN on an (already sampled) rows x dimensions matrix of embeddings.
 
@@ -659,13 +673,9 @@ def fit_hdbscan(embeddings: Any, cfg: HdbscanConfig, repair_cluster_map: bool = 
     n, dims = x.shape
     min_cluster_size = cfg.min_cluster_size or max(2, round(cfg.min_cluster_share * n))
     min_samples = cfg.min_samples or min_cluster_size
-    if n < min_cluster_size:
-        raise ValueError(f"HDBSCAN needs at least min_cluster_size = {min_cluster_size} embeddings, got {n}")
-    if n < 2 * min_samples:
-        raise ValueError(
-            f"prediction queries the 2 * min_samples = {2 * min_samples} nearest embeddings of the sample, "
-            f"so it needs at least {2 * min_samples} rows, got {n}"
-        )
+    problem = sample_problem(n, cfg)
+    if problem is not None:
+        raise ValueError(problem)
     if n > cfg.sample_size:
         log.warning("HDBSCAN fitted on %d embeddings, more than sample_size = %d", n, cfg.sample_size)
     clusterer = hdbscan.HDBSCAN(

@@ -38,6 +38,7 @@ from pyspark.sql import functions as F
 
 from segspark.config import PrepareConfig, SelectionConfig
 from segspark.errors import ConfigError, UsageError
+from segspark.quality import check_finite, non_finite_counts
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,8 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
 
 def _fit_imputation(features: DataFrame, rules: Mapping[str, tuple]) -> dict[str, Imputation]:
     """Means, maxima and medians from one agg (nulls ignored); a median is percentile_approx at the
-    same relative error as the caps' approxQuantile."""
+    same relative error as the caps' approxQuantile. The same agg counts the users whose inputs are
+    NaN or infinite (imputation fills nulls only): NonFiniteError names them (segspark.quality)."""
     wanted = {(rule, name) for name, (rule, _, _) in rules.items() if rule in ("mean", "max", "median")}
     # A feature rule falls back to its source's median when the source is null too.
     wanted |= {("median", source) for _, _, source in rules.values() if source}
@@ -281,7 +283,11 @@ def _fit_imputation(features: DataFrame, rules: Mapping[str, tuple]) -> dict[str
         "median": lambda col: F.percentile_approx(col, 0.5, int(1 / RELATIVE_ERROR)),
     }
     aggregates = [functions[rule](_double(name)).alias(f"{rule}:{name}") for rule, name in sorted(wanted)]
-    stats = features.agg(*aggregates).first().asDict() if aggregates else {}
+    inputs = list(rules)
+    stats = features.agg(*aggregates, *non_finite_counts(inputs), F.count(F.lit(1)).alias("users:")).first().asDict()
+    check_finite(stats, inputs, stats["users:"], "prepare",
+                 "the features to fit on must be finite: compute them again (`segspark features` or `segspark run`), "
+                 "whose ingest quarantines NaN, infinite and implausible values (input.price_bounds)")
 
     fitted = {}
     for name, (rule, number, source) in rules.items():

@@ -390,6 +390,13 @@ def quality_section(ctx: ReportContext) -> Section:
           "yes" if balanced else f"NO (off by {run.input_rows - run.clean_rows - run.quarantined_rows:,})")],
         numeric=(0, 1, 2),
     ))
+    skipped = [str(path) for path in run.metrics.get("skipped_files") or []]
+    if skipped:
+        blocks.append(Paragraph(
+            f"{len(skipped):,} unreadable input file{'s were' if len(skipped) > 1 else ' was'} skipped "
+            "(input.on_corrupt_file: skip); no record of a skipped file is counted above."
+        ))
+        blocks.append(Table(["skipped file"], [(path,) for path in skipped], collapsed=len(skipped) > 10))
     table = data.quarantine_counts(ctx.spark, ctx.output, run.run_id)
     recorded = {str(k): int(v) for k, v in (run.metrics.get("quarantine_reasons") or {}).items()}
     if table is None:

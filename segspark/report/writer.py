@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
 from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
 
 from pyspark.sql import SparkSession
 
@@ -15,6 +15,7 @@ from segspark.io.files import write_text_file
 from segspark.report import data
 from segspark.report.html import FigureBlock, render_page
 from segspark.report.sections import SECTIONS, ReportContext, Skipped
+from segspark.run_ids import check_run_id, owned_child
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,24 @@ class ReportResult:
 
 
 def default_path(cfg: Config, run_id: str) -> str:
-    """`<output.root>/_reports/<run_id>/report.html`."""
-    return f"{cfg.output.root.rstrip('/')}/_reports/{run_id}/report.html"
+    """`<output.root>/_reports/<run_id>/report.html`, for a valid run id (segspark.run_ids) only; on a
+    local file system the folder is checked to resolve inside `_reports`."""
+    folder = f"{cfg.output.root.rstrip('/')}/_reports"
+    check_run_id(run_id, "the run id of the report (its folder under output.root/_reports)")
+    parsed = urlparse(folder)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive
+        owned_child(unquote(parsed.path) if parsed.scheme == "file" else folder, run_id)
+    return f"{folder}/{run_id}/report.html"
 
 
 def write_report(spark: SparkSession, cfg: Config, run_id: str | None = None, out: str | None = None) -> ReportResult:
     """Write the HTML report of run `run_id` (default: the latest succeeded run with segments) to
     `out` (default: `default_path`). UsageError when there are no runs or `run_id` is not one."""
     start = time.perf_counter()
+    if run_id is not None:
+        check_run_id(run_id)
     run = data.resolve_run(spark, cfg.output, run_id)
+    path = out or default_path(cfg, run.run_id)  # an id read back from `runs` is checked before any work
     ctx = ReportContext(
         spark=spark,
         output=cfg.output,
@@ -64,15 +74,9 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str | None = None, ou
         ) if part
     )
     page = render_page(f"segspark report — run {run.run_id}", subtitle, sections, generated)
-    path = out or default_path(cfg, _path_safe(run.run_id))
     size = write_text_file(path, page)
     figure_ids = [b.id for s in sections for b in s.blocks if isinstance(b, FigureBlock)]
     log.info("report: wrote %s (%.2f MB, %d figures, %d left out) in %.1f s", path, size / 1e6, len(figure_ids),
              len(ctx.skipped), time.perf_counter() - start)
     return ReportResult(path=path, run_id=run.run_id, figures=figure_ids, skipped=list(ctx.skipped), size_bytes=size)
 
-
-def _path_safe(run_id: str) -> str:
-    """A run id as one folder name (a `/` or `..` in an id must not leave `_reports/`)."""
-    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", run_id)
-    return "_" + safe if safe.startswith(".") else safe
