@@ -270,3 +270,20 @@ def test_identity_rules():
         check_identity("a", "/o", CheckpointState("/c", True, "q2", 9), commits)
     with pytest.raises(StreamRefused, match="has planned batches up to 3: its next batches would be skipped"):
         check_identity("a", "/o", CheckpointState("/c", True, "q0", 3), [TableCommits("/o/x", 5, None)])
+
+
+def test_an_app_id_whose_batch_ids_a_batch_run_took_is_refused(spark, tmp_path):
+    """A batch run named `nightly-3` (allowed while the app id was another) would have its rows
+    replaced by batch 3 of a stream with app_id `nightly`: that stream does not start."""
+    import datetime as dt
+
+    from segspark.config import load_config
+    from segspark.io.tables import write_run_rows
+    from segspark.schema import RUNS
+
+    cfg = load_config(REPO / "conf/local.yaml", [f"output.root={tmp_path / 'out'}", "streaming.app_id=nightly"])
+    now = dt.datetime.now(dt.UTC)
+    row = ("nightly-3", now, now, "succeeded", "h", None, 0, 0, 0, 0, "{}")
+    write_run_rows(spark, cfg.output, "runs", spark.createDataFrame([row], RUNS), "nightly-3")
+    with pytest.raises(StreamRefused, match=r"batch run\(s\) nightly-3"):
+        job.run_stream(spark, cfg, available_now=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -469,6 +470,7 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
     app, checkpoint_path = cfg.streaming.app_id, cfg.streaming.checkpoint_path(cfg.output)
     with identity.StreamLock(cfg.output.root, app).acquire(checkpoint=checkpoint_path) as lock:
         checkpoint, commits = check_stream_identity(cfg)
+        _check_no_batch_run_in_namespace(spark, cfg)
         bundle = bundle or cfg.streaming.bundle or latest_bundle(spark, cfg)
         models = load_stream_models(spark, cfg, bundle)
         check_same_pseudonyms(models.loaded.manifest.training_data.get("privacy"), protection.describe(), bundle)
@@ -508,6 +510,26 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
             raise
         _record_stream_run(spark, cfg, run, started_at, "succeeded")
     return run
+
+
+def _check_no_batch_run_in_namespace(spark: SparkSession, cfg: Config) -> None:
+    """Refuse an app_id whose batch rows would replace a batch run's: the stream writes each batch's
+    rows under `<app_id>-<batch id>`, and a batch run may have taken such an id before this app_id
+    was configured (batch runs refuse ids in the namespace of the app_id configured at their time)."""
+    app = cfg.streaming.app_id
+    if not table_exists(table_path(cfg.output, "runs"), spark):
+        return
+    taken = (
+        read_output_table(spark, cfg.output, "runs")
+        .where(F.col("run_id").rlike(f"^{re.escape(app)}-[0-9]+$"))
+        .select("run_id").limit(3).collect()
+    )
+    if taken:
+        raise identity.StreamRefused(
+            f"streaming.app_id {app!r}: the runs table holds batch run(s) {', '.join(r.run_id for r in taken)}, and "
+            f"this stream would write its batches' rows under the same ids (<app_id>-<batch id>). Choose another "
+            "streaming.app_id"
+        )
 
 
 def check_stream_identity(cfg: Config) -> tuple[identity.CheckpointState, list[identity.TableCommits]]:
