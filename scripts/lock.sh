@@ -20,8 +20,9 @@ tools=.venv-tools
   "$tools/bin/python" -m pip install -q "uv==$UV_VERSION"
 }
 
-compile() {  # compile OUT [extra uv flags]
+compile() {  # compile OUT [extra uv flags]; uv keeps the pins of an existing OUT unless told to upgrade
   local out=$1; shift
+  if [ -f "$out" ]; then cp "$out" "$out.body"; else rm -f "$out.body"; fi
   "$tools/bin/uv" pip compile pyproject.toml locks/tools.in --extra dev --extra mlflow \
     --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     --no-header --quiet "$@" -o "$out.body"
@@ -39,6 +40,7 @@ if [ "${1:-}" = --keep ]; then
   exit 0
 fi
 
+rm -f "$LOCK.new"
 compile "$LOCK.new" --upgrade
 echo "lock: changes against $LOCK:" >&2
 diff <(grep -E '^[A-Za-z0-9]' "$LOCK" | cut -d' ' -f1) <(grep -E '^[A-Za-z0-9]' "$LOCK.new" | cut -d' ' -f1) >&2 || true

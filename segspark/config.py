@@ -256,6 +256,7 @@ class KMeansConfig(ClusteringConfig):
 
 
 class BisectingKMeansConfig(ClusteringConfig):
+    max_iter: int = Field(10, ge=1)  # every iteration of every split is a Spark job (no convergence test)
     min_divisible_cluster_size: float = Field(1.0, gt=0.0)
 
 

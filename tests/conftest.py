@@ -49,6 +49,7 @@ FAST_MODELS = (
     "models.selection.k_max=4",
     "models.selection.seeds=1",
     "models.selection.silhouette_sample=200",
+    "models.bisecting_kmeans.max_iter=5",  # MLlib's bisecting runs every iteration as a Spark job
     # A small autoencoder trained for a few epochs: the deep path runs end to end in seconds.
     "models.autoencoder.hidden_layers=[32]",
     "models.autoencoder.epochs=30",
