@@ -560,8 +560,24 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
             origin = _origin(dotted, sources, str(Path(path).resolve()))
             lines.append(f"  {dotted} (in {origin}): {_describe(error)}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
-    log.info("resolved config (hash %s): %s", config.config_hash()[:12], json.dumps(config.redacted(), sort_keys=True))
+    _log_loaded(config, Path(path))
     return config
+
+
+def _log_loaded(config: Config, path: Path) -> None:
+    # One INFO line says what this run reads, writes and fits; the whole resolved config (several KB)
+    # goes to DEBUG, and in full to the runs table and MLflow, where it is kept with the run.
+    shown = config.redacted()
+    digest = config.config_hash()[:12]
+    models = [name for name, cfg in config.models.enabled().items()]
+    if config.models.autoencoder.enabled:
+        models.append("ae_hdbscan")
+    log.info(
+        "config %s (hash %s) | input %s (%s) | output %s | models %s",
+        path, digest, shown["input"]["path"], config.input.format, shown["output"]["root"],
+        ", ".join(models) or "none",
+    )
+    log.debug("resolved config (hash %s): %s", digest, json.dumps(shown, sort_keys=True))
 
 
 def _origin(dotted: str, sources: Mapping[str, str], default: str) -> str:

@@ -86,10 +86,22 @@ def test_secrets_are_redacted_in_logged_config():
     assert "hunter2" not in shown["mlflow"]["tracking_uri"]
 
 
-def test_resolved_config_is_logged_redacted(caplog):
-    caplog.set_level("INFO", logger="segspark.config")
+def test_resolved_config_is_logged_redacted_at_debug(caplog):
+    caplog.set_level("DEBUG", logger="segspark.config")
     load_config(REPO / "conf/local.yaml", ["mlflow.tracking_uri=https://u:s3cret@host/"])
-    assert "resolved config" in caplog.text and "s3cret" not in caplog.text
+    full = [r for r in caplog.records if "resolved config" in r.getMessage()]
+    assert [r.levelname for r in full] == ["DEBUG"] and "s3cret" not in caplog.text
+
+
+def test_info_logs_one_short_config_line(caplog):
+    caplog.set_level("INFO", logger="segspark.config")
+    load_config(REPO / "conf/local.yaml", ["input.path=https://u:in-pass-1@host/events"])
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "conf/local.yaml" in line and "(hash " in line and "| output " in line
+    assert "models kmeans, bisecting_kmeans, gmm, ae_hdbscan" in line
+    assert "in-pass-1" not in line and "resolved config" not in line and len(line) < 400
 
 
 def test_set_keys_with_dots_inside_free_form_sections():

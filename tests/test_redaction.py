@@ -118,7 +118,7 @@ def test_the_key_rule():
 
 
 def test_resolved_config_log_line_holds_no_secret(caplog):
-    caplog.set_level("INFO", logger="segspark.config")
+    caplog.set_level("DEBUG", logger="segspark.config")
     load_config(REPO / "conf/local.yaml", [
         "spark.remote=sc://h:15002/;token=connect-tok-1", "spark.conf.fs.s3a.secret.key=s3-secret-1",
         "input.options.kafka.sasl.jaas.config=x required password=\"jaas-pass-1\";",
