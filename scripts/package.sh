@@ -107,7 +107,7 @@ for name in ("segspark.scoring", "segspark.models.sample_grid", "segspark.models
     importlib.import_module(name)
 assert "tensorflow" not in sys.modules, "tensorflow imported on the executor side"
 ' || { echo "package: the executor environment cannot import segspark's executor code (locks/executor.in)" >&2; exit 1; }
-  # The packages' own test suites (a third of the files) are left out; the .pyc files are kept (each
+  # The packages' own test suites (over 40% of the files) are left out; the .pyc files are kept (each
   # Python worker would otherwise compile what it imports).
   "$TOOLS/bin/venv-pack" -q -p "$env_dir" -o "$ARCHIVE" --exclude 'lib/python*/site-packages/*/tests/*' \
     ${PYTHON_PREFIX:+--python-prefix "$PYTHON_PREFIX"}
