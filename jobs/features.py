@@ -10,4 +10,4 @@ import sys
 from segspark.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["features", *sys.argv[1:]]))
+    sys.exit(main(["features", *sys.argv[1:]], job=True))

@@ -11,4 +11,4 @@ import sys
 from segspark.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["score", *sys.argv[1:]]))
+    sys.exit(main(["score", *sys.argv[1:]], job=True))

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import click
 
@@ -60,10 +61,22 @@ def _configure_logging(verbose: bool, quiet: bool, log_format: str = "text") -> 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@contextmanager
 def _session(app_name: str, master: str | None = None, conf: dict | None = None, remote: str | None = None):
     from segspark.session import spark_session
 
-    return spark_session(app_name, master or "local[2]", conf, remote)
+    with spark_session(app_name, master or "local[2]", conf, remote) as spark:
+        if _is_job():
+            # A jobs/*.py entry point: say what the job runs on (master, executors, their Python).
+            from segspark.cluster import log_cluster
+
+            log_cluster(spark)
+        yield spark
+
+
+def _is_job() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and (ctx.find_root().obj or {}).get("job"))
 
 
 def _run_id(ctx, param, value: str | None) -> str | None:
@@ -111,7 +124,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, log_format: str) -> None
       segspark run --help
     """
     _configure_logging(verbose, quiet, log_format)
-    ctx.obj = {"progress": not quiet and log_format == "text"}
+    ctx.ensure_object(dict)["progress"] = not quiet and log_format == "text"
 
 
 def _progress(spark):
@@ -443,10 +456,12 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code."""
+def main(argv: Sequence[str] | None = None, job: bool = False) -> int:
+    """Console entry point; returns the exit code. job: called by a jobs/*.py entry point (spark-submit,
+    a Databricks task), which logs the master, the executors and their Python at the start."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="segspark", standalone_mode=False)
+        cli.main(args=list(argv) if argv is not None else None, prog_name="segspark", standalone_mode=False,
+                 obj={"job": job})
         return 0
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

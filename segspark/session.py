@@ -50,6 +50,71 @@ LOCAL_DEFAULTS: dict[str, str] = {
 }
 
 
+# Settings that a spark-submit line owns. The driver JVM has started (with its memory) before segspark
+# runs, and memory, cores, executors and master are the submitter's to choose: a config value for one
+# of these cannot take effect (spark.driver.*) or would silently replace the submit line's (the rest).
+# Under spark-submit segspark leaves them out and warns (README, "Running on a cluster").
+SUBMIT_LINE_KEYS: tuple[str, ...] = (
+    "spark.master",
+    "spark.submit.",
+    "spark.driver.memory",
+    "spark.driver.memoryOverhead",
+    "spark.driver.cores",
+    "spark.driver.extraJavaOptions",
+    "spark.driver.extraClassPath",
+    "spark.driver.extraLibraryPath",
+    "spark.executor.memory",
+    "spark.executor.memoryOverhead",
+    "spark.executor.pyspark.memory",
+    "spark.executor.cores",
+    "spark.executor.instances",
+    "spark.cores.max",
+    "spark.dynamicAllocation.",
+)
+
+
+def is_submit_line_key(key: str) -> bool:
+    """True for a setting a spark-submit line owns (SUBMIT_LINE_KEYS: memory, cores, master, ...)."""
+    return any(key == owned or (owned.endswith(".") and key.startswith(owned)) for owned in SUBMIT_LINE_KEYS)
+
+
+def submitted_job_conf(conf: Mapping[str, str], submitted: Mapping[str, str]) -> dict[str, str]:
+    """The settings of `conf` (the config's spark.* settings) that a job launched by spark-submit
+    applies: not those the submit line owns (is_submit_line_key), and not those the submit line set
+    to another value (its --conf wins). `submitted`: the settings the JVM was started with. Logs one
+    warning naming what was left out."""
+    owned = [key for key in conf if is_submit_line_key(key)]
+    overridden = [key for key in conf if key not in owned and key in submitted and submitted[key] != str(conf[key])]
+    if owned or overridden:
+        parts = []
+        if owned:
+            parts.append(
+                "memory, cores and master come from the spark-submit line, config ignored for "
+                + ", ".join(_both(key, conf[key], submitted.get(key)) for key in owned)
+            )
+        if overridden:
+            parts.append("the submit line's --conf wins for "
+                         + ", ".join(_both(key, conf[key], submitted[key]) for key in overridden))
+        log.warning("spark-submit job: %s", "; ".join(parts))
+    return {key: str(value) for key, value in conf.items() if key not in owned and key not in overridden}
+
+
+def _both(key: str, configured: object, in_effect: str | None) -> str:
+    if ".extra" in key or "secret" in key.lower() or "password" in key.lower():
+        return key  # JVM options and the like may carry a password: named, not shown
+    effect = "Spark's default" if in_effect is None else redact_text(in_effect)
+    return f"{key} (config {redact_text(str(configured))}, in effect {effect})"
+
+
+def _submitted_conf() -> dict[str, str]:
+    """The settings the spark-submit line started the JVM with (its system properties), read before
+    the SparkContext exists."""
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM (PYSPARK_GATEWAY_PORT)
+    return dict(SparkConf().getAll())
+
+
 def _prepare_local_environment() -> None:
     # Python workers must run this interpreter (with segspark's dependencies), not whatever
     # `python3` is on PATH, or pandas UDFs fail with ModuleNotFoundError.
@@ -81,9 +146,10 @@ def get_spark(
         return _connect_session(app_name, remote, conf)
     if os.environ.get("PYSPARK_GATEWAY_PORT"):
         # Launched by spark-submit (or the pyspark shell): the JVM already holds the master and
-        # settings the user submitted with; add only what segspark needs.
+        # settings the user submitted with; add only what segspark needs and the config's settings
+        # that the submit line neither owns nor set.
         builder = SparkSession.builder.appName(app_name)
-        settings = {**REQUIRED_CONF, **dict(conf or {})}
+        settings = {**REQUIRED_CONF, **submitted_job_conf(dict(conf or {}), _submitted_conf())}
     else:
         _prepare_local_environment()
         builder = SparkSession.builder.appName(app_name).master(master)

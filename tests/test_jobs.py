@@ -16,7 +16,8 @@ from .conftest import REPO
 
 
 def _spark_submit(job: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    # PYTHONPATH: the driver imports this checkout's segspark (an editable install may name another).
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": str(REPO)}
     env.pop("SPARK_REMOTE", None)
     command = [
         os.path.join(_find_spark_home(), "bin", "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
@@ -35,6 +36,11 @@ def test_features_job_under_spark_submit(sample_parquet, tmp_path):
     assert done.returncode == 0, output[-4000:]
     assert "run submitted succeeded" in done.stdout
     assert "started SparkSession" in output and "master local[2])" in output  # spark-submit's session
+    # The job's start-up lines: the master, the executors and their Python; conf/local.yaml's 10g driver
+    # memory is not applied over the submit line's 1g, with a warning.
+    assert "cluster: Spark " in output and "cluster: executors: 1, 2 cores: driver on " in output
+    assert "cluster: executor Python on " in output and f": {sys.executable} (Python " in output
+    assert "config ignored for spark.driver.memory (config 10g, in effect 1g)" in output
     runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
     assert [(r["run_id"], r["status"]) for r in runs] == [("submitted", "succeeded")]
 
