@@ -1,11 +1,14 @@
 """Write the part of the lock that Spark executors need: the packages of locks/executor.in and every
 package the lock says they depend on, with the lock's exact versions and hashes.
 
-    python scripts/executor_requirements.py locks/py311-linux-x86_64.txt locks/executor.in OUT
+    python scripts/executor_requirements.py locks/py311-linux-x86_64.txt locks/executor.in OUT [INSTALLED]
 
 The dependencies come from the lock's `# via` notes (uv writes, under every package, the packages
 that require it), so nothing is resolved again and the result is a subset of what the driver has.
-Prints the package names, one line. Used by scripts/package.sh.
+With INSTALLED (a file of `name==version` lines: what the driver's environment holds, for a driver
+installed from the ranges rather than the lock, SEGSPARK_LOCK=none), the same packages are pinned to
+the driver's versions instead, without hashes. Prints the package names, one line. Used by
+scripts/package.sh.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def closure(roots: list[str], parents: dict[str, set[str]]) -> list[str]:
     return sorted(wanted)
 
 
-def main(lock: str, roots_file: str, out: str) -> None:
+def main(lock: str, roots_file: str, out: str, installed: str | None = None) -> None:
     blocks, parents = parse_lock(Path(lock).read_text())
     roots = [
         canonical(line.split("#")[0].strip())
@@ -70,12 +73,24 @@ def main(lock: str, roots_file: str, out: str) -> None:
         if line.split("#")[0].strip()
     ]
     names = closure(roots, parents)
-    body = "\n".join(line for name in names for line in blocks[name] if not line.lstrip().startswith("#"))
-    Path(out).write_text(f"# Executor packages: {roots_file} and their dependencies, from {lock}\n{body}\n")
+    if installed is None:
+        body = "\n".join(line for name in names for line in blocks[name] if not line.lstrip().startswith("#"))
+        source = lock
+    else:
+        versions = {}
+        for line in Path(installed).read_text().splitlines():
+            name, _, version = line.partition("==")
+            versions[canonical(name)] = version.strip()
+        absent = [name for name in names if name not in versions]
+        if absent:
+            raise SystemExit(f"executor packages not installed in the driver's environment: {', '.join(absent)}")
+        body = "\n".join(f"{name}=={versions[name]}" for name in names)
+        source = f"the driver's environment ({installed}), packages chosen by {lock}"
+    Path(out).write_text(f"# Executor packages: {roots_file} and their dependencies, from {source}\n{body}\n")
     print(" ".join(names))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         raise SystemExit(__doc__)
     main(*sys.argv[1:])

@@ -5,6 +5,7 @@
 #                                              (venv-pack): segspark's wheel and the packages its
 #                                              executor-side code imports (locks/executor.in), at the
 #                                              lock's exact versions, checked against its hashes
+#                                              (SEGSPARK_LOCK=none: the driver environment's versions)
 # Submit with --archives dist/segspark-env.tar.gz#environment --conf spark.pyspark.python=./environment/bin/python
 # (README, "Running on a cluster").
 #
@@ -24,6 +25,11 @@ cd "$(dirname "$0")/.."
 start=$(date +%s%N)
 
 LOCK=${SEGSPARK_LOCK:-locks/py311-linux-x86_64.txt}
+# SEGSPARK_LOCK=none: the driver was installed from pyproject.toml's ranges (scripts/test_latest.sh), so
+# the executors get the driver's installed versions (no hashes); the project lock still says which
+# packages the executor packages need and provides the build tools.
+FROM_DRIVER=
+if [ "$LOCK" = none ]; then FROM_DRIVER=1; LOCK=locks/py311-linux-x86_64.txt; fi
 VENV=${SEGSPARK_VENV:-.venv}
 DIST=${SEGSPARK_DIST:-dist}
 WORK=build/package
@@ -77,7 +83,14 @@ wheel_ms=$(( ($(date +%s%N) - wheel_start) / 1000000 ))
 # 3. The executors' environment: the executor packages (locks/executor.in and what they need, with the
 # lock's versions and hashes) and the wheel, in a venv without pip, packed with venv-pack.
 executor_req=$WORK/executor-requirements.txt
-packages=$("$TOOLS/bin/python" scripts/executor_requirements.py "$LOCK" locks/executor.in "$executor_req")
+installed=()
+if [ -n "$FROM_DRIVER" ]; then
+  [ -x "$VENV/bin/python" ] || { echo "package: SEGSPARK_LOCK=none needs the driver's environment $VENV" >&2; exit 2; }
+  "$VENV/bin/python" -c 'from importlib import metadata
+for d in metadata.distributions(): print(d.name + "==" + d.version)' > "$WORK/driver-installed.txt"
+  installed=("$WORK/driver-installed.txt")
+fi
+packages=$("$TOOLS/bin/python" scripts/executor_requirements.py "$LOCK" locks/executor.in "$executor_req" "${installed[@]}")
 record=$("$TOOLS/bin/python" - "$wheel" <<'EOF'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as wheel:
@@ -93,7 +106,7 @@ else
   rm -rf "$env_dir"
   "$PYTHON" -m venv --without-pip "$env_dir"
   pip_into=("$TOOLS/bin/python" -m pip --python "$env_dir/bin/python" install -q --disable-pip-version-check --no-deps)
-  "${pip_into[@]}" --require-hashes -r "$executor_req"
+  if [ -n "$FROM_DRIVER" ]; then "${pip_into[@]}" -r "$executor_req"; else "${pip_into[@]}" --require-hashes -r "$executor_req"; fi
   "${pip_into[@]}" "$wheel"
   # What the executors import must import here, with pyspark from the Spark installation only (as on
   # a cluster's nodes): a package missing from locks/executor.in fails the build, not a job.
