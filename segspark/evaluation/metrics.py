@@ -34,6 +34,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, LongType, StructField, StructType
 from sklearn.metrics import silhouette_score
 
+from segspark.evaluation.sample_metrics import unmeasured
+
 log = logging.getLogger(__name__)
 
 DEFAULT_FEATURES = "features_vector"
@@ -132,18 +134,7 @@ def cluster_metrics(
     labels = [int(r["_lab"]) for r in collected]
     sizes = [int(r["_n"]) for r in collected]
     k, n = len(labels), sum(sizes)
-    result: dict = {
-        "k": k,
-        "n": n,
-        "segments": labels,
-        "sizes": sizes,
-        "wss": None,
-        "davies_bouldin": None,
-        "calinski_harabasz": None,
-        "silhouette_sq": None,
-        "silhouette": None,
-        "silhouette_sample_size": 0,
-    }
+    result = unmeasured(k, n, labels, sizes)
     if k == 0:
         log.warning("cluster_metrics: no rows with both %s and %s set", features_col, prediction_col)
         return result

@@ -32,6 +32,23 @@ from sklearn.metrics import (
 )
 
 
+def unmeasured(k: int, n: int, segments: list, sizes: list) -> dict:
+    """The metrics record of a clustering before anything is measured: the same keys whether the
+    metrics come from a sample in memory (sample_metrics) or from Spark (metrics.cluster_metrics)."""
+    return {
+        "k": k,
+        "n": n,
+        "segments": segments,
+        "sizes": sizes,
+        "wss": None,
+        "davies_bouldin": None,
+        "calinski_harabasz": None,
+        "silhouette_sq": None,
+        "silhouette": None,
+        "silhouette_sample_size": 0,
+    }
+
+
 def sample_metrics(points: np.ndarray, labels: np.ndarray, silhouette_rows: int) -> dict:
     """Quality of `labels` (integers, one per row of `points`); keys as in the module docstring plus
     k (non-empty clusters), n (rows), sizes and segments (sizes in the order of the sorted labels)."""
@@ -41,19 +58,8 @@ def sample_metrics(points: np.ndarray, labels: np.ndarray, silhouette_rows: int)
         raise ValueError(f"points must be n x d and labels n long, got {points.shape} and {labels.shape}")
     segments, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
     n, k = points.shape[0], segments.size
-    result: dict = {
-        "k": int(k),
-        "n": int(n),
-        "segments": segments.tolist(),
-        "sizes": sizes.tolist(),
-        "wss": None,
-        "davies_bouldin": None,
-        "calinski_harabasz": None,
-        "silhouette_sq": None,
-        "silhouette": None,
-        "silhouette_sample_size": 0,
-        "dunn": None,
-    }
+    result = unmeasured(int(k), int(n), segments.tolist(), sizes.tolist())
+    result["dunn"] = None
     if n == 0:
         return result
     means = np.zeros((k, points.shape[1]))
