@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import reduce
 
+import numpy as np
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -345,7 +346,10 @@ def _train_stages(
             trained = train_baselines(spark, models.enabled(), models.selection, prepared, sample, k_ranges)
             if deep_model is not None:
                 trained.append(deep_model.result())
-        built = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels, cached)
+        # Separation per segment on the sweep's users: the rows of the silhouette the sweep reported.
+        built = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels, cached,
+                                sample=sample.head(models.selection.sample_size), prepared_names=prep.selected,
+                                silhouette_rows=models.selection.silhouette_sample)
         for model in built:
             if model.name == deep.MODEL_NAME:
                 _note_noise(model)
@@ -474,7 +478,9 @@ def _train_deep(
     )
     curve = [{"k": fitted.k, "sample_users": int(kept.sum()), **{m: quality.get(m) for m in _CURVE_METRICS}}]
     metrics = {"k": fitted.k, "reason": reason, "curve": curve, "model": fitted.metrics()}
-    return TrainedModel(deep.MODEL_NAME, fitted.k, reason, fitted, curve, fitted.assign(prepared, scores), metrics)
+    # Its segments are clusters of the embeddings: their separation is measured there too.
+    return TrainedModel(deep.MODEL_NAME, fitted.k, reason, fitted, curve, fitted.assign(prepared, scores), metrics,
+                        embed=lambda rows: fitted.encoder.encode(rows.astype(np.float32)), space="autoencoder embeddings")
 
 
 def _note_noise(model: ModelSegments) -> None:

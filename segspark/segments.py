@@ -15,12 +15,14 @@
    (evaluation.segment_ids: member overlap, profile z-scores for clusters without common users);
    new clusters get ids never used before by that model;
 4. profiles and deterministic names (evaluation.profiles) on the stable ids, and transitions
-   between the previous run and this one.
+   between the previous run and this one;
+5. separation (evaluation.separation): each segment's silhouette and separating features on the
+   run's user sample, recorded in the model's metrics (`runs.metrics.<model>.separation`).
 
-Steps 3 and 4 are a fixed number of Spark jobs for all models together (the assignments are
+Steps 3 to 5 are a fixed number of Spark jobs for all models together (the assignments are
 persisted once; one aggregation gives every model's profiles, one join every model's overlap with
-its previous run, from which the transitions follow), so their cost does not grow with the number
-of models.
+its previous run, from which the transitions follow, and one broadcast join every model's segments
+of the sampled users), so their cost does not grow with the number of models.
 """
 
 from __future__ import annotations
@@ -28,19 +30,21 @@ from __future__ import annotations
 import importlib
 import logging
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import reduce
 
 import numpy as np
+import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from segspark.config import ClusteringConfig, KSelectionConfig, ModelsConfig, OutputConfig
 from segspark.errors import NotEnoughUsersError
-from segspark.evaluation.profiles import SegmentProfiles, segment_profiles_by_model
+from segspark.evaluation.profiles import NOISE_SEGMENT, SegmentProfiles, segment_profiles_by_model
 from segspark.evaluation.segment_ids import (
     SEGMENT_TRANSITIONS,
     SegmentMapping,
@@ -50,6 +54,7 @@ from segspark.evaluation.segment_ids import (
     transitions_from_counts,
 )
 from segspark.evaluation.selection import SweepResult, curve_from_grid
+from segspark.evaluation.separation import separation
 from segspark.io.delta import table_exists
 from segspark.io.tables import read_output_table, table_path
 from segspark.models.sample import UserSample
@@ -78,6 +83,10 @@ class TrainedModel:
     curve: list[dict]
     raw: DataFrame  # user_id + ASSIGNMENT_COLUMNS, segment as the model numbers its clusters
     metrics: dict = field(default_factory=dict)
+    # Prepared vectors -> the space the model clusters in, where its silhouette is measured (the deep
+    # model's encoder); None: the prepared features themselves.
+    embed: Callable[[np.ndarray], np.ndarray] | None = None
+    space: str = "prepared features"
 
 
 @dataclass
@@ -259,11 +268,18 @@ def stable_segments(
     feature_names: list[str],
     category_labels: Mapping[str, str] | None = None,
     cached: list[DataFrame] | None = None,
+    *,
+    sample: UserSample | None = None,
+    prepared_names: Sequence[str] = (),
+    silhouette_rows: int = 2000,
 ) -> list[ModelSegments]:
     """Stable ids, profiles, names and transitions of every trained model of the run, together.
 
     The models' raw assignments are persisted once (appended to `cached`; the caller unpersists them
-    after writing), profiled in one aggregation, and matched to their previous runs with one join."""
+    after writing), profiled in one aggregation, and matched to their previous runs with one join.
+    With `sample` (the sweep's user sample; `prepared_names` its columns), every model's metrics get
+    its `separation` on that sample (its first `silhouette_rows` users for the silhouette): one more
+    Spark job fetches the sampled users' segments."""
     if not trained:
         return []
     names = [t.name for t in trained]
@@ -276,6 +292,7 @@ def stable_segments(
     raw_profiles = segment_profiles_by_model(
         features, raw.select("model", "user_id", "segment"), feature_names, category_labels=category_labels, models=names
     )
+    sampled = {} if sample is None else _sampled_segments(spark, raw, sample.user_ids)
     previous = _previous_runs(spark, output, names, run_id)
     cells: dict[str, list] = {}
     if previous:
@@ -312,11 +329,54 @@ def stable_segments(
             },
             "segment_names": {str(s): n for s, n in sorted(profiles.names().items())},
         }
+        if sample is not None:
+            metrics["separation"] = _separation(model, mapping, sampled.get(model.name), sample, list(prepared_names),
+                                                silhouette_rows)
         built.append(ModelSegments(
             model.name, model.k, model.reason, model.fitted, model.curve, assignments, profiles, mapping,
             None if before is None else before.run_id, moved, metrics,
         ))
     return built
+
+
+_UNSAMPLED = -2  # a sampled user without an assignment of the model (not expected: every user is assigned)
+
+
+def _sampled_segments(spark: SparkSession, raw: DataFrame, user_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Each model's raw segment of every sampled user, in sample order (_UNSAMPLED where it has none).
+
+    One Spark job for all models: the bounded sample's ids, broadcast, select their rows of the
+    persisted assignments; at most sample x models small rows come back."""
+    schema = StructType([StructField("user_id", StringType(), False), StructField("_pos", LongType(), False)])
+    ids = spark.createDataFrame(
+        pd.DataFrame({"user_id": user_ids.astype(str), "_pos": np.arange(len(user_ids), dtype=np.int64)}), schema
+    )
+    rows = (
+        raw.select("model", F.col("user_id").cast("string").alias("user_id"), "segment")
+        .join(F.broadcast(ids), "user_id")
+        .select("model", "_pos", "segment")
+        .toPandas()
+    )
+    result = {}
+    for model, group in rows.groupby("model"):
+        labels = np.full(len(user_ids), _UNSAMPLED, dtype=np.int64)
+        labels[group["_pos"].to_numpy()] = group["segment"].to_numpy()
+        result[str(model)] = labels
+    return result
+
+
+def _separation(model: TrainedModel, mapping: SegmentMapping, raw_labels: np.ndarray | None, sample: UserSample,
+                names: list[str], silhouette_rows: int) -> dict:
+    """evaluation.separation of one model on the sample, in stable segment ids."""
+    if raw_labels is None:
+        raw_labels = np.full(sample.size, _UNSAMPLED, dtype=np.int64)
+    found = raw_labels != _UNSAMPLED
+    lookup = {**mapping.mapping, NOISE_SEGMENT: NOISE_SEGMENT}
+    labels = np.array([lookup[int(s)] for s in raw_labels[found]], dtype=np.int64)
+    matrix = sample.matrix[found]
+    head = matrix[:silhouette_rows]
+    space = head if model.embed is None else np.asarray(model.embed(head), dtype=np.float64)
+    return separation(space, matrix, labels, names, space_name=model.space)
 
 
 def transitions_frame(spark: SparkSession, built: Sequence[ModelSegments], as_of, run_id: str) -> DataFrame | None:

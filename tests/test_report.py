@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import html
 import html.parser
+import json
+import math
 import pathlib
 import shutil
 
@@ -38,6 +40,7 @@ EXPECTED_FIGURES = [
     *[f"fig-sizes-{m}" for m in MODELS],
     *[f"fig-zscores-{m}" for m in MODELS],
     *[f"fig-top-features-{m}" for m in MODELS],
+    *[f"fig-separation-{m}" for m in MODELS],
     "fig-projection-embeddings",
     *[f"fig-selection-{m}" for m in SWEPT],
     "fig-gmm-membership",
@@ -45,8 +48,8 @@ EXPECTED_FIGURES = [
     *[f"fig-transitions-{m}" for m in MODELS],
     "fig-data-quality",
 ]
-SECTIONS = ["sec-run", "sec-sizes", "sec-profiles", "sec-top-features", "sec-projection", "sec-selection",
-            "sec-scores", "sec-transitions", "sec-quality", "sec-drift"]
+SECTIONS = ["sec-run", "sec-sizes", "sec-profiles", "sec-top-features", "sec-separation", "sec-projection",
+            "sec-selection", "sec-scores", "sec-transitions", "sec-quality", "sec-drift"]
 
 # Every figure: its id, whether its image decoded, its natural size and caption.
 FIGURES_JS = """
@@ -134,6 +137,79 @@ def test_report_renders_in_chromium_with_every_figure_and_no_error(spark, report
     assert all(s.reason for s in report.skipped)
 
 
+class SectionTables(html.parser.HTMLParser):
+    """caption -> rows (lists of cell texts) of the tables inside one section of the page."""
+
+    def __init__(self, section_id: str):
+        super().__init__()
+        self.section_id, self.inside, self.tables = section_id, False, {}
+        self.text: list[str] | None = None
+        self.caption, self.row = "", None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section":
+            self.inside = dict(attrs).get("id") == self.section_id
+        elif self.inside and tag in ("caption", "td"):
+            self.text = []
+        elif self.inside and tag == "tr":
+            self.row = []
+
+    def handle_data(self, data):
+        if self.text is not None:
+            self.text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "caption" and self.text is not None:
+            self.caption, self.text = "".join(self.text), None
+            self.tables[self.caption] = []
+        elif tag == "td" and self.text is not None:
+            self.row.append("".join(self.text))
+            self.text = None
+        elif tag == "tr" and self.row is not None:
+            if self.row:
+                self.tables[self.caption].append(self.row)
+            self.row = None
+
+
+def test_separation_section_shows_each_segments_silhouette_and_separating_features(spark, report, two_runs):
+    run = read_output_table(spark, two_runs.output, "runs").where("run_id = 'r2'").collect()[0]
+    metrics = json.loads(run.metrics)
+    profiles = read_output_table(spark, two_runs.output, "segment_profiles").where("run_id = 'r2'").collect()
+    parser = SectionTables("sec-separation")
+    parser.feed(pathlib.Path(report.path).read_text())
+    for model in MODELS:
+        segments = sorted(p.segment for p in profiles if p.model == model)
+        record = metrics[model]["separation"]
+        # 400 users: the sweep's sample is every user; the silhouette's, the first 200 (FAST_MODELS).
+        assert record["feature_users"] == run.users and record["silhouette_users"] == 200
+        assert record["space"] == ("autoencoder embeddings" if model == "ae_hdbscan" else "prepared features")
+        by_segment = {r["segment"]: r for r in record["segments"]}
+        assert sorted(by_segment) == segments
+        measured = {s: r for s, r in by_segment.items() if r["silhouette"] is not None}
+        assert -1 not in measured and len(measured) >= 2, (model, record)
+        assert all(math.isfinite(r["silhouette"]) and -1.0 <= r["silhouette"] <= 1.0 for r in measured.values())
+        # The segments' means weighted by their sampled users are the model's silhouette on those users.
+        weighted = sum(r["silhouette"] * r["silhouette_users"] for r in measured.values())
+        assert weighted / sum(r["silhouette_users"] for r in measured.values()) == pytest.approx(record["silhouette"], abs=1e-5)
+        for segment, r in measured.items():
+            assert r["nearest"] in measured and r["nearest"] != segment
+            assert r["versus_rest"] and r["versus_nearest"]
+            assert all(math.isfinite(value) and value != 0 for _, value in r["versus_rest"] + r["versus_nearest"])
+
+        # The page: a row per segment, its silhouette as recorded, the strongest separating feature with its sign.
+        (caption,) = [c for c in parser.tables if c.startswith(f"{model}: separation per segment")]
+        rows = parser.tables[caption]
+        assert [int(r[0]) for r in rows] == segments
+        for row in rows:
+            r = by_segment[int(row[0])]
+            if r["silhouette"] is None:
+                assert row[3] == "—"
+            else:
+                assert -1.0 <= float(row[3]) <= 1.0 and float(row[3]) == pytest.approx(r["silhouette"], abs=1e-3)
+            name, value = r["versus_rest"][0]
+            assert row[6].startswith(f"{name} {'−' if value < 0 else '+'}{abs(value):.1f}σ")
+
+
 def test_report_has_no_external_references(report):
     class Refs(html.parser.HTMLParser):
         def __init__(self):
@@ -203,7 +279,8 @@ def test_disabled_models_are_notes_and_listed_as_skipped(spark, small_run, tmp_p
     result = write_report(spark, small_run, out=str(tmp_path / "small.html"))
     assert result.run_id == "small" and result.path == str(tmp_path / "small.html")
     assert result.figures == [
-        "fig-sizes-kmeans", "fig-zscores-kmeans", "fig-top-features-kmeans", "fig-projection-features",
+        "fig-sizes-kmeans", "fig-zscores-kmeans", "fig-top-features-kmeans", "fig-separation-kmeans",
+        "fig-projection-features",
         "fig-anomaly-scores", "fig-data-quality",
     ]
     skipped = {s.id: s.reason for s in result.skipped}

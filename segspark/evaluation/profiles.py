@@ -256,7 +256,7 @@ def segment_profiles_by_model(
             zscores = {n: _zscore(means[n], pop_means[n], pop_stds[n]) for n in names}
             raw.append((int(row["segment"]), int(row["_size"]), means, zscores))
         unnamed = [
-            SegmentProfile(seg, "", size, size / total if total else 0.0, means, z, _ranked(z)[:top_n])
+            SegmentProfile(seg, "", size, size / total if total else 0.0, means, z, ranked(z)[:top_n])
             for seg, size, means, z in raw
         ]
         labels = _segment_names(unnamed, pop_means, category_labels or {})
@@ -289,8 +289,9 @@ def _zscore(mean: float | None, pop_mean: float | None, pop_std: float | None) -
     return (mean - pop_mean) / pop_std
 
 
-def _ranked(z: Mapping[str, float | None]) -> list[str]:
-    """Features by |z| descending, ties by name; z exactly 0 (or missing) distinguishes nothing."""
+def ranked(z: Mapping[str, float | None]) -> list[str]:
+    """Features by |z| descending, ties by name; z exactly 0 (or missing) distinguishes nothing.
+    Also orders the separating features of `evaluation.separation`."""
     present = [(n, v) for n, v in z.items() if v is not None and math.isfinite(v) and v != 0.0]
     return [n for n, _ in sorted(present, key=lambda item: (-abs(item[1]), item[0]))]
 
@@ -414,8 +415,8 @@ def _category(z, means, category_labels) -> str | None:
 
 
 def _fallback_name(z: Mapping[str, float | None]) -> str:
-    ranked = _ranked(z)[:2]
-    return ", ".join(_phrase(z, n) for n in ranked) if ranked else "average users"
+    strongest = ranked(z)[:2]
+    return ", ".join(_phrase(z, n) for n in strongest) if strongest else "average users"
 
 
 def _unique_names(names: dict[int, str], zscores: Mapping[int, Mapping[str, float]]) -> dict[int, str]:
@@ -427,10 +428,10 @@ def _unique_names(names: dict[int, str], zscores: Mapping[int, Mapping[str, floa
     for base, members in groups.items():
         if len(members) < 2:
             continue
-        strongest = {seg: (_ranked(zscores[seg])[:1] or [None])[0] for seg in members}
+        strongest = {seg: (ranked(zscores[seg])[:1] or [None])[0] for seg in members}
         for seg in members:
             others = {strongest[o] for o in members if o != seg}
-            extra = next((f for f in _ranked(zscores[seg]) if f not in others), None)
+            extra = next((f for f in ranked(zscores[seg]) if f not in others), None)
             if extra is not None:
                 result[seg] = f"{base}, {_phrase(zscores[seg], extra)}"
     # Whatever still collides (also with a name of another group) gets a number, in segment order.

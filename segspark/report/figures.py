@@ -144,6 +144,31 @@ def draw_top_features(profiles: pd.DataFrame, model: str, top_n: int = 5) -> Fig
     return fig
 
 
+def draw_segment_silhouettes(rows: pd.DataFrame, model: str, overall: float | None) -> Figure:
+    """Horizontal bars of each segment's mean silhouette (segment, segment_name, silhouette; NaN: not
+    measured), on the silhouette's full scale, with the model's overall silhouette dashed."""
+    rows = rows.sort_values("segment")
+    fig = Figure(figsize=(8.5, 0.9 + 0.32 * len(rows)))
+    ax = fig.add_subplot()
+    colours = segment_colours(list(rows["segment"]))
+    y = np.arange(len(rows))
+    values = pd.to_numeric(rows["silhouette"], errors="coerce").to_numpy(dtype=float)
+    ax.barh(y, np.nan_to_num(values), color=[colours[int(s)] for s in rows["segment"]])
+    ax.set_yticks(y, [segment_label(s, n, 50) for s, n in zip(rows["segment"], rows["segment_name"], strict=True)])
+    ax.invert_yaxis()
+    for yi, value in zip(y, values, strict=True):
+        text, at = ("not measured", 0.02) if np.isnan(value) else (f"{value:.2f}", max(value, 0.0) + 0.02)
+        ax.text(at, yi, text, va="center", fontsize=7.5)
+    ax.axvline(0, color="#333333", linewidth=0.6)
+    if overall is not None:
+        ax.axvline(overall, color=ACCENT, linestyle="--", linewidth=1, label=f"all segments: {overall:.2f}")
+        ax.legend(loc="lower right", frameon=False)
+    ax.set_xlim(-1.0, 1.0)
+    ax.set_xlabel("mean silhouette of the segment's sampled users (1: well apart; 0 or below: overlaps a neighbour)")
+    ax.set_title(f"{plain(model)}: silhouette per segment")
+    return fig
+
+
 def draw_projection(coords: np.ndarray, segments: np.ndarray, names: Mapping[int, str], title: str,
                     explained: tuple[float, float]) -> Figure:
     """Scatter of the 2-D projection coloured by segment (axes cropped to the central 99% of points)."""

@@ -216,7 +216,9 @@ def profiles_section(ctx: ReportContext) -> Section:
 
 def top_features_section(ctx: ReportContext) -> Section:
     blocks: list = [Paragraph(
-        "What sets each segment apart: its features with the largest |z-score| (segment_profiles.top_features)."
+        "What sets each segment apart: its features with the largest |z-score| (segment_profiles.top_features), in "
+        "the features' own units against all users. \"Segment separation\" below compares the prepared features "
+        "(what the models see) between segments."
     )]
     if not ctx.models:
         blocks.append(ctx.skip("fig-top-features", f"run {ctx.run.run_id} has no segment profiles"))
@@ -229,6 +231,66 @@ def top_features_section(ctx: ReportContext) -> Section:
             figures.draw_top_features, rows, model,
         ))
     return Section("sec-top-features", "Distinguishing features", blocks)
+
+
+def separation_section(ctx: ReportContext) -> Section:
+    blocks: list = [Paragraph(
+        "How well each segment stands apart (runs.metrics.<model>.separation). Silhouette: the mean over the "
+        "segment's sampled users of (b − a) / max(a, b), a being a user's mean distance to the other users of its "
+        "segment and b to those of the nearest other segment. Near 1: the segment is compact and well apart; near 0 "
+        "or negative: it overlaps its neighbour (the nearest segment). Measured on the run's silhouette sample "
+        "(the first models.selection.silhouette_sample users of its hash sample) in the space the model clusters in "
+        "(the prepared features; ae_hdbscan: its embeddings). Separating features: the segment's mean of each "
+        "prepared feature (what the models see: imputed, log-transformed, capped, scaled) minus that of all other "
+        "users, and minus that of its nearest segment, in standard deviations (σ) of the feature over the sweep's "
+        "user sample, on which they are measured; the 3 largest of each, with their sign."
+    )]
+    if not ctx.models:
+        blocks.append(ctx.skip("fig-separation", f"run {ctx.run.run_id} has no segment profiles"))
+    for model in ctx.models:
+        record = ctx.run.model_metrics(model).get("separation")
+        if not isinstance(record, dict):
+            blocks.append(ctx.skip(f"fig-separation-{model}", f"{model}: run {ctx.run.run_id} recorded no separation "
+                                   "per segment (it was made by an earlier segspark)."))
+            continue
+        profiles = ctx.model_profiles(model)
+        names = dict(zip(profiles["segment"], profiles["segment_name"], strict=True))
+        found = {int(r["segment"]): r for r in record.get("segments") or []}
+        per_segment = [found.get(int(s), {}) for s in profiles["segment"]]
+        sampled = f"{count(record.get('silhouette_users'))} sampled users ({record.get('space') or 'its space'})"
+        silhouettes = profiles[["segment", "segment_name"]].assign(silhouette=[r.get("silhouette") for r in per_segment])
+        if silhouettes["silhouette"].notna().any():
+            noise = " Segment -1 (noise) is not a cluster: it has no silhouette." if figures.NOISE_SEGMENT in names else ""
+            blocks.append(figure(
+                f"fig-separation-{model}",
+                f"{model}: mean silhouette per segment on {sampled}; dashed: all segments together.{noise}",
+                f"Bar chart of the silhouette per segment of model {model}",
+                figures.draw_segment_silhouettes, silhouettes, model, record.get("silhouette"),
+            ))
+        else:
+            blocks.append(ctx.skip(f"fig-separation-{model}",
+                                   f"{model}: no silhouette per segment: fewer than two segments among {sampled}."))
+        rows = [
+            (int(p.segment), p.segment_name, count(p.size), number(r.get("silhouette"), 3),
+             count(r.get("silhouette_users")),
+             "—" if r.get("nearest") is None else segment_text(r["nearest"], names.get(r["nearest"])),
+             differences(r.get("versus_rest")), differences(r.get("versus_nearest")))
+            for p, r in zip(profiles.itertuples(), per_segment, strict=True)
+        ]
+        blocks.append(Table(
+            ["segment", "name", "users", "silhouette", "sampled users", "nearest segment",
+             "sets it apart from the rest", "from its nearest segment"],
+            rows, caption=f"{model}: separation per segment; silhouette on {sampled}, features on "
+                          f"{count(record.get('feature_users'))} sampled users",
+            numeric=(0, 2, 3, 4),
+        ))
+    return Section("sec-separation", "Segment separation", blocks)
+
+
+def differences(pairs, top: int = 3) -> str:
+    """`sessions_per_week +1.8σ, price_viewed_mean −1.2σ` (a true minus sign) of [[feature, value], ...]."""
+    shown = [f"{name} {'−' if float(value) < 0 else '+'}{abs(float(value)):.1f}σ" for name, value in (pairs or [])[:top]]
+    return ", ".join(shown) or "—"
 
 
 def projection_section(ctx: ReportContext) -> Section:
@@ -454,6 +516,7 @@ SECTIONS = (
     sizes_section,
     profiles_section,
     top_features_section,
+    separation_section,
     projection_section,
     selection_section,
     scores_section,
