@@ -142,9 +142,12 @@ def _progress(spark):
 @click.option("--duplicates", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events emitted twice.")
 @click.option("--missing-prices", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events without price.")
 @click.option("--malformed", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of extra malformed lines (json/csv).")
+@click.option("--personas", default="clean", show_default=True,
+              help="Persona set: clean (well separated) or overlapping (mixtures of shared traits, wide blur).")
 @click.option("--overwrite", is_flag=True, help="Replace DIR/events and DIR/truth if they exist (else refused).")
 @click.option("--master", default=None, help="Spark master for a local session (default local[2]).")
-def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, overwrite, master) -> None:
+def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, personas, overwrite,
+             master) -> None:
     """Write a synthetic clickstream with planted personas.
 
     DIR/events/ holds the events in the chosen format, DIR/truth/ (Parquet) each user's persona.
@@ -159,14 +162,18 @@ def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malfor
     check_out_dir(out_dir, overwrite)  # before Spark starts
     if malformed > 0 and fmt == "parquet":
         raise click.UsageError("--malformed needs a text format: add --format json or --format csv")
-    spec = GenerateSpec(
-        users=users,
-        days=days,
-        seed=seed,
-        duplicate_share=duplicates,
-        missing_price_share=missing_prices,
-        malformed_share=malformed,
-    )
+    try:
+        spec = GenerateSpec(
+            users=users,
+            days=days,
+            seed=seed,
+            duplicate_share=duplicates,
+            missing_price_share=missing_prices,
+            malformed_share=malformed,
+            personas=personas,
+        )
+    except ValueError as exc:  # names the allowed values
+        raise click.BadParameter(str(exc)) from None
     with _session("segspark-generate", master) as spark:
         summary = write_dataset(spark, spec, out_dir, fmt, overwrite=overwrite)
     click.echo(f"events: {out_dir}/events ({fmt})   truth: {out_dir}/truth")

@@ -202,6 +202,17 @@ class SelectionConfig(_Section):
     keep: list[str] = Field(default_factory=list)  # never dropped (canonical features, say)
 
 
+class FamiliesConfig(_Section):
+    """Equal weight per family of correlated features. Many features measure one trait (how active a
+    user is: sessions, events, views, carts, active days, recency...). Equally weighted, that trait
+    would outvote traits measured once (price level, time of day), so each family of features whose
+    every pair correlates with |r| >= min_abs_correlation (complete linkage) gets the total weight of
+    one feature: each member is scaled by 1 / sqrt(family size)."""
+
+    enabled: bool = True
+    min_abs_correlation: float = Field(0.5, gt=0.0, le=1.0)
+
+
 class PrepareConfig(_Section):
     """From user_features to model inputs; fitted once per run, saved, and reused when scoring."""
 
@@ -211,8 +222,13 @@ class PrepareConfig(_Section):
     impute: dict[str, ImputeRule] = Field(default_factory=lambda: {"default": "zero"})
     log1p: list[str] = Field(default_factory=list)  # heavy-tailed counts and money (signed log1p)
     cap: CapConfig = Field(default_factory=CapConfig)
-    scaling: Literal["standard", "minmax"] = "standard"
+    # standard: mean 0, unit variance. minmax: [0, 1]. quantile: each feature through the training
+    # users' distribution (its rank, ties at their middle rank), then mean 0 and unit variance:
+    # heavy tails and skew no longer decide which users look far apart.
+    scaling: Literal["standard", "minmax", "quantile"] = "quantile"
+    quantile_knots: int = Field(33, ge=3, le=1001)  # quantile scaling: knots of the piecewise-linear rank map
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    families: FamiliesConfig = Field(default_factory=lambda: FamiliesConfig())
 
     @field_validator("impute", mode="before")
     @classmethod

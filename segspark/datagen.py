@@ -134,6 +134,109 @@ PERSONAS: tuple[str, ...] = tuple(p.name for p in PERSONAS_SPEC)
 
 
 @dataclass(frozen=True)
+class Blur:
+    """How far each user strays from their persona: log-normal sigmas (median preserved), except
+    `hour`, a normal spread in hours, and `category`, the sigma of each category's weight."""
+
+    rate: float = 0.3
+    events: float = 0.2
+    gap: float = 0.25
+    funnel: float = 0.2
+    price: float = 0.25
+    hour: float = 0.75
+    category: float = 0.4
+    base_category_weight: float = 0.15  # of the categories a persona does not name
+
+
+@dataclass(frozen=True)
+class PersonaSet:
+    """Personas, the category tree they shop in, and the per-user blur around them."""
+
+    name: str
+    personas: tuple[Persona, ...]
+    categories: tuple[str, ...]
+    blur: Blur
+    description: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.personas)
+
+
+# A deep category tree whose top levels every persona shares: personas differ below the top level.
+DEEP_CATEGORIES = (
+    "electronics.audio.headphone",
+    "electronics.smartphone.android",
+    "electronics.video.tv",
+    "computers.notebook.ultrabook",
+    "computers.components.gpu",
+    "home.kitchen.cookware",
+    "home.furniture.sofa",
+    "home.decor.lamp",
+    "apparel.shoes.sneakers",
+    "apparel.clothing.dress",
+    "kids.toys.lego",
+    "kids.clothing.baby",
+    "sport.bicycle.mtb",
+    "sport.fitness.yoga",
+)
+
+# fmt: off
+# Overlapping personas: each is a mix of five traits with two or three levels each: visit rate
+# (0.3 or 1.5 a week), session length (3.5 or 10 events), funnel (browses, compares in the cart, or
+# buys), price level (12, 50 or 200) and time of day (midday, evening, night). Every level is
+# shared by two or three personas and every top-level category by several; some pairs differ in
+# only two traits, so only the combination tells them apart. With the wide per-user blur below,
+# neighbouring personas overlap in every single feature.
+OVERLAPPING_SPEC: tuple[Persona, ...] = (
+    # rare, long sessions, browses, mid prices, evening; home and fashion
+    Persona("evening_browser", 0.20, sessions_per_week=0.3, first_active=(0.0, 0.4), last_gap=(0.0, 0.15),
+            events_per_session=10, seconds_between_events=60, cart_rate=0.05, remove_rate=0.02,
+            buy_session_rate=0.05, items_per_order=1.0, median_price=50, hour=20.5, hour_spread=1.5,
+            categories={"home.decor.lamp": 3, "apparel.clothing.dress": 3, "home.furniture.sofa": 2}),
+    # frequent, long sessions, compares, cheap, midday; kids and kitchen
+    Persona("family_stocker", 0.18, sessions_per_week=1.5, first_active=(0.0, 0.4), last_gap=(0.0, 0.1),
+            events_per_session=10, seconds_between_events=45, cart_rate=0.22, remove_rate=0.12,
+            buy_session_rate=0.3, items_per_order=2.0, median_price=12, hour=13.0, hour_spread=1.5,
+            categories={"kids.toys.lego": 3, "kids.clothing.baby": 3, "home.kitchen.cookware": 2}),
+    # frequent, short sessions, buys, premium, evening; phones, notebooks, audio
+    Persona("tech_regular", 0.16, sessions_per_week=1.5, first_active=(0.0, 0.3), last_gap=(0.0, 0.08),
+            events_per_session=3.5, seconds_between_events=40, cart_rate=0.12, remove_rate=0.03,
+            buy_session_rate=0.55, items_per_order=1.1, median_price=200, hour=20.5, hour_spread=1.5,
+            categories={"electronics.smartphone.android": 3, "computers.notebook.ultrabook": 2,
+                        "electronics.audio.headphone": 2}),
+    # rare, long sessions, compares, mid prices, midday; sport and shoes
+    Persona("hesitant_carter", 0.16, sessions_per_week=0.3, first_active=(0.0, 0.4), last_gap=(0.0, 0.15),
+            events_per_session=10, seconds_between_events=55, cart_rate=0.22, remove_rate=0.12,
+            buy_session_rate=0.1, items_per_order=1.0, median_price=50, hour=13.0, hour_spread=1.5,
+            categories={"sport.bicycle.mtb": 2, "apparel.shoes.sneakers": 3, "sport.fitness.yoga": 2}),
+    # rare, long sessions, buys, premium, midday; furniture, TV, kitchen
+    Persona("considered_buyer", 0.15, sessions_per_week=0.3, first_active=(0.0, 0.5), last_gap=(0.0, 0.25),
+            events_per_session=10, seconds_between_events=60, cart_rate=0.12, remove_rate=0.03,
+            buy_session_rate=0.55, items_per_order=1.3, median_price=200, hour=13.0, hour_spread=1.5,
+            categories={"home.furniture.sofa": 3, "electronics.video.tv": 2, "home.kitchen.cookware": 2}),
+    # frequent, short sessions, browses, cheap, night; gadgets, components, sneakers
+    Persona("late_night_scroller", 0.15, sessions_per_week=1.5, first_active=(0.0, 0.4), last_gap=(0.0, 0.1),
+            events_per_session=3.5, seconds_between_events=50, cart_rate=0.05, remove_rate=0.02,
+            buy_session_rate=0.05, items_per_order=1.0, median_price=12, hour=1.0, hour_spread=1.5,
+            categories={"computers.components.gpu": 2, "electronics.audio.headphone": 2,
+                        "apparel.shoes.sneakers": 1}),
+)
+# fmt: on
+
+PERSONA_SETS: dict[str, PersonaSet] = {
+    "clean": PersonaSet("clean", PERSONAS_SPEC, CATEGORIES, Blur(),
+                        "six personas that each differ from the rest in several traits; moderate per-user spread"),
+    "overlapping": PersonaSet(
+        "overlapping", OVERLAPPING_SPEC, DEEP_CATEGORIES,
+        Blur(rate=0.4, events=0.3, gap=0.3, funnel=0.35, price=0.35, hour=1.0, category=0.6,
+             base_category_weight=0.3),
+        "six personas told apart only by mixtures of shared traits, wide per-user blur, a deep category tree",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class GenerateSpec:
     users: int
     days: int = 90
@@ -143,8 +246,11 @@ class GenerateSpec:
     missing_price_share: float = 0.0  # share of events with price null
     malformed_share: float = 0.0  # share of extra malformed lines (json/csv only)
     partitions: int | None = None  # None: derived from the number of users
+    personas: str = "clean"  # a key of PERSONA_SETS
 
     def __post_init__(self):
+        if self.personas not in PERSONA_SETS:
+            raise ValueError(f"personas must be one of {', '.join(PERSONA_SETS)}, got {self.personas!r}")
         if self.users < 1:
             raise ValueError(f"users must be at least 1, got {self.users}")
         if self.days < 1:
@@ -155,6 +261,10 @@ class GenerateSpec:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
+
+    @property
+    def persona_set(self) -> PersonaSet:
+        return PERSONA_SETS[self.personas]
 
     @property
     def blocks(self) -> int:
@@ -180,19 +290,25 @@ def _block_personas(spec: GenerateSpec, block: int, rng: np.random.Generator) ->
     """(user ids, persona index) of one block. Always the first draws of the block's generator."""
     first = block * BLOCK_USERS
     ids = np.arange(first, min(first + BLOCK_USERS, spec.users), dtype=np.int64) + 1
-    shares = np.array([p.share for p in PERSONAS_SPEC])
-    persona = rng.choice(len(PERSONAS_SPEC), size=len(ids), p=shares / shares.sum())
+    personas = spec.persona_set.personas
+    shares = np.array([p.share for p in personas])
+    persona = rng.choice(len(personas), size=len(ids), p=shares / shares.sum())
     return ids, persona
 
 
 def block_truth(spec: GenerateSpec, block: int) -> pd.DataFrame:
     ids, persona = _block_personas(spec, block, _rng(spec, block))
-    return pd.DataFrame({"user_id": ids, "persona": np.array(PERSONAS, dtype=object)[persona]})
+    return pd.DataFrame({"user_id": ids, "persona": np.array(spec.persona_set.names, dtype=object)[persona]})
 
 
-def _param(persona: np.ndarray, attr: str, index: int | None = None) -> np.ndarray:
-    values = [getattr(p, attr) if index is None else getattr(p, attr)[index] for p in PERSONAS_SPEC]
-    return np.array(values, dtype=float)[persona]
+def _params(personas: tuple[Persona, ...], persona: np.ndarray):
+    """A getter of one persona attribute per user: param("cart_rate") or param("first_active", 0)."""
+
+    def param(attr: str, index: int | None = None) -> np.ndarray:
+        values = [getattr(p, attr) if index is None else getattr(p, attr)[index] for p in personas]
+        return np.array(values, dtype=float)[persona]
+
+    return param
 
 
 def _jitter(rng: np.random.Generator, values: np.ndarray, sigma: float) -> np.ndarray:
@@ -200,11 +316,12 @@ def _jitter(rng: np.random.Generator, values: np.ndarray, sigma: float) -> np.nd
     return values * rng.lognormal(0.0, sigma, size=len(values))
 
 
-def _category_weights() -> np.ndarray:
-    weights = np.full((len(PERSONAS_SPEC), len(CATEGORIES)), 0.15)
-    for i, persona in enumerate(PERSONAS_SPEC):
+def _category_weights(persona_set: PersonaSet) -> np.ndarray:
+    categories = persona_set.categories
+    weights = np.full((len(persona_set.personas), len(categories)), persona_set.blur.base_category_weight)
+    for i, persona in enumerate(persona_set.personas):
         for name, weight in persona.categories.items():
-            weights[i, CATEGORIES.index(name)] = weight
+            weights[i, categories.index(name)] = weight
     return weights
 
 
@@ -218,29 +335,32 @@ def generate_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
     rng = _rng(spec, block)
     ids, persona = _block_personas(spec, block, rng)
     n_users, days = len(ids), float(spec.days)
+    persona_set, blur = spec.persona_set, spec.persona_set.blur
+    categories = persona_set.categories
+    param = _params(persona_set.personas, persona)
 
     # Activity span: first and last visit (fractional days from the window start).
-    first = rng.uniform(_param(persona, "first_active", 0), _param(persona, "first_active", 1)) * days
-    last_gap = rng.uniform(_param(persona, "last_gap", 0), _param(persona, "last_gap", 1)) * days
+    first = rng.uniform(param("first_active", 0), param("first_active", 1)) * days
+    last_gap = rng.uniform(param("last_gap", 0), param("last_gap", 1)) * days
     last = np.maximum(days - last_gap, first)
-    one_timer = _param(persona, "sessions_per_week") == 0
+    one_timer = param("sessions_per_week") == 0
     last = np.where(one_timer, np.minimum(first + rng.uniform(0, 3, n_users), days), last)
 
-    rate = _jitter(rng, _param(persona, "sessions_per_week"), 0.3)
+    rate = _jitter(rng, param("sessions_per_week"), blur.rate)
     sessions = 1 + rng.poisson(rate * (last - first) / 7.0)
     sessions = np.where(one_timer, 1 + rng.poisson(0.5, n_users), sessions)
 
     # Per-user behaviour around the persona's.
-    events_mean = _jitter(rng, _param(persona, "events_per_session"), 0.2)
-    gap_mean = _jitter(rng, _param(persona, "seconds_between_events"), 0.25)
-    cart_rate = np.clip(_jitter(rng, _param(persona, "cart_rate"), 0.2), 0, 0.9)
-    remove_rate = np.clip(_jitter(rng, _param(persona, "remove_rate"), 0.2), 0, 0.95 - cart_rate)
-    buy_rate = np.clip(_jitter(rng, _param(persona, "buy_session_rate"), 0.2), 0, 1)
-    items = _param(persona, "items_per_order")
-    log_price = np.log(_jitter(rng, _param(persona, "median_price"), 0.25))
-    hour = _param(persona, "hour") + rng.normal(0, 0.75, n_users)
-    hour_spread = _param(persona, "hour_spread")
-    cat_weights = _category_weights()[persona] * rng.lognormal(0, 0.4, (n_users, len(CATEGORIES)))
+    events_mean = _jitter(rng, param("events_per_session"), blur.events)
+    gap_mean = _jitter(rng, param("seconds_between_events"), blur.gap)
+    cart_rate = np.clip(_jitter(rng, param("cart_rate"), blur.funnel), 0, 0.9)
+    remove_rate = np.clip(_jitter(rng, param("remove_rate"), blur.funnel), 0, 0.95 - cart_rate)
+    buy_rate = np.clip(_jitter(rng, param("buy_session_rate"), blur.funnel), 0, 1)
+    items = param("items_per_order")
+    log_price = np.log(_jitter(rng, param("median_price"), blur.price))
+    hour = param("hour") + rng.normal(0, blur.hour, n_users)
+    hour_spread = param("hour_spread")
+    cat_weights = _category_weights(persona_set)[persona] * rng.lognormal(0, blur.category, (n_users, len(categories)))
     cat_cdf = np.cumsum(cat_weights / cat_weights.sum(axis=1, keepdims=True), axis=1)
 
     # Sessions: user, index within the user's sessions, events, purchased items, start time.
@@ -282,7 +402,7 @@ def generate_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
     kind = np.where(is_purchase, 3, np.where(is_checkout_cart, 1, kind))
 
     # Products: category by the user's preferences, price point around the user's price level.
-    category = np.minimum((rng.random(n_events)[:, None] > cat_cdf[e_user]).sum(axis=1), len(CATEGORIES) - 1)
+    category = np.minimum((rng.random(n_events)[:, None] > cat_cdf[e_user]).sum(axis=1), len(categories) - 1)
     step = np.rint((log_price[e_user] + rng.normal(0, 0.35, n_events)) * PRICE_STEPS_PER_E)
     step = np.clip(step, 0, PRICE_STEPS - 1).astype(np.int64)
     product = category * 1_000_000 + step * 1000 + rng.integers(0, PRODUCTS_PER_PRICE, n_events)
@@ -295,7 +415,7 @@ def generate_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
             "event_time": _format_times(spec, seconds),
             "event_type": np.array(EVENT_TYPES, dtype=object)[kind],
             "product_id": product,
-            "category_code": np.array(CATEGORIES, dtype=object)[product // 1_000_000],
+            "category_code": np.array(categories, dtype=object)[product // 1_000_000],
             "brand": np.array(BRANDS, dtype=object)[_brand_index(product)],
             "price": product_price(product),
             "user_id": ids[e_user],
@@ -474,6 +594,7 @@ def write_dataset(
     summary: dict = {
         "users": spec.users,
         "days": spec.days,
+        "persona_set": spec.personas,
         "seed": spec.seed,
         "format": fmt,
         "personas": {row["persona"]: int(row["count"]) for row in sorted(personas, key=lambda r: r["persona"])},

@@ -10,7 +10,7 @@ import pytest
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import functions as F
 
-from segspark.config import CapConfig, PrepareConfig, SelectionConfig
+from segspark.config import CapConfig, FamiliesConfig, PrepareConfig, SelectionConfig
 from segspark.errors import ConfigError, UsageError
 from segspark.features.catalog import feature_columns
 from segspark.models.prepare import (
@@ -66,13 +66,16 @@ def train(spark, data):
 
 
 def _cfg(**kw) -> PrepareConfig:
-    """No caps, no log1p, selection that drops nothing unless asked: one step at a time.
+    """No caps, no log1p, standard scaling, no family weights, selection that drops nothing unless
+    asked: one step at a time.
 
     (A constant feature is dropped even at share 1.0: `empty`, constant once imputed, is kept.)"""
     base = {
         "impute": {"default": "zero"},
         "cap": CapConfig(lower=0.0, upper=1.0),
         "selection": SelectionConfig(near_constant_share=1.0, max_abs_correlation=1.0, keep=["empty"]),
+        "scaling": "standard",
+        "families": FamiliesConfig(enabled=False),
     }
     return PrepareConfig(**{**base, **kw})
 
@@ -184,6 +187,59 @@ def test_scaling_matches_numpy(train, data, basic, scaling):
     assert list(rows[5][PREPARED_VECTOR]) == pytest.approx([rows[5][n] for n in fitted.selected])
 
 
+def _mid_ranks(x: np.ndarray) -> np.ndarray:
+    """Empirical CDF with ties at their middle rank, in [0, 1] (what the rank map approximates)."""
+    from scipy.stats import rankdata
+
+    return (rankdata(x, method="average") - 1) / (len(x) - 1)
+
+
+def test_quantile_scaling_is_the_rank_map_standardised(train, data):
+    knots = 101
+    fitted = fit_preparation(train, NAMES, _cfg(scaling="quantile", quantile_knots=knots))
+    rows = fitted.transform(train).orderBy(F.expr("int(substr(user_id, 2))")).collect()
+    for name in ("money", "count", "price"):
+        raw = np.nan_to_num(_arr(data[name]))  # imputed with zero
+        prepared = np.array([r[name] for r in rows])
+        # Standardised on the training users ...
+        assert prepared.mean() == pytest.approx(0.0, abs=1e-9)
+        assert prepared.std() == pytest.approx(1.0, rel=1e-6)
+        # ... of a monotone map: equal values stay equal (ties: `count`, the zeros of `price`) and order is kept.
+        order = np.argsort(raw, kind="stable")
+        assert np.all(np.diff(prepared[order]) >= -1e-12)
+        for value in np.unique(raw):
+            assert np.ptp(prepared[raw == value]) < 1e-12
+        # ... and that map is the mid-rank CDF, within one knot's spacing.
+        ranks = prepared * fitted.scale[name] + fitted.centre[name]
+        assert np.abs(ranks - _mid_ranks(raw)).max() <= 1.0 / (knots - 1) + 0.01
+    # Heavy tails no longer stretch the scale: the extreme users sit within a few units.
+    assert np.abs([r["count"] for r in rows]).max() < 2.5
+
+
+def test_families_give_correlated_features_the_weight_of_one(train, data):
+    cfg = _cfg(families=FamiliesConfig(enabled=True, min_abs_correlation=0.5))
+    fitted = fit_preparation(train, NAMES, cfg)
+    family = next(f for f in fitted.families if "money" in f)
+    assert family == ["money", "twin"]  # |r| about 0.99; nothing else correlates with money
+    assert fitted.weights == {"money": pytest.approx(2 ** -0.5), "twin": pytest.approx(2 ** -0.5)}
+    assert ["money", "twin"] in fitted.metrics()["families"]
+    assert sorted(n for f in fitted.families for n in f) == sorted(fitted.selected)  # each feature once
+
+    plain = fit_preparation(train, NAMES, _cfg())
+    weighted, unweighted = (p.transform(train).orderBy("user_id").collect() for p in (fitted, plain))
+    for a, b in zip(weighted, unweighted, strict=True):
+        assert a["money"] == pytest.approx(b["money"] * 2 ** -0.5)
+        assert a["tenure"] == pytest.approx(b["tenure"])  # a family of one keeps weight 1
+
+
+def test_a_version_1_preparation_still_loads(train, tmp_path):
+    """Bundles saved before quantile scaling and family weights hold no knots or weights."""
+    fitted = fit_preparation(train, NAMES, _cfg())
+    old = {k: v for k, v in fitted.to_dict().items() if k not in ("knots", "weights", "families")}
+    loaded = FittedPreparation.from_dict({**old, "version": 1})
+    assert loaded.transform(train).collect() == fitted.transform(train).collect()
+
+
 # --- selection ----------------------------------------------------------------------------------
 
 
@@ -239,9 +295,11 @@ def test_save_load_round_trip_gives_identical_output(train, tmp_path):
         log1p=["money", "count"],
         impute={"default": "median", "recency": "feature:tenure"},
         cap=CapConfig(lower=0.01, upper=0.99),
-        scaling="minmax",
+        scaling="quantile",
+        families=FamiliesConfig(enabled=True),
     )
     fitted = fit_preparation(train, NAMES, cfg)
+    assert fitted.knots and fitted.weights  # the constants the round trip must keep
     written = fitted.save(str(tmp_path / "run" / "prepare"))
     assert written == str(tmp_path / "run" / "prepare" / FILE_NAME)
     loaded = FittedPreparation.load(str(tmp_path / "run" / "prepare"))

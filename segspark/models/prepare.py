@@ -1,11 +1,17 @@
 """Feature preparation for models: impute, signed log1p, cap, select, scale; fitted once and reused.
 
-Steps, in this order: impute -> log1p -> cap -> selection -> scale (config: `prepare.*`).
+Steps, in this order: impute -> log1p -> cap -> selection -> scale -> family weights (config:
+`prepare.*`). The default scaling, `quantile`, maps each feature through its training users'
+distribution (a piecewise-linear rank map with `quantile_knots` knots) before standardising it;
+family weighting then gives each family of correlated features (`prepare.families`) the total
+weight of one feature. Both are judged in scripts/quality.py on a clean and an overlapping persona
+set (README, "Preparation").
 
 Fitting (`fit_preparation`) runs on the executors in three passes and brings back only small
 aggregates: the imputation statistics (one agg), one approxQuantile call for the caps and the
-near-constant check, and one pass of per-partition numpy statistics (`_column_moments`) that gives
-the near-constant shares, the d x d Pearson correlation matrix and the scaling constants. The result, `FittedPreparation`, is plain
+near-constant check (and the quantile knots), and one pass of per-partition numpy statistics
+(`_column_moments`) that gives the near-constant shares, the d x d Pearson correlation matrix, the
+scaling constants and the correlations the families are built from. The result, `FittedPreparation`, is plain
 data: it is saved as JSON with the run, and its `transform` is a select of column expressions over
 those constants, so scoring other users applies the training run's preparation and never refits
 it on the data being scored.
@@ -44,8 +50,10 @@ log = logging.getLogger(__name__)
 
 PREPARED_VECTOR = "features_vector"
 FILE_NAME = "prepare.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no quantile knots, no family weights
 RELATIVE_ERROR = 0.001  # of every approxQuantile: rank error 0.1% of the users
+_MAPPED = "__rank"  # suffix of the rank-mapped columns while fitting (never a feature name)
 NAMED_RULES = ("zero", "mean", "median", "max")
 FEATURE_RULE = "feature:"
 
@@ -77,20 +85,34 @@ class FittedPreparation:
     dropped: list[dict[str, str]]  # {"feature", "reason": near_constant | correlated, "detail"}
     settings: dict[str, Any] = field(default_factory=dict)  # the prepare config it was fitted with
     version: int = FORMAT_VERSION
+    # quantile scaling: per selected feature [[x knots, strictly increasing], [their ranks in [0, 1]]]
+    knots: dict[str, list[list[float]]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # family weights; a missing feature: 1
+    families: list[list[str]] = field(default_factory=list)  # the families behind the weights
 
     def transform(self, df: DataFrame) -> DataFrame:
         """user_id, the selected prepared features (same names) and the `features_vector` column.
 
         Only column expressions over the fitted constants: works on any users' features."""
         _require_columns(df, ["user_id", *self._inputs_needed()], "the DataFrame to prepare")
-        prepared = df.select("user_id", *[self.column(name).alias(name) for name in self.selected])
+        # Two projections: the rank map reads its input at every node of its comparison tree, so the
+        # capped value is computed once below it (Spark does not collapse a projection whose
+        # expensive expressions the one above reads more than once).
+        capped = df.select("user_id", *[self.capped(name).alias(name) for name in self.selected])
+        prepared = capped.select("user_id", *[self.scaled(F.col(name), name).alias(name) for name in self.selected])
         assembler = VectorAssembler(inputCols=list(self.selected), outputCol=PREPARED_VECTOR, handleInvalid="error")
         return assembler.transform(prepared)
 
-    def column(self, name: str) -> Column:
-        """The fully prepared (imputed, log1p, capped, scaled) expression of one selected feature."""
-        capped = _clipped(_logged(_imputed(name, self.impute[name]), name in self.log1p), self.caps[name])
-        return (capped - F.lit(self.centre[name])) / F.lit(self.scale[name])
+    def capped(self, name: str) -> Column:
+        """One selected feature imputed, log1p'd and capped (the input of the scaling)."""
+        return _clipped(_logged(_imputed(name, self.impute[name]), name in self.log1p), self.caps[name])
+
+    def scaled(self, capped: Column, name: str) -> Column:
+        """The prepared value from the capped one: rank map (quantile scaling), scale, family weight."""
+        mapped = _rank_map(capped, self.knots[name]) if name in self.knots else capped
+        scaled = (mapped - F.lit(self.centre[name])) / F.lit(self.scale[name])
+        weight = self.weights.get(name, 1.0)
+        return scaled if weight == 1.0 else scaled * F.lit(weight)
 
     def _inputs_needed(self) -> list[str]:
         sources = [self.impute[n].source for n in self.selected if self.impute[n].source]
@@ -102,6 +124,7 @@ class FittedPreparation:
             "selected": list(self.selected),
             "dropped": [dict(d) for d in self.dropped],
             "scaling": self.scaling,
+            "families": [list(f) for f in self.families if len(f) > 1],  # singletons keep weight 1
         }
 
     # --- persistence ------------------------------------------------------------------------------
@@ -111,8 +134,9 @@ class FittedPreparation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FittedPreparation:
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"fitted preparation has version {data.get('version')!r}; expected {FORMAT_VERSION}")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"fitted preparation has version {data.get('version')!r}; expected one of "
+                             f"{READABLE_VERSIONS}")
         fitted = cls(
             features=list(data["features"]),
             impute={name: Imputation(**spec) for name, spec in data["impute"].items()},
@@ -125,8 +149,13 @@ class FittedPreparation:
             dropped=[dict(d) for d in data["dropped"]],
             settings=dict(data.get("settings", {})),
             version=data["version"],
+            knots={k: [list(map(float, v[0])), list(map(float, v[1]))] for k, v in data.get("knots", {}).items()},
+            weights={k: float(v) for k, v in data.get("weights", {}).items()},
+            families=[list(f) for f in data.get("families", [])],
         )
         constants = (fitted.impute, fitted.caps, fitted.centre, fitted.scale)
+        if fitted.scaling == "quantile":
+            constants += (fitted.knots,)
         missing = [n for n in fitted.selected if not all(n in table for table in constants)]
         if missing:
             raise ValueError(f"fitted preparation lacks constants for selected features {missing}")
@@ -235,13 +264,17 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
     before_cap = features.select(
         *[_logged(_imputed(name, impute[name]), name in log1p).alias(name) for name in inputs]
     )
-    caps, near_constant = _fit_quantiles(before_cap, inputs, cfg)
+    caps, near_constant, knots = _fit_quantiles(before_cap, inputs, cfg)
     capped = before_cap.select(*[_clipped(F.col(name), caps[name]).alias(name) for name in inputs])
+    # With quantile scaling the scaling constants and the families come from the rank-mapped values
+    # (Spearman-like correlations); they ride along in the same pass under a suffixed name.
+    mapped = {name: f"{name}{_MAPPED}" for name in knots}
+    frame = capped.select(*inputs, *[_rank_map(F.col(n), knots[n]).alias(m) for n, m in mapped.items()])
 
     keep = set(cfg.selection.keep)
     # One pass over the capped features gives what the rest needs: the near-constant shares, the
-    # correlation matrix and the scaling's centres and spreads.
-    moments = _column_moments(capped, inputs, near_constant)
+    # correlation matrix, the scaling's centres and spreads and the families' correlations.
+    moments = _column_moments(frame, [*inputs, *mapped.values()], near_constant)
     dropped = _near_constant(moments, near_constant, keep, set(log1p))
     remaining = [n for n in inputs if n not in {d["feature"] for d in dropped}]
     dropped += _correlated(moments, remaining, cfg.selection)
@@ -254,8 +287,18 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
             f"feature selection dropped every input feature ({sorted(gone)}); relax prepare.selection "
             "thresholds or list features in prepare.selection.keep"
         )
-    centre, scale = _fit_scaling(moments, selected, cfg.scaling)
-    log.info("prepare: %d of %d features selected, %s scaling", len(selected), len(inputs), cfg.scaling)
+    scaled_columns = [mapped.get(n, n) for n in selected]
+    centre, scale = _fit_scaling(moments, scaled_columns, "standard" if cfg.scaling == "quantile" else cfg.scaling)
+    centre, scale = (dict(zip(selected, table.values(), strict=True)) for table in (centre, scale))
+    families = (_families(moments, selected, scaled_columns, cfg.families.min_abs_correlation)
+                if cfg.families.enabled else [[n] for n in selected])
+    weights = {n: 1.0 / math.sqrt(len(family)) for family in families for n in family if len(family) > 1}
+    for family in families:
+        if len(family) > 1:
+            log.info("prepare: family of %d correlated features, weight %.3f each: %s", len(family),
+                     weights[family[0]], ", ".join(family))
+    log.info("prepare: %d of %d features selected, %s scaling, %d families", len(selected), len(inputs),
+             cfg.scaling, len(families))
     return FittedPreparation(
         features=inputs,
         impute=impute,
@@ -267,6 +310,9 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
         selected=selected,
         dropped=dropped,
         settings=cfg.model_dump(mode="json"),
+        knots={n: knots[n] for n in selected if n in knots},
+        weights=weights,
+        families=families,
     )
 
 
@@ -305,12 +351,15 @@ def _fit_imputation(features: DataFrame, rules: Mapping[str, tuple]) -> dict[str
 
 
 def _fit_quantiles(frame: DataFrame, inputs: list[str], cfg: PrepareConfig):
-    """Cap bounds and the near-constant candidates from one approxQuantile call on every column."""
+    """Cap bounds, the near-constant candidates and (quantile scaling) the rank map's knots, from
+    one approxQuantile call on every column."""
     share = cfg.selection.near_constant_share
     probabilities = [cfg.cap.lower, cfg.cap.upper, (1 - share) / 2, 1 - (1 - share) / 2]
-    quantiles = frame.approxQuantile(inputs, probabilities, RELATIVE_ERROR)
-    caps, candidates = {}, {}
-    for name, (lower, upper, low_mid, high_mid) in zip(inputs, map(_four, quantiles), strict=True):
+    ranks = np.linspace(0.0, 1.0, cfg.quantile_knots).tolist() if cfg.scaling == "quantile" else []
+    quantiles = frame.approxQuantile(inputs, probabilities + ranks, RELATIVE_ERROR)
+    caps, candidates, knots = {}, {}, {}
+    for name, values in zip(inputs, quantiles, strict=True):
+        lower, upper, low_mid, high_mid = _four(values[:4])
         # Quantile 0 or 1 means that side is not capped: scoring keeps values beyond the training range.
         bounds = [lower if cfg.cap.lower > 0 else None, upper if cfg.cap.upper < 1 else None]
         caps[name] = bounds
@@ -318,7 +367,69 @@ def _fit_quantiles(frame: DataFrame, inputs: list[str], cfg: PrepareConfig):
         low_mid, high_mid = _clip_value(low_mid, bounds), _clip_value(high_mid, bounds)
         if low_mid == high_mid:
             candidates[name] = low_mid
-    return caps, candidates
+        if ranks:
+            knots[name] = _rank_knots([_clip_value(v, bounds) for v in values[4:]], ranks)
+    return caps, candidates, knots
+
+
+def _rank_knots(values: Sequence[float], ranks: Sequence[float]) -> list[list[float]]:
+    """[[x], [rank]] of a piecewise-linear rank map from the quantiles `values` at `ranks`. Equal
+    quantiles (a value many users share, such as 0 purchases) become one knot at their middle rank,
+    as tied ranks are averaged, so the map is a function and those users sit at the tie's centre."""
+    xs: list[float] = []
+    groups: list[list[float]] = []
+    for value, rank in zip(values, ranks, strict=True):
+        if xs and value <= xs[-1]:  # equal (approxQuantile is monotone; <= guards rounding)
+            groups[-1].append(rank)
+        else:
+            xs.append(float(value))
+            groups.append([rank])
+    return [xs, [float(np.mean(g)) for g in groups]]
+
+
+def _rank_map(col: Column, knots: Sequence[Sequence[float]]) -> Column:
+    """The rank map as a column expression: the knots' ranks, linear in between, clamped outside.
+    A binary tree of comparisons (depth log2 of the knots), so each row costs a few comparisons
+    and the generated code stays small for many features."""
+    xs, ps = knots
+    if len(xs) == 1:
+        return F.lit(ps[0])
+
+    def segment(lo: int, hi: int) -> Column:  # the segments between knots lo .. hi
+        if hi - lo == 1:
+            slope = (ps[hi] - ps[lo]) / (xs[hi] - xs[lo])
+            return F.lit(ps[lo]) + (col - F.lit(xs[lo])) * F.lit(slope)
+        mid = (lo + hi) // 2
+        return F.when(col < F.lit(xs[mid]), segment(lo, mid)).otherwise(segment(mid, hi))
+
+    return (F.when(col <= F.lit(xs[0]), F.lit(ps[0]))
+            .when(col >= F.lit(xs[-1]), F.lit(ps[-1]))
+            .otherwise(segment(0, len(xs) - 1)))
+
+
+def _families(moments: _Moments, selected: list[str], columns: list[str], min_abs_r: float) -> list[list[str]]:
+    """Families of selected features: complete-linkage clusters of 1 - |r|, cut at 1 - min_abs_r, so
+    every two features of a family correlate with |r| >= min_abs_r. Each family lists its features in
+    input order; families are ordered by their first feature. Deterministic for a given matrix."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    if len(selected) < 2:
+        return [list(selected)]
+    index = [moments.index(c) for c in columns]
+    scatter = moments.scatter[np.ix_(index, index)]
+    spread = np.sqrt(np.diag(scatter))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.nan_to_num(scatter / np.outer(spread, spread), nan=0.0)  # a constant: unrelated to all
+    distance = np.clip(1.0 - np.abs(r), 0.0, 1.0)
+    distance = (distance + distance.T) / 2
+    np.fill_diagonal(distance, 0.0)
+    labels = fcluster(linkage(squareform(distance, checks=False), "complete"), t=1.0 - min_abs_r,
+                      criterion="distance")
+    families: dict[int, list[str]] = {}
+    for name, label in zip(selected, labels.tolist(), strict=True):
+        families.setdefault(label, []).append(name)
+    return sorted(families.values(), key=lambda f: selected.index(f[0]))
 
 
 def _four(quantiles: list[float]) -> list[float]:
