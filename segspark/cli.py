@@ -138,28 +138,36 @@ def _progress(spark):
 @click.option("--users", required=True, type=click.IntRange(min=1), help="Number of users.")
 @click.option("--days", default=90, show_default=True, type=click.IntRange(min=1), help="Days of history.")
 @click.option("--seed", default=42, show_default=True, type=int, help="Random seed (same seed, same data).")
-@click.option("--format", "fmt", default="parquet", show_default=True, type=click.Choice(["parquet", "json", "csv"]))
+@click.option("--format", "fmt", default=None, type=click.Choice(["parquet", "json", "csv"]),
+              help="Output format [default: parquet for rees46, csv for invoices].")
 @click.option("--duplicates", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events emitted twice.")
 @click.option("--missing-prices", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events without price.")
 @click.option("--malformed", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of extra malformed lines (json/csv).")
 @click.option("--personas", default="clean", show_default=True,
               help="Persona set: clean (well separated) or overlapping (mixtures of shared traits, wide blur).")
+@click.option("--layout", default="rees46", show_default=True, type=click.Choice(["rees46", "invoices"]),
+              help="rees46: clickstream events; invoices: the purchases as invoice lines in the UCI Online "
+                   "Retail layout, with cancellations (read with conf/generated_invoices.yaml).")
 @click.option("--overwrite", is_flag=True, help="Replace DIR/events and DIR/truth if they exist (else refused).")
 @click.option("--master", default=None, help="Spark master for a local session (default local[2]).")
-def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, personas, overwrite,
+def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, personas, layout, overwrite,
              master) -> None:
-    """Write a synthetic clickstream with planted personas.
+    """Write a synthetic clickstream (or invoice lines) with planted personas.
 
     DIR/events/ holds the events in the chosen format, DIR/truth/ (Parquet) each user's persona.
+    With --layout invoices, DIR/events/ holds invoice lines (InvoiceNo, StockCode, Description,
+    Quantity, InvoiceDate, UnitPrice, CustomerID, Country) and DIR/truth/ only the users who bought.
     Existing DIR/events or DIR/truth are replaced only with --overwrite.
 
     \b
-    Example:
+    Examples:
       segspark generate --out sample --users 10000 --days 60 --format json --duplicates 0.01
+      segspark generate --out invoices --users 5000 --layout invoices --personas overlapping
     """
     from segspark.datagen import GenerateSpec, check_out_dir, write_dataset
 
     check_out_dir(out_dir, overwrite)  # before Spark starts
+    fmt = fmt or ("csv" if layout == "invoices" else "parquet")
     if malformed > 0 and fmt == "parquet":
         raise click.UsageError("--malformed needs a text format: add --format json or --format csv")
     try:
@@ -171,6 +179,7 @@ def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malfor
             missing_price_share=missing_prices,
             malformed_share=malformed,
             personas=personas,
+            layout=layout,
         )
     except ValueError as exc:  # names the allowed values
         raise click.BadParameter(str(exc)) from None

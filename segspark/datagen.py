@@ -14,6 +14,13 @@ event_type (view, cart, remove_from_cart, purchase), product_id, category_code, 
 user_id, user_session. A product always has the same category, brand and price, and every
 purchased item was added to the cart earlier in the same session.
 
+Layout `invoices` (GenerateSpec.layout) writes the same users' purchases as invoice lines in the
+UCI Online Retail layout (InvoiceNo, StockCode, Description, Quantity, InvoiceDate, UnitPrice,
+CustomerID, Country; conf/generated_invoices.yaml reads it): one invoice per session with a purchase,
+per-persona country mixes and cancellations ("C" invoices, negative quantities) at the persona's
+return_rate. Its extra draws come from a generator of their own, so the rees46 output is unchanged.
+Users who never buy have no invoice line, and the truth then lists only the customers.
+
 Noise (all deterministic for the seed): exact duplicate rows, null prices, and for json/csv extra
 malformed lines (truncated records, wrong field counts, garbage) mixed into the same files.
 """
@@ -53,6 +60,26 @@ EVENT_SCHEMA = StructType(
 EVENT_COLUMNS = [f.name for f in EVENT_SCHEMA.fields]
 TRUTH_SCHEMA = StructType([StructField("user_id", LongType(), False), StructField("persona", StringType(), False)])
 LINE_SCHEMA = StructType([StructField("value", StringType(), False)])
+LAYOUTS = ("rees46", "invoices")
+# Invoice lines in the layout of the UCI "Online Retail" data set (conf/online_retail.yaml reads it;
+# CustomerID is a float there, written like 17850.0, as pandas exports the real file).
+INVOICE_SCHEMA = StructType(
+    [
+        StructField("InvoiceNo", StringType(), False),
+        StructField("StockCode", StringType(), False),
+        StructField("Description", StringType(), False),
+        StructField("Quantity", LongType(), False),
+        StructField("InvoiceDate", StringType(), False),
+        StructField("UnitPrice", DoubleType(), True),
+        StructField("CustomerID", DoubleType(), False),
+        StructField("Country", StringType(), False),
+    ]
+)
+INVOICE_COLUMNS = [f.name for f in INVOICE_SCHEMA.fields]
+_PANDAS_TYPES = {StringType: object, LongType: np.int64, DoubleType: float}
+INVOICE_FIRST_NUMBER = 100_000
+# Customers' countries when a persona names none (about the real data's mix of customers).
+COUNTRY_MIX = {"United Kingdom": 0.9, "Germany": 0.03, "France": 0.03, "EIRE": 0.02, "Spain": 0.01, "Netherlands": 0.01}
 EVENT_TYPES = ("view", "cart", "remove_from_cart", "purchase")
 
 CATEGORIES = (
@@ -93,6 +120,9 @@ class Persona:
     hour: float  # preferred hour of day (UTC)
     hour_spread: float
     categories: dict[str, float]  # category preference weights (others get a small base weight)
+    # Invoice layout only (the clickstream never reads these):
+    return_rate: float = 0.03  # share of purchased lines cancelled later
+    countries: dict[str, float] | None = None  # country mix of the persona's customers (None: COUNTRY_MIX)
 
 
 # fmt: off
@@ -101,33 +131,37 @@ PERSONAS_SPEC: tuple[Persona, ...] = (
     Persona("window_shopper", 0.20, sessions_per_week=0.45, first_active=(0.0, 0.3), last_gap=(0.0, 0.08),
             events_per_session=10, seconds_between_events=80, cart_rate=0.03, remove_rate=0.01,
             buy_session_rate=0.002, items_per_order=1.0, median_price=60, hour=20.5, hour_spread=1.5,
-            categories={"apparel.shoes": 4, "home.furniture": 3, "beauty.skincare": 2}),
+            categories={"apparel.shoes": 4, "home.furniture": 3, "beauty.skincare": 2}, return_rate=0.1),
     # Afternoon stock-up visits: cheap groceries and toys, compares (carts, removes), big baskets.
     Persona("bargain_hunter", 0.20, sessions_per_week=0.6, first_active=(0.0, 0.3), last_gap=(0.0, 0.06),
             events_per_session=7, seconds_between_events=35, cart_rate=0.15, remove_rate=0.06,
             buy_session_rate=0.8, items_per_order=3.0, median_price=6, hour=14.5, hour_spread=1.5,
-            categories={"grocery.snacks": 4, "kids.toys": 3, "home.furniture": 1}),
+            categories={"grocery.snacks": 4, "kids.toys": 3, "home.furniture": 1}, return_rate=0.02,
+            countries={"United Kingdom": 0.9, "EIRE": 0.06, "Spain": 0.02, "France": 0.02}),
     # The most frequent visitor and buyer: short decisive morning sessions, premium electronics,
     # active until the end of the window.
     Persona("loyal_high_spender", 0.15, sessions_per_week=1.2, first_active=(0.0, 0.15), last_gap=(0.0, 0.03),
             events_per_session=5, seconds_between_events=30, cart_rate=0.05, remove_rate=0.01,
             buy_session_rate=0.65, items_per_order=1.2, median_price=250, hour=8.0, hour_spread=1.3,
-            categories={"electronics.smartphone": 4, "computers.notebook": 4, "appliances.kitchen": 2}),
+            categories={"electronics.smartphone": 4, "computers.notebook": 4, "appliances.kitchen": 2}, return_rate=0.03,
+            countries={"United Kingdom": 0.7, "Germany": 0.12, "Switzerland": 0.06, "Netherlands": 0.06, "France": 0.06}),
     # Late-afternoon sessions that fill and empty the cart (sport, shoes); almost never checks out.
     Persona("cart_abandoner", 0.15, sessions_per_week=0.65, first_active=(0.0, 0.3), last_gap=(0.0, 0.12),
             events_per_session=7, seconds_between_events=45, cart_rate=0.38, remove_rate=0.25,
             buy_session_rate=0.004, items_per_order=1.0, median_price=90, hour=17.0, hour_spread=1.5,
-            categories={"sport.bicycle": 3, "apparel.shoes": 3, "electronics.smartphone": 1}),
+            categories={"sport.bicycle": 3, "apparel.shoes": 3, "electronics.smartphone": 1}, return_rate=0.12),
     # One purchase after one to three visits within a few days, long ago: lapsed.
     Persona("one_time_buyer", 0.15, sessions_per_week=0.0, first_active=(0.05, 0.4), last_gap=(0.0, 0.0),
             events_per_session=8, seconds_between_events=50, cart_rate=0.1, remove_rate=0.02,
             buy_session_rate=1.0, items_per_order=1.0, median_price=35, hour=12.0, hour_spread=1.5,
-            categories={"home.furniture": 2, "kids.toys": 2, "beauty.skincare": 2}),
+            categories={"home.furniture": 2, "kids.toys": 2, "beauty.skincare": 2}, return_rate=0.08,
+            countries={"United Kingdom": 0.85, "France": 0.08, "Spain": 0.04, "Belgium": 0.03}),
     # Many short sessions between midnight and 4am (games), an occasional small purchase.
     Persona("night_owl_browser", 0.15, sessions_per_week=2.0, first_active=(0.0, 0.3), last_gap=(0.0, 0.05),
             events_per_session=3, seconds_between_events=60, cart_rate=0.08, remove_rate=0.02,
             buy_session_rate=0.15, items_per_order=1.0, median_price=25, hour=1.5, hour_spread=1.2,
-            categories={"games.console": 5, "electronics.smartphone": 2}),
+            categories={"games.console": 5, "electronics.smartphone": 2}, return_rate=0.05,
+            countries={"United Kingdom": 0.8, "Australia": 0.08, "EIRE": 0.06, "Portugal": 0.06}),
 )
 # fmt: on
 PERSONAS: tuple[str, ...] = tuple(p.name for p in PERSONAS_SPEC)
@@ -193,34 +227,41 @@ OVERLAPPING_SPEC: tuple[Persona, ...] = (
     Persona("evening_browser", 0.20, sessions_per_week=0.3, first_active=(0.0, 0.4), last_gap=(0.0, 0.15),
             events_per_session=10, seconds_between_events=60, cart_rate=0.05, remove_rate=0.02,
             buy_session_rate=0.05, items_per_order=1.0, median_price=50, hour=20.5, hour_spread=1.5,
-            categories={"home.decor.lamp": 3, "apparel.clothing.dress": 3, "home.furniture.sofa": 2}),
+            categories={"home.decor.lamp": 3, "apparel.clothing.dress": 3, "home.furniture.sofa": 2}, return_rate=0.1,
+            countries={"United Kingdom": 0.84, "France": 0.08, "Spain": 0.04, "Belgium": 0.04}),
     # frequent, long sessions, compares, cheap, midday; kids and kitchen
     Persona("family_stocker", 0.18, sessions_per_week=1.5, first_active=(0.0, 0.4), last_gap=(0.0, 0.1),
             events_per_session=10, seconds_between_events=45, cart_rate=0.22, remove_rate=0.12,
             buy_session_rate=0.3, items_per_order=2.0, median_price=12, hour=13.0, hour_spread=1.5,
-            categories={"kids.toys.lego": 3, "kids.clothing.baby": 3, "home.kitchen.cookware": 2}),
+            categories={"kids.toys.lego": 3, "kids.clothing.baby": 3, "home.kitchen.cookware": 2}, return_rate=0.02,
+            countries={"United Kingdom": 0.9, "EIRE": 0.06, "France": 0.02, "Germany": 0.02}),
     # frequent, short sessions, buys, premium, evening; phones, notebooks, audio
     Persona("tech_regular", 0.16, sessions_per_week=1.5, first_active=(0.0, 0.3), last_gap=(0.0, 0.08),
             events_per_session=3.5, seconds_between_events=40, cart_rate=0.12, remove_rate=0.03,
             buy_session_rate=0.55, items_per_order=1.1, median_price=200, hour=20.5, hour_spread=1.5,
             categories={"electronics.smartphone.android": 3, "computers.notebook.ultrabook": 2,
-                        "electronics.audio.headphone": 2}),
+                        "electronics.audio.headphone": 2}, return_rate=0.05,
+            countries={"United Kingdom": 0.72, "Germany": 0.12, "Netherlands": 0.06, "Switzerland": 0.05,
+                       "France": 0.05}),
     # rare, long sessions, compares, mid prices, midday; sport and shoes
     Persona("hesitant_carter", 0.16, sessions_per_week=0.3, first_active=(0.0, 0.4), last_gap=(0.0, 0.15),
             events_per_session=10, seconds_between_events=55, cart_rate=0.22, remove_rate=0.12,
             buy_session_rate=0.1, items_per_order=1.0, median_price=50, hour=13.0, hour_spread=1.5,
-            categories={"sport.bicycle.mtb": 2, "apparel.shoes.sneakers": 3, "sport.fitness.yoga": 2}),
+            categories={"sport.bicycle.mtb": 2, "apparel.shoes.sneakers": 3, "sport.fitness.yoga": 2}, return_rate=0.14,
+            countries={"United Kingdom": 0.82, "France": 0.08, "Germany": 0.05, "Spain": 0.05}),
     # rare, long sessions, buys, premium, midday; furniture, TV, kitchen
     Persona("considered_buyer", 0.15, sessions_per_week=0.3, first_active=(0.0, 0.5), last_gap=(0.0, 0.25),
             events_per_session=10, seconds_between_events=60, cart_rate=0.12, remove_rate=0.03,
             buy_session_rate=0.55, items_per_order=1.3, median_price=200, hour=13.0, hour_spread=1.5,
-            categories={"home.furniture.sofa": 3, "electronics.video.tv": 2, "home.kitchen.cookware": 2}),
+            categories={"home.furniture.sofa": 3, "electronics.video.tv": 2, "home.kitchen.cookware": 2}, return_rate=0.04,
+            countries={"United Kingdom": 0.78, "Germany": 0.1, "Switzerland": 0.06, "EIRE": 0.06}),
     # frequent, short sessions, browses, cheap, night; gadgets, components, sneakers
     Persona("late_night_scroller", 0.15, sessions_per_week=1.5, first_active=(0.0, 0.4), last_gap=(0.0, 0.1),
             events_per_session=3.5, seconds_between_events=50, cart_rate=0.05, remove_rate=0.02,
             buy_session_rate=0.05, items_per_order=1.0, median_price=12, hour=1.0, hour_spread=1.5,
             categories={"computers.components.gpu": 2, "electronics.audio.headphone": 2,
-                        "apparel.shoes.sneakers": 1}),
+                        "apparel.shoes.sneakers": 1}, return_rate=0.08,
+            countries={"United Kingdom": 0.8, "EIRE": 0.08, "Spain": 0.06, "Portugal": 0.06}),
 )
 # fmt: on
 
@@ -247,10 +288,13 @@ class GenerateSpec:
     malformed_share: float = 0.0  # share of extra malformed lines (json/csv only)
     partitions: int | None = None  # None: derived from the number of users
     personas: str = "clean"  # a key of PERSONA_SETS
+    layout: str = "rees46"  # rees46 (clickstream events) | invoices (invoice lines, Online Retail layout)
 
     def __post_init__(self):
         if self.personas not in PERSONA_SETS:
             raise ValueError(f"personas must be one of {', '.join(PERSONA_SETS)}, got {self.personas!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.users < 1:
             raise ValueError(f"users must be at least 1, got {self.users}")
         if self.days < 1:
@@ -265,6 +309,17 @@ class GenerateSpec:
     @property
     def persona_set(self) -> PersonaSet:
         return PERSONA_SETS[self.personas]
+
+    @property
+    def schema(self) -> StructType:
+        """The records' schema in this layout."""
+        return INVOICE_SCHEMA if self.layout == "invoices" else EVENT_SCHEMA
+
+    @property
+    def invoice_stride(self) -> int:
+        """Invoice numbers reserved per block of users (orders and cancellations): about 20 per
+        user per 90 days, five times what the busiest persona places."""
+        return 20_000 * -(-self.days // 90)
 
     @property
     def blocks(self) -> int:
@@ -297,8 +352,14 @@ def _block_personas(spec: GenerateSpec, block: int, rng: np.random.Generator) ->
 
 
 def block_truth(spec: GenerateSpec, block: int) -> pd.DataFrame:
+    """user_id -> persona of one block. In the invoices layout only the customers with an invoice
+    line (users who bought something), keyed by their CustomerID (the same number)."""
     ids, persona = _block_personas(spec, block, _rng(spec, block))
-    return pd.DataFrame({"user_id": ids, "persona": np.array(spec.persona_set.names, dtype=object)[persona]})
+    truth = pd.DataFrame({"user_id": ids, "persona": np.array(spec.persona_set.names, dtype=object)[persona]})
+    if spec.layout == "invoices":
+        events = _clickstream(spec, block)[0]
+        truth = truth[truth.user_id.isin(events.user_id[events.event_type == "purchase"])].reset_index(drop=True)
+    return truth
 
 
 def _params(personas: tuple[Persona, ...], persona: np.ndarray):
@@ -331,7 +392,16 @@ def _starts(counts: np.ndarray) -> np.ndarray:
 
 
 def generate_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
-    """All events of one block of users (deterministic for (seed, block))."""
+    """All records of one block of users (deterministic for (seed, block)): clickstream events in
+    the rees46 layout, invoice lines in the invoices layout."""
+    if spec.layout == "invoices":
+        return invoice_block(spec, block)
+    events, rng, _, _ = _clickstream(spec, block)
+    return _add_noise(spec, rng, events)
+
+
+def _clickstream(spec: GenerateSpec, block: int) -> tuple[pd.DataFrame, np.random.Generator, np.ndarray, np.ndarray]:
+    """(events without noise, the block's generator after them, user ids, persona index per user)."""
     rng = _rng(spec, block)
     ids, persona = _block_personas(spec, block, rng)
     n_users, days = len(ids), float(spec.days)
@@ -422,7 +492,109 @@ def generate_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
             "user_session": _session_ids(spec, ids[s_user], s_index)[e_session],
         }
     )
-    return _add_noise(spec, rng, events)
+    return events, rng, ids, persona
+
+
+# --- invoice lines (the Online Retail layout) ------------------------------------------------------
+
+
+def invoice_block(spec: GenerateSpec, block: int) -> pd.DataFrame:
+    """Invoice lines of one block: the clickstream's purchases (same users, sessions, products, prices
+    and times), one invoice per session with a purchase, one line per product bought in it, and
+    later cancellations of some lines. Views and carts leave no trace in this layout.
+
+    Quantity: the times the product was bought in the session plus Poisson(items_per_order - 1).
+    InvoiceDate: the session's last purchase, to the minute (the real file has no seconds).
+    Country: one per customer, from the persona's mix. A cancellation ("C" + its own number) takes
+    back a line of an earlier invoice (same StockCode, UnitPrice, customer; quantity negative, all of
+    it or part), on one credit invoice per order, one to a few days later at about the order's hour;
+    each line is cancelled with the customer's return rate (the persona's return_rate, log-normal
+    spread), unless the cancellation would fall after the window.
+    Invoice numbers are unique: block b numbers from INVOICE_FIRST_NUMBER + b * invoice_stride,
+    orders in time order, then cancellations (six digits up to 45,000 users over 90 days).
+
+    The draws beyond the clickstream come from a generator of their own, so the purchases are the
+    rees46 layout's, draw for draw."""
+    events, _, ids, persona = _clickstream(spec, block)
+    rng = np.random.default_rng([spec.seed, block, 11])
+    personas = spec.persona_set.personas
+    param = _params(personas, persona)
+    countries, country_cdf = _country_table(personas)
+    user_country = np.minimum((rng.random(len(ids))[:, None] > country_cdf[persona]).sum(axis=1), len(countries) - 1)
+    return_rate = np.clip(_jitter(rng, param("return_rate"), spec.persona_set.blur.funnel), 0, 0.9)
+    extra_items = np.maximum(param("items_per_order") - 1, 0)
+
+    bought = events[events.event_type == "purchase"]
+    if bought.empty:  # nobody in the block bought anything
+        return pd.DataFrame({f.name: pd.Series(dtype=_PANDAS_TYPES[type(f.dataType)]) for f in INVOICE_SCHEMA.fields})
+    seconds = (bought.event_time.to_numpy().astype("datetime64[s]") - np.datetime64(spec.start_date, "s")).astype(np.int64)
+    bought = bought.assign(seconds=seconds // 60 * 60)
+    # Orders in time order (ties: customer, session); their lines by product.
+    orders = bought.groupby(["user_id", "user_session"], sort=True).seconds.max().rename("placed").reset_index()
+    orders = orders.sort_values(["placed", "user_id", "user_session"], kind="stable").reset_index(drop=True)
+    base = INVOICE_FIRST_NUMBER + block * spec.invoice_stride
+    orders["number"] = base + np.arange(len(orders), dtype=np.int64)
+    lines = (bought.groupby(["user_id", "user_session", "product_id"], sort=True)
+             .agg(times=("seconds", "size"), price=("price", "first"), category=("category_code", "first"))
+             .reset_index().merge(orders, on=["user_id", "user_session"]))
+    user = (lines.user_id.to_numpy() - ids[0]).astype(np.int64)  # index in the block
+    quantity = lines.times.to_numpy(np.int64) + rng.poisson(extra_items[user])
+
+    # Cancellations: some lines of an order, on one credit invoice per order, one to a few days later
+    # at about the hour of the order; one that would fall after the window has not happened yet.
+    position = lines.number.to_numpy() - base
+    delay = SECONDS_PER_DAY * (1 + rng.poisson(1.5, len(orders))) + rng.uniform(-3600, 3600, len(orders))
+    credit_time = ((orders.placed.to_numpy() + delay) // 60 * 60).astype(np.int64)
+    in_window = credit_time <= spec.days * SECONDS_PER_DAY - 60
+    cancelled = (rng.random(len(lines)) < return_rate[user]) & in_window[position]
+    credited = np.unique(lines.number.to_numpy()[cancelled]) - base  # order positions, in time order
+    credit_order = credited[np.lexsort((credited, credit_time[credited]))]
+    credit_number = np.zeros(len(orders), dtype=np.int64)
+    credit_number[credit_order] = base + len(orders) + np.arange(len(credit_order))
+    if len(orders) + len(credit_order) > spec.invoice_stride:
+        raise ValueError(f"block {block}: {len(orders) + len(credit_order)} invoices exceed the "
+                         f"{spec.invoice_stride} numbers reserved per block")
+    full = rng.random(len(lines)) < 0.7
+    taken_back = np.where(full, quantity, rng.integers(1, quantity + 1))
+
+    sale = {"number": lines.number.to_numpy(), "quantity": quantity, "seconds": lines.placed.to_numpy()}
+    credit = {"number": credit_number[position][cancelled], "quantity": -taken_back[cancelled],
+              "seconds": credit_time[position][cancelled]}
+    parts = []
+    for part, rows, prefix in ((sale, np.ones(len(lines), bool), ""), (credit, cancelled, "C")):
+        if not rows.any():
+            continue
+        product = lines.product_id.to_numpy()[rows]
+        parts.append(pd.DataFrame({
+            "InvoiceNo": prefix + pd.Series(part["number"], dtype=np.int64).astype(str),
+            "StockCode": pd.Series(product, dtype=np.int64).astype(str),
+            "Description": _descriptions(lines.category.to_numpy()[rows], product),
+            "Quantity": part["quantity"].astype(np.int64),
+            "InvoiceDate": _format_times(spec, part["seconds"].astype(np.int64)),
+            "UnitPrice": lines.price.to_numpy(float)[rows],
+            "CustomerID": lines.user_id.to_numpy(float)[rows],
+            "Country": np.array(countries, dtype=object)[user_country[user[rows]]],
+            "_order": part["seconds"] * 2 + (prefix == "C"),
+            "_number": part["number"],
+            "_product": product,
+        }))
+    invoices = pd.concat(parts, ignore_index=True).sort_values(["_order", "_number", "_product"], kind="stable")
+    invoices = invoices[INVOICE_COLUMNS].reset_index(drop=True)
+    return _add_noise(spec, rng, invoices, price="UnitPrice")
+
+
+def _country_table(personas: tuple[Persona, ...]) -> tuple[list[str], np.ndarray]:
+    """(country names, cumulative country shares per persona)."""
+    mixes = [p.countries or COUNTRY_MIX for p in personas]
+    names = list(dict.fromkeys([*COUNTRY_MIX, *(name for mix in mixes for name in mix)]))
+    weights = np.array([[mix.get(name, 0.0) for name in names] for mix in mixes])
+    return names, np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+
+
+def _descriptions(category: np.ndarray, product: np.ndarray) -> np.ndarray:
+    """Readable product text from the category: home.decor.lamp, product 7120345 -> HOME DECOR LAMP 120345."""
+    words = pd.Series(category, dtype=object).str.replace(".", " ", regex=False).str.upper()
+    return (words + " " + pd.Series(product % 1_000_000, dtype=np.int64).astype(str).str.zfill(6)).to_numpy(dtype=object)
 
 
 def product_price(product: np.ndarray) -> np.ndarray:
@@ -458,10 +630,10 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _add_noise(spec: GenerateSpec, rng: np.random.Generator, events: pd.DataFrame) -> pd.DataFrame:
+def _add_noise(spec: GenerateSpec, rng: np.random.Generator, events: pd.DataFrame, price: str = "price") -> pd.DataFrame:
     if spec.missing_price_share > 0:
         missing = rng.random(len(events)) < spec.missing_price_share
-        events["price"] = events["price"].mask(missing)
+        events[price] = events[price].mask(missing)
     if spec.duplicate_share > 0:
         # An exact copy right after the original, as a client that resends an event would.
         copies = np.where(rng.random(len(events)) < spec.duplicate_share, 2, 1)
@@ -473,14 +645,20 @@ def _add_noise(spec: GenerateSpec, rng: np.random.Generator, events: pd.DataFram
 
 
 def _to_lines(events: pd.DataFrame, fmt: str) -> np.ndarray:
+    """Records as json or csv lines (no field holds a comma or a quote); a null price is an empty field."""
     if fmt == "json":
         text = events.to_json(orient="records", lines=True)
         return np.array(text.splitlines(), dtype=object)
-    price = events["price"].to_numpy()
-    price_text = np.where(np.isnan(price), "", price.astype(str)).astype(object)
-    line = events["event_time"].to_numpy()
-    for column in EVENT_COLUMNS[1:]:
-        values = price_text if column == "price" else events[column].astype(str).to_numpy(dtype=object)
+    fields = []
+    for column in events.columns:
+        values = events[column]
+        if values.dtype.kind == "f":
+            array = values.to_numpy()
+            fields.append(np.where(np.isnan(array), "", array.astype(str)).astype(object))
+        else:
+            fields.append(values.astype(str).to_numpy(dtype=object))
+    line = fields[0]
+    for values in fields[1:]:
         line = line + "," + values
     return line
 
@@ -534,12 +712,12 @@ def generate_events(spark: SparkSession, spec: GenerateSpec) -> tuple[DataFrame,
                 yield block_truth(spec, int(block))
 
     blocks = _blocks(spark, spec)
-    return blocks.mapInPandas(events, EVENT_SCHEMA), blocks.mapInPandas(truth, TRUTH_SCHEMA)
+    return blocks.mapInPandas(events, spec.schema), blocks.mapInPandas(truth, TRUTH_SCHEMA)
 
 
 def _text_lines(spark: SparkSession, spec: GenerateSpec, fmt: str) -> DataFrame:
-    """Events as json/csv text lines with malformed lines mixed in; every csv file starts with a header."""
-    header = ",".join(EVENT_COLUMNS)
+    """Records as json/csv text lines with malformed lines mixed in; every csv file starts with a header."""
+    header = ",".join(spec.schema.fieldNames())
 
     def lines(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         if fmt == "csv":
@@ -595,6 +773,7 @@ def write_dataset(
         "users": spec.users,
         "days": spec.days,
         "persona_set": spec.personas,
+        "layout": spec.layout,
         "seed": spec.seed,
         "format": fmt,
         "personas": {row["persona"]: int(row["count"]) for row in sorted(personas, key=lambda r: r["persona"])},
