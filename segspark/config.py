@@ -250,7 +250,7 @@ class KSelectionConfig(_Section):
     sample_seed: int = 42  # seed of the user sample's hash (also the autoencoder's and HDBSCAN's samples)
     parallelism: int = Field(2, ge=1)  # full-scale MLlib fits submitted to Spark at once (driver threads)
     silhouette_sample: int = Field(2000, ge=50)  # sampled rows for the silhouette and the Dunn index
-    silhouette_tolerance: float = Field(0.02, ge=0.0, le=1.0)  # relative, see evaluation.selection
+    silhouette_tolerance: float = Field(0.01, ge=0.0, le=1.0)  # relative, see evaluation.selection
 
     @model_validator(mode="after")
     def _range(self) -> KSelectionConfig:
@@ -272,7 +272,7 @@ class KMeansConfig(ClusteringConfig):
 
 
 class BisectingKMeansConfig(ClusteringConfig):
-    max_iter: int = Field(10, ge=1)  # every iteration of every split is a Spark job (no convergence test)
+    max_iter: int = Field(20, ge=1)  # every iteration of every split is a Spark job (no convergence test)
     min_divisible_cluster_size: float = Field(1.0, gt=0.0)
 
 
@@ -282,6 +282,10 @@ class GMMConfig(ClusteringConfig):
     max_retries: int = Field(3, ge=0)  # new seeds tried after a degenerate fit
     min_component_weight: float = Field(0.001, ge=0.0, lt=1.0)
     principal_components: int | None = Field(8, ge=1)  # GMM input dimensions (null: every prepared feature)
+    # Added to every covariance's diagonal (prepared units): many users sharing one exact value (no
+    # repeat order, no weekend visit) would otherwise let a component shrink onto that value and win
+    # the likelihood with a partition that is not the segments' (scikit-learn's reg_covar).
+    reg_covar: float = Field(0.01, ge=0.0)
 
 
 class AutoencoderConfig(_Section):
@@ -290,7 +294,7 @@ class AutoencoderConfig(_Section):
     enabled: bool = True  # the deep path (autoencoder + HDBSCAN) as a whole
     variational: bool = False  # a VAE: the embedding is the mean of q(z|x)
     hidden_layers: list[int] = Field(default_factory=lambda: [64, 32])  # encoder widths; the decoder mirrors them
-    embedding_size: int = Field(8, ge=1)
+    embedding_size: int = Field(4, ge=1)
     activation: Literal["relu", "tanh", "elu", "selu"] = "relu"
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -298,6 +302,9 @@ class AutoencoderConfig(_Section):
     validation_split: float = Field(0.1, ge=0.0, lt=1.0)  # held out for early stopping
     patience: int = Field(5, ge=1)  # epochs without a better validation loss before stopping
     kl_weight: float = Field(1.0, ge=0.0)  # VAE only: weight of the KL term (beta)
+    # Denoising (plain autoencoder): Gaussian noise of this standard deviation, in prepared units, is
+    # added to the inputs while training only; 0 turns it off.
+    input_noise: float = Field(1.0, ge=0.0)
     sample_size: int = Field(200_000, ge=100)  # users the autoencoder is trained on (uniform sample)
     seed: int = 42
 
@@ -306,7 +313,7 @@ class HdbscanConfig(_Section):
     """HDBSCAN on a bounded sample of embeddings; every user is then assigned with approximate prediction."""
 
     min_cluster_size: int | None = Field(None, ge=2)  # null: min_cluster_share of the sample
-    min_cluster_share: float = Field(0.02, gt=0.0, lt=1.0)
+    min_cluster_share: float = Field(0.05, gt=0.0, lt=1.0)
     # Density smoothing; prediction looks at 2 x min_samples neighbours per user, so it sets the cost of
     # assigning every user. null: min_cluster_size (the library's default; slow and noisy at scale).
     min_samples: int | None = Field(10, ge=1)
@@ -315,6 +322,8 @@ class HdbscanConfig(_Section):
     sample_size: int = Field(50_000, ge=100)  # embeddings HDBSCAN is fitted on (uniform sample)
     seed: int = 42
     contamination: float = Field(0.01, ge=0.0, lt=1.0)  # share flagged is_anomaly by GLOSH score
+    # Noise users (between clusters) join their nearest cluster; only anomalies keep segment -1.
+    assign_noise: bool = True
 
 
 class ModelsConfig(_Section):

@@ -476,6 +476,9 @@ def _train_deep(
         f"k={fitted.k}: the clusters HDBSCAN found in {hdb_metrics.get('sample_rows')} sampled embeddings "
         f"(min_cluster_size={hdb_metrics.get('min_cluster_size')}, min_samples={hdb_metrics.get('min_samples')})"
     )
+    if hdb_metrics.get("assign_noise"):
+        reason += (f"; {hdb_metrics.get('density_noise_share', 0.0):.1%} of the sample lay between clusters and "
+                   "joined the nearest one, anomalies excepted")
     curve = [{"k": fitted.k, "sample_users": int(kept.sum()), **{m: quality.get(m) for m in _CURVE_METRICS}}]
     metrics = {"k": fitted.k, "reason": reason, "curve": curve, "model": fitted.metrics()}
     # Its segments are clusters of the embeddings: their separation is measured there too.

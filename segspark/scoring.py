@@ -105,7 +105,7 @@ def _score_batches(batches: Iterator[pa.RecordBatch], encoder, density, width: i
     for batch in batches:
         x = matrix_from_lists(batch.column(FEATURES_ARRAY), width)
         embedding = encoder.encode(x).astype(np.float32, copy=False)
-        labels, probabilities, outlier_scores = density.predict(embedding)
+        labels, probabilities, outlier_scores = density.assign(embedding)
         dims = embedding.shape[1]
         offsets = pa.array(np.arange(0, (len(x) + 1) * dims, dims, dtype=np.int32))
         yield pa.RecordBatch.from_arrays(

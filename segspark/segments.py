@@ -118,6 +118,7 @@ def model_options(name: str, cfg: ClusteringConfig, sample: np.ndarray) -> dict:
             max_retries=cfg.max_retries,
             min_component_weight=cfg.min_component_weight,
             principal_components=cfg.principal_components,
+            reg_covar=cfg.reg_covar,
             projection=principal_axes(sample, cfg.principal_components),
         )
     return options

@@ -362,3 +362,50 @@ def test_many_identical_embeddings_give_nan_scores_like_hdbscan():
     np.testing.assert_array_equal(probabilities, expected[1])
     np.testing.assert_array_equal(scores, expected[2])
     assert np.isnan(scores).any()
+
+
+def test_noise_joins_the_nearest_cluster_and_anomalies_stay_noise(data):
+    """assign_noise: HDBSCAN's noise between clusters gets the nearest clustered training point's
+    label; the anomalies (GLOSH above the threshold) keep -1; clustered rows are untouched."""
+    train, held_out = data
+    fitted = fit_hdbscan(train, HdbscanConfig(min_cluster_size=25, min_samples=5, contamination=0.05,
+                                              assign_noise=True))
+    artifact = fitted.artifact
+    # The training points: their background noise holds both anomalies and points near the blobs.
+    points = np.vstack([train, held_out])
+    raw_labels, raw_probabilities, raw_scores = artifact.predict(points)
+    labels, probabilities, scores = artifact.assign(points)
+    np.testing.assert_array_equal(scores, raw_scores)
+    clustered = raw_labels >= 0
+    np.testing.assert_array_equal(labels[clustered], raw_labels[clustered])
+    np.testing.assert_array_equal(probabilities[clustered], raw_probabilities[clustered])
+
+    anomalies = artifact.is_anomaly(raw_scores)
+    joined = ~clustered & ~anomalies
+    assert joined.sum() > 10 and (~clustered & anomalies).sum() > 10  # the held-out set has both kinds
+    assert (labels[~clustered & anomalies] == -1).all()
+    members = np.flatnonzero(artifact.fitted_labels >= 0)
+    squared = ((points[joined][:, None, :] - artifact.points[members][None]) ** 2).sum(axis=-1)
+    np.testing.assert_array_equal(labels[joined], artifact.fitted_labels[members[squared.argmin(axis=1)]])
+    assert ((probabilities[joined] > 0) & (probabilities[joined] <= 1)).all()
+
+    metrics = fitted.metrics()
+    assert metrics["noise_share"] < metrics["density_noise_share"] == pytest.approx(
+        (fitted.clusterer.labels_ < 0).mean())
+    assert metrics["noise_share"] == pytest.approx((artifact.assigned_fitted_labels() < 0).mean())
+    assert sum(metrics["cluster_sizes"]) + round(metrics["noise_share"] * len(train)) == len(train)
+
+
+def test_noise_assignment_round_trips_and_older_artifacts_predict_as_hdbscan(data):
+    import io
+
+    train, held_out = data
+    artifact = fit_hdbscan(train, HdbscanConfig(min_cluster_size=25, min_samples=5, assign_noise=True)).artifact
+    assert SlimHdbscan.from_bytes(artifact.to_bytes()).assign_noise
+    payload = artifact._payload()
+    del payload["assign_noise"]  # as saved before the option existed
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)
+    older = SlimHdbscan.from_bytes(buffer.getvalue())
+    assert not older.assign_noise
+    np.testing.assert_array_equal(older.assign(held_out)[0], artifact.predict(held_out)[0])

@@ -22,7 +22,7 @@ def test_lowest_davies_bouldin_within_tolerance_of_best_silhouette():
         _entry(6, 0.412, 0.91, 850.0),  # best silhouette
         _entry(7, 0.380, 0.70, 700.0),  # lowest DB overall but 7.8% below the best silhouette
     ]
-    k, reason = choose_k(curve)
+    k, reason = choose_k(curve, silhouette_tolerance=0.02)
     assert k == 5
     assert reason.startswith("k=5: lowest Davies-Bouldin (0.800)")
     assert "within 2% of the best silhouette (0.412 at k=6" in reason
@@ -32,12 +32,15 @@ def test_lowest_davies_bouldin_within_tolerance_of_best_silhouette():
     assert k == 6
     assert reason.startswith("k=6: best silhouette (0.412), no other k within 0% of it")
 
+    # The default, 1%, leaves k=5 (1.7% below) out.
+    assert choose_k(curve)[0] == 6
+
     # A wide tolerance lets k=7 in.
     assert choose_k(curve, silhouette_tolerance=0.1)[0] == 7
 
 
 def test_best_silhouette_and_lowest_davies_bouldin():
-    k, reason = choose_k([_entry(3, 0.50, 0.6, 500.0), _entry(4, 0.495, 0.7, 600.0)])
+    k, reason = choose_k([_entry(3, 0.50, 0.6, 500.0), _entry(4, 0.495, 0.7, 600.0)], silhouette_tolerance=0.02)
     assert k == 3
     assert reason == "k=3: best silhouette (0.500) and lowest Davies-Bouldin (0.600) among k within 2% of it (k=3, 4)"
 

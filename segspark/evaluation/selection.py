@@ -42,7 +42,7 @@ def _k_list(entries: Iterable[Mapping]) -> str:
     return ", ".join(str(e["k"]) for e in sorted(entries, key=lambda e: e["k"]))
 
 
-def choose_k(curve: Sequence[Mapping], *, silhouette_tolerance: float = 0.02) -> tuple[int, str]:
+def choose_k(curve: Sequence[Mapping], *, silhouette_tolerance: float = 0.01) -> tuple[int, str]:
     """(k, reason) by the module's rule: among the k whose silhouette is within `silhouette_tolerance`
     (relative) of the best silhouette, the lowest Davies-Bouldin; ties -> higher Calinski-Harabasz ->
     smaller k. The reason is one sentence saying which metric decided and with what values.
@@ -118,7 +118,7 @@ class SweepResult:
     best: dict[int, CellResult] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # "k=.. seed=..: error" of the fits that raised
 
-    def choose(self, silhouette_tolerance: float = 0.02) -> tuple[int, str]:
+    def choose(self, silhouette_tolerance: float = 0.01) -> tuple[int, str]:
         return choose_k(self.curve, silhouette_tolerance=silhouette_tolerance)
 
 

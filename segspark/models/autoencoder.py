@@ -308,7 +308,14 @@ def build_autoencoder(input_dim: int, cfg: AutoencoderConfig) -> tuple[Any, Any]
         model = vae_cls(encoder, decoder, kl_weight=cfg.kl_weight, seed=cfg.seed, name="vae")
         model.build((None, input_dim))
     else:
-        model = keras.Model(x_in, decoder(encoder(x_in)), name="autoencoder")
+        # Denoising: the autoencoder learns to rebuild each user from a blurred copy, so the
+        # embedding keeps what many users share (their segment) rather than each user's exact
+        # values (ties, spikes). GaussianNoise acts only while training; the encoder model, which
+        # embeds users, never sees it.
+        corrupted = x_in
+        if cfg.input_noise > 0:
+            corrupted = layers.GaussianNoise(cfg.input_noise, seed=next(seeds), name="input_noise")(x_in)
+        model = keras.Model(x_in, decoder(encoder(corrupted)), name="autoencoder")
     return model, encoder
 
 

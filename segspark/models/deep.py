@@ -152,5 +152,5 @@ def fit_deep(
         log.warning("ae_hdbscan: HDBSCAN found no cluster in %d embeddings: every user is noise", len(embeddings))
     fitted = FittedDeep(trained.encoder, density.artifact, k, trained.metrics(), hdb_metrics, trained.keras_model)
     fitted.sample_embeddings = embeddings
-    fitted.sample_labels = density.clusterer.labels_
+    fitted.sample_labels = density.artifact.assigned_fitted_labels()
     return fitted

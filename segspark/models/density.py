@@ -155,6 +155,9 @@ class SlimHdbscan:
     twin: np.ndarray  # (n,) int32 whose fitted values a point at these coordinates gets (_twins)
     min_samples: int  # as prediction uses it: min_samples or min_cluster_size
     anomaly_threshold: float | None  # None when contamination is 0: nobody is flagged
+    # Noise users join the cluster of their nearest clustered training point, except the anomalies
+    # (GLOSH score above anomaly_threshold), which stay noise (`assign`; models.hdbscan.assign_noise).
+    assign_noise: bool = False
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -367,6 +370,44 @@ class SlimHdbscan:
             probabilities[exact] = self.fitted_probabilities[twin]
             scores[exact] = self.fitted_outlier_scores[twin]
 
+    def assign(self, points: Any, workers: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`predict`, then (with assign_noise) every noise row that is not an anomaly gets the label of
+        its nearest clustered training point, with probability that point's fitted probability times
+        min(1, its core distance / the distance to it): 1 inside the cluster's density, falling with
+        the distance beyond it. HDBSCAN calls points in the overlap of two clusters noise; a segment
+        table needs a segment for them, and only the truly isolated (is_anomaly) keep segment -1."""
+        labels, probabilities, scores = self.predict(points, workers)
+        if self.assign_noise:
+            x = _as_matrix(points, "points to assign", dims=self.dims)
+            self._join_nearest(x, labels, probabilities, scores)
+        return labels, probabilities, scores
+
+    def assigned_fitted_labels(self) -> np.ndarray:
+        """The fitted labels after the noise assignment: what `assign` gives the training points."""
+        labels = self.fitted_labels.copy()
+        if self.assign_noise:
+            probabilities = self.fitted_probabilities.copy()
+            self._join_nearest(self.points, labels, probabilities, self.fitted_outlier_scores.copy())
+        return labels
+
+    def _join_nearest(
+        self, x: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, scores: np.ndarray
+    ) -> None:
+        clustered = np.flatnonzero(self.fitted_labels >= 0)
+        with np.errstate(invalid="ignore"):  # NaN scores (infinite density) are no anomaly
+            rows = np.flatnonzero((labels < 0) & ~self.is_anomaly(scores))
+        if rows.size == 0 or clustered.size == 0:
+            return
+        if "clustered" not in self._cache:
+            self._cache["clustered"] = CompiledKDTree(self.points[clustered])
+        distances, indices = self._cache["clustered"].query(x[rows], 1)
+        nearest = clustered[indices[:, 0]]
+        labels[rows] = self.fitted_labels[nearest]
+        core = self.core_distances[nearest]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            closeness = np.where(distances[:, 0] > core, core / distances[:, 0], 1.0)
+        probabilities[rows] = self.fitted_probabilities[nearest] * closeness
+
     def is_anomaly(self, outlier_scores: np.ndarray) -> np.ndarray:
         """Scores strictly above the anomaly threshold (all False when there is none)."""
         scores = np.asarray(outlier_scores, dtype=np.float64)
@@ -383,6 +424,7 @@ class SlimHdbscan:
         payload["anomaly_threshold"] = np.array(
             np.nan if self.anomaly_threshold is None else self.anomaly_threshold, dtype=np.float64
         )
+        payload["assign_noise"] = np.array(self.assign_noise)
         return payload
 
     def save(self, path: str) -> None:
@@ -430,13 +472,16 @@ class SlimHdbscan:
             **{name: data[name] for name in _ARRAYS},
             min_samples=int(data["min_samples"]),
             anomaly_threshold=None if np.isnan(threshold) else threshold,
+            # Artifacts saved before noise assignment existed predict as hdbscan does.
+            assign_noise=bool(data["assign_noise"]) if "assign_noise" in data else False,
         )
 
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def from_clusterer(
-        cls, clusterer: hdbscan.HDBSCAN, contamination: float, repair_cluster_map: bool = False
+        cls, clusterer: hdbscan.HDBSCAN, contamination: float, repair_cluster_map: bool = False,
+        assign_noise: bool = False,
     ) -> SlimHdbscan:
         """Extract the prediction data of a clusterer fitted with prediction_data=True.
 
@@ -511,6 +556,7 @@ class SlimHdbscan:
             twin=_twins(points, fitted_labels),
             min_samples=int(clusterer.min_samples or clusterer.min_cluster_size),
             anomaly_threshold=anomaly_threshold(fitted_scores, contamination),
+            assign_noise=assign_noise,
         )
         if np.isnan(fitted_scores).any():
             log.warning(
@@ -628,12 +674,16 @@ class FittedHdbscan:
 
     def metrics(self) -> dict:
         labels = self.artifact.fitted_labels
-        sizes = np.bincount(labels[labels >= 0], minlength=self.artifact.n_clusters)
+        assigned = self.artifact.assigned_fitted_labels()
+        sizes = np.bincount(assigned[assigned >= 0], minlength=self.artifact.n_clusters)
         return {
             "model": MODEL_NAME,
             "n_clusters": self.artifact.n_clusters,
             "cluster_sizes": [int(s) for s in sizes],
-            "noise_share": float((labels < 0).mean()) if labels.size else 0.0,
+            # HDBSCAN's own noise (low density), and what stays noise after the assignment.
+            "density_noise_share": float((labels < 0).mean()) if labels.size else 0.0,
+            "assign_noise": self.artifact.assign_noise,
+            "noise_share": float((assigned < 0).mean()) if assigned.size else 0.0,
             "sample_rows": int(labels.size),
             "dimensions": self.artifact.dims,
             "min_cluster_size": self.min_cluster_size,
@@ -688,7 +738,7 @@ def fit_hdbscan(embeddings: Any, cfg: HdbscanConfig, repair_cluster_map: bool = 
     ).fit(x)
     fitted = FittedHdbscan(
         clusterer=clusterer,
-        artifact=SlimHdbscan.from_clusterer(clusterer, cfg.contamination, repair_cluster_map),
+        artifact=SlimHdbscan.from_clusterer(clusterer, cfg.contamination, repair_cluster_map, cfg.assign_noise),
         min_cluster_size=int(min_cluster_size),
         min_samples=int(min_samples),
         repair_cluster_map=repair_cluster_map,
@@ -698,12 +748,14 @@ def fit_hdbscan(embeddings: Any, cfg: HdbscanConfig, repair_cluster_map: bool = 
     )
     metrics = fitted.metrics()
     log.info(
-        "HDBSCAN on %d x %d embeddings (min_cluster_size=%d, min_samples=%d): %d clusters, %.1f%% noise",
+        "HDBSCAN on %d x %d embeddings (min_cluster_size=%d, min_samples=%d): %d clusters, %.1f%% noise "
+        "(%.1f%% after the noise assignment)",
         n,
         dims,
         min_cluster_size,
         min_samples,
         metrics["n_clusters"],
+        100.0 * metrics["density_noise_share"],
         100.0 * metrics["noise_share"],
     )
     return fitted

@@ -206,6 +206,7 @@ def fit_sample(
     min_component_weight: float | None = None,
     min_variance: float = 1e-6,
     max_condition: float = 1e12,
+    reg_covar: float = 1e-6,
     **_: object,
 ) -> SampleFit:
     """scikit-learn GaussianMixture (full covariances, k-means initialisation) on the sample projected
@@ -218,7 +219,8 @@ def fit_sample(
     rejected: list[dict] = []
     for attempt in range(max_retries + 1):
         fit_seed = seed + 1000 * attempt
-        fitted = SkGaussianMixture(n_components=k, covariance_type="full", max_iter=max_iter, random_state=fit_seed).fit(x)
+        fitted = SkGaussianMixture(n_components=k, covariance_type="full", max_iter=max_iter, random_state=fit_seed,
+                                   reg_covar=reg_covar).fit(x)
         labels = fitted.predict(x)
         reasons = degeneracy_reasons(
             fitted.weights_, fitted.means_, fitted.covariances_, np.bincount(labels, minlength=k).tolist(),
@@ -259,6 +261,7 @@ def fit_one(
     projection: np.ndarray | None = None,
     start: SampleFit | None = None,
     users: int | None = None,
+    reg_covar: float = 1e-6,
 ) -> FittedGMM:
     """Fit a full-covariance GaussianMixture on every user, retrying degenerate fits.
 
@@ -272,6 +275,8 @@ def fit_one(
     EM when the total log-likelihood changes by less than `tol`, which at a million users means
     running every iteration; started from a converged solution, the fit stops instead when the change
     per user is below WARM_TOL_PER_USER (given `users`, the number of rows), or `tol` if larger.
+    reg_covar is added to the covariances' diagonal in the sample fit and in the EM started from it;
+    MLlib's own fit (the fallback) has no such term.
     Only k x d x d numbers and one aggregate row come back to the driver. Cache `prepared` first: it
     is read by every fit and once more for the anomaly threshold."""
     check_prepared(prepared, need_user_id=False, reserved=_RESERVED)
@@ -294,7 +299,7 @@ def fit_one(
     if start is not None:
         weights, means, covariances, iterations = _em(
             prepared, start.params["weights"], start.params["means"], start.params["covariances"],
-            max_iter=max_iter, tol_per_user=WARM_TOL_PER_USER,
+            max_iter=max_iter, tol_per_user=WARM_TOL_PER_USER, reg_covar=reg_covar,
         )
         reasons = degeneracy_reasons(weights, means, covariances, **guard)
         if reasons:
