@@ -319,3 +319,21 @@ def test_importing_the_modules_does_not_import_tensorflow():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_denoising_noise_acts_only_while_training(blobs):
+    """models.autoencoder.input_noise: a GaussianNoise layer corrupts the training inputs; the encoder
+    that embeds users has none, so embeddings are deterministic and the NumPy encoder matches it."""
+    from segspark.models.autoencoder import build_autoencoder, train_autoencoder
+
+    model, encoder = build_autoencoder(N_FEATURES, _cfg(input_noise=0.5))
+    assert "input_noise" in [layer.name for layer in model.layers]
+    assert "input_noise" not in [layer.name for layer in encoder.layers]
+    plain, _ = build_autoencoder(N_FEATURES, _cfg(input_noise=0.0))
+    assert "input_noise" not in [layer.name for layer in plain.layers]
+
+    trained = train_autoencoder(blobs[0], _cfg(input_noise=0.5, **FIT))
+    once, again = trained.encoder.encode(blobs[0]), trained.encoder.encode(blobs[0])
+    np.testing.assert_array_equal(once, again)
+    keras_embedding = trained.keras_model.get_layer("encoder").predict(blobs[0], verbose=0)
+    np.testing.assert_allclose(once, keras_embedding, atol=NUMPY_MATCH_ATOL)

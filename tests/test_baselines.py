@@ -302,3 +302,17 @@ def test_bisecting_splits_standard_scaled_data_centred_at_the_origin(spark):
     fitted = bisecting.fit_one(frame, 4, seed=42)
     assert len(fitted.centroids) == 4 and sorted(fitted.cluster_sizes) == [50, 50, 50, 50]
     assert np.allclose(np.mean(fitted.centroids, axis=0), 0.0, atol=1e-9)  # reported unshifted
+
+
+def test_gmm_reg_covar_floors_every_component_variance():
+    """models.gmm.reg_covar: many users sharing one exact value (a spike) give a component almost no
+    spread along it; the term added to the diagonal keeps every covariance eigenvalue above it."""
+    rng = np.random.default_rng(7)
+    blob = rng.normal(0.0, 1.0, size=(300, 3))
+    spike = np.column_stack([rng.normal(4.0, 1.0, size=(300, 2)), np.full(300, 2.0)])  # third value shared
+    points = np.vstack([blob, spike])
+    loose = gmm.fit_sample(points, 2, seed=0, reg_covar=1e-6, min_variance=0.0, max_condition=1e30)
+    floored = gmm.fit_sample(points, 2, seed=0, reg_covar=0.05, min_variance=0.0, max_condition=1e30)
+    smallest = [float(np.linalg.eigvalsh(c).min()) for c in floored.params["covariances"]]
+    assert min(smallest) >= 0.05 - 1e-9
+    assert min(float(np.linalg.eigvalsh(c).min()) for c in loose.params["covariances"]) < 1e-3
