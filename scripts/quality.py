@@ -25,6 +25,8 @@ Sets (DATA_SETS below):
                recency, basket size, price level, time of day, country mix and return rate: no
                views, carts or sessions, and categories only in the description text, which the
                pipeline does not read (as in the real data).
+  overlapping_csv  the overlapping set as REES46 CSV files read through conf/clickstream.yaml, as a
+               new user would bring them (top-level categories only)
 
 The table goes to stdout; `--json FILE` also writes every row as JSON.
 """
@@ -82,6 +84,10 @@ DATA_SETS: dict[str, DataSet] = {
     "overlapping": DataSet("overlapping", "conf/local.yaml"),
     "invoices": DataSet("overlapping", "conf/generated_invoices.yaml", layout="invoices", format="csv",
                         oracle=INVOICE_ORACLE_FEATURES),
+    # The overlapping users as a new user would bring REES46 files: CSV through conf/clickstream.yaml
+    # (top-level categories only, the source's sessions). The generator writes times without " UTC".
+    "overlapping_csv": DataSet("overlapping", "conf/clickstream.yaml", format="csv",
+                               overrides=("input.timestamp_format=yyyy-MM-dd HH:mm:ss",)),
 }
 
 

@@ -41,6 +41,7 @@ import pandas as pd
 from pyspark.ml.feature import VectorAssembler
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, StructField, StructType
 
 from segspark.config import PrepareConfig, SelectionConfig
 from segspark.errors import ConfigError, UsageError
@@ -93,12 +94,12 @@ class FittedPreparation:
     def transform(self, df: DataFrame) -> DataFrame:
         """user_id, the selected prepared features (same names) and the `features_vector` column.
 
-        Only column expressions over the fitted constants: works on any users' features."""
+        Column expressions over the fitted constants, and with quantile scaling one vectorised
+        numpy pass for the rank maps (`rank_mapped`): works on any users' features."""
         _require_columns(df, ["user_id", *self._inputs_needed()], "the DataFrame to prepare")
-        # Two projections: the rank map reads its input at every node of its comparison tree, so the
-        # capped value is computed once below it (Spark does not collapse a projection whose
-        # expensive expressions the one above reads more than once).
         capped = df.select("user_id", *[self.capped(name).alias(name) for name in self.selected])
+        if self.knots:
+            capped = rank_mapped(capped, self.knots)
         prepared = capped.select("user_id", *[self.scaled(F.col(name), name).alias(name) for name in self.selected])
         assembler = VectorAssembler(inputCols=list(self.selected), outputCol=PREPARED_VECTOR, handleInvalid="error")
         return assembler.transform(prepared)
@@ -107,9 +108,8 @@ class FittedPreparation:
         """One selected feature imputed, log1p'd and capped (the input of the scaling)."""
         return _clipped(_logged(_imputed(name, self.impute[name]), name in self.log1p), self.caps[name])
 
-    def scaled(self, capped: Column, name: str) -> Column:
-        """The prepared value from the capped one: rank map (quantile scaling), scale, family weight."""
-        mapped = _rank_map(capped, self.knots[name]) if name in self.knots else capped
+    def scaled(self, mapped: Column, name: str) -> Column:
+        """The prepared value from the capped (and, quantile scaling, rank-mapped) one: scale, family weight."""
         scaled = (mapped - F.lit(self.centre[name])) / F.lit(self.scale[name])
         weight = self.weights.get(name, 1.0)
         return scaled if weight == 1.0 else scaled * F.lit(weight)
@@ -267,14 +267,14 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
     caps, near_constant, knots = _fit_quantiles(before_cap, inputs, cfg)
     capped = before_cap.select(*[_clipped(F.col(name), caps[name]).alias(name) for name in inputs])
     # With quantile scaling the scaling constants and the families come from the rank-mapped values
-    # (Spearman-like correlations); they ride along in the same pass under a suffixed name.
+    # (Spearman-like correlations): the moments pass maps them itself and reports them under a
+    # suffixed name.
     mapped = {name: f"{name}{_MAPPED}" for name in knots}
-    frame = capped.select(*inputs, *[_rank_map(F.col(n), knots[n]).alias(m) for n, m in mapped.items()])
 
     keep = set(cfg.selection.keep)
     # One pass over the capped features gives what the rest needs: the near-constant shares, the
     # correlation matrix, the scaling's centres and spreads and the families' correlations.
-    moments = _column_moments(frame, [*inputs, *mapped.values()], near_constant)
+    moments = _column_moments(capped, inputs, near_constant, knots)
     dropped = _near_constant(moments, near_constant, keep, set(log1p))
     remaining = [n for n in inputs if n not in {d["feature"] for d in dropped}]
     dropped += _correlated(moments, remaining, cfg.selection)
@@ -387,24 +387,34 @@ def _rank_knots(values: Sequence[float], ranks: Sequence[float]) -> list[list[fl
     return [xs, [float(np.mean(g)) for g in groups]]
 
 
-def _rank_map(col: Column, knots: Sequence[Sequence[float]]) -> Column:
-    """The rank map as a column expression: the knots' ranks, linear in between, clamped outside.
-    A binary tree of comparisons (depth log2 of the knots), so each row costs a few comparisons
-    and the generated code stays small for many features."""
+def rank_map_values(values: np.ndarray, knots: Sequence[Sequence[float]]) -> np.ndarray:
+    """The rank map of `values`: the knots' ranks, linear in between, clamped outside (np.interp;
+    one knot: its rank). Fitting and `rank_mapped` both call this, so they agree to the bit."""
     xs, ps = knots
-    if len(xs) == 1:
-        return F.lit(ps[0])
+    return np.interp(values, xs, ps)
 
-    def segment(lo: int, hi: int) -> Column:  # the segments between knots lo .. hi
-        if hi - lo == 1:
-            slope = (ps[hi] - ps[lo]) / (xs[hi] - xs[lo])
-            return F.lit(ps[lo]) + (col - F.lit(xs[lo])) * F.lit(slope)
-        mid = (lo + hi) // 2
-        return F.when(col < F.lit(xs[mid]), segment(lo, mid)).otherwise(segment(mid, hi))
 
-    return (F.when(col <= F.lit(xs[0]), F.lit(ps[0]))
-            .when(col >= F.lit(xs[-1]), F.lit(ps[-1]))
-            .otherwise(segment(0, len(xs) - 1)))
+def rank_mapped(frame: DataFrame, knots: Mapping[str, Sequence[Sequence[float]]]) -> DataFrame:
+    """`frame` with each column named in `knots` replaced by its rank map, in one vectorised pass
+    (mapInArrow; the other columns pass through). As Spark expressions the maps of a few dozen
+    features exceed the JVM's 64 KB method limit, and whole-stage code generation then fails."""
+    import pyarrow as pa
+
+    mapped = {name: ([float(x) for x in xs], [float(p) for p in ps]) for name, (xs, ps) in knots.items()}
+
+    def run(batches):
+        for batch in batches:
+            columns = [
+                pa.array(rank_map_values(batch.column(i).to_numpy(zero_copy_only=False).astype(float), mapped[name]),
+                         type=pa.float64())
+                if name in mapped else batch.column(i)
+                for i, name in enumerate(batch.schema.names)
+            ]
+            yield pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+    schema = StructType([StructField(f.name, DoubleType(), f.nullable) if f.name in mapped else f
+                         for f in frame.schema.fields])
+    return frame.mapInArrow(run, schema)
 
 
 def _families(moments: _Moments, selected: list[str], columns: list[str], min_abs_r: float) -> list[list[str]]:
@@ -454,20 +464,29 @@ class _Moments:
         return self.names.index(name)
 
 
-def _column_moments(capped: DataFrame, names: list[str], candidates: Mapping[str, float]) -> _Moments:
-    """Count, means, the centred scatter matrix, minima and maxima of `names`, and the share of users
-    at each near-constant candidate's value: one Spark job. Every partition returns its exact
+def _column_moments(
+    capped: DataFrame, names: list[str], candidates: Mapping[str, float],
+    knots: Mapping[str, Sequence[Sequence[float]]] | None = None,
+) -> _Moments:
+    """Count, means, the centred scatter matrix, minima and maxima of `names` (followed by the
+    rank-mapped `<name>__rank` of every feature with `knots`), and the share of users at each
+    near-constant candidate's value: one Spark job. Every partition returns its exact
     statistics (numpy, centred on its own means), merged on the driver with the pairwise update of
     Chan, Golub and LeVeque, so no precision is lost to large offsets. The preparation imputes
     before this, so there are no nulls; a NaN value propagates into its column's statistics, as in
     Spark's own aggregates."""
-    d = len(names)
-    targets = np.array([candidates.get(n, np.nan) for n in names])
+    knots = dict(knots or {})
+    ranked = list(knots)
+    columns = [*names, *[f"{n}{_MAPPED}" for n in ranked]]
+    d = len(columns)
+    targets = np.array([candidates.get(n, np.nan) for n in columns])
 
     def partition(batches):
         stats = _Partial(d)
         for batch in batches:
             x = batch[names].to_numpy(dtype=float)
+            if ranked:
+                x = np.column_stack([x, *[rank_map_values(batch[n].to_numpy(dtype=float), knots[n]) for n in ranked]])
             if len(x):
                 stats.add(x, targets)
         yield pd.DataFrame({"stats": [stats.to_bytes()]})
@@ -477,7 +496,8 @@ def _column_moments(capped: DataFrame, names: list[str], candidates: Mapping[str
         total.merge(_Partial.from_bytes(row["stats"], d))
     if total.rows == 0:
         raise ValueError("cannot fit the preparation on an empty DataFrame (no users)")
-    shares = {n: float(total.at[i] / total.rows) for i, n in enumerate(names) if n in candidates}
+    shares = {n: float(total.at[i] / total.rows) for i, n in enumerate(columns) if n in candidates}
+    names = columns
     return _Moments(names, np.full(d, float(total.rows)), total.mean, total.scatter, total.low, total.high, shares)
 
 
