@@ -13,8 +13,9 @@ near-constant check (and the quantile knots), and one pass of per-partition nump
 (`_column_moments`) that gives the near-constant shares, the d x d Pearson correlation matrix, the
 scaling constants and the correlations the families are built from. The result, `FittedPreparation`, is plain
 data: it is saved as JSON with the run, and its `transform` is a select of column expressions over
-those constants, so scoring other users applies the training run's preparation and never refits
-it on the data being scored.
+those constants (plus, with quantile scaling, one vectorised numpy pass for the rank maps), so
+scoring other users applies the training run's preparation and never refits it on the data being
+scored.
 
 Selection is unsupervised: a feature is dropped when at least `near_constant_share` of the users
 have one value, or when its |Pearson r| with an already kept feature exceeds `max_abs_correlation`
