@@ -58,7 +58,7 @@ from segspark.config import load_config  # noqa: E402
 from segspark.datagen import GenerateSpec, write_dataset  # noqa: E402
 from segspark.features import user_features  # noqa: E402
 from segspark.io.readers import read_raw_events  # noqa: E402
-from segspark.session import get_spark  # noqa: E402
+from segspark.runtime.session import get_spark  # noqa: E402
 
 EVENTS_PER_USER = 50  # the generator's default mix gives about this many events per user
 
@@ -126,11 +126,11 @@ def prepared_users(spark, args):
     --scale events. The features are computed once by the pipeline (run "bench") and cached under --work."""
     import numpy as np
 
-    from segspark import pipeline
     from segspark.features.catalog import feature_columns
     from segspark.io.delta import read_table
     from segspark.models.prepare import fit_preparation
-    from segspark.session import right_sized
+    from segspark.runtime.session import right_sized
+    from segspark.usecases import pipeline
 
     scale = (args.scale or [50_000_000])[0]
     events = ensure_events(spark, scale, Path(args.work))
@@ -154,11 +154,11 @@ def suite_baselines(spark, args):
     from pyspark.ml.clustering import KMeans as SparkKMeans
     from sklearn.cluster import KMeans as SkKMeans
 
-    from segspark import pipeline
     from segspark.models import kmeans
     from segspark.models.prepare import PREPARED_VECTOR
     from segspark.models.sample import collect_user_sample
-    from segspark.segments import train_baselines
+    from segspark.segments.train import train_baselines
+    from segspark.usecases import pipeline
 
     cfg, prep, prepared, users, matrix = prepared_users(spark, args)
     k, iterations = 6, 20
@@ -204,8 +204,8 @@ def suite_baselines(spark, args):
 
     from segspark.evaluation.selection import curve_from_grid
     from segspark.models.sample_grid import Cell, run_grid
-    from segspark.segments import MODEL_MODULES, model_options
-    from segspark.session import task_slots
+    from segspark.runtime.session import task_slots
+    from segspark.segments.train import MODEL_MODULES, model_options
 
     largest = collect_user_sample(prepared, prep.selected, max(args.sample_sizes), users, selection.sample_seed)
     for size in sorted(args.sample_sizes):
@@ -246,9 +246,9 @@ def suite_scoring(spark, args):
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from segspark.models.autoencoder import train_autoencoder
-    from segspark.models.density import fit_hdbscan
-    from segspark.scoring import deep_scores
+    from segspark.models.deep.autoencoder import train_autoencoder
+    from segspark.models.deep.density import fit_hdbscan
+    from segspark.models.deep.scoring import deep_scores
 
     cfg, _, prepared, users, matrix = prepared_users(spark, args)
     ae_cfg, hdb_cfg = cfg.models.autoencoder, cfg.models.hdbscan
@@ -317,8 +317,8 @@ def suite_streaming(spark, args):
     import shutil
     import threading
 
-    from segspark import pipeline
     from segspark.streaming import job
+    from segspark.usecases import pipeline
 
     scale = (args.scale or [200_000])[0]
     work = Path(args.work) / f"stream-{scale}"

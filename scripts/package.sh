@@ -114,9 +114,9 @@ else
   PYTHONPATH=$(ls "$spark_home"/python/lib/pyspark.zip "$spark_home"/python/lib/py4j-*-src.zip | paste -sd:) \
     PYTHONNOUSERSITE=1 "$env_dir/bin/python" -c '
 import importlib, sys
-for name in ("segspark.scoring", "segspark.models.sample_grid", "segspark.models.gmm", "segspark.models.kmeans",
-             "segspark.models.bisecting", "segspark.models.prepare", "segspark.models.density",
-             "segspark.models.encoder", "segspark.models.knn", "segspark.datagen"):
+for name in ("segspark.models.deep.scoring", "segspark.models.sample_grid", "segspark.models.gmm", "segspark.models.kmeans",
+             "segspark.models.bisecting", "segspark.models.prepare", "segspark.models.deep.density",
+             "segspark.models.deep.encoder", "segspark.models.deep.knn", "segspark.datagen"):
     importlib.import_module(name)
 assert "tensorflow" not in sys.modules, "tensorflow imported on the executor side"
 ' || { echo "package: the executor environment cannot import segspark's executor code (locks/executor.in)" >&2; exit 1; }

@@ -40,7 +40,7 @@ from sklearn.mixture import GaussianMixture  # noqa: E402
 from segspark.config import load_config  # noqa: E402
 from segspark.features.catalog import feature_columns  # noqa: E402
 from segspark.models.prepare import fit_preparation  # noqa: E402
-from segspark.session import get_spark  # noqa: E402
+from segspark.runtime.session import get_spark  # noqa: E402
 
 LEVERS: dict[str, list[str]] = {
     "standard": ["prepare.scaling=standard", "prepare.families.enabled=false"],

@@ -52,7 +52,7 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 from segspark import pipeline  # noqa: E402
 from segspark.config import load_config  # noqa: E402
 from segspark.datagen import GenerateSpec, write_dataset  # noqa: E402
-from segspark.session import get_spark  # noqa: E402
+from segspark.runtime.session import get_spark  # noqa: E402
 
 # The oracle's hand-chosen features (feature -> logged: log1p where heavy-tailed), as in the usual
 # analyst's recipe for the layout.

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 import click
 
-from segspark import progress
 from segspark.errors import UsageError
-from segspark.redaction import redact_text
+from segspark.runtime import progress
+from segspark.runtime.redaction import redact_text
 
 log = logging.getLogger("segspark")
 
@@ -63,12 +63,12 @@ def _configure_logging(verbose: bool, quiet: bool, log_format: str = "text") -> 
 
 @contextmanager
 def _session(app_name: str, master: str | None = None, conf: dict | None = None, remote: str | None = None):
-    from segspark.session import spark_session
+    from segspark.runtime.session import spark_session
 
     with spark_session(app_name, master or "local[2]", conf, remote) as spark:
         if _is_job():
             # A jobs/*.py entry point: say what the job runs on (master, executors, their Python).
-            from segspark.cluster import log_cluster
+            from segspark.runtime.cluster import log_cluster
 
             log_cluster(spark)
         yield spark
@@ -80,15 +80,15 @@ def _is_job() -> bool:
 
 
 def _run_id(ctx, param, value: str | None) -> str | None:
-    """--run-id must match the run-id pattern (segspark.run_ids) before anything starts."""
-    from segspark.run_ids import check_run_id
+    """--run-id must match the run-id pattern (segspark.runtime.run_ids) before anything starts."""
+    from segspark.runtime.run_ids import check_run_id
 
     return None if value is None else check_run_id(value)
 
 
 def _batch_run_id(run_id: str | None, cfg) -> None:
     """A batch command's --run-id outside the stream's namespace, checked before Spark starts."""
-    from segspark.run_ids import check_batch_run_id
+    from segspark.runtime.run_ids import check_batch_run_id
 
     if run_id is not None:
         check_batch_run_id(run_id, cfg.streaming.app_id)
@@ -205,8 +205,8 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
       segspark run --config conf/local.yaml --run-id daily-2026-10-31 --as-of 2026-10-31 \\
           --set input.path=/data/events output.root=/tmp/segspark
     """
-    from segspark import pipeline
     from segspark.config import load_config
+    from segspark.usecases import pipeline
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
@@ -244,7 +244,7 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
         return
     if cfg is None:
         raise click.UsageError("give --config FILE (or --list for the feature catalog)")
-    from segspark import pipeline
+    from segspark.usecases import pipeline
 
     _batch_run_id(run_id, cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
@@ -274,8 +274,8 @@ def train_command(config_path, run_id, as_of, overrides, more_overrides) -> None
       segspark features --config conf/local.yaml --run-id 2026-11-30
       segspark train --config conf/local.yaml --run-id 2026-11-30 --set models.gmm.enabled=false
     """
-    from segspark import pipeline
     from segspark.config import load_config
+    from segspark.usecases import pipeline
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
@@ -303,13 +303,13 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
       segspark score --config conf/local.yaml --bundle out/local/_models/2026-10-31 \\
           --set input.path=/data/events-november
     """
-    from segspark import pipeline
     from segspark.config import load_config
+    from segspark.usecases import pipeline
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
-    from segspark.bundle_models import bundle_signing
-    from segspark.models.bundle import open_bundle
+    from segspark.bundle.manifest import open_bundle
+    from segspark.bundle.store import bundle_signing
 
     # A broken, tampered or (with bundle.signing_key_env) unsigned bundle fails now, before Spark starts.
     open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))
@@ -344,8 +344,8 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     if bundle_dir is not None:
-        from segspark.bundle_models import bundle_signing
-        from segspark.models.bundle import open_bundle
+        from segspark.bundle.manifest import open_bundle
+        from segspark.bundle.store import bundle_signing
 
         open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))  # a broken bundle fails now, before Spark starts
     # A live stream on this app_id, or a checkpoint that does not own the tables, fails now, before

@@ -23,8 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segspark.errors import ConfigError
-from segspark.redaction import redact
-from segspark.run_ids import RUN_ID_PATTERN, RUN_ID_RULE
+from segspark.runtime.redaction import redact
+from segspark.runtime.run_ids import RUN_ID_PATTERN, RUN_ID_RULE
 
 log = logging.getLogger(__name__)
 

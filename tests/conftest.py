@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from segspark.session import get_spark
+from segspark.runtime.session import get_spark
 
 # The same results on any machine: before any JVM starts, the process runs in UTC (pyspark turns naive
 # datetimes into timestamps, and collected timestamps back into datetimes, in the machine's zone) and

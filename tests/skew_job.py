@@ -19,7 +19,7 @@ from segspark import ingest  # noqa: E402
 from segspark.config import load_config  # noqa: E402
 from segspark.features import user_features  # noqa: E402
 from segspark.io.readers import read_raw_events  # noqa: E402
-from segspark.session import spark_session  # noqa: E402
+from segspark.runtime.session import spark_session  # noqa: E402
 
 HEAVY = 1
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from segspark.config import AutoencoderConfig
-from segspark.models.autoencoder import NUMPY_MATCH_ATOL
-from segspark.models.encoder import NumpyEncoder
+from segspark.models.deep.autoencoder import NUMPY_MATCH_ATOL
+from segspark.models.deep.encoder import NumpyEncoder
 
 N_FEATURES = 12
 FIT = {"learning_rate": 0.01, "epochs": 5}  # enough for the blobs to come apart in the embedding
@@ -42,7 +42,7 @@ def blobs() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def trained(blobs):
-    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.deep.autoencoder import train_autoencoder
 
     names = [f"f{i}" for i in range(N_FEATURES)]
     return train_autoencoder(blobs[0], _cfg(**FIT), feature_names=names)
@@ -60,7 +60,7 @@ def _small_encoder(**kwargs) -> NumpyEncoder:
 @pytest.mark.parametrize("variational", [False, True], ids=["ae", "vae"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "elu", "selu"])
 def test_numpy_encoder_matches_keras(activation, variational):
-    from segspark.models.autoencoder import build_autoencoder, from_keras
+    from segspark.models.deep.autoencoder import build_autoencoder, from_keras
 
     cfg = _cfg(activation=activation, variational=variational, hidden_layers=[16, 8], embedding_size=4)
     _, encoder = build_autoencoder(N_FEATURES, cfg)
@@ -119,7 +119,7 @@ def test_embeddings_separate_the_blobs(trained, blobs):
 
 
 def test_same_seed_is_bit_identical_and_another_seed_differs(trained, blobs):
-    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.deep.autoencoder import train_autoencoder
 
     x = blobs[0]
     names = [f"f{i}" for i in range(N_FEATURES)]
@@ -135,7 +135,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(trained, blobs):
 
 
 def test_early_stopping_stops_and_restores_the_best_weights(blobs):
-    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.deep.autoencoder import train_autoencoder
 
     # A learning rate this large makes the validation loss jump around, so patience 1 runs out.
     cfg = _cfg(epochs=40, patience=1, learning_rate=0.5, batch_size=16)
@@ -155,7 +155,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(blobs):
 
 
 def test_no_validation_split_monitors_training_loss_and_caps_the_sample(blobs):
-    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.deep.autoencoder import train_autoencoder
 
     result = train_autoencoder(blobs[0], _cfg(validation_split=0.0, epochs=2, sample_size=400))
     h = result.history
@@ -165,7 +165,7 @@ def test_no_validation_split_monitors_training_loss_and_caps_the_sample(blobs):
 
 
 def test_vae_trains_saves_and_reloads_in_a_fresh_process(blobs, tmp_path):
-    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.deep.autoencoder import train_autoencoder
 
     x = blobs[0][:400]
     result = train_autoencoder(x, _cfg(variational=True, kl_weight=0.5))
@@ -193,8 +193,8 @@ def test_vae_trains_saves_and_reloads_in_a_fresh_process(blobs, tmp_path):
         f"""
         import json
         import numpy as np
-        from segspark.models.autoencoder import load_keras_model
-        from segspark.models.encoder import NumpyEncoder
+        from segspark.models.deep.autoencoder import load_keras_model
+        from segspark.models.deep.encoder import NumpyEncoder
         x = np.load({str(tmp_path / "x.npy")!r})
         model = load_keras_model({paths["keras_model"]!r})
         z_keras = np.asarray(model.encoder(x, training=False)[0])
@@ -210,7 +210,7 @@ def test_vae_trains_saves_and_reloads_in_a_fresh_process(blobs, tmp_path):
 
 
 def test_plain_autoencoder_saves_and_reloads(trained, blobs, tmp_path):
-    from segspark.models.autoencoder import load_keras_model
+    from segspark.models.deep.autoencoder import load_keras_model
 
     paths = trained.save(tmp_path / "ae")
     model = load_keras_model(paths["keras_model"])
@@ -236,14 +236,14 @@ def test_plain_autoencoder_saves_and_reloads(trained, blobs, tmp_path):
     ],
 )
 def test_bad_input(sample, overrides, message):
-    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.deep.autoencoder import train_autoencoder
 
     with pytest.raises(ValueError, match=message):
         train_autoencoder(sample, _cfg(**overrides))
 
 
 def test_non_finite_input_names_counts_and_columns():
-    from segspark.models.autoencoder import train_autoencoder
+    from segspark.models.deep.autoencoder import train_autoencoder
 
     x = np.zeros((300, 4), np.float32)
     x[[1, 2, 3], 1] = np.nan
@@ -314,7 +314,7 @@ def test_save_load_and_bytes_round_trip(tmp_path):
 
 def test_importing_the_modules_does_not_import_tensorflow():
     code = (
-        "import sys, segspark.models.encoder, segspark.models.autoencoder; "
+        "import sys, segspark.models.deep.encoder, segspark.models.deep.autoencoder; "
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; assert not bad, bad"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -324,7 +324,7 @@ def test_importing_the_modules_does_not_import_tensorflow():
 def test_denoising_noise_acts_only_while_training(blobs):
     """models.autoencoder.input_noise: a GaussianNoise layer corrupts the training inputs; the encoder
     that embeds users has none, so embeddings are deterministic and the NumPy encoder matches it."""
-    from segspark.models.autoencoder import build_autoencoder, train_autoencoder
+    from segspark.models.deep.autoencoder import build_autoencoder, train_autoencoder
 
     model, encoder = build_autoencoder(N_FEATURES, _cfg(input_noise=0.5))
     assert "input_noise" in [layer.name for layer in model.layers]

@@ -187,7 +187,7 @@ def test_three_users_narrow_the_k_range_with_a_warning(tmp_path):
 
 def test_each_model_says_how_many_users_it_needs():
     from segspark.config import load_config
-    from segspark.segments import users_check
+    from segspark.segments.train import users_check
 
     models = load_config(CONFIG).models
     with pytest.raises(NotEnoughUsersError) as error:

@@ -10,9 +10,9 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.metrics import adjusted_rand_score
 
+from segspark.bundle.models import load_fitted, save_fitted
 from segspark.models import bisecting, gmm, kmeans
 from segspark.models.gmm import DegenerateModelError, degeneracy_reasons
-from segspark.models.persist import load_fitted, save_fitted
 
 CENTRES = np.array([[0.0, 0.0, 0.0], [5.0, 5.0, 0.0], [0.0, 6.0, 6.0]])
 PER_BLOB = 500

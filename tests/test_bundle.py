@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
 
-from segspark.errors import UsageError
-from segspark.models.bundle import (
+from segspark.bundle.manifest import (
     FEATURE_SPEC_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -21,6 +20,7 @@ from segspark.models.bundle import (
     open_bundle,
     write_manifest,
 )
+from segspark.errors import UsageError
 
 TRAIN_SCHEMA = StructType(
     [
@@ -286,7 +286,7 @@ def test_paths_read_from_a_bundle_are_confined_to_it(bundle, tmp_path):
 
 
 def test_load_fitted_refuses_a_model_path_outside_the_bundle(bundle, tmp_path):
-    from segspark.models.persist import load_fitted
+    from segspark.bundle.models import load_fitted
 
     elsewhere = tmp_path / "elsewhere" / "model"
     elsewhere.mkdir(parents=True)
@@ -309,14 +309,14 @@ KEY_ENV = "SEGSPARK_TEST_BUNDLE_KEY"
 
 @pytest.fixture
 def key(monkeypatch):
-    from segspark.models.bundle import signing_key_from_env
+    from segspark.bundle.manifest import signing_key_from_env
 
     monkeypatch.setenv(KEY_ENV, "k" * 32)
     return signing_key_from_env(KEY_ENV)
 
 
 def test_signed_manifest_verifies_and_an_edit_with_new_checksums_does_not(bundle, key, monkeypatch):
-    from segspark.models.bundle import SIGNATURE_NAME, signing_key_from_env
+    from segspark.bundle.manifest import SIGNATURE_NAME, signing_key_from_env
 
     with pytest.raises(BundleError, match=rf"is not signed \(manifest.sig is missing\).*\${KEY_ENV}"):
         open_bundle(bundle, signing=key)
@@ -348,8 +348,8 @@ def test_signed_manifest_verifies_and_an_edit_with_new_checksums_does_not(bundle
 
 
 def test_signing_key_must_be_in_the_environment(monkeypatch):
+    from segspark.bundle.manifest import signing_key_from_env
     from segspark.errors import ConfigError
-    from segspark.models.bundle import signing_key_from_env
 
     assert signing_key_from_env(None) is None
     monkeypatch.delenv(KEY_ENV, raising=False)

@@ -5,8 +5,8 @@ Expected figures are computed independently with pandas from the same CSV file."
 import pandas as pd
 import pytest
 
-from segspark import pipeline
 from segspark.config import load_config
+from segspark.usecases import pipeline
 
 from .conftest import REPO
 from .test_pipeline import rows_of

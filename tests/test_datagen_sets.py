@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from segspark import pipeline
 from segspark.cli import main
 from segspark.datagen import (
     DEEP_CATEGORIES,
@@ -20,6 +19,7 @@ from segspark.datagen import (
     generate_block,
     write_dataset,
 )
+from segspark.usecases import pipeline
 
 from .conftest import data_lines
 

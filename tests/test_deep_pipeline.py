@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from segspark import pipeline
-from segspark.bundle_models import load_bundle
-from segspark.cli import main
-from segspark.models.bundle import (
+from segspark.bundle.manifest import (
     SIGNATURE_NAME,
     BundleError,
     open_bundle,
     signing_key_from_env,
     write_manifest,
 )
+from segspark.bundle.store import load_bundle
+from segspark.cli import main
+from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, REPO
 

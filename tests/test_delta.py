@@ -12,7 +12,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from segspark.io.delta import STAGE_PREFIX, _sql_predicate, read_table, table_exists, write_table
-from segspark.session import has_delta_connector
+from segspark.runtime.session import has_delta_connector
 
 SCHEMA = "run_id string, user_id long, amount double, ts timestamp, day date"
 UTC = dt.UTC

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from segspark.config import HdbscanConfig
-from segspark.models import density
-from segspark.models.density import FittedHdbscan, SlimHdbscan, fit_hdbscan
+from segspark.models.deep.density import FittedHdbscan, SlimHdbscan, fit_hdbscan
+from segspark.models.deep import density
 
 DIMS = 6
 

@@ -8,7 +8,7 @@ from pyspark.sql import Row
 from segspark.config import FeaturesConfig
 from segspark.features import user_features
 from segspark.features.catalog import catalog
-from segspark.schema import EVENTS
+from segspark.io.catalog import EVENTS
 
 AS_OF = dt.date(2026, 10, 10)
 

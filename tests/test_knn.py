@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.neighbors import KDTree
 
-from segspark.models.knn import CompiledKDTree
+from segspark.models.deep.knn import CompiledKDTree
 
 
 def _clustered(seed: int, rows: int, dims: int) -> np.ndarray:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from segspark import pipeline
+from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, REPO
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from segspark import pipeline
+from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, data_lines
 

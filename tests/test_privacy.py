@@ -15,10 +15,11 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from segspark import ingest, pipeline
+from segspark import ingest
 from segspark.errors import ConfigError, UsageError
+from segspark.ingest.privacy import MIN_KEY_BYTES, Protection, pseudonym, pseudonym_of, resolve_protection
 from segspark.io.readers import read_raw_events
-from segspark.privacy import MIN_KEY_BYTES, Protection, pseudonym, pseudonym_of, resolve_protection
+from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, REPO, data_lines
 

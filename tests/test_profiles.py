@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segspark.evaluation.profiles import (
+from segspark.segments.profiles import (
     NOISE_NAME,
     SEGMENT_PROFILES,
     name_segment,

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from segspark import progress
+from segspark.runtime import progress
 
 from .conftest import REPO
 

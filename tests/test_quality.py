@@ -6,8 +6,8 @@ import pytest
 from deltalake import DeltaTable
 from sklearn.metrics import adjusted_rand_score
 
-from segspark import pipeline
 from segspark.datagen import PERSONAS, GenerateSpec, write_dataset
+from segspark.usecases import pipeline
 
 from .conftest import REPO
 

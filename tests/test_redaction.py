@@ -1,4 +1,4 @@
-"""The one redaction (segspark.redaction) on real-world secret shapes, and where it is applied: the
+"""The one redaction (segspark.runtime.redaction) on real-world secret shapes, and where it is applied: the
 logged config, the report's configuration table (MLflow params: tests/test_tracking.py)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from deltalake import DeltaTable
 
 from segspark.config import load_config
-from segspark.redaction import MASK, is_secret_key, redact, redact_text
+from segspark.runtime.redaction import MASK, is_secret_key, redact, redact_text
 
 from .conftest import REPO
 

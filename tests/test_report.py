@@ -20,7 +20,6 @@ import shutil
 import pandas as pd
 import pytest
 
-from segspark import pipeline
 from segspark.cli import main
 from segspark.config import load_config
 from segspark.io.delta import write_table
@@ -29,6 +28,7 @@ from segspark.report import write_report
 from segspark.report.figures import draw_data_quality, draw_transitions, png, segment_label
 from segspark.report.html import FigureBlock, Note, Section, Table, render_page
 from segspark.streaming.job import DRIFT_SCHEMA
+from segspark.usecases import pipeline
 
 from .chromium import Chromium, find_chromium
 from .conftest import FAST_MODELS, REPO

@@ -15,7 +15,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from segspark.cli import main
 from segspark.errors import UsageError
-from segspark.run_ids import RunIdError, check_batch_run_id, check_run_id
+from segspark.runtime.run_ids import RunIdError, check_batch_run_id, check_run_id
 
 from .conftest import FAST_MODELS, REPO
 
@@ -102,8 +102,8 @@ def test_every_command_refuses_a_bad_run_id_before_any_work(earlier_run, capsys,
 
 
 def test_library_refuses_a_nested_run_id(spark, earlier_run, make_config):
-    from segspark import pipeline
-    from segspark.bundle_models import bundle_location
+    from segspark.bundle.store import bundle_location
+    from segspark.usecases import pipeline
 
     out, events = earlier_run
     cfg = make_config(f"input.path={events}", "input.format=json", f"output.root={out}", *ONLY_KMEANS)
@@ -149,8 +149,8 @@ def test_report_refuses_a_bad_run_id_read_back_for_its_folder(copied_run, capsys
 
 
 def test_batch_run_ids_cannot_collide_with_stream_batch_ids(spark, earlier_run, make_config, capsys):
-    from segspark import pipeline
     from segspark.streaming.micro_batch import batch_run_id
+    from segspark.usecases import pipeline
 
     out, events = earlier_run
     cfg = make_config(f"input.path={events}", "input.format=json", f"output.root={out}")
@@ -177,7 +177,7 @@ def test_valid_run_ids(run_id):
 
 
 def test_default_run_ids_match_the_pattern():
-    from segspark.pipeline import new_run_id
+    from segspark.usecases.pipeline import new_run_id
 
     assert check_batch_run_id(new_run_id(), "segspark-stream")
 
@@ -191,7 +191,7 @@ def test_stream_app_id_follows_the_run_id_rule():
 
 
 def test_start_bundle_deletes_only_inside_the_models_folder(tmp_path):
-    from segspark.bundle_models import start_bundle
+    from segspark.bundle.store import start_bundle
 
     owner = tmp_path / "_models"
     (owner / "r1").mkdir(parents=True)

@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from segspark.evaluation.segment_ids import (
+from segspark.segments.ids import (
     SEGMENT_TRANSITIONS,
     apply_mapping,
     match_segments,

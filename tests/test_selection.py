@@ -150,7 +150,7 @@ def test_k_chosen_on_a_sample_is_the_k_chosen_on_every_user(spark, planted):
 
     from segspark.config import ModelsConfig
     from segspark.models.sample import collect_user_sample
-    from segspark.segments import MODEL_MODULES, model_options, train_baselines
+    from segspark.segments.train import MODEL_MODULES, model_options, train_baselines
 
     prepared, columns, truth = planted
     models = ModelsConfig()

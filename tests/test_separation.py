@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import silhouette_samples, silhouette_score
 
-from segspark.evaluation.separation import segment_silhouettes, separation
+from segspark.segments.separation import segment_silhouettes, separation
 
 
 def blobs():

@@ -21,7 +21,7 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.find_spark_home import _find_spark_home
 
-from segspark.privacy import pseudonym_of
+from segspark.ingest.privacy import pseudonym_of
 
 from .conftest import FAST_MODELS, REPO
 

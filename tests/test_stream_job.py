@@ -19,7 +19,7 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from segspark import ingest, pipeline
+from segspark import ingest
 from segspark.cli import main
 from segspark.features import user_features
 from segspark.io.delta import read_table
@@ -34,6 +34,7 @@ from segspark.streaming.identity import (
     TableCommits,
     check_identity,
 )
+from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, REPO, data_lines
 
@@ -278,8 +279,8 @@ def test_an_app_id_whose_batch_ids_a_batch_run_took_is_refused(spark, tmp_path):
     import datetime as dt
 
     from segspark.config import load_config
+    from segspark.io.catalog import RUNS
     from segspark.io.tables import write_run_rows
-    from segspark.schema import RUNS
 
     cfg = load_config(REPO / "conf/local.yaml", [f"output.root={tmp_path / 'out'}", "streaming.app_id=nightly"])
     now = dt.datetime.now(dt.UTC)

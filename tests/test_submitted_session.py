@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from segspark.cluster import describe_cluster
-from segspark.session import is_submit_line_key, submitted_job_conf
+from segspark.runtime.cluster import describe_cluster
+from segspark.runtime.session import is_submit_line_key, submitted_job_conf
 
 
 def test_config_cannot_override_what_the_submit_line_owns(caplog):
@@ -21,7 +21,7 @@ def test_config_cannot_override_what_the_submit_line_owns(caplog):
     }
     submitted = {"spark.master": "spark://10.0.0.1:7077", "spark.driver.memory": "1g",
                  "spark.executor.memory": "4g", "spark.sql.shuffle.partitions": "200"}
-    with caplog.at_level(logging.WARNING, logger="segspark.session"):
+    with caplog.at_level(logging.WARNING, logger="segspark.runtime.session"):
         applied = submitted_job_conf(conf, submitted)
     # Only what the submit line neither owns nor set is applied.
     assert applied == {"spark.sql.adaptive.enabled": "true"}
@@ -35,7 +35,7 @@ def test_config_cannot_override_what_the_submit_line_owns(caplog):
 
 
 def test_nothing_to_warn_about_when_config_agrees(caplog):
-    with caplog.at_level(logging.WARNING, logger="segspark.session"):
+    with caplog.at_level(logging.WARNING, logger="segspark.runtime.session"):
         applied = submitted_job_conf({"spark.sql.shuffle.partitions": "8"}, {"spark.sql.shuffle.partitions": "8"})
     assert applied == {"spark.sql.shuffle.partitions": "8"} and not caplog.records
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from segspark.config import MlflowConfig
-from segspark.tracking import (
+from segspark.io.tracking import (
     BUNDLE_ARTIFACT_PATH,
     MAX_PARAM_VALUE,
     TRUNCATED,
@@ -164,7 +164,7 @@ def test_no_tracking_uri_does_nothing_and_imports_no_mlflow():
         """
         import sys
         from segspark.config import MlflowConfig
-        from segspark.tracking import check_tracking, log_run
+        from segspark.io.tracking import check_tracking, log_run
         check_tracking(MlflowConfig())
         assert log_run(MlflowConfig(), run_id="r", params={"a": 1}, metrics={"m": 1.0}, bundle_dir="/nope") is None
         assert "mlflow" not in sys.modules, "mlflow was imported"
@@ -175,7 +175,7 @@ def test_no_tracking_uri_does_nothing_and_imports_no_mlflow():
 
 
 def test_metric_filter_edge_cases():
-    from segspark.tracking import metric_items
+    from segspark.io.tracking import metric_items
 
     assert metric_items({"a": 1, "b": -math.inf, "c": {"d": 2.5}, "e": False}) == {
         "a": 1.0,
@@ -185,7 +185,7 @@ def test_metric_filter_edge_cases():
 
 
 def test_sqlite_artifacts_go_next_to_the_database(tmp_path, monkeypatch):
-    from segspark.tracking import default_artifact_location
+    from segspark.io.tracking import default_artifact_location
 
     assert (
         default_artifact_location(f"sqlite:///{tmp_path}/db/mlflow.db")
@@ -210,8 +210,8 @@ def test_database_store_without_sqlalchemy_is_explained(mlflow, tmp_path, monkey
 
 
 def test_a_pipeline_run_logs_its_params_metrics_and_bundle(spark, mlflow, tmp_path, sample_parquet):
-    from segspark import pipeline
     from segspark.config import load_config
+    from segspark.usecases import pipeline
 
     from .conftest import FAST_MODELS, REPO
 
@@ -247,7 +247,7 @@ def test_secrets_in_params_never_reach_mlflow(mlflow, store):
 
 
 def test_bundle_goes_to_mlflow_without_per_user_samples_unless_asked(mlflow, store, bundle, tmp_path):
-    from segspark.models.deep import PER_USER_FILES
+    from segspark.models.deep.model import PER_USER_FILES
 
     for name in PER_USER_FILES:
         (bundle / name).parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ from segspark.io.delta_files import (
     schema_problems,
     table_features,
 )
-from segspark.session import has_delta_connector
+from segspark.runtime.session import has_delta_connector
 
 log = logging.getLogger(__name__)
 

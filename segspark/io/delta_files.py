@@ -128,7 +128,7 @@ def check_timestamp_type(spark: SparkSession) -> None:
     if kind.upper() == "INT96":
         raise ValueError(
             "spark.sql.parquet.outputTimestampType is INT96: delta-rs refuses such timestamps. Set it to "
-            "TIMESTAMP_MICROS (segspark.session.get_spark does) before writing Delta tables"
+            "TIMESTAMP_MICROS (segspark.runtime.session.get_spark does) before writing Delta tables"
         )
 
 

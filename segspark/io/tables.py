@@ -13,7 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 from segspark.config import OutputConfig
 from segspark.errors import ConfigError
 from segspark.io.delta import WriteResult, catalog_name, read_table, table_exists, write_table
-from segspark.session import has_delta_connector
+from segspark.runtime.session import has_delta_connector
 
 
 def uses_catalog(output: OutputConfig) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 from pyspark.ml.clustering import KMeansModel
 from pyspark.sql import DataFrame
 
-from segspark.session import is_connect
+from segspark.runtime.session import is_connect
 
 log = logging.getLogger(__name__)
 

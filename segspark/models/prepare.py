@@ -46,7 +46,7 @@ from pyspark.sql.types import DoubleType, StructField, StructType
 
 from segspark.config import PrepareConfig, SelectionConfig
 from segspark.errors import ConfigError, UsageError
-from segspark.quality import check_finite, non_finite_counts
+from segspark.features.finite import check_finite, non_finite_counts
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def fit_preparation(features: DataFrame, feature_names: Sequence[str], cfg: Prep
 def _fit_imputation(features: DataFrame, rules: Mapping[str, tuple]) -> dict[str, Imputation]:
     """Means, maxima and medians from one agg (nulls ignored); a median is percentile_approx at the
     same relative error as the caps' approxQuantile. The same agg counts the users whose inputs are
-    NaN or infinite (imputation fills nulls only): NonFiniteError names them (segspark.quality)."""
+    NaN or infinite (imputation fills nulls only): NonFiniteError names them (segspark.features.finite)."""
     wanted = {(rule, name) for name, (rule, _, _) in rules.items() if rule in ("mean", "max", "median")}
     # A feature rule falls back to its source's median when the source is null too.
     wanted |= {("median", source) for _, _, source in rules.values() if source}

@@ -20,10 +20,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from segspark.bundle.models import DEEP_MODEL
 from segspark.config import OutputConfig
 from segspark.errors import UsageError
 from segspark.io.tables import output_table_exists, read_output_table
-from segspark.models.persist import DEEP_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import pandas as pd
 from pyspark.sql import SparkSession
 
 from segspark.config import OutputConfig
-from segspark.redaction import redact_text
+from segspark.io.tracking import flatten
 from segspark.report import data, figures
 from segspark.report.html import FigureBlock, Note, Paragraph, Section, Table
 from segspark.report.projection import project
-from segspark.tracking import flatten
+from segspark.runtime.redaction import redact_text
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from segspark.io.files import write_text_file
 from segspark.report import data
 from segspark.report.html import FigureBlock, render_page
 from segspark.report.sections import SECTIONS, ReportContext, Skipped
-from segspark.run_ids import check_run_id, owned_child
+from segspark.runtime.run_ids import check_run_id, owned_child
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class ReportResult:
 
 
 def default_path(cfg: Config, run_id: str) -> str:
-    """`<output.root>/_reports/<run_id>/report.html`, for a valid run id (segspark.run_ids) only; on a
+    """`<output.root>/_reports/<run_id>/report.html`, for a valid run id (segspark.runtime.run_ids) only; on a
     local file system the folder is checked to resolve inside `_reports`."""
     folder = f"{cfg.output.root.rstrip('/')}/_reports"
     check_run_id(run_id, "the run id of the report (its folder under output.root/_reports)")

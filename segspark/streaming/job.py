@@ -42,17 +42,17 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from segspark.bundle_models import LoadedBundle, bundle_signing, bundle_slots, load_bundle, score_with_bundle
+from segspark.bundle.manifest import Manifest
+from segspark.bundle.store import LoadedBundle, bundle_signing, bundle_slots, load_bundle, score_with_bundle
 from segspark.config import Config
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
+from segspark.ingest.privacy import Protection, check_same_pseudonyms, resolve_protection
+from segspark.io.catalog import RUNS
 from segspark.io.delta import read_table, table_exists, write_table
 from segspark.io.tables import read_output_table, table_path, uses_catalog, write_run_rows
-from segspark.models.bundle import Manifest
 from segspark.models.prepare import PREPARED_VECTOR
-from segspark.privacy import Protection, check_same_pseudonyms, resolve_protection
-from segspark.schema import RUNS
-from segspark.session import apply_required_conf
+from segspark.runtime.session import apply_required_conf
 from segspark.streaming import drift, identity
 from segspark.streaming.feature_state import batch_state, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream

@@ -22,10 +22,10 @@ from pyspark.sql import DataFrame, SparkSession
 
 from segspark import ingest
 from segspark.config import Config
+from segspark.ingest.privacy import Protection, resolve_protection
 from segspark.io.delta import write_table
 from segspark.io.readers import check_required_columns
 from segspark.io.tables import table_path
-from segspark.privacy import Protection, resolve_protection
 from segspark.streaming.source import read_event_stream
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any
 
 from pyspark.ml.util import MLReadable
 
-from segspark.models.bundle import BundleError, Manifest, confined
+from segspark.bundle.manifest import BundleError, Manifest, confined
 
 DEEP_MODEL = "ae_hdbscan"
 # model name -> (module, fitted class); the Spark ML fields are recognised by their type
@@ -98,7 +98,7 @@ def load_fitted(name: str, bundle_dir: str, manifest: Manifest | None = None) ->
     ids = {int(a): int(b) for a, b in document["segment_ids"].items()}
     names = {int(a): b for a, b in document["segment_names"].items()}
     if name == DEEP_MODEL:
-        from segspark.models.deep import DENSITY_FILE, ENCODER_FILE, FittedDeep
+        from segspark.models.deep.model import DENSITY_FILE, ENCODER_FILE, FittedDeep
 
         file(ENCODER_FILE, "the encoder of ae_hdbscan")
         file(DENSITY_FILE, "the HDBSCAN artifact of ae_hdbscan")

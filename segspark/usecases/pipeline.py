@@ -21,8 +21,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from segspark import ingest, progress
-from segspark.bundle_models import (
+from segspark import ingest
+from segspark.bundle.store import (
     bundle_location,
     bundle_signing,
     bundle_slots,
@@ -34,25 +34,28 @@ from segspark.bundle_models import (
 )
 from segspark.config import Config
 from segspark.errors import InputSchemaError, UsageError
-from segspark.evaluation.profiles import SEGMENT_PROFILES
 from segspark.evaluation.sample_metrics import sample_metrics
-from segspark.evaluation.segment_ids import NOISE_SEGMENT
-from segspark.feature_runs import FeatureRun, load_feature_run
 from segspark.features import resolve_slots, user_features
 from segspark.features.behaviour import FeatureSlots
 from segspark.features.catalog import category_slot_names, feature_columns
+from segspark.features.finite import can_be_non_finite, check_finite, non_finite_counts
+from segspark.features.runs import FeatureRun, load_feature_run
+from segspark.ingest.privacy import check_same_pseudonyms, resolve_protection
+from segspark.io.catalog import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
+from segspark.io.catalog import USER_FEATURES_KEYS as KEYS
 from segspark.io.readers import corrupt_file_error, read_with_corrupt_files
 from segspark.io.tables import check_output, read_output_table, table_path, write_run_rows
-from segspark.models import deep
+from segspark.io.tracking import check_tracking, log_run
+from segspark.models.deep import model as deep
 from segspark.models.prepare import fit_preparation
 from segspark.models.sample import UserSample, collect_user_sample
-from segspark.privacy import check_same_pseudonyms, resolve_protection
-from segspark.quality import can_be_non_finite, check_finite, non_finite_counts
-from segspark.redaction import redact_text
-from segspark.run_ids import check_batch_run_id
-from segspark.schema import MODEL_SELECTION, RUNS, USER_SEGMENTS_COLUMNS
-from segspark.schema import USER_FEATURES_KEYS as KEYS
-from segspark.segments import (
+from segspark.runtime import progress
+from segspark.runtime.redaction import redact_text
+from segspark.runtime.run_ids import check_batch_run_id
+from segspark.runtime.session import apply_required_conf, right_sized, share_session
+from segspark.segments.ids import NOISE_SEGMENT
+from segspark.segments.profiles import SEGMENT_PROFILES
+from segspark.segments.train import (
     ModelSegments,
     TrainedModel,
     stable_segments,
@@ -60,8 +63,6 @@ from segspark.segments import (
     transitions_frame,
     users_check,
 )
-from segspark.session import apply_required_conf, right_sized, share_session
-from segspark.tracking import check_tracking, log_run
 
 log = logging.getLogger(__name__)
 

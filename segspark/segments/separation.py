@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import pairwise_distances
 
-from segspark.evaluation.profiles import NOISE_SEGMENT, ranked
+from segspark.segments.profiles import NOISE_SEGMENT, ranked
 
 
 @dataclass(frozen=True)

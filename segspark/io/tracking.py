@@ -17,7 +17,7 @@ Why it looks like this:
   after the models are fitted.
 - With a SQLite store, a new experiment keeps its artifacts beside the database file rather than
   in ./mlruns of whatever directory the job happens to run in.
-- Params and tags pass through the one redaction (segspark.redaction) whoever calls, so `spark.conf`
+- Params and tags pass through the one redaction (segspark.runtime.redaction) whoever calls, so `spark.conf`
   keys such as fs.s3a.secret.key never reach the server; URIs in messages are redacted the same way.
 - A tracking server is often readable by more people than the tables: the bundle's per-user files
   (models.deep.PER_USER_FILES, HDBSCAN's fitting sample of embeddings) are left out of the upload
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from segspark.config import MlflowConfig
 from segspark.errors import UsageError
-from segspark.redaction import redact, redact_text
+from segspark.runtime.redaction import redact, redact_text
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -76,7 +76,7 @@ def log_run(
 ) -> str | None:
     """Log one pipeline run to MLflow; returns the MLflow run id, or None when tracking is off.
 
-    params: redacted (segspark.redaction), nested dicts flattened with dotted keys (the resolved
+    params: redacted (segspark.runtime.redaction), nested dicts flattened with dotted keys (the resolved
     config fits as is); values are stringified (JSON for non-strings) and truncated to MLflow's limit.
     metrics: flattened the same way; finite numbers are logged (bools as 0/1), None, NaN, inf,
     strings and lists are skipped (logged at debug level).
@@ -128,7 +128,7 @@ def log_run(
 
 def _log_bundle(client: MlflowClient, run_id: str, bundle: str, log_samples: bool) -> None:
     """The bundle under "bundle/"; without log_samples, a copy without its per-user files."""
-    from segspark.models.deep import PER_USER_FILES
+    from segspark.models.deep.model import PER_USER_FILES
 
     left_out = [] if log_samples else [name for name in PER_USER_FILES if os.path.exists(os.path.join(bundle, name))]
     if not left_out:

@@ -77,9 +77,9 @@ def deep_scores(prepared: DataFrame, encoder, density) -> DataFrame:
     """user_id, embedding, segment (-1 = noise), probability (membership strength), anomaly_score
     (GLOSH outlier score) for every row of `prepared` (user_id + the prepared vector).
 
-    encoder: segspark.models.encoder.NumpyEncoder; density: segspark.models.density.SlimHdbscan."""
-    from segspark.models.density import SlimHdbscan
-    from segspark.models.encoder import NumpyEncoder
+    encoder: segspark.models.deep.encoder.NumpyEncoder; density: segspark.models.deep.density.SlimHdbscan."""
+    from segspark.models.deep.density import SlimHdbscan
+    from segspark.models.deep.encoder import NumpyEncoder
 
     encoder_bytes, density_bytes = encoder.to_bytes(), density.to_bytes()
     encoder_key = "encoder:" + hashlib.sha256(encoder_bytes).hexdigest()

@@ -25,7 +25,7 @@ Prediction reproduces hdbscan's approximate prediction (hdbscan 0.8.44, `hdbscan
   largest lambda anywhere under the neighbour's cluster (no climbing here, as in hdbscan), floored
   at 0 where hdbscan's goes negative (a new point denser than every training point there).
 
-The neighbour query runs on a compiled KD-tree (`segspark.models.knn`, numba) that returns the
+The neighbour query runs on a compiled KD-tree (`segspark.models.deep.knn`, numba) that returns the
 same distances as hdbscan's scikit-learn KDTree to the last bit, 4x faster on one core, and scales
 over cores (threads query chunks of a batch; 1 inside a Spark task, which owns one core). Equal
 distances are the one thing it may order differently, so any row whose answer reads equal
@@ -71,7 +71,7 @@ import numpy as np
 from sklearn.neighbors import KDTree
 
 from segspark.config import HdbscanConfig
-from segspark.models.knn import CompiledKDTree
+from segspark.models.deep.knn import CompiledKDTree
 from segspark.models.npz import open_npz
 
 log = logging.getLogger(__name__)

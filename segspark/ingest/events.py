@@ -28,10 +28,10 @@ from pyspark.sql.types import (
 )
 
 from segspark.config import InputConfig
+from segspark.ingest.privacy import Protection, pseudonym
+from segspark.io.catalog import EVENT_COLUMNS
 from segspark.io.readers import CORRUPT_COLUMN
-from segspark.privacy import Protection, pseudonym
-from segspark.redaction import redact_text
-from segspark.schema import EVENT_COLUMNS
+from segspark.runtime.redaction import redact_text
 
 REASON = "_reason"
 # Timestamp patterns that Spark's cast to timestamp parses (ISO-8601 family).

@@ -4,7 +4,7 @@ Fitting happens on the driver on bounded, logged samples: prefixes of the run's 
 sample (models.sample), models.autoencoder.sample_size users for the autoencoder and
 models.hdbscan.sample_size of their embeddings for HDBSCAN; nothing proportional to the number of
 users comes back. Assignment of every user runs on the executors
-(segspark.scoring.deep_scores): the numpy encoder and the slim HDBSCAN artifact, shipped in the
+(segspark.models.deep.scoring.deep_scores): the numpy encoder and the slim HDBSCAN artifact, shipped in the
 function closure.
 
 Columns of `assign`: segment (-1 = noise), probability = HDBSCAN membership strength (0 for noise),
@@ -38,8 +38,8 @@ PER_USER_FILES = (DENSITY_FILE,)
 
 @dataclass
 class FittedDeep:
-    encoder: object  # segspark.models.encoder.NumpyEncoder
-    density: object  # segspark.models.density.SlimHdbscan
+    encoder: object  # segspark.models.deep.encoder.NumpyEncoder
+    density: object  # segspark.models.deep.density.SlimHdbscan
     k: int  # clusters found (noise not counted)
     autoencoder_metrics: dict = field(default_factory=dict)
     hdbscan_metrics: dict = field(default_factory=dict)
@@ -54,7 +54,7 @@ class FittedDeep:
 
     def scores(self, prepared: DataFrame) -> DataFrame:
         """user_id, embedding, segment, probability, anomaly_score (executors, one pass)."""
-        from segspark.scoring import deep_scores
+        from segspark.models.deep.scoring import deep_scores
 
         return deep_scores(prepared, self.encoder, self.density)
 
@@ -81,8 +81,8 @@ class FittedDeep:
 
     @classmethod
     def load(cls, bundle_dir: str, metrics: dict | None = None) -> FittedDeep:
-        from segspark.models.density import SlimHdbscan
-        from segspark.models.encoder import NumpyEncoder
+        from segspark.models.deep.density import SlimHdbscan
+        from segspark.models.deep.encoder import NumpyEncoder
 
         root = Path(bundle_dir)
         density = SlimHdbscan.load(str(root / DENSITY_FILE))
@@ -104,7 +104,7 @@ def users_problem(users: int, ae_cfg: AutoencoderConfig, hdb_cfg: HdbscanConfig)
     """Why `users` prepared users are too few for the deep model, with the least number that is
     enough for these settings (None: enough). The same rules as its fit (autoencoder.sample_problem,
     density.sample_problem), so the run stops before any work instead of after the features."""
-    from segspark.models import autoencoder, density
+    from segspark.models.deep import autoencoder, density
 
     def problem(n: int) -> str | None:
         return (autoencoder.sample_problem(min(n, ae_cfg.sample_size), ae_cfg)
@@ -128,8 +128,8 @@ def fit_deep(
 ) -> FittedDeep:
     """Train the autoencoder on the first models.autoencoder.sample_size users of the hash-ordered user
     sample (models.sample), embed its first models.hdbscan.sample_size users and fit HDBSCAN on them."""
-    from segspark.models.autoencoder import train_autoencoder
-    from segspark.models.density import fit_hdbscan
+    from segspark.models.deep.autoencoder import train_autoencoder
+    from segspark.models.deep.density import fit_hdbscan
 
     if sample.size == 0:
         raise ValueError("no prepared users to fit the autoencoder on")

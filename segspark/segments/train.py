@@ -44,8 +44,13 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from segspark.config import ClusteringConfig, KSelectionConfig, ModelsConfig, OutputConfig
 from segspark.errors import NotEnoughUsersError
-from segspark.evaluation.profiles import NOISE_SEGMENT, SegmentProfiles, segment_profiles_by_model
-from segspark.evaluation.segment_ids import (
+from segspark.evaluation.selection import SweepResult, curve_from_grid
+from segspark.io.delta import table_exists
+from segspark.io.tables import read_output_table, table_path
+from segspark.models.sample import UserSample
+from segspark.models.sample_grid import Cell, run_grid
+from segspark.runtime.session import share_session, task_slots
+from segspark.segments.ids import (
     SEGMENT_TRANSITIONS,
     SegmentMapping,
     apply_mapping,
@@ -53,13 +58,8 @@ from segspark.evaluation.segment_ids import (
     match_from_counts,
     transitions_from_counts,
 )
-from segspark.evaluation.selection import SweepResult, curve_from_grid
-from segspark.evaluation.separation import separation
-from segspark.io.delta import table_exists
-from segspark.io.tables import read_output_table, table_path
-from segspark.models.sample import UserSample
-from segspark.models.sample_grid import Cell, run_grid
-from segspark.session import share_session, task_slots
+from segspark.segments.profiles import NOISE_SEGMENT, SegmentProfiles, segment_profiles_by_model
+from segspark.segments.separation import separation
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def users_check(models: ModelsConfig, users: int, dims: int) -> tuple[dict[str, 
                             f"{k_min}..{k_max} ({name} needs {need})")
             ranges[name] = (k_min, k_max)
     if models.autoencoder.enabled:
-        from segspark.models.deep import users_problem
+        from segspark.models.deep.model import users_problem
 
         deep = users_problem(users, models.autoencoder, models.hdbscan)
         if deep is not None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from pyspark.sql import DataFrame, SparkSession
 
-from segspark.redaction import redact_text
+from segspark.runtime.redaction import redact_text
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Why this shape: the prepared features (standardised, d ~ 30-60) mix counts, shares and one-hot
 columns, and density-based clustering works poorly in that many dimensions. A small dense
 autoencoder trained on a bounded sample (on the driver) learns an ~8-dimensional embedding; every
-user is then embedded on the executors by `segspark.models.encoder.NumpyEncoder`, a NumPy copy of
+user is then embedded on the executors by `segspark.models.deep.encoder.NumpyEncoder`, a NumPy copy of
 the encoder, so Spark workers never import TensorFlow. TensorFlow and Keras are imported inside the
 functions here, so importing this module stays cheap.
 
@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from segspark.config import AutoencoderConfig
-from segspark.models.encoder import ACTIVATIONS, NumpyEncoder
+from segspark.models.deep.encoder import ACTIVATIONS, NumpyEncoder
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TextIO
 
-from segspark.session import is_connect
+from segspark.runtime.session import is_connect
 
 CLEAR_LINE = "\r\x1b[K"
 

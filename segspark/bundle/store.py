@@ -21,10 +21,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from segspark.config import BundleConfig, OutputConfig
-from segspark.evaluation.segment_ids import apply_mapping
-from segspark.features.behaviour import FeatureSlots
-from segspark.models.bundle import (
+from segspark.bundle.manifest import (
     BundleError,
     FeatureSpec,
     Manifest,
@@ -34,9 +31,12 @@ from segspark.models.bundle import (
     signing_key_from_env,
     write_manifest,
 )
-from segspark.models.persist import DEEP_MODEL, load_fitted, save_fitted
+from segspark.bundle.models import DEEP_MODEL, load_fitted, save_fitted
+from segspark.config import BundleConfig, OutputConfig
+from segspark.features.behaviour import FeatureSlots
 from segspark.models.prepare import FittedPreparation
-from segspark.run_ids import owned_child, remove_owned
+from segspark.runtime.run_ids import owned_child, remove_owned
+from segspark.segments.ids import apply_mapping
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def bundle_signing(cfg: BundleConfig) -> SigningKey | None:
 
 def bundle_location(output: OutputConfig, run_id: str) -> str:
     """Where run `run_id` keeps its bundle: `output.root/_models/<run_id>`, for a valid run id only
-    (segspark.run_ids), checked to resolve to a folder inside `_models`."""
+    (segspark.runtime.run_ids), checked to resolve to a folder inside `_models`."""
     return str(owned_child(models_folder(output), run_id))
 
 

@@ -23,7 +23,7 @@ from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
 from segspark.io.delta import table_exists
 from segspark.io.tables import read_output_table, table_path
-from segspark.run_ids import STREAM_NAMESPACE, check_batch_run_id
+from segspark.runtime.run_ids import STREAM_NAMESPACE, check_batch_run_id
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def load_feature_run(
     app_id: str = STREAM_NAMESPACE,
 ) -> FeatureRun:
     """The features of run `run_id` (default: the latest batch run whose features are complete),
-    checked against `as_of`. The id read back from `runs` is checked like --run-id (segspark.run_ids,
+    checked against `as_of`. The id read back from `runs` is checked like --run-id (segspark.runtime.run_ids,
     `app_id`: the stream namespace): training writes its bundle folder under it.
 
     ConfigError (exit 2) when there is no such run, it did not succeed, it has no features, or its

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 
-from segspark.redaction import redact_text
-from segspark.session import is_connect
+from segspark.runtime.redaction import redact_text
+from segspark.runtime.session import is_connect
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """NumPy-only inference for the autoencoder's encoder.
 
-Training happens once on the driver (`segspark.models.autoencoder`, Keras), but every user is embedded
+Training happens once on the driver (`segspark.models.deep.autoencoder`, Keras), but every user is embedded
 on the Spark executors, inside pandas UDFs, one Arrow batch at a time. Importing TensorFlow in a
 Python worker costs seconds and hundreds of MB per worker process (measured: 5.4 s and ~670 MB RSS,
 against 0.15 s and 30 MB for this module), for no speed gain: on 10k x 40 batches this forward pass
@@ -19,7 +19,7 @@ Threads: the matrix products go through NumPy's BLAS (OpenBLAS), which by defaul
 core in every Python worker. Spark runs one worker per task slot and only sets OMP_NUM_THREADS (to
 spark.executor.cores, when that is set), so the workers oversubscribe the cores; on a busy 2-core
 machine a 10k-row batch took 3-6x longer with the default BLAS threads than with one. The scoring
-function (segspark.scoring) therefore limits BLAS to one thread per task with threadpoolctl.
+function (segspark.models.deep.scoring) therefore limits BLAS to one thread per task with threadpoolctl.
 
 For a variational autoencoder the encoder has two heads, the mean and the log-variance of q(z|x);
 only the mean head is kept here, because the embedding used for clustering is the deterministic
