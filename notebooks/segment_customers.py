@@ -22,13 +22,13 @@ except NameError:  # elsewhere: environment variables
 
 # COMMAND ----------
 
+from segspark import usecases
 from segspark.config import load_config
 from segspark.io.tables import read_output_table
 from segspark.report import write_report
-from segspark.usecases import pipeline
 
 cfg = load_config(config_path, overrides)
-result = pipeline.run(spark, cfg)  # `spark`: the notebook's own session (Databricks defines it)
+result = usecases.run(spark, cfg)  # `spark`: the notebook's own session (Databricks defines it)
 print(f"run {result.run_id} {result.status}: {result.users:,} users")
 
 # COMMAND ----------

@@ -126,18 +126,18 @@ def prepared_users(spark, args):
     --scale events. The features are computed once by the pipeline (run "bench") and cached under --work."""
     import numpy as np
 
+    from segspark import usecases
     from segspark.features.catalog import feature_columns
     from segspark.io.delta import read_table
     from segspark.models.prepare import fit_preparation
     from segspark.runtime.session import right_sized
-    from segspark.usecases import pipeline
 
     scale = (args.scale or [50_000_000])[0]
     events = ensure_events(spark, scale, Path(args.work))
     root = Path(args.work) / f"features-{events.parent.name}"
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={events}", f"output.root={root}"])
     if not (root / "user_features" / "_delta_log").exists():
-        pipeline.run(spark, cfg, run_id="bench", segments=False)
+        usecases.features(spark, cfg, run_id="bench")
     features = read_table(spark, str(root / "user_features")).where(F.col("run_id") == "bench")
     users = features.count()
     features = right_sized(features, users, bytes_per_row=16 * len(features.columns))
@@ -154,11 +154,11 @@ def suite_baselines(spark, args):
     from pyspark.ml.clustering import KMeans as SparkKMeans
     from sklearn.cluster import KMeans as SkKMeans
 
+    from segspark import usecases
     from segspark.models import kmeans
     from segspark.models.prepare import PREPARED_VECTOR
     from segspark.models.sample import collect_user_sample
     from segspark.segments.train import train_baselines
-    from segspark.usecases import pipeline
 
     cfg, prep, prepared, users, matrix = prepared_users(spark, args)
     k, iterations = 6, 20
@@ -228,7 +228,7 @@ def suite_baselines(spark, args):
     stage = []
 
     def segments_stage():
-        result = pipeline.run(spark, cfg, run_id="bench", from_features=True)
+        result = usecases.train(spark, cfg, run_id="bench")
         stage.append(result.stage_seconds)
 
     timed(segments_stage, 1, False)
@@ -317,8 +317,8 @@ def suite_streaming(spark, args):
     import shutil
     import threading
 
+    from segspark import usecases
     from segspark.streaming import job
-    from segspark.usecases import pipeline
 
     scale = (args.scale or [200_000])[0]
     work = Path(args.work) / f"stream-{scale}"
@@ -331,7 +331,7 @@ def suite_streaming(spark, args):
     files = [lines[i:i + per_file] for i in range(0, len(lines), per_file)]
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/data/events", "input.format=json",
                                                  f"output.root={work}/out", *STREAM_TRAINING])
-    pipeline.run(spark, cfg, run_id="bench-train")
+    usecases.run(spark, cfg, run_id="bench-train")
     landing = work / "landing"
     landing.mkdir()
     stream_cfg = cfg.model_copy(update={
@@ -350,7 +350,7 @@ def suite_streaming(spark, args):
     # Baseline: what one batch costs without the state: features from ALL events so far + scoring.
     recompute_cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"path": str(landing)}),
                                            "output": cfg.output.model_copy(update={"root": str(work / "recompute")})})
-    recompute = timed(lambda: pipeline.run(spark, recompute_cfg, bundle=run.bundle), 1, warmup=False)
+    recompute = timed(lambda: usecases.score(spark, recompute_cfg, bundle=run.bundle), 1, warmup=False)
     per_batch = seconds / max(len(run.reports), 1)
     emit("streaming", "stream_events_per_second", round(events / seconds, 1), "events/s",
          batches=len(run.reports), events=events, seconds=round(seconds, 2))

@@ -49,7 +49,7 @@ from deltalake import DeltaTable  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from segspark import pipeline  # noqa: E402
+from segspark import usecases  # noqa: E402
 from segspark.config import load_config  # noqa: E402
 from segspark.datagen import GenerateSpec, write_dataset  # noqa: E402
 from segspark.runtime.session import get_spark  # noqa: E402
@@ -97,7 +97,7 @@ def run_set(spark, name: str, data: DataSet, users: int, seed: int, overrides: l
                   data.format, overwrite=True)
     cfg = load_config(REPO / data.config,
                       [f"input.path={root}/events", f"output.root={root}/out", *data.overrides, *overrides])
-    result = pipeline.run(spark, cfg, run_id="quality")
+    result = usecases.run(spark, cfg, run_id="quality")
     truth = spark.read.parquet(f"{root}/truth").toPandas().astype({"user_id": str})
     segments = DeltaTable(f"{root}/out/user_segments").to_pandas().merge(truth, on="user_id")
     rows = []

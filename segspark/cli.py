@@ -205,13 +205,13 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
       segspark run --config conf/local.yaml --run-id daily-2026-10-31 --as-of 2026-10-31 \\
           --set input.path=/data/events output.root=/tmp/segspark
     """
+    from segspark import usecases
     from segspark.config import load_config
-    from segspark.usecases import pipeline
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
-        result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of)
+        result = usecases.run(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
 
 
@@ -244,11 +244,11 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
         return
     if cfg is None:
         raise click.UsageError("give --config FILE (or --list for the feature catalog)")
-    from segspark.usecases import pipeline
+    from segspark import usecases
 
     _batch_run_id(run_id, cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
-        result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, segments=False)
+        result = usecases.features(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
 
 
@@ -274,13 +274,13 @@ def train_command(config_path, run_id, as_of, overrides, more_overrides) -> None
       segspark features --config conf/local.yaml --run-id 2026-11-30
       segspark train --config conf/local.yaml --run-id 2026-11-30 --set models.gmm.enabled=false
     """
+    from segspark import usecases
     from segspark.config import load_config
-    from segspark.usecases import pipeline
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
-        result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, from_features=True)
+        result = usecases.train(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
 
 
@@ -303,8 +303,8 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
       segspark score --config conf/local.yaml --bundle out/local/_models/2026-10-31 \\
           --set input.path=/data/events-november
     """
+    from segspark import usecases
     from segspark.config import load_config
-    from segspark.usecases import pipeline
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
@@ -314,7 +314,7 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
     # A broken, tampered or (with bundle.signing_key_env) unsigned bundle fails now, before Spark starts.
     open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
-        result = pipeline.run(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
+        result = usecases.score(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
     _print_summary(result)
 
 

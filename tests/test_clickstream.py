@@ -5,8 +5,8 @@ Expected figures are computed independently with pandas from the same CSV file."
 import pandas as pd
 import pytest
 
+from segspark import usecases
 from segspark.config import load_config
-from segspark.usecases import pipeline
 
 from .conftest import REPO
 from .test_pipeline import rows_of
@@ -27,7 +27,7 @@ def expected():
 def run(spark, tmp_path_factory):
     out = tmp_path_factory.mktemp("clickstream")
     cfg = load_config(REPO / "conf" / "clickstream.yaml", [f"input.path={DATA / 'events.csv'}", f"output.root={out}"])
-    return cfg, pipeline.run(spark, cfg, run_id="rees46", segments=False)
+    return cfg, usecases.features(spark, cfg, run_id="rees46")
 
 
 def test_records_are_counted_and_quarantined_with_reasons(run, expected):

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
+from segspark import usecases
 from segspark.cli import main
 from segspark.datagen import (
     DEEP_CATEGORIES,
@@ -19,7 +20,6 @@ from segspark.datagen import (
     generate_block,
     write_dataset,
 )
-from segspark.usecases import pipeline
 
 from .conftest import data_lines
 
@@ -111,7 +111,7 @@ def test_invoices_read_back_through_ingest(invoices, spark, make_config, tmp_pat
     spec, out, summary, lines, truth = invoices
     cfg = make_config(f"input.path={out}/events", config="conf/generated_invoices.yaml")
     assert cfg.input.format == "csv" and cfg.input.columns.order_id == "InvoiceNo"
-    result = pipeline.run(spark, cfg, run_id="invoices", segments=False)
+    result = usecases.features(spark, cfg, run_id="invoices")
 
     headers = len([p for p in (out / "events").iterdir() if p.name.startswith("part-")])
     records = data_lines(out / "events") - headers

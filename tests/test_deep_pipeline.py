@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
+from segspark import usecases
 from segspark.bundle.manifest import (
     SIGNATURE_NAME,
     BundleError,
@@ -20,7 +21,6 @@ from segspark.bundle.manifest import (
 )
 from segspark.bundle.store import load_bundle
 from segspark.cli import main
-from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, REPO
 
@@ -41,7 +41,7 @@ def deep_run(spark, sample_parquet, tmp_path_factory):
         [f"input.path={sample_parquet}/events", f"output.root={out}", *FAST_MODELS,
          "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false", "models.kmeans.k=4"],
     )
-    return cfg, pipeline.run(spark, cfg, run_id="train")
+    return cfg, usecases.run(spark, cfg, run_id="train")
 
 
 def test_embeddings_for_every_user(deep_run):
@@ -90,7 +90,7 @@ def test_bundle_holds_every_model_with_checksums(deep_run):
 def test_score_reproduces_the_training_segments_without_retraining(spark, deep_run):
     cfg, result = deep_run
     location = result.metrics["bundle"]["path"]
-    scored = pipeline.run(spark, cfg, run_id="scored", bundle=location)
+    scored = usecases.score(spark, cfg, run_id="scored", bundle=location)
     assert scored.metrics["scored_with_bundle"]["run_id"] == "train"
     assert {s["model"] for s in scored.segments} == {"kmeans", "ae_hdbscan"}
     assert sorted((s["model"], s["segment"], s["size"]) for s in scored.segments) == sorted(
@@ -118,7 +118,7 @@ def test_score_refuses_a_changed_bundle(spark, deep_run, tmp_path, capsys):
     document["segment_ids"] = {k: v + 1 for k, v in document["segment_ids"].items()}
     target.write_text(json.dumps(document))
     with pytest.raises(BundleError, match="models/kmeans.json"):
-        pipeline.run(spark, cfg, run_id="tampered", bundle=str(copy))
+        usecases.score(spark, cfg, run_id="tampered", bundle=str(copy))
     code = main(["score", "--config", str(REPO / "conf/local.yaml"), "--bundle", str(copy),
                  "--set", f"input.path={cfg.input.path}", f"output.root={tmp_path / 'out'}"])
     err = capsys.readouterr().err
@@ -134,7 +134,7 @@ def test_score_refuses_features_that_do_not_match_the_bundle(spark, deep_run, tm
         [f"input.path={cfg.input.path}", f"output.root={tmp_path / 'out'}", "features.top_categories=2"],
     )
     with pytest.raises(BundleError, match="top_category_3_share"):
-        pipeline.run(spark, other, run_id="other-features", bundle=result.metrics["bundle"]["path"])
+        usecases.score(spark, other, run_id="other-features", bundle=result.metrics["bundle"]["path"])
 
 
 def test_missing_bundle_exits_2(capsys, tmp_path):
@@ -155,7 +155,7 @@ def test_same_seed_gives_the_same_segments(spark, deep_run, tmp_path, monkeypatc
          "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false", "models.kmeans.enabled=false",
          f"bundle.signing_key_env={KEY_ENV}"],
     )
-    trained = pipeline.run(spark, again, run_id="train")
+    trained = usecases.run(spark, again, run_id="train")
     signed = trained.metrics["bundle"]["path"]
     assert Path(signed, SIGNATURE_NAME).is_file()
     assert open_bundle(signed, signing=signing_key_from_env(KEY_ENV)).run_id == "train"
@@ -179,7 +179,7 @@ def test_too_few_users_for_the_autoencoder_names_the_settings(spark, sample_parq
     from segspark.errors import NotEnoughUsersError
 
     with pytest.raises(NotEnoughUsersError, match=r"fewer than one batch.*models\.autoencoder\.enabled=false"):
-        pipeline.run(spark, cfg, run_id="too-few")
+        usecases.run(spark, cfg, run_id="too-few")
 
 
 def _copy_with_checksums(source, target, edit=None, signing=None):
@@ -249,7 +249,7 @@ def test_score_with_a_signing_key(spark, deep_run, tmp_path, capsys, monkeypatch
         "bundle": cfg.bundle.model_copy(update={"signing_key_env": KEY_ENV}),
         "output": cfg.output.model_copy(update={"root": str(tmp_path / "scored")}),
     })
-    scored = pipeline.run(spark, signed_cfg, run_id="signed", bundle=str(signed))
+    scored = usecases.score(spark, signed_cfg, run_id="signed", bundle=str(signed))
     assert scored.metrics["scored_with_bundle"]["run_id"] == "train"
     assert sorted((s["model"], s["segment"], s["size"]) for s in scored.segments) == sorted(
         (s["model"], s["segment"], s["size"]) for s in result.segments

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from segspark.config import HdbscanConfig
-from segspark.models.deep.density import FittedHdbscan, SlimHdbscan, fit_hdbscan
 from segspark.models.deep import density
+from segspark.models.deep.density import FittedHdbscan, SlimHdbscan, fit_hdbscan
 
 DIMS = 6
 

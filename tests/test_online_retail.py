@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from segspark.usecases import pipeline
+from segspark import usecases
 
 from .conftest import FAST_MODELS, REPO
 
@@ -42,7 +42,7 @@ def run(spark, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("online-retail")
     cfg = load_config(REPO / "conf/online_retail.yaml", [f"input.path={EXCERPT}", f"output.root={out}", *FAST_MODELS])
-    return cfg, pipeline.run(spark, cfg, run_id="or")
+    return cfg, usecases.run(spark, cfg, run_id="or")
 
 
 def test_record_counts_match_pandas(run, expected):

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from segspark.usecases import pipeline
+from segspark import usecases
 
 from .conftest import FAST_MODELS, data_lines
 
@@ -31,7 +31,7 @@ def noisy_run(spark, noisy_json, tmp_path_factory):
         [f"input.path={noisy_json}/events", "input.format=json", f"output.root={out}", *FAST_MODELS,
          "models.kmeans.k=4"],
     )
-    return cfg, pipeline.run(spark, cfg, run_id="run-1")
+    return cfg, usecases.run(spark, cfg, run_id="run-1")
 
 
 def test_every_input_record_is_accounted_for(noisy_run, noisy_json):
@@ -119,13 +119,13 @@ def test_rerun_of_same_run_id_replaces_rows_and_new_run_adds(spark, noisy_run):
     cfg, first = noisy_run
     before = {name: len(rows_of(cfg, name)) for name in ("quarantine", "user_features", "user_segments", "runs")}
     versions = {name: table(cfg, name).version() for name in before}
-    again = pipeline.run(spark, cfg, run_id="run-1")
+    again = usecases.run(spark, cfg, run_id="run-1")
     assert again.users == first.users
     after = {name: len(rows_of(cfg, name)) for name in before}
     assert after == before  # replaced, not duplicated
     assert all(table(cfg, name).version() == versions[name] + 1 for name in before)  # one atomic commit each
 
-    second = pipeline.run(spark, cfg, run_id="run-2")
+    second = usecases.run(spark, cfg, run_id="run-2")
     segments = rows_of(cfg, "user_segments")
     assert len(segments) == 2 * before["user_segments"]
     assert {r["run_id"] for r in rows_of(cfg, "runs")} == {"run-1", "run-2"}
@@ -149,8 +149,8 @@ def test_as_of_limits_the_data_used(spark, sample_parquet, make_config):
 
     cfg = make_config(f"input.path={sample_parquet}/events")
     # The features alone: as_of decides which events they read; the models only see the features.
-    full = pipeline.run(spark, cfg, run_id="full", segments=False)
-    early = pipeline.run(spark, cfg, run_id="early", as_of=full.as_of - dt.timedelta(days=20), segments=False)
+    full = usecases.features(spark, cfg, run_id="full")
+    early = usecases.features(spark, cfg, run_id="early", as_of=full.as_of - dt.timedelta(days=20))
     assert early.users < full.users
     tenure = [r["tenure_days"] for r in rows_of(cfg, "user_features") if r["run_id"] == "early"]
     assert max(tenure) <= 11  # nothing after the as-of day is used

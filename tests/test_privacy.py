@@ -15,11 +15,10 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from segspark import ingest
+from segspark import ingest, usecases
 from segspark.errors import ConfigError, UsageError
 from segspark.ingest.privacy import MIN_KEY_BYTES, Protection, pseudonym, pseudonym_of, resolve_protection
 from segspark.io.readers import read_raw_events
-from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, REPO, data_lines
 
@@ -90,8 +89,8 @@ def pseudonymised_run(spark, noisy_json, tmp_path_factory):
             "models.kmeans.k=3", "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false",
             "models.autoencoder.epochs=3", "privacy.pseudonymise_user_id=true", f"privacy.key_env={KEY_ENV}",
         ])
-        trained = pipeline.run(spark, cfg, run_id="train")
-        pipeline.run(spark, cfg, run_id="score", bundle=trained.metrics["bundle"]["path"])
+        trained = usecases.run(spark, cfg, run_id="train")
+        usecases.score(spark, cfg, run_id="score", bundle=trained.metrics["bundle"]["path"])
         batch = ingest_micro_batch(spark, cfg, read_raw_events(spark, cfg.input), 0)
         streamed = {r.user_id for r in batch.clean.select("user_id").distinct().collect()}
         batch.unpersist()
@@ -166,7 +165,7 @@ def test_quarantine_raw_mapped_and_none(spark, make_config, noisy_json, mode):
 
 def test_quarantine_table_takes_null_raw(spark, make_config, noisy_json):
     cfg = make_config(f"input.path={noisy_json}/events", "input.format=json", "privacy.quarantine_raw=none")
-    result = pipeline.run(spark, cfg, run_id="no-raw", segments=False)
+    result = usecases.features(spark, cfg, run_id="no-raw")
     quarantine = frame(cfg.output.root, "quarantine")
     assert len(quarantine) == result.quarantined_rows > 0 and quarantine.raw.isna().all()
     assert result.input_rows == result.clean_rows + result.quarantined_rows == data_lines(noisy_json / "events")

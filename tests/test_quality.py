@@ -6,8 +6,8 @@ import pytest
 from deltalake import DeltaTable
 from sklearn.metrics import adjusted_rand_score
 
+from segspark import usecases
 from segspark.datagen import PERSONAS, GenerateSpec, write_dataset
-from segspark.usecases import pipeline
 
 from .conftest import REPO
 
@@ -29,7 +29,7 @@ def personas_run(spark, tmp_path_factory):
             "models.selection.silhouette_sample=1000",
         ],
     )
-    result = pipeline.run(spark, cfg, run_id="personas")
+    result = usecases.run(spark, cfg, run_id="personas")
     truth = spark.read.parquet(f"{data}/truth").toPandas()
     return cfg, result, truth
 

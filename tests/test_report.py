@@ -20,6 +20,7 @@ import shutil
 import pandas as pd
 import pytest
 
+from segspark import usecases
 from segspark.cli import main
 from segspark.config import load_config
 from segspark.io.delta import write_table
@@ -28,7 +29,6 @@ from segspark.report import write_report
 from segspark.report.figures import draw_data_quality, draw_transitions, png, segment_label
 from segspark.report.html import FigureBlock, Note, Section, Table, render_page
 from segspark.streaming.job import DRIFT_SCHEMA
-from segspark.usecases import pipeline
 
 from .chromium import Chromium, find_chromium
 from .conftest import FAST_MODELS, REPO
@@ -83,7 +83,7 @@ def two_runs(spark, sample_parquet, tmp_path_factory):
     """Runs r1 then r2 of every model on the same output root (r2 has transitions from r1)."""
     cfg = config(tmp_path_factory.mktemp("report") / "out", sample_parquet / "events")
     for run_id in ("r1", "r2"):
-        assert pipeline.run(spark, cfg, run_id=run_id).status == "succeeded"
+        assert usecases.run(spark, cfg, run_id=run_id).status == "succeeded"
     return cfg
 
 
@@ -271,7 +271,7 @@ def small_run(spark, sample_parquet, tmp_path_factory):
         "models.gmm.enabled=false", "models.autoencoder.enabled=false", "models.bisecting_kmeans.enabled=false",
         "models.kmeans.k=3",
     )
-    assert pipeline.run(spark, cfg, run_id="small").status == "succeeded"
+    assert usecases.run(spark, cfg, run_id="small").status == "succeeded"
     return cfg
 
 

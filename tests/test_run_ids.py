@@ -102,14 +102,14 @@ def test_every_command_refuses_a_bad_run_id_before_any_work(earlier_run, capsys,
 
 
 def test_library_refuses_a_nested_run_id(spark, earlier_run, make_config):
+    from segspark import usecases
     from segspark.bundle.store import bundle_location
-    from segspark.usecases import pipeline
 
     out, events = earlier_run
     cfg = make_config(f"input.path={events}", "input.format=json", f"output.root={out}", *ONLY_KMEANS)
     before = snapshot(out)
     with pytest.raises(RunIdError, match="'a/b' is not a valid run id"):
-        pipeline.run(spark, cfg, run_id="a/b")
+        usecases.run(spark, cfg, run_id="a/b")
     with pytest.raises(RunIdError):
         bundle_location(cfg.output, "a/b")  # one run's bundle can never nest inside another's
     assert snapshot(out) == before
@@ -149,8 +149,8 @@ def test_report_refuses_a_bad_run_id_read_back_for_its_folder(copied_run, capsys
 
 
 def test_batch_run_ids_cannot_collide_with_stream_batch_ids(spark, earlier_run, make_config, capsys):
+    from segspark import usecases
     from segspark.streaming.micro_batch import batch_run_id
-    from segspark.usecases import pipeline
 
     out, events = earlier_run
     cfg = make_config(f"input.path={events}", "input.format=json", f"output.root={out}")
@@ -160,7 +160,7 @@ def test_batch_run_ids_cannot_collide_with_stream_batch_ids(spark, earlier_run, 
     code, _, err = run_cli(capsys, "run", "--run-id", stream_id, *common(out, events))
     assert code == 2 and "reserved for `segspark stream`" in err
     with pytest.raises(RunIdError, match="reserved"):
-        pipeline.run(spark, cfg, run_id=stream_id)
+        usecases.run(spark, cfg, run_id=stream_id)
     # Another app id reserves its own namespace; the default one stays reserved.
     code, _, err = run_cli(capsys, "features", "--run-id", "nightly-7", *common(out, events),
                            "streaming.app_id=nightly")
@@ -177,7 +177,7 @@ def test_valid_run_ids(run_id):
 
 
 def test_default_run_ids_match_the_pattern():
-    from segspark.usecases.pipeline import new_run_id
+    from segspark.usecases import new_run_id
 
     assert check_batch_run_id(new_run_id(), "segspark-stream")
 

@@ -19,7 +19,7 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from segspark import ingest
+from segspark import ingest, usecases
 from segspark.cli import main
 from segspark.features import user_features
 from segspark.io.delta import read_table
@@ -34,7 +34,6 @@ from segspark.streaming.identity import (
     TableCommits,
     check_identity,
 )
-from segspark.usecases import pipeline
 
 from .conftest import FAST_MODELS, REPO, data_lines
 
@@ -53,7 +52,7 @@ def trained(spark, tmp_path_factory):
     write_dataset(spark, GenerateSpec(users=300, days=30, seed=5), str(root / "data"), "json")
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={root}/data/events", "input.format=json",
                                                  f"output.root={root}/out", *FAST_MODELS, "models.kmeans.k=4"])
-    pipeline.run(spark, cfg, run_id="train-1")
+    usecases.run(spark, cfg, run_id="train-1")
     lines = sorted(line for p in (root / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
     return cfg, root, lines
 

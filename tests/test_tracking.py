@@ -210,8 +210,8 @@ def test_database_store_without_sqlalchemy_is_explained(mlflow, tmp_path, monkey
 
 
 def test_a_pipeline_run_logs_its_params_metrics_and_bundle(spark, mlflow, tmp_path, sample_parquet):
+    from segspark import usecases
     from segspark.config import load_config
-    from segspark.usecases import pipeline
 
     from .conftest import FAST_MODELS, REPO
 
@@ -222,7 +222,7 @@ def test_a_pipeline_run_logs_its_params_metrics_and_bundle(spark, mlflow, tmp_pa
          "models.kmeans.k=3", "models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false",
          "models.autoencoder.enabled=false", f"mlflow.tracking_uri={uri}", "mlflow.experiment=segments"],
     )
-    result = pipeline.run(spark, cfg, run_id="tracked")
+    result = usecases.run(spark, cfg, run_id="tracked")
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(result.metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"

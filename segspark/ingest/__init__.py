@@ -11,5 +11,7 @@ from segspark.ingest.events import (
     reason_counts,
     tag_events,
 )
+from segspark.ingest.records import Ingested, ingest_records, write_quarantine
 
-__all__ = ["EVENT_COLUMNS", "RAW", "REASON", "REASONS", "clean_events", "quarantine_rows", "reason_counts", "tag_events"]
+__all__ = ["EVENT_COLUMNS", "RAW", "REASON", "REASONS", "clean_events", "quarantine_rows", "reason_counts", "tag_events",
+           "Ingested", "ingest_records", "write_quarantine"]

@@ -8,6 +8,8 @@ run's rows replaces that run's earlier rows in the same commit (re-running a run
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pyspark.sql import DataFrame, SparkSession
 
 from segspark.config import OutputConfig
@@ -42,9 +44,20 @@ def check_output(spark: SparkSession, output: OutputConfig) -> None:
         table_path(output, "runs")  # schema given?
 
 
-def write_run_rows(spark: SparkSession, output: OutputConfig, name: str, df: DataFrame, run_id: str) -> WriteResult:
-    """Replace run `run_id`'s rows in table `name` with `df` (atomic, one commit)."""
-    return write_table(spark, df, table_path(output, name), replace_where={"run_id": run_id})
+def write_run_rows(
+    spark: SparkSession,
+    output: OutputConfig,
+    name: str,
+    df: DataFrame,
+    run_id: str,
+    *,
+    txn: tuple[str, int] | None = None,
+    commit_metadata: Mapping[str, str] | None = None,
+) -> WriteResult:
+    """Replace run `run_id`'s rows in table `name` with `df` (atomic, one commit). txn: (app id,
+    version) of an idempotent writer: a commit with that transaction already in the table is skipped."""
+    return write_table(spark, df, table_path(output, name), replace_where={"run_id": run_id}, txn=txn,
+                       commit_metadata=commit_metadata)
 
 
 def read_output_table(spark: SparkSession, output: OutputConfig, name: str) -> DataFrame:

@@ -2,7 +2,7 @@
 
 A run id becomes a folder name (`output.root/_models/<run_id>`, `output.root/_reports/<run_id>`) and
 a Delta predicate value, so it is checked wherever it enters: the CLI's `--run-id`, the library's
-`pipeline.run(run_id=...)`, and ids read back from tables (`segspark train` takes the latest features
+`usecases.run(run_id=...)`, and ids read back from tables (`segspark train` takes the latest features
 run from `runs`, `segspark report` the latest run with segments).
 
 RUN_ID_PATTERN: 1 to 128 characters, letters, digits, `.`, `_` and `-`, starting with a letter or a

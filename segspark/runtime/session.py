@@ -176,7 +176,7 @@ def _connect_session(app_name: str, remote: str, conf: Mapping[str, str] | None)
 def apply_required_conf(spark: SparkSession) -> SparkSession:
     """Set the session-level SQL settings segspark relies on (REQUIRED_CONF) on a session someone
     else built: a notebook's `spark`, a Spark Connect session. Library entry points call it, so
-    `pipeline.run(spark, cfg)` works on any session."""
+    `usecases.run(spark, cfg)` works on any session."""
     for key, value in REQUIRED_CONF.items():
         if spark.conf.get(key, None) != value:
             spark.conf.set(key, value)

@@ -1,7 +1,7 @@
 """One micro-batch of a stream through the batch ingest, exactly once, and the query that drives it.
 
-`ingest_micro_batch` types and tags a micro-batch's records with `ingest.tag_events` (the batch
-rules: same reasons, same quarantine rows) and writes its quarantine rows under the run id
+`ingest_micro_batch` types and tags a micro-batch's records with the batch runs' own ingest
+(`ingest.ingest_records`: same rules, same reasons, same quarantine rows) and writes its quarantine rows under the run id
 `<app_id>-<batch_id>` in one Delta commit that carries the transaction (`<app_id>.quarantine`,
 batch id). A batch replayed after a failure (Spark re-runs the last micro-batch when its commit
 did not reach the checkpoint) finds that transaction already in the table and writes nothing again.
@@ -17,15 +17,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 
-from segspark import ingest
 from segspark.config import Config
+from segspark.ingest import ingest_records, write_quarantine
 from segspark.ingest.privacy import Protection, resolve_protection
-from segspark.io.delta import write_table
 from segspark.io.readers import check_required_columns
-from segspark.io.tables import table_path
 from segspark.streaming.source import read_event_stream
 
 log = logging.getLogger(__name__)
@@ -67,32 +64,25 @@ def ingest_micro_batch(
     check_required_columns(records, cfg.input)
     run_id = batch_run_id(cfg, batch_id)
     protection = protection or resolve_protection(cfg.privacy, spark)
-    tagged = ingest.tag_events(records, cfg.input, protection).persist(StorageLevel.MEMORY_AND_DISK)
+    ingested = ingest_records(records, cfg.input, protection)
     try:
-        counts = {row.reason: int(row["count"]) for row in ingest.reason_counts(tagged).collect()}
-        written = write_table(
-            spark,
-            ingest.quarantine_rows(tagged, run_id, cfg.input.path),
-            table_path(cfg.output, "quarantine"),
-            replace_where={"run_id": run_id},
-            txn=(f"{cfg.streaming.app_id}.quarantine", batch_id),
-            commit_metadata=commit_metadata,
-        )
+        written = write_quarantine(spark, cfg.output, ingested, run_id, cfg.input.path,
+                                   txn=(f"{cfg.streaming.app_id}.quarantine", batch_id), commit_metadata=commit_metadata)
     except BaseException:
-        tagged.unpersist()
+        ingested.unpersist()
         raise
-    reasons = {r: n for r, n in counts.items() if r is not None}
     batch = IngestedBatch(
         batch_id=batch_id,
         run_id=run_id,
-        tagged=tagged,
-        clean=ingest.clean_events(tagged),
-        clean_rows=counts.get(None, 0),
-        quarantined_rows=sum(reasons.values()),
-        reasons=reasons,
+        tagged=ingested.tagged,
+        clean=ingested.clean,
+        input_rows=ingested.input_rows,
+        clean_rows=ingested.clean_rows,
+        quarantined_rows=ingested.quarantined_rows,
+        reasons=ingested.reasons,
         replayed=written.skipped,
     )
-    batch.input_rows = batch.clean_rows + batch.quarantined_rows
+    reasons = batch.reasons
     log.info(
         "stream batch %d: %d records = %d clean + %d quarantined %s%s", batch_id, batch.input_rows,
         batch.clean_rows, batch.quarantined_rows, reasons or "", " (replay: quarantine already committed)" if written.skipped else "",

@@ -1,0 +1,97 @@
+"""The one ingest of batch runs and of the stream's micro-batches: records in, counted and tagged
+events out, and their quarantine rows written, so that both apply the same rules and keep the same
+promise: input records = clean + quarantined.
+
+`ingest_records` tags the records (events.tag_events), keeps the tagged rows persisted (the
+features and the quarantine write read them) and counts them in one small aggregation that also
+gives the range of the clean events. `write_quarantine` writes the rejected rows of a run id in one
+commit; the stream passes its transaction (app id, batch id) so that a replayed batch writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from segspark.config import InputConfig, OutputConfig
+from segspark.ingest.events import REASON, clean_events, quarantine_rows, tag_events
+from segspark.ingest.privacy import Protection
+from segspark.io.delta import WriteResult
+from segspark.io.tables import write_run_rows
+
+_STAMP = "yyyy-MM-dd HH:mm:ss"
+
+
+@dataclass
+class Ingested:
+    """Tagged records and their counts. `tagged` is persisted: `unpersist` when done with it."""
+
+    tagged: DataFrame
+    clean_rows: int = 0
+    quarantined_rows: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    first_event: str | None = None  # of the clean events, "yyyy-MM-dd HH:mm:ss" in the session's zone
+    last_event: str | None = None
+    last_day: dt.date | None = None
+
+    @property
+    def input_rows(self) -> int:
+        return self.clean_rows + self.quarantined_rows
+
+    @property
+    def clean(self) -> DataFrame:
+        """Valid, de-duplicated canonical events."""
+        return clean_events(self.tagged)
+
+    def unpersist(self) -> None:
+        self.tagged.unpersist()
+
+
+def ingest_records(
+    records: DataFrame, cfg: InputConfig, protection: Protection | None = None, *, now: dt.datetime | None = None
+) -> Ingested:
+    """Tag `records` and count them: one pass over the input (so an unreadable file fails here)."""
+    tagged = tag_events(records, cfg, protection, now=now).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        # Dates and times are formatted by Spark in the session's zone (UTC): a collected timestamp
+        # would come back in the driver machine's local zone.
+        summary = (
+            tagged.groupBy(F.col(REASON).alias("reason"))
+            .agg(F.count(F.lit(1)).alias("rows"), F.date_format(F.min("event_time"), _STAMP).alias("first_event"),
+                 F.date_format(F.max("event_time"), _STAMP).alias("last_event"),
+                 F.to_date(F.max("event_time")).alias("last_day"))
+            .collect()
+        )
+    except BaseException:
+        tagged.unpersist()
+        raise
+    reasons = {row.reason: int(row.rows) for row in summary if row.reason is not None}
+    clean = next((row for row in summary if row.reason is None), None)
+    return Ingested(
+        tagged,
+        clean_rows=0 if clean is None else int(clean.rows),
+        quarantined_rows=sum(reasons.values()),
+        reasons=reasons,
+        first_event=None if clean is None else clean.first_event,
+        last_event=None if clean is None else clean.last_event,
+        last_day=None if clean is None else clean.last_day,
+    )
+
+
+def write_quarantine(
+    spark: SparkSession,
+    output: OutputConfig,
+    ingested: Ingested,
+    run_id: str,
+    source: str,
+    *,
+    txn: tuple[str, int] | None = None,
+    commit_metadata: dict[str, str] | None = None,
+) -> WriteResult:
+    """The rejected records of run `run_id` (their earlier rows replaced) in one commit of `quarantine`."""
+    rows = quarantine_rows(ingested.tagged, run_id, source)
+    return write_run_rows(spark, output, "quarantine", rows, run_id, txn=txn, commit_metadata=commit_metadata)

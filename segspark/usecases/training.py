@@ -1,0 +1,231 @@
+"""The training stages of a run: prepare -> segments (every enabled model) -> bundle (+ MLflow)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import reduce
+
+import numpy as np
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from segspark.bundle.store import bundle_signing, finish_bundle, models_folder, save_model, start_bundle
+from segspark.config import Config
+from segspark.evaluation.sample_metrics import sample_metrics
+from segspark.features.behaviour import FeatureSlots
+from segspark.features.catalog import category_slot_names, feature_columns
+from segspark.io.catalog import MODEL_SELECTION, USER_SEGMENTS_COLUMNS
+from segspark.io.tables import table_path, write_run_rows
+from segspark.io.tracking import log_run
+from segspark.models.deep import model as deep
+from segspark.models.prepare import fit_preparation
+from segspark.models.sample import UserSample, collect_user_sample
+from segspark.runtime.redaction import redact_text
+from segspark.runtime.session import share_session
+from segspark.segments.ids import NOISE_SEGMENT
+from segspark.segments.profiles import SEGMENT_PROFILES
+from segspark.segments.train import (
+    ModelSegments,
+    TrainedModel,
+    stable_segments,
+    train_baselines,
+    transitions_frame,
+    users_check,
+)
+from segspark.usecases.context import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def train_models(ctx: RunContext, features: DataFrame, slots: FeatureSlots, location: str) -> None:
+    """prepare -> segments (every enabled model) -> bundle (+ MLflow), the bundle at `location`."""
+    spark, cfg, result = ctx.spark, ctx.cfg, ctx.result
+    out, run_id = cfg.output, result.run_id
+    with ctx.stage("prepare") as counts:
+        # Fitted on this run's users and saved with the run: scoring other users reuses it as is.
+        prep = fit_preparation(features, feature_columns(cfg.features), cfg.prepare)
+        # Too few users for a model: narrow its k range (warned and recorded) or stop before any fit
+        # (and before the bundle folder is started).
+        k_ranges, warnings = users_check(cfg.models, result.users, len(prep.selected))
+        if warnings:
+            result.metrics["warnings"] = warnings
+        start_bundle(location, models_folder(out))
+        prep.save(f"{location}/prepare", spark)
+        result.metrics["prepare"] = prep.metrics()
+        # Every fit and metric of the k sweep reads the prepared vectors: keep them.
+        prepared = ctx.keep(prep.transform(features))
+        counts.update(inputs=len(prep.features), selected=len(prep.selected), dropped=len(prep.dropped))
+
+    with ctx.stage("segments") as counts:
+        labels = dict(zip(category_slot_names(cfg.features), slots.categories, strict=False))
+        models = cfg.models
+        # One hash sample of the prepared users, collected once: the k sweep, the autoencoder and
+        # HDBSCAN each fit on a prefix of it.
+        sample = collect_user_sample(prepared, prep.selected, _sample_size(cfg), result.users,
+                                     models.selection.sample_seed)
+        result.metrics["user_sample"] = {"users": sample.size, "of": sample.total_users, "seed": sample.seed}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segspark-deep") as background:
+            # The autoencoder and HDBSCAN fit on the driver while the baselines' Spark jobs run (at small
+            # scale those mostly wait on job latency); the deep model's own scoring job follows there.
+            deep_model = (background.submit(_train_deep, ctx, prepared, prep.selected, sample)
+                          if models.autoencoder.enabled else None)
+            trained = train_baselines(spark, models.enabled(), models.selection, prepared, sample, k_ranges)
+            if deep_model is not None:
+                trained.append(deep_model.result())
+        # Separation per segment on the sweep's users: the rows of the silhouette the sweep reported.
+        built = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels, ctx.cached,
+                                sample=sample.head(models.selection.sample_size), prepared_names=prep.selected,
+                                silhouette_rows=models.selection.silhouette_sample)
+        for model in built:
+            if model.name == deep.MODEL_NAME:
+                _note_noise(model)
+        for model in built:
+            result.metrics[model.name] = model.metrics
+            result.segments += [
+                {"model": model.name, "segment": p.segment, "name": p.name, "size": p.size}
+                for p in model.profiles.segments
+            ]
+        if not built:
+            raise ValueError(
+                "no model is enabled: set models.<name>.enabled: true for kmeans, bisecting_kmeans or gmm, "
+                "or models.autoencoder.enabled: true for ae_hdbscan"
+            )
+        _write_segment_tables(ctx, built)
+        counts.update(models=len(built), **{m.name: f"k={m.k}" for m in built})
+
+    with ctx.stage("bundle") as counts:
+        for model in built:
+            save_model(location, model.name, model.fitted, model.mapping.mapping, model.profiles.names())
+        manifest = finish_bundle(
+            location,
+            run_id=run_id,
+            config_hash=cfg.config_hash(),
+            as_of=result.as_of,
+            features=features,
+            preparation=prep,
+            models=[m.name for m in built],
+            training_data={"input_path": redact_text(cfg.input.path), "users": result.users, "events": result.clean_rows,
+                           **result.metrics["event_range"], "as_of": str(result.as_of),
+                           # scoring and streaming compute features with the slot values trained on
+                           "feature_slots": slots.as_dict(), "privacy": result.metrics.get("privacy")},
+            signing=bundle_signing(cfg.bundle),
+        )
+        result.metrics["bundle"] = {"path": location, "content_sha256": manifest.content_sha256}
+        result.tables["bundle"] = location
+        counts.update(files=len(manifest.files), models=",".join(manifest.models))
+        if cfg.mlflow.tracking_uri:
+            mlflow_run = log_run(
+                cfg.mlflow, run_id=run_id, params=cfg.redacted(), metrics=result.metrics, bundle_dir=location,
+                experiment=cfg.mlflow.experiment, tags={"segspark.as_of": str(result.as_of)},
+            )
+            result.metrics["mlflow_run_id"] = mlflow_run
+            counts.update(mlflow_run=mlflow_run)
+
+
+def _sample_size(cfg: Config) -> int:
+    """Users the run's sample needs: the largest of the sweep's, the autoencoder's and HDBSCAN's."""
+    models = cfg.models
+    sizes = [models.selection.sample_size]
+    if models.autoencoder.enabled:
+        sizes += [models.autoencoder.sample_size, models.hdbscan.sample_size]
+    return max(sizes)
+
+
+def _train_deep(ctx: RunContext, prepared: DataFrame, model_inputs: list[str], sample: UserSample) -> TrainedModel:
+    """ae_hdbscan: fit on prefixes of the user sample (on the driver), score every user once
+    (embeddings + segments) and write the embeddings."""
+    spark, cfg, result = ctx.spark, ctx.cfg, ctx.result
+    out, run_id = cfg.output, result.run_id
+    share_session(spark)
+    fitted = deep.fit_deep(sample, cfg.models.autoencoder, cfg.models.hdbscan, model_inputs)
+    scores = ctx.keep(fitted.scores(prepared))
+    keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
+    write_run_rows(spark, out, "user_embeddings", scores.select("user_id", *keys, "embedding"), run_id)
+    result.tables["user_embeddings"] = table_path(out, "user_embeddings")
+
+    # Quality of the clusters on HDBSCAN's own fitting sample (its non-noise embeddings), in memory.
+    kept = fitted.sample_labels != NOISE_SEGMENT
+    quality = sample_metrics(fitted.sample_embeddings[kept], fitted.sample_labels[kept],
+                             cfg.models.selection.silhouette_sample)
+    hdb_metrics = fitted.hdbscan_metrics
+    reason = (
+        f"k={fitted.k}: the clusters HDBSCAN found in {hdb_metrics.get('sample_rows')} sampled embeddings "
+        f"(min_cluster_size={hdb_metrics.get('min_cluster_size')}, min_samples={hdb_metrics.get('min_samples')})"
+    )
+    if hdb_metrics.get("assign_noise"):
+        reason += (f"; {hdb_metrics.get('density_noise_share', 0.0):.1%} of the sample lay between clusters and "
+                   "joined the nearest one, anomalies excepted")
+    curve = [{"k": fitted.k, "sample_users": int(kept.sum()), **{m: quality.get(m) for m in _CURVE_METRICS}}]
+    metrics = {"k": fitted.k, "reason": reason, "curve": curve, "model": fitted.metrics()}
+    # Its segments are clusters of the embeddings: their separation is measured there too.
+    return TrainedModel(deep.MODEL_NAME, fitted.k, reason, fitted, curve, fitted.assign(prepared, scores), metrics,
+                        embed=lambda rows: fitted.encoder.encode(rows.astype(np.float32)), space="autoencoder embeddings")
+
+
+def _note_noise(model: ModelSegments) -> None:
+    """The deep model's reason ends with the share of every user called noise (from its profiles)."""
+    noise = next((p.share for p in model.profiles.segments if p.segment == NOISE_SEGMENT), 0.0)
+    model.reason = f"{model.reason}; {noise:.1%} of users are noise (segment -1)"
+    model.metrics.update(reason=model.reason, noise_share=noise)
+    log.info("%s: %s", model.name, model.reason)
+
+
+_CURVE_METRICS = ("silhouette", "silhouette_sq", "davies_bouldin", "calinski_harabasz", "wss", "dunn")
+
+
+def _write_segment_tables(ctx: RunContext, built: list) -> None:
+    """One commit per table for all models, so that a run's rows appear (and are replaced) together.
+    The tables are independent, so the small ones are written while user_segments is."""
+    spark, cfg, result = ctx.spark, ctx.cfg, ctx.result
+    out, run_id, as_of = cfg.output, result.run_id, result.as_of
+    keys = [F.lit(as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
+    segments = reduce(DataFrame.unionByName, [
+        model.assignments.select("user_id", *keys, F.lit(model.name).alias("model"), *USER_SEGMENTS_COLUMNS[4:])
+        for model in built
+    ])
+    small = {
+        "model_selection": spark.createDataFrame(
+            [row for model in built for row in _selection_rows(model, as_of, run_id)], MODEL_SELECTION
+        ),
+        "segment_profiles": spark.createDataFrame(
+            [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)], SEGMENT_PROFILES
+        ),
+    }
+    moves = transitions_frame(spark, built, as_of, run_id)
+    if moves is not None:
+        small["segment_transitions"] = moves
+    with ThreadPoolExecutor(max_workers=len(small), thread_name_prefix="segspark-write",
+                            initializer=share_session, initargs=(spark,)) as pool:
+        pending = [pool.submit(write_run_rows, spark, out, name, frame, run_id) for name, frame in small.items()]
+        written = write_run_rows(spark, out, "user_segments", segments, run_id)
+        for future in pending:
+            future.result()
+    for name in ("user_segments", *small):
+        result.tables[name] = table_path(out, name)
+    log.info("segments written: %s user_segments rows", f"{written.rows:,}" if written.rows >= 0 else "?")
+
+
+def _selection_rows(model, as_of: dt.date, run_id: str) -> list[tuple]:
+    def number(entry: dict, key: str):
+        value = entry.get(key)
+        return None if value is None else float(value)
+
+    rows = []
+    for entry in model.curve:
+        chosen = entry["k"] == model.k
+        rows.append(
+            (
+                as_of, run_id, model.name, int(entry["k"]), chosen, model.reason if chosen else None,
+                entry.get("best_seed"), len(entry.get("seed_objectives") or []) or None, number(entry, "seed_ari"),
+                number(entry, "objective"), number(entry, "silhouette"), number(entry, "silhouette_sq"),
+                number(entry, "davies_bouldin"), number(entry, "calinski_harabasz"), number(entry, "wss"),
+                number(entry, "bic"), number(entry, "aic"), entry.get("degenerate_retries"),
+                number(entry, "dunn"), entry.get("sample_users"), number(entry, "full_objective"),
+                entry.get("full_cluster_sizes"),
+            )
+        )
+    return rows
+
+
