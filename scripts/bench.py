@@ -200,28 +200,28 @@ def suite_baselines(spark, args):
          sample_users=chosen["sample_users"], chosen_k=chosen["k"])
 
     # The sample size: what the sweep of every baseline costs and which k it chooses per size.
-    import importlib
 
     from segspark.evaluation.selection import curve_from_grid
+    from segspark.models import registry
     from segspark.models.sample_grid import Cell, run_grid
     from segspark.runtime.session import task_slots
-    from segspark.segments.train import MODEL_MODULES, model_options
 
     largest = collect_user_sample(prepared, prep.selected, max(args.sample_sizes), users, selection.sample_seed)
     for size in sorted(args.sample_sizes):
         sample = largest.head(size)
         cells, fitters, options = [], {}, {}
-        for name in MODEL_MODULES:
-            model_cfg = getattr(cfg.models, name)
-            fitters[name] = importlib.import_module(MODEL_MODULES[name]).fit_sample
-            options[name] = model_options(name, model_cfg, sample.matrix)
+        swept = [m for m in registry.MODELS if m.swept]
+        for model in swept:
+            name, model_cfg, module = model.name, model.settings(cfg.models), model.implementation()
+            fitters[name] = module.fit_sample
+            options[name] = module.options(model_cfg, sample.matrix)
             cells += [Cell(name, k, model_cfg.seed + 1009 * i) for k in ks for i in range(selection.seeds)]
         start = time.perf_counter()
         results = run_grid(spark, sample.matrix, cells, fitters, options, selection.silhouette_sample,
                            tasks=2 * (task_slots(spark) or 1))
         seconds = time.perf_counter() - start
         picks = {name: curve_from_grid([r for r in results if r.cell.model == name]).choose(selection.silhouette_tolerance)[0]
-                 for name in MODEL_MODULES}
+                 for name in (m.name for m in swept)}
         emit("baselines", "selection_sample_size", round(seconds, 3), "s", baseline=round(single, 3),
              ratio=round(seconds / single, 3), users=users, sample_users=sample.size, fits=len(cells), chosen_k=picks)
 

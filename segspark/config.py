@@ -334,10 +334,12 @@ class ModelsConfig(_Section):
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     hdbscan: HdbscanConfig = Field(default_factory=HdbscanConfig)
 
-    def enabled(self) -> dict[str, ClusteringConfig]:
-        """Enabled models by table name, in a fixed order."""
-        models = {"kmeans": self.kmeans, "bisecting_kmeans": self.bisecting_kmeans, "gmm": self.gmm}
-        return {name: cfg for name, cfg in models.items() if cfg.enabled}
+    def enabled(self) -> dict[str, ClusteringConfig | AutoencoderConfig]:
+        """Enabled models by table name, in the registry's order, with each one's config section
+        (ae_hdbscan: models.autoencoder; its HDBSCAN settings are models.hdbscan)."""
+        from segspark.models import registry
+
+        return {m.name: m.settings(self) for m in registry.enabled(self)}
 
 
 class OutputConfig(_Section):
@@ -594,9 +596,7 @@ def _log_loaded(config: Config, path: Path) -> None:
     # goes to DEBUG, and in full to the runs table and MLflow, where it is kept with the run.
     shown = config.redacted()
     digest = config.config_hash()[:12]
-    models = [name for name, cfg in config.models.enabled().items()]
-    if config.models.autoencoder.enabled:
-        models.append("ae_hdbscan")
+    models = list(config.models.enabled())
     log.info(
         "config %s (hash %s) | input %s (%s) | output %s | models %s",
         path, digest, shown["input"]["path"], config.input.format, shown["output"]["root"],

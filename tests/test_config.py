@@ -16,7 +16,7 @@ def test_local_config_loads_with_base_defaults():
     assert cfg.input.format == "parquet"
     assert cfg.models.kmeans.k is None  # from base.yaml: chosen by the sweep
     assert (cfg.models.selection.k_min, cfg.models.selection.k_max) == (3, 8)
-    assert list(cfg.models.enabled()) == ["kmeans", "bisecting_kmeans", "gmm"]
+    assert list(cfg.models.enabled()) == ["kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"]
     assert cfg.features.session_gap_minutes == 30
 
 

@@ -146,15 +146,15 @@ def planted(spark):
 def test_k_chosen_on_a_sample_is_the_k_chosen_on_every_user(spark, planted):
     """On planted data: the same k from a third of the users as from all of them, and the full-scale
     fit (MLlib, from the sample's best solution where MLlib allows it) as good as the sample's."""
-    import importlib
 
     from segspark.config import ModelsConfig
+    from segspark.models import registry
     from segspark.models.sample import collect_user_sample
-    from segspark.segments.train import MODEL_MODULES, model_options, train_baselines
+    from segspark.segments.train import train_baselines
 
     prepared, columns, truth = planted
     models = ModelsConfig()
-    baselines = {name: getattr(models, name) for name in MODEL_MODULES}
+    baselines = {m.name: m.settings(models) for m in registry.MODELS if m.swept}
     chosen = {}
     for size in (3000, 1000):
         selection = models.selection.model_copy(update={"sample_size": size, "silhouette_sample": 1000})
@@ -168,8 +168,8 @@ def test_k_chosen_on_a_sample_is_the_k_chosen_on_every_user(spark, planted):
             assert entry["sample_users"] == 1000 and sum(entry["full_cluster_sizes"]) == 3000
             assert "measured on a hash sample of 1,000 of 3,000 users" in model.reason
             # The sweep's best fit at the chosen k, again on the sample (it is deterministic)...
-            module = importlib.import_module(MODEL_MODULES[model.name])
-            options = model_options(model.name, baselines[model.name], sample.matrix)
+            module = registry.get(model.name).implementation()
+            options = module.options(baselines[model.name], sample.matrix)
             labels = module.fit_sample(sample.matrix, model.k, entry["best_seed"], **options).labels
             sweep_ari = adjusted_rand_score([truth[u] for u in sample.user_ids], labels)
             # ...against the full-scale fit of every user.

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -31,7 +30,7 @@ from segspark.bundle.manifest import (
     signing_key_from_env,
     write_manifest,
 )
-from segspark.bundle.models import DEEP_MODEL, load_fitted, save_fitted
+from segspark.bundle.models import load_fitted, save_fitted
 from segspark.config import BundleConfig, OutputConfig
 from segspark.features.behaviour import FeatureSlots
 from segspark.models.prepare import FittedPreparation
@@ -112,7 +111,7 @@ def bundle_slots(location: str, signing: SigningKey | None = None) -> FeatureSlo
 class BundleScores:
     manifest: Manifest
     assignments: dict[str, DataFrame]  # model -> user_id, segment (stable), segment_name, probability, ...
-    embeddings: DataFrame | None  # user_id, embedding (deep model only)
+    outputs: dict[str, DataFrame]  # the tables the models add (table -> frame, user_id first): user_embeddings
     cached: list[DataFrame]  # persisted on the way (the deep scores, read twice): unpersist when written
 
 
@@ -149,24 +148,20 @@ def score_with_bundle(
         features = features.withColumns({c: F.col(c).cast(t) for c, t in casts.items()})
     prepared = loaded.preparation.transform(features)
     assignments: dict[str, DataFrame] = {}
-    embeddings = None
+    outputs: dict[str, DataFrame] = {}
     cached: list[DataFrame] = []
     for name in manifest.models:
         saved = loaded.models[name]
-        if name == DEEP_MODEL:
-            scores = saved.fitted.scores(prepared).persist(StorageLevel.MEMORY_AND_DISK)
-            cached.append(scores)
-            raw = saved.fitted.assign(prepared, scores)
-            embeddings = scores.select("user_id", "embedding")
-        else:
-            raw = saved.fitted.assign(prepared)
-        stable = apply_mapping(raw, saved.segment_ids)
+        scored = saved.fitted.score(prepared)
+        outputs.update(scored.outputs)
+        cached += scored.cached
+        stable = apply_mapping(scored.assignments, saved.segment_ids)
         names = F.create_map(*[F.lit(x) for pair in sorted(saved.segment_names.items()) for x in pair])
         assignments[name] = stable.withColumn(
             "segment_name", F.coalesce(names[F.col("segment")], F.lit("unnamed segment"))
         )
     log.info("bundle %s (run %s) applied: models %s", loaded.location, manifest.run_id, ", ".join(manifest.models))
-    return BundleScores(manifest, assignments, embeddings, cached)
+    return BundleScores(manifest, assignments, outputs, cached)
 
 
 __all__ = ["BundleError", "BundleScores", "LoadedBundle", "bundle_location", "bundle_signing", "bundle_slots", "load_bundle",

@@ -49,6 +49,10 @@ def unmeasured(k: int, n: int, segments: list, sizes: list) -> dict:
     }
 
 
+# The sample metrics a model's k curve records (model_selection's metric columns).
+CURVE_METRICS = ("silhouette", "silhouette_sq", "davies_bouldin", "calinski_harabasz", "wss", "dunn")
+
+
 def sample_metrics(points: np.ndarray, labels: np.ndarray, silhouette_rows: int) -> dict:
     """Quality of `labels` (integers, one per row of `points`); keys as in the module docstring plus
     k (non-empty clusters), n (rows), sizes and segments (sizes in the order of the sorted labels)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 from pyspark.ml.clustering import BisectingKMeans, BisectingKMeansModel
@@ -34,6 +35,14 @@ from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from segspark.config import BisectingKMeansConfig
+from segspark.models.contract import (
+    QUANTILE_RELATIVE_ERROR,
+    MLlibSaving,
+    assignments,
+    check_fit_arguments,
+    threshold_aggregate,
+)
 from segspark.models.kmeans import _squared_distance
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 from segspark.models.sample_grid import SampleFit
@@ -43,15 +52,16 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "bisecting_kmeans"
 _BISECT_INPUT = "_bisect_input"  # the prepared vector shifted off the origin (see module docstring)
 _SHIFT = 1.0
-QUANTILE_RELATIVE_ERROR = 0.001  # rank error of the anomaly threshold: 0.1% of the training users
 
 
 @dataclass(frozen=True)
-class FittedBisectingKMeans:
+class FittedBisectingKMeans(MLlibSaving):
+    SPARK_FIELDS: ClassVar = {"model": "pyspark.ml.clustering.BisectingKMeansModel"}
+
     model_name: str
     k: int  # requested; len(centroids) may be smaller (see module docstring)
     seed: int
-    model: BisectingKMeansModel  # save with model.write().overwrite().save(path)
+    model: BisectingKMeansModel
     centroids: list[list[float]]  # leaf cluster means in the prepared space, clusters x d
     objective: float  # within-cluster sum of squares (summary.trainingCost); lower is better
     cluster_sizes: list[int]
@@ -91,20 +101,18 @@ class FittedBisectingKMeans:
     def assign(self, prepared: DataFrame) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities (null) per user."""
         check_prepared(prepared, need_user_id=True)
-        scored = _scored(self, prepared)
-        flagged = (
-            F.col("anomaly_score") > F.lit(self.anomaly_threshold)
-            if self.anomaly_threshold is not None
-            else F.lit(False)
-        )
-        return scored.select(
-            "user_id",
-            "segment",
-            "probability",
-            "anomaly_score",
-            flagged.alias("is_anomaly"),
-            F.lit(None).cast("array<double>").alias("probabilities"),
-        )
+        return assignments(_scored(self, prepared), self.anomaly_threshold)
+
+
+def options(cfg: BisectingKMeansConfig, sample: np.ndarray) -> dict:
+    """The keyword options of `fit_sample` and `fit_one` from the model's config."""
+    return {"max_iter": cfg.max_iter, "contamination": cfg.contamination,
+            "min_divisible_cluster_size": cfg.min_divisible_cluster_size}
+
+
+def users_per_cluster(cfg: BisectingKMeansConfig, dims: int) -> int:
+    """Users a cluster needs at the least (k + 1 users in all: a silhouette needs a cluster of two)."""
+    return 1
 
 
 def fit_sample(points: np.ndarray, k: int, seed: int, *, max_iter: int = 20, **_: object) -> SampleFit:
@@ -129,6 +137,7 @@ def fit_one(
     contamination: float = 0.01,
     quantile_relative_error: float = QUANTILE_RELATIVE_ERROR,
     start: SampleFit | None = None,
+    **_: object,
 ) -> FittedBisectingKMeans:
     """Fit BisectingKMeans on `features_vector`; only clusters x d numbers and one quantile come back.
 
@@ -137,7 +146,7 @@ def fit_one(
     fit always starts from its own initialisation, with the sweep's best seed.
     Cache `prepared` first: it is read by the fit and once more for the anomaly threshold."""
     check_prepared(prepared, need_user_id=False)
-    _check_common(k, contamination, quantile_relative_error)
+    check_fit_arguments(k, contamination, quantile_relative_error)
     estimator = BisectingKMeans(
         k=k,
         maxIter=max_iter,
@@ -169,9 +178,8 @@ def fit_one(
     )
     threshold = None
     if contamination > 0:
-        accuracy = max(1, round(1.0 / quantile_relative_error))
         row = _scored(fitted, prepared).agg(
-            F.percentile_approx("anomaly_score", 1.0 - contamination, accuracy).alias("threshold")
+            threshold_aggregate(F.col("anomaly_score"), contamination, quantile_relative_error).alias("threshold")
         )
         threshold = float(row.first()["threshold"])
     log.info(
@@ -215,10 +223,4 @@ def _with_shifted(prepared: DataFrame) -> DataFrame:
     return prepared.withColumn(_BISECT_INPUT, array_to_vector(shifted))
 
 
-def _check_common(k: int, contamination: float, quantile_relative_error: float) -> None:
-    if k < 2:
-        raise ValueError(f"k={k}: expected at least 2 clusters")
-    if not 0.0 <= contamination < 0.5:
-        raise ValueError(f"contamination={contamination}: expected a share in [0, 0.5), e.g. 0.01")
-    if not 0.0 < quantile_relative_error < 1.0:
-        raise ValueError(f"quantile_relative_error={quantile_relative_error}: expected a value in (0, 1), e.g. 0.001")
+FITTED = FittedBisectingKMeans

@@ -49,6 +49,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,14 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, StructField, StructType
 
+from segspark.config import GMMConfig
+from segspark.models.contract import (
+    QUANTILE_RELATIVE_ERROR,
+    MLlibSaving,
+    assignments,
+    check_fit_arguments,
+    threshold_aggregate,
+)
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 from segspark.models.sample_grid import SampleFit
 
@@ -68,7 +77,6 @@ MODEL_NAME = "gmm"
 MEMBERSHIP_VECTOR = "_membership"  # MLlib's probabilityCol; assign() exposes it as `probabilities`
 _RESERVED = ("segment", MEMBERSHIP_VECTOR)  # columns the model adds
 GMM_INPUT = "_gmm_input"  # the vectors the mixture is fitted on (principal components, see docstring)
-QUANTILE_RELATIVE_ERROR = 0.001  # rank error of the anomaly threshold: 0.1% of the training users
 LOG_LIKELIHOOD_RTOL = 1e-6
 # Convergence of the full-scale fit started from the sample's mixture: a change of the log-likelihood
 # per user below this: the test scikit-learn applies on the sample (its default tol).
@@ -92,7 +100,10 @@ class DegenerateModelError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class FittedGMM:
+class FittedGMM(MLlibSaving):
+    # Plain numbers only. Bundles of earlier versions saved the principal axes as an MLlib PCAModel.
+    LEGACY_FIELDS: ClassVar = {"projection": ("pyspark.ml.feature.PCAModel", lambda pca: pca.pc.toArray().tolist())}
+
     model_name: str
     k: int
     seed: int  # as requested; fit_seed is the one the returned model was fitted with
@@ -155,21 +166,9 @@ class FittedGMM:
             F.col("_m.probabilities").alias("probabilities"),
             (-F.col("_m.log_density")).alias("anomaly_score"),
         )
-        flagged = (
-            F.col("anomaly_score") > F.lit(self.anomaly_threshold)
-            if self.anomaly_threshold is not None
-            else F.lit(False)
-        )
         # Posteriors are normalised; the clamp only absorbs a last-bit rounding excess.
         probability = F.least(F.lit(1.0), F.greatest(F.lit(0.0), F.array_max("probabilities")))
-        return scored.select(
-            "user_id",
-            "segment",
-            probability.alias("probability"),
-            "anomaly_score",
-            flagged.alias("is_anomaly"),
-            "probabilities",
-        )
+        return assignments(scored.withColumn("probability", probability), self.anomaly_threshold, "probabilities")
 
     def mixture(self, vector: Column) -> Column:
         """struct(segment, probabilities, log_density) of a GMM input vector column (`GMM_INPUT`)."""
@@ -193,6 +192,22 @@ def principal_axes(points: np.ndarray, components: int | None) -> np.ndarray | N
     # A sign per axis that does not depend on the SVD routine: the largest loading is positive.
     signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(components)])
     return np.ascontiguousarray(axes * np.where(signs == 0, 1.0, signs))
+
+
+def options(cfg: GMMConfig, sample: np.ndarray) -> dict:
+    """The keyword options of `fit_sample` and `fit_one` from the model's config; the principal axes
+    come from the sample, so that the sweep and the full fit share one projection."""
+    return {
+        "max_iter": cfg.max_iter, "contamination": cfg.contamination, "tol": cfg.tol, "max_retries": cfg.max_retries,
+        "min_component_weight": cfg.min_component_weight, "principal_components": cfg.principal_components,
+        "reg_covar": cfg.reg_covar, "projection": principal_axes(sample, cfg.principal_components),
+    }
+
+
+def users_per_cluster(cfg: GMMConfig, dims: int) -> int:
+    """A component has a full covariance over its input dimensions (principal_components of the
+    `dims` prepared features): it needs that many users plus one."""
+    return min(cfg.principal_components or dims, dims) + 1
 
 
 def fit_sample(
@@ -262,6 +277,7 @@ def fit_one(
     start: SampleFit | None = None,
     users: int | None = None,
     reg_covar: float = 1e-6,
+    **_: object,
 ) -> FittedGMM:
     """Fit a full-covariance GaussianMixture on every user, retrying degenerate fits.
 
@@ -280,14 +296,9 @@ def fit_one(
     Only k x d x d numbers and one aggregate row come back to the driver. Cache `prepared` first: it
     is read by every fit and once more for the anomaly threshold."""
     check_prepared(prepared, need_user_id=False, reserved=_RESERVED)
-    if k < 2:
-        raise ValueError(f"k={k}: expected at least 2 components")
-    if not 0.0 <= contamination < 0.5:
-        raise ValueError(f"contamination={contamination}: expected a share in [0, 0.5), e.g. 0.01")
+    check_fit_arguments(k, contamination, quantile_relative_error)
     if max_retries < 0:
         raise ValueError(f"max_retries={max_retries}: expected 0 or more")
-    if not 0.0 < quantile_relative_error < 1.0:
-        raise ValueError(f"quantile_relative_error={quantile_relative_error}: expected a value in (0, 1), e.g. 0.001")
     min_weight = 0.005 / k if min_component_weight is None else min_component_weight
     if projection is None:
         projection = _fit_projection(prepared, principal_components)
@@ -324,11 +335,10 @@ def fit_one(
     floor = F.lit(math.log(k * MLLIB_EPSILON))
     # log(exp(ll) + k * EPSILON) without leaving log space: what MLlib adds up for each user.
     floored = F.greatest(F.col("ll"), floor) + F.log1p(F.exp(-F.abs(F.col("ll") - floor)))
-    accuracy = max(1, round(1.0 / quantile_relative_error))
     row = scored.agg(
         F.sum("ll").alias("total"),
         F.sum(floored).alias("floored"),
-        F.percentile_approx(-F.col("ll"), 1.0 - contamination, accuracy).alias("threshold"),
+        threshold_aggregate(-F.col("ll"), contamination, quantile_relative_error).alias("threshold"),
         *[F.sum(F.when(F.col("segment") == j, 1).otherwise(0)).alias(f"size_{j}") for j in range(k)],
     ).first()
     sizes = [int(row[f"size_{j}"]) for j in range(k)]
@@ -657,3 +667,6 @@ def _gmm_input(prepared: DataFrame, projection) -> DataFrame:
         return pd.Series(list(np.stack(points.to_numpy()).astype(float) @ axes))
 
     return prepared.withColumn(GMM_INPUT, array_to_vector(project(vector_to_array(F.col(PREPARED_VECTOR)))))
+
+
+FITTED = FittedGMM

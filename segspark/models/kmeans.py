@@ -10,9 +10,9 @@ in the prepared feature space (models.prepare: imputed, log1p, capped, selected,
 distance: about 1 for a typical member, larger for outliers. `is_anomaly` flags the users above the
 (1 - contamination) quantile of the training users' scores.
 
-Every model module (kmeans, bisecting, gmm) offers `fit_one(prepared, k, seed, ...)` returning a
-fitted object with `objective` (lower is better), `predict(prepared)` and `assign(prepared)`, which
-is what the k sweep (evaluation.selection) and the pipeline rely on.
+Like every swept model (models.registry), the module offers `options`, `fit_sample` (the k sweep's
+scikit-learn fit), `fit_one` (the MLlib fit on every user) and `users_per_cluster`; the fitted model
+keeps models.contract.SegmentModel.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, DoubleType
 
+from segspark.config import ClusteringConfig
+from segspark.models.contract import MLlibSaving, assignments, check_fit_arguments, threshold_aggregate
 from segspark.models.mllib_start import can_start_from_sample, kmeans_from_centres
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.models.sample_grid import SampleFit
@@ -35,12 +37,14 @@ from segspark.models.sample_grid import SampleFit
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "kmeans"
-QUANTILE_ACCURACY = 10_000  # percentile_approx accuracy of the anomaly threshold: rank error 1e-4
+QUANTILE_RELATIVE_ERROR = 1e-4  # rank error of the anomaly threshold
 
 
 @dataclass(frozen=True)
-class FittedKMeans:
-    model: KMeansModel  # save with model.write().overwrite().save(path)
+class FittedKMeans(MLlibSaving):
+    SPARK_FIELDS: ClassVar = {"model": "pyspark.ml.clustering.KMeansModel"}
+
+    model: KMeansModel
     k: int
     seed: int
     centroids: list[list[float]]  # in the prepared space, k x d (small)
@@ -54,9 +58,11 @@ class FittedKMeans:
 
     def metrics(self) -> dict:
         return {
+            "model": self.model_name,
             "k": self.k,
             "seed": self.seed,
             "cluster_sizes": self.cluster_sizes,
+            "objective": self.objective,
             "training_cost": self.objective,
             "sigma2": self.sigma2,
             "anomaly_threshold": self.anomaly_threshold,
@@ -70,15 +76,17 @@ class FittedKMeans:
 
     def assign(self, prepared: DataFrame) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities (null)."""
-        scored = _scores(self, prepared)
-        return scored.select(
-            "user_id",
-            "segment",
-            "probability",
-            "anomaly_score",
-            _flag(F.col("anomaly_score"), self.anomaly_threshold).alias("is_anomaly"),
-            F.lit(None).cast(ArrayType(DoubleType())).alias("probabilities"),
-        )
+        return assignments(_scores(self, prepared), self.anomaly_threshold)
+
+
+def options(cfg: ClusteringConfig, sample: np.ndarray) -> dict:
+    """The keyword options of `fit_sample` and `fit_one` from the model's config."""
+    return {"max_iter": cfg.max_iter, "contamination": cfg.contamination}
+
+
+def users_per_cluster(cfg: ClusteringConfig, dims: int) -> int:
+    """Users a cluster needs at the least (k + 1 users in all: a silhouette needs a cluster of two)."""
+    return 1
 
 
 def fit_sample(points: np.ndarray, k: int, seed: int, *, max_iter: int = 40, **_: object) -> SampleFit:
@@ -98,10 +106,12 @@ def fit_one(
     max_iter: int = 40,
     contamination: float = 0.01,
     start: SampleFit | None = None,
+    **_: object,
 ) -> FittedKMeans:
     """Fit MLlib KMeans on every user's prepared vector (`FittedPreparation.transform`); only k x d
     and one aggregate row come back. start: the sample's solution to start from (models.mllib_start:
     on a classic session; otherwise, and without one, MLlib's k-means|| with `seed`)."""
+    check_fit_arguments(k, contamination)
     # Fit on a projection, not on the cached `prepared` itself: MLlib caches its own deserialised
     # vectors only when its input is not cached, and re-reading Spark's columnar cache on every
     # iteration was measured 3.6x slower (200k users, 33 dimensions).
@@ -125,7 +135,7 @@ def fit_one(
     aggregates = [F.sum("_nearest").alias("cost"), F.count(F.lit(1)).alias("n")]
     aggregates += [F.sum(F.when(F.col("segment") == j, 1).otherwise(0)).alias(f"size_{j}") for j in range(len(centroids))]
     if contamination > 0:
-        aggregates.append(F.percentile_approx(F.sqrt("_nearest"), 1.0 - contamination, QUANTILE_ACCURACY).alias("q"))
+        aggregates.append(threshold_aggregate(F.sqrt("_nearest"), contamination, QUANTILE_RELATIVE_ERROR).alias("q"))
     row = scored.agg(*aggregates).first()
     n, cost = int(row["n"]), float(row["cost"] or 0.0)
     sizes = [int(row[f"size_{j}"]) for j in range(len(centroids))]
@@ -136,10 +146,6 @@ def fit_one(
     log.info("kmeans k=%d seed=%d on %d users (%s): sizes %s, cost %.1f", k, seed, n,
              "started from the sample's centroids" if warm else "k-means|| start", sizes, cost)
     return FittedKMeans(model, k, seed, centroids, sigma2, sizes, cost, threshold, warm_start=warm)
-
-
-def _flag(score: Column, threshold: float | None) -> Column:
-    return F.lit(False) if threshold is None else F.coalesce(score > F.lit(threshold), F.lit(False))
 
 
 def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
@@ -165,3 +171,6 @@ def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
 def _squared_distance(point: Column, centre: list[float]) -> Column:
     centre_col = F.array(*[F.lit(float(x)) for x in centre])
     return F.aggregate(F.zip_with(point, centre_col, lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
+
+
+FITTED = FittedKMeans

@@ -20,15 +20,17 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from segspark.bundle.models import DEEP_MODEL
 from segspark.config import OutputConfig
 from segspark.errors import UsageError
 from segspark.io.tables import output_table_exists, read_output_table
+from segspark.models import registry
 
 log = logging.getLogger(__name__)
 
 # The models a training run can hold, in the order the pipeline fits them.
-MODELS = ("kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan")
+MODELS = registry.names()
+EMBEDDING_MODEL = registry.producer("user_embeddings").name  # whose embeddings the projection shows
+SOFT_MODEL = next(m.name for m in registry.MODELS if m.soft)  # whose membership distribution is drawn
 KEY_COLUMNS = ("user_id", "as_of", "run_id")
 
 
@@ -310,14 +312,14 @@ def projection_sample(
     segments = _segments(spark, output, run_id)
     if segments is None or not models:
         return None
-    if DEEP_MODEL in models:
+    if EMBEDDING_MODEL in models:
         embeddings = _of_run(spark, output, "user_embeddings", run_id)
         if embeddings is not None:
-            sample = _sample(embeddings.select("user_id", "embedding"), segments, DEEP_MODEL, limit)
+            sample = _sample(embeddings.select("user_id", "embedding"), segments, EMBEDDING_MODEL, limit)
             if sample:
                 matrix = np.array([list(r.embedding) for r in sample], dtype=float)
-                return _projection("embeddings", DEEP_MODEL, [f"e{i}" for i in range(matrix.shape[1])], matrix, sample)
-    colour = next((m for m in ("kmeans", "bisecting_kmeans", "gmm") if m in models), models[0])
+                return _projection("embeddings", EMBEDDING_MODEL, [f"e{i}" for i in range(matrix.shape[1])], matrix, sample)
+    colour = next((m.name for m in registry.MODELS if m.swept and m.name in models), models[0])
     features = _of_run(spark, output, "user_features", run_id)
     if features is None:
         return None

@@ -19,8 +19,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from segspark.models.contract import NOISE_SEGMENT
+
 DPI = 90
-NOISE_SEGMENT = -1
+
 STYLE = {
     "font.size": 8.5,
     "axes.titlesize": 9,

@@ -298,7 +298,7 @@ def projection_section(ctx: ReportContext) -> Section:
     run_id = ctx.run.run_id
     sample = data.projection_sample(ctx.spark, ctx.output, run_id, ctx.models, limit=PROJECTION_USERS)
     if sample is None or sample.source != "embeddings":
-        why = (f"model {data.DEEP_MODEL} was not trained in this run" if data.DEEP_MODEL not in ctx.models
+        why = (f"model {data.EMBEDDING_MODEL} was not trained in this run" if data.EMBEDDING_MODEL not in ctx.models
                else "the run has no user_embeddings rows")
         blocks.append(ctx.skip(
             "fig-projection-embeddings",
@@ -368,9 +368,11 @@ def selection_section(ctx: ReportContext) -> Section:
 def scores_section(ctx: ReportContext) -> Section:
     run_id = ctx.run.run_id
     blocks: list = []
-    gmm = data.membership(ctx.spark, ctx.output, run_id, "gmm", MEMBERSHIP_BINS) if "gmm" in ctx.models else None
+    soft = data.SOFT_MODEL
+    gmm = data.membership(ctx.spark, ctx.output, run_id, soft, MEMBERSHIP_BINS) if soft in ctx.models else None
     if gmm is None:
-        why = "model gmm was not trained in this run" if "gmm" not in ctx.models else "the run has no gmm rows in user_segments"
+        why = (f"model {soft} was not trained in this run" if soft not in ctx.models
+               else f"the run has no {soft} rows in user_segments")
         blocks.append(ctx.skip("fig-gmm-membership", f"No GMM membership distribution: {why}."))
     else:
         histogram, per_segment = gmm
@@ -379,7 +381,7 @@ def scores_section(ctx: ReportContext) -> Section:
             f"gmm: distribution of each user's membership probability of its segment ({MEMBERSHIP_BINS} bins), and "
             "its mean per segment (in brackets: users below 0.5, i.e. between segments).",
             "Histogram of GMM membership probabilities and mean probability per segment",
-            figures.draw_membership, histogram, per_segment, "gmm", MEMBERSHIP_BINS,
+            figures.draw_membership, histogram, per_segment, soft, MEMBERSHIP_BINS,
         ))
     scores = data.anomaly_scores(ctx.spark, ctx.output, run_id, ANOMALY_BINS)
     if scores is None:

@@ -46,9 +46,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DateType, IntegerType, LongType, StringType, StructField, StructType
 from scipy.optimize import linear_sum_assignment
 
+from segspark.models.contract import NOISE_SEGMENT
+
 log = logging.getLogger(__name__)
 
-NOISE_SEGMENT = -1
+
 DEFAULT_MIN_OVERLAP = 0.1  # minimum Jaccard index of a member-overlap match
 
 # Table contract (DESIGN.md `segment_transitions`).

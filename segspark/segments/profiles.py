@@ -77,9 +77,11 @@ from pyspark.sql.types import (
     StructType,
 )
 
+from segspark.models.contract import NOISE_SEGMENT
+
 log = logging.getLogger(__name__)
 
-NOISE_SEGMENT = -1
+
 NOISE_NAME = "noise / unassigned"
 STANDS_OUT = 0.5  # |z| at which a feature "is high/low" in the naming rules
 ONE_TIMER_ORDERS = (0.8, 1.5)

@@ -51,6 +51,8 @@ from segspark.ingest.privacy import Protection, check_same_pseudonyms, resolve_p
 from segspark.io.catalog import RUNS
 from segspark.io.delta import read_table, table_exists, write_table
 from segspark.io.tables import read_output_table, table_path, uses_catalog, write_run_rows
+from segspark.models import registry
+from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.session import apply_required_conf
 from segspark.streaming import drift, identity
@@ -63,7 +65,9 @@ log = logging.getLogger(__name__)
 STATE, LIVE, CENTROIDS, DRIFT, BATCHES = (
     "stream_feature_state", "user_segments_live", "segment_centroids_online", "segment_drift", "stream_batches",
 )
-ONLINE_MODEL = "kmeans_online"
+NOISE_MODELS = {m.name for m in registry.MODELS if m.noise}  # their segment -1 is noise
+ONLINE_BASE = registry.online_base().name  # the bundle's model whose centres are updated online
+ONLINE_MODEL = f"{ONLINE_BASE}_online"
 BUCKET = "bucket"
 # Each table the stream writes -> the suffix of its txn app id (`<app_id>.<suffix>`).
 STREAM_TXNS = {"quarantine": "quarantine", STATE: "state", LIVE: "live", CENTROIDS: "online", DRIFT: "drift",
@@ -177,8 +181,8 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
         shares.setdefault(row.model, {})[int(row.segment)] = int(row["count"])
     shares = {m: {s: n / sum(c.values()) for s, n in c.items()} for m, c in shares.items()}
     centres, ids, names, online, online_batch = None, {}, {}, None, None
-    if "kmeans" in manifest.models:
-        saved = loaded.models["kmeans"]
+    if ONLINE_BASE in manifest.models:
+        saved = loaded.models[ONLINE_BASE]
         centres = np.array(saved.fitted.centroids, dtype=np.float64)
         ids, names = dict(saved.segment_ids), dict(saved.segment_names)
         online, online_batch = _latest_snapshot(spark, cfg, manifest, ids)
@@ -401,11 +405,11 @@ def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: 
     now, rows, reasons = dt.datetime.now(dt.UTC), [], []
     for model, by_segment in sorted(counts.items()):
         users = sum(by_segment.values())
-        trained = models.trained_shares.get("kmeans" if model == ONLINE_MODEL else model, {})
+        trained = models.trained_shares.get(ONLINE_BASE if model == ONLINE_MODEL else model, {})
         shifts = None
         if model == ONLINE_MODEL and models.trained_centres is not None:
             shifts = drift.centroid_shift(models.trained_centres, models.online.centers)
-        noise = by_segment.get(-1, 0) / users if model == "ae_hdbscan" else None
+        noise = by_segment.get(NOISE_SEGMENT, 0) / users if model in NOISE_MODELS else None
         verdict = drift.assess(thresholds, psi_by_feature=psi, shifts=shifts,
                                size_changes=drift.size_change(trained, by_segment), noise_share=noise)
         rows.append((

@@ -21,9 +21,9 @@ def score_users(ctx: RunContext, features: DataFrame, bundle: str, signing=None)
         check_same_pseudonyms(scored.manifest.training_data.get("privacy"), result.metrics.get("privacy"), bundle)
         keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
         try:
-            if scored.embeddings is not None:
-                write_run_rows(spark, out, "user_embeddings", scored.embeddings.select("user_id", *keys, "embedding"), run_id)
-                result.tables["user_embeddings"] = table_path(out, "user_embeddings")
+            for table, frame in scored.outputs.items():
+                write_run_rows(spark, out, table, frame.select("user_id", *keys, *frame.columns[1:]), run_id)
+                result.tables[table] = table_path(out, table)
             rows = None
             for name, assignments in scored.assignments.items():
                 frame = assignments.select("user_id", *keys, F.lit(name).alias("model"), *USER_SEGMENTS_COLUMNS[4:])

@@ -7,33 +7,26 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
 
-import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from segspark.bundle.store import bundle_signing, finish_bundle, models_folder, save_model, start_bundle
 from segspark.config import Config
-from segspark.evaluation.sample_metrics import sample_metrics
 from segspark.features.behaviour import FeatureSlots
 from segspark.features.catalog import category_slot_names, feature_columns
 from segspark.io.catalog import MODEL_SELECTION, USER_SEGMENTS_COLUMNS
 from segspark.io.tables import table_path, write_run_rows
 from segspark.io.tracking import log_run
-from segspark.models.deep import model as deep
+from segspark.models import registry
+from segspark.models.contract import TrainedModel
 from segspark.models.prepare import fit_preparation
 from segspark.models.sample import UserSample, collect_user_sample
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.session import share_session
 from segspark.segments.ids import NOISE_SEGMENT
 from segspark.segments.profiles import SEGMENT_PROFILES
-from segspark.segments.train import (
-    ModelSegments,
-    TrainedModel,
-    stable_segments,
-    train_baselines,
-    transitions_frame,
-    users_check,
-)
+from segspark.segments.stable import ModelSegments, stable_segments, transitions_frame
+from segspark.segments.train import train_baselines, users_check
 from segspark.usecases.context import RunContext
 
 log = logging.getLogger(__name__)
@@ -63,23 +56,28 @@ def train_models(ctx: RunContext, features: DataFrame, slots: FeatureSlots, loca
         models = cfg.models
         # One hash sample of the prepared users, collected once: the k sweep, the autoencoder and
         # HDBSCAN each fit on a prefix of it.
-        sample = collect_user_sample(prepared, prep.selected, _sample_size(cfg), result.users,
+        enabled = registry.enabled(models)
+        swept = {m.name: m.settings(models) for m in enabled if m.swept}
+        own_k = [m for m in enabled if not m.swept]
+        sample = collect_user_sample(prepared, prep.selected, _sample_size(cfg, own_k), result.users,
                                      models.selection.sample_seed)
         result.metrics["user_sample"] = {"users": sample.size, "of": sample.total_users, "seed": sample.seed}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segspark-deep") as background:
-            # The autoencoder and HDBSCAN fit on the driver while the baselines' Spark jobs run (at small
-            # scale those mostly wait on job latency); the deep model's own scoring job follows there.
-            deep_model = (background.submit(_train_deep, ctx, prepared, prep.selected, sample)
-                          if models.autoencoder.enabled else None)
-            trained = train_baselines(spark, models.enabled(), models.selection, prepared, sample, k_ranges)
-            if deep_model is not None:
-                trained.append(deep_model.result())
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segspark-own-k") as background:
+            # Models that find their own k (the autoencoder and HDBSCAN) fit on the driver while the
+            # swept models' Spark jobs run (at small scale those mostly wait on job latency); their own
+            # scoring job and output tables follow there.
+            pending = [background.submit(_train_own_k, ctx, m, prepared, prep.selected, sample) for m in own_k]
+            trained = train_baselines(spark, swept, models.selection, prepared, sample, k_ranges)
+            for model in trained:
+                ctx.cached.extend(model.scored.cached)
+                _write_outputs(ctx, model.scored)
+            trained += [future.result() for future in pending]
         # Separation per segment on the sweep's users: the rows of the silhouette the sweep reported.
         built = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels, ctx.cached,
                                 sample=sample.head(models.selection.sample_size), prepared_names=prep.selected,
                                 silhouette_rows=models.selection.silhouette_sample)
         for model in built:
-            if model.name == deep.MODEL_NAME:
+            if registry.get(model.name).noise:
                 _note_noise(model)
         for model in built:
             result.metrics[model.name] = model.metrics
@@ -88,10 +86,8 @@ def train_models(ctx: RunContext, features: DataFrame, slots: FeatureSlots, loca
                 for p in model.profiles.segments
             ]
         if not built:
-            raise ValueError(
-                "no model is enabled: set models.<name>.enabled: true for kmeans, bisecting_kmeans or gmm, "
-                "or models.autoencoder.enabled: true for ae_hdbscan"
-            )
+            choices = ", ".join(f"models.{m.config_key}.enabled: true for {m.name}" for m in registry.MODELS)
+            raise ValueError(f"no model is enabled: set {choices}")
         _write_segment_tables(ctx, built)
         counts.update(models=len(built), **{m.name: f"k={m.k}" for m in built})
 
@@ -124,44 +120,27 @@ def train_models(ctx: RunContext, features: DataFrame, slots: FeatureSlots, loca
             counts.update(mlflow_run=mlflow_run)
 
 
-def _sample_size(cfg: Config) -> int:
-    """Users the run's sample needs: the largest of the sweep's, the autoencoder's and HDBSCAN's."""
+def _sample_size(cfg: Config, own_k: list) -> int:
+    """Users the run's sample needs: the largest of the sweep's and of what the other models fit on."""
     models = cfg.models
-    sizes = [models.selection.sample_size]
-    if models.autoencoder.enabled:
-        sizes += [models.autoencoder.sample_size, models.hdbscan.sample_size]
-    return max(sizes)
+    return max([models.selection.sample_size, *[m.implementation().sample_size(models) for m in own_k]])
 
 
-def _train_deep(ctx: RunContext, prepared: DataFrame, model_inputs: list[str], sample: UserSample) -> TrainedModel:
-    """ae_hdbscan: fit on prefixes of the user sample (on the driver), score every user once
-    (embeddings + segments) and write the embeddings."""
-    spark, cfg, result = ctx.spark, ctx.cfg, ctx.result
-    out, run_id = cfg.output, result.run_id
-    share_session(spark)
-    fitted = deep.fit_deep(sample, cfg.models.autoencoder, cfg.models.hdbscan, model_inputs)
-    scores = ctx.keep(fitted.scores(prepared))
-    keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
-    write_run_rows(spark, out, "user_embeddings", scores.select("user_id", *keys, "embedding"), run_id)
-    result.tables["user_embeddings"] = table_path(out, "user_embeddings")
+def _train_own_k(ctx: RunContext, model, prepared: DataFrame, model_inputs: list[str], sample: UserSample) -> TrainedModel:
+    """A model that finds its own k, trained (in a background thread) and its output tables written."""
+    share_session(ctx.spark)
+    trained = model.implementation().train(prepared, sample, ctx.cfg.models, model_inputs)
+    ctx.cached.extend(trained.scored.cached)
+    _write_outputs(ctx, trained.scored)
+    return trained
 
-    # Quality of the clusters on HDBSCAN's own fitting sample (its non-noise embeddings), in memory.
-    kept = fitted.sample_labels != NOISE_SEGMENT
-    quality = sample_metrics(fitted.sample_embeddings[kept], fitted.sample_labels[kept],
-                             cfg.models.selection.silhouette_sample)
-    hdb_metrics = fitted.hdbscan_metrics
-    reason = (
-        f"k={fitted.k}: the clusters HDBSCAN found in {hdb_metrics.get('sample_rows')} sampled embeddings "
-        f"(min_cluster_size={hdb_metrics.get('min_cluster_size')}, min_samples={hdb_metrics.get('min_samples')})"
-    )
-    if hdb_metrics.get("assign_noise"):
-        reason += (f"; {hdb_metrics.get('density_noise_share', 0.0):.1%} of the sample lay between clusters and "
-                   "joined the nearest one, anomalies excepted")
-    curve = [{"k": fitted.k, "sample_users": int(kept.sum()), **{m: quality.get(m) for m in _CURVE_METRICS}}]
-    metrics = {"k": fitted.k, "reason": reason, "curve": curve, "model": fitted.metrics()}
-    # Its segments are clusters of the embeddings: their separation is measured there too.
-    return TrainedModel(deep.MODEL_NAME, fitted.k, reason, fitted, curve, fitted.assign(prepared, scores), metrics,
-                        embed=lambda rows: fitted.encoder.encode(rows.astype(np.float32)), space="autoencoder embeddings")
+
+def _write_outputs(ctx: RunContext, scored) -> None:
+    """The tables a model adds besides its segments (the deep model's user_embeddings)."""
+    keys = [F.lit(ctx.result.as_of).cast("date").alias("as_of"), F.lit(ctx.run_id).alias("run_id")]
+    for table, frame in scored.outputs.items():
+        write_run_rows(ctx.spark, ctx.cfg.output, table, frame.select("user_id", *keys, *frame.columns[1:]), ctx.run_id)
+        ctx.result.tables[table] = table_path(ctx.cfg.output, table)
 
 
 def _note_noise(model: ModelSegments) -> None:
@@ -170,9 +149,6 @@ def _note_noise(model: ModelSegments) -> None:
     model.reason = f"{model.reason}; {noise:.1%} of users are noise (segment -1)"
     model.metrics.update(reason=model.reason, noise_share=noise)
     log.info("%s: %s", model.name, model.reason)
-
-
-_CURVE_METRICS = ("silhouette", "silhouette_sq", "davies_bouldin", "calinski_harabasz", "wss", "dunn")
 
 
 def _write_segment_tables(ctx: RunContext, built: list) -> None:

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pyspark.sql import Column, DataFrame
-from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, DoubleType
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
 
-from segspark.config import AutoencoderConfig, HdbscanConfig
+from segspark.config import AutoencoderConfig, HdbscanConfig, ModelsConfig
+from segspark.evaluation.sample_metrics import CURVE_METRICS, sample_metrics
+from segspark.models.contract import NOISE_SEGMENT, BundleFiles, Scored, TrainedModel, assignments
 from segspark.models.sample import UserSample
 
 log = logging.getLogger(__name__)
@@ -38,19 +39,30 @@ PER_USER_FILES = (DENSITY_FILE,)
 
 @dataclass
 class FittedDeep:
+    model_name: str
+    k: int  # clusters found (noise not counted)
     encoder: object  # segspark.models.deep.encoder.NumpyEncoder
     density: object  # segspark.models.deep.density.SlimHdbscan
-    k: int  # clusters found (noise not counted)
     autoencoder_metrics: dict = field(default_factory=dict)
     hdbscan_metrics: dict = field(default_factory=dict)
     keras_model: object | None = None  # the trained Keras autoencoder (saved with the bundle); None when loaded
-    model_name: str = MODEL_NAME
     # The HDBSCAN fitting sample and its fitted labels (for the sample metrics; not saved, None when loaded).
     sample_embeddings: np.ndarray | None = field(default=None, repr=False)
     sample_labels: np.ndarray | None = field(default=None, repr=False)
 
+    @property
+    def anomaly_threshold(self) -> float | None:
+        return self.density.anomaly_threshold
+
+    @property
+    def objective(self) -> float:
+        """Share of the HDBSCAN sample called noise: what a density model minimises (lower is better)."""
+        return float(self.hdbscan_metrics.get("noise_share") or 0.0)
+
     def metrics(self) -> dict:
-        return {"k": self.k, "autoencoder": self.autoencoder_metrics, "hdbscan": self.hdbscan_metrics}
+        return {"model": self.model_name, "k": self.k, "objective": self.objective,
+                "anomaly_threshold": self.anomaly_threshold,
+                "autoencoder": self.autoencoder_metrics, "hdbscan": self.hdbscan_metrics}
 
     def scores(self, prepared: DataFrame) -> DataFrame:
         """user_id, embedding, segment, probability, anomaly_score (executors, one pass)."""
@@ -60,17 +72,14 @@ class FittedDeep:
 
     def assign(self, prepared: DataFrame, scores: DataFrame | None = None) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities (null)."""
-        scored = self.scores(prepared) if scores is None else scores
-        return scored.select(
-            "user_id",
-            "segment",
-            "probability",
-            "anomaly_score",
-            _flag(F.col("anomaly_score"), self.density.anomaly_threshold).alias("is_anomaly"),
-            F.lit(None).cast(ArrayType(DoubleType())).alias("probabilities"),
-        )
+        return assignments(self.scores(prepared) if scores is None else scores, self.anomaly_threshold)
 
-    def save(self, bundle_dir: str) -> None:
+    def score(self, prepared: DataFrame) -> Scored:
+        """Assignments and user_embeddings from one scoring pass over the users (persisted: both read it)."""
+        scores = self.scores(prepared).persist(StorageLevel.MEMORY_AND_DISK)
+        return Scored(self.assign(prepared, scores), {"user_embeddings": scores.select("user_id", "embedding")}, [scores])
+
+    def save(self, bundle_dir: str) -> dict:
         root = Path(bundle_dir)
         (root / ENCODER_FILE).parent.mkdir(parents=True, exist_ok=True)
         (root / DENSITY_FILE).parent.mkdir(parents=True, exist_ok=True)
@@ -78,33 +87,29 @@ class FittedDeep:
         if self.keras_model is not None:
             self.keras_model.save(str(root / "autoencoder" / "autoencoder.keras"))
         self.density.save(str(root / DENSITY_FILE))
+        return self.metrics()
 
     @classmethod
-    def load(cls, bundle_dir: str, metrics: dict | None = None) -> FittedDeep:
+    def load(cls, numbers: dict, files: BundleFiles) -> FittedDeep:
         from segspark.models.deep.density import SlimHdbscan
         from segspark.models.deep.encoder import NumpyEncoder
 
-        root = Path(bundle_dir)
-        density = SlimHdbscan.load(str(root / DENSITY_FILE))
-        metrics = metrics or {}
-        return cls(
-            NumpyEncoder.load(str(root / ENCODER_FILE)),
-            density,
-            int(metrics.get("k", 0)),
-            metrics.get("autoencoder", {}),
-            metrics.get("hdbscan", {}),
-        )
+        encoder = NumpyEncoder.load(str(files.file(ENCODER_FILE, f"the encoder of {MODEL_NAME}")))
+        density = SlimHdbscan.load(str(files.file(DENSITY_FILE, f"the HDBSCAN artifact of {MODEL_NAME}")))
+        return cls(MODEL_NAME, int(numbers.get("k", 0)), encoder, density, numbers.get("autoencoder", {}),
+                   numbers.get("hdbscan", {}))
 
 
-def _flag(score: Column, threshold: float | None) -> Column:
-    return F.lit(False) if threshold is None else F.coalesce(score > F.lit(float(threshold)), F.lit(False))
+FITTED = FittedDeep
 
 
-def users_problem(users: int, ae_cfg: AutoencoderConfig, hdb_cfg: HdbscanConfig) -> str | None:
+def users_problem(users: int, models_cfg: ModelsConfig) -> str | None:
     """Why `users` prepared users are too few for the deep model, with the least number that is
     enough for these settings (None: enough). The same rules as its fit (autoencoder.sample_problem,
     density.sample_problem), so the run stops before any work instead of after the features."""
     from segspark.models.deep import autoencoder, density
+
+    ae_cfg, hdb_cfg = models_cfg.autoencoder, models_cfg.hdbscan
 
     def problem(n: int) -> str | None:
         return (autoencoder.sample_problem(min(n, ae_cfg.sample_size), ae_cfg)
@@ -118,6 +123,12 @@ def users_problem(users: int, ae_cfg: AutoencoderConfig, hdb_cfg: HdbscanConfig)
     enough = next((n for n in range(users + 1, limit + 1) if problem(n) is None), None)
     need = f"needs at least {enough:,} users with these settings" if enough else "cannot be fitted with these settings"
     return f"{MODEL_NAME} {need}, the run has {users:,}: {found}"
+
+
+def sample_size(models_cfg: ModelsConfig) -> int:
+    """Users of the run's sample this model fits on: the autoencoder's and HDBSCAN's samples are
+    prefixes of it."""
+    return max(models_cfg.autoencoder.sample_size, models_cfg.hdbscan.sample_size)
 
 
 def fit_deep(
@@ -150,7 +161,32 @@ def fit_deep(
     k = int(hdb_metrics["n_clusters"])
     if k == 0:
         log.warning("ae_hdbscan: HDBSCAN found no cluster in %d embeddings: every user is noise", len(embeddings))
-    fitted = FittedDeep(trained.encoder, density.artifact, k, trained.metrics(), hdb_metrics, trained.keras_model)
+    fitted = FittedDeep(MODEL_NAME, k, trained.encoder, density.artifact, trained.metrics(), hdb_metrics,
+                        trained.keras_model)
     fitted.sample_embeddings = embeddings
     fitted.sample_labels = density.artifact.assigned_fitted_labels()
     return fitted
+
+
+def train(prepared: DataFrame, sample: UserSample, models_cfg: ModelsConfig, feature_names: list[str]) -> TrainedModel:
+    """ae_hdbscan on a run's users: fit on prefixes of the user sample (on the driver), then score
+    every user once (segments and embeddings, one pass on the executors)."""
+    fitted = fit_deep(sample, models_cfg.autoencoder, models_cfg.hdbscan, feature_names)
+    scored = fitted.score(prepared)
+    # Quality of the clusters on HDBSCAN's own fitting sample (its non-noise embeddings), in memory.
+    kept = fitted.sample_labels != NOISE_SEGMENT
+    quality = sample_metrics(fitted.sample_embeddings[kept], fitted.sample_labels[kept],
+                             models_cfg.selection.silhouette_sample)
+    hdb_metrics = fitted.hdbscan_metrics
+    reason = (
+        f"k={fitted.k}: the clusters HDBSCAN found in {hdb_metrics.get('sample_rows')} sampled embeddings "
+        f"(min_cluster_size={hdb_metrics.get('min_cluster_size')}, min_samples={hdb_metrics.get('min_samples')})"
+    )
+    if hdb_metrics.get("assign_noise"):
+        reason += (f"; {hdb_metrics.get('density_noise_share', 0.0):.1%} of the sample lay between clusters and "
+                   "joined the nearest one, anomalies excepted")
+    curve = [{"k": fitted.k, "sample_users": int(kept.sum()), **{m: quality.get(m) for m in CURVE_METRICS}}]
+    metrics = {"k": fitted.k, "reason": reason, "curve": curve, "model": fitted.metrics()}
+    # Its segments are clusters of the embeddings: their separation is measured there too.
+    return TrainedModel(MODEL_NAME, fitted.k, reason, fitted, curve, scored, metrics,
+                        embed=lambda rows: fitted.encoder.encode(rows.astype(np.float32)), space="autoencoder embeddings")
