@@ -41,9 +41,9 @@ from segspark.models.contract import (
     MLlibSaving,
     assignments,
     check_fit_arguments,
+    squared_distance,
     threshold_aggregate,
 )
-from segspark.models.kmeans import _squared_distance
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 from segspark.models.sample_grid import SampleFit
 
@@ -197,7 +197,7 @@ def fit_one(
 def _scored(fitted: FittedBisectingKMeans, prepared: DataFrame) -> DataFrame:
     """user_id (when present), segment, probability, anomaly_score; column expressions only."""
     point = vector_to_array(F.col(PREPARED_VECTOR))
-    distances = F.array(*[_squared_distance(point, centre) for centre in fitted.centroids])
+    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids])
     keep = ["user_id"] if "user_id" in prepared.columns else []
     scored = fitted.model.transform(_with_shifted(prepared)).select(
         *keep, F.col("segment").cast("int"), distances.alias("_d2")

@@ -11,7 +11,7 @@ The shared pieces exist once, here:
 - `anomaly_flag`: the is_anomaly column of every model (a null score is never flagged);
 - `threshold_aggregate` / `sample_threshold`: the (1 - contamination) quantile of the training
   users' scores, computed by Spark or on a sample;
-- `assignments`: the assignment columns in their table order;
+- `assignments`: the assignment columns in their table order; `squared_distance` to a centre;
 - `check_fit_arguments`: k, contamination and quantile accuracy, checked the same way by every fit;
 - `MLlibSaving`: saving a fitted dataclass whose fields are numbers or MLlib models.
 """
@@ -132,6 +132,12 @@ def assignments(scored: DataFrame, threshold: float | None, probabilities: str |
         anomaly_flag(F.col("anomaly_score"), threshold).alias("is_anomaly"),
         vector.alias("probabilities"),
     )
+
+
+def squared_distance(point: Column, centre: list[float]) -> Column:
+    """||point - centre||^2 of an array column and a fixed centre, as Spark expressions (no UDF)."""
+    centre_col = F.array(*[F.lit(float(x)) for x in centre])
+    return F.aggregate(F.zip_with(point, centre_col, lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
 
 
 def check_fit_arguments(k: int, contamination: float, quantile_relative_error: float = QUANTILE_RELATIVE_ERROR) -> None:

@@ -25,11 +25,17 @@ from typing import ClassVar
 import numpy as np
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.functions import vector_to_array
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from segspark.config import ClusteringConfig
-from segspark.models.contract import MLlibSaving, assignments, check_fit_arguments, threshold_aggregate
+from segspark.models.contract import (
+    MLlibSaving,
+    assignments,
+    check_fit_arguments,
+    squared_distance,
+    threshold_aggregate,
+)
 from segspark.models.mllib_start import can_start_from_sample, kmeans_from_centres
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.models.sample_grid import SampleFit
@@ -129,7 +135,7 @@ def fit_one(
     # plain distance is taken and divided afterwards.
     scored = model.transform(vectors).select(
         F.col("segment").cast("int").alias("segment"), F.array(*[
-            _squared_distance(vector_to_array(F.col(PREPARED_VECTOR)), c) for c in centroids
+            squared_distance(vector_to_array(F.col(PREPARED_VECTOR)), c) for c in centroids
         ]).alias("_d2")
     ).select("segment", F.array_min("_d2").alias("_nearest"))
     aggregates = [F.sum("_nearest").alias("cost"), F.count(F.lit(1)).alias("n")]
@@ -150,7 +156,7 @@ def fit_one(
 
 def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
     point = vector_to_array(F.col(PREPARED_VECTOR))
-    distances = [_squared_distance(point, centre) for centre in fitted.centroids]
+    distances = [squared_distance(point, centre) for centre in fitted.centroids]
     scored = fitted.model.transform(prepared).select(
         "user_id", F.col("segment").cast("int"), F.array(*distances).alias("_d2")
     )
@@ -166,11 +172,6 @@ def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
         (F.lit(1.0) / total).alias("probability"),  # the nearest centroid has weight exp(0) = 1
         (F.sqrt(nearest) / F.lit(rms)).alias("anomaly_score"),
     )
-
-
-def _squared_distance(point: Column, centre: list[float]) -> Column:
-    centre_col = F.array(*[F.lit(float(x)) for x in centre])
-    return F.aggregate(F.zip_with(point, centre_col, lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
 
 
 FITTED = FittedKMeans

@@ -222,7 +222,7 @@ def _segments(spark: SparkSession, output: OutputConfig, run_id: str) -> DataFra
     return _of_run(spark, output, "user_segments", run_id)
 
 
-def membership(spark: SparkSession, output: OutputConfig, run_id: str, model: str = "gmm", bins: int = 20):
+def membership(spark: SparkSession, output: OutputConfig, run_id: str, model: str = SOFT_MODEL, bins: int = 20):
     """(histogram, per segment) of the `probability` of `model`'s users, or None when the run has no
     rows of that model. histogram: bin (0..bins-1 over [0, 1]), users; per segment: segment,
     segment_name, users, mean_probability, below_half (users whose membership is under 0.5)."""

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession
 
 from segspark.config import Config
-from segspark.ingest import ingest_records, write_quarantine
+from segspark.ingest import Ingested, ingest_records, write_quarantine
 from segspark.ingest.privacy import Protection, resolve_protection
 from segspark.io.readers import check_required_columns
 from segspark.streaming.source import read_event_stream
@@ -29,19 +29,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class IngestedBatch:
-    batch_id: int
-    run_id: str
-    tagged: DataFrame  # the batch's tagged records, persisted: `unpersist` when the batch is done
-    clean: DataFrame  # valid, de-duplicated canonical events of the batch (read from `tagged`)
-    input_rows: int = 0
-    clean_rows: int = 0
-    quarantined_rows: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    replayed: bool = False  # the quarantine commit of this batch id was already in the table
+class IngestedBatch(Ingested):
+    """A micro-batch's tagged records and counts (`tagged` persisted: `unpersist` when the batch is done)."""
 
-    def unpersist(self) -> None:
-        self.tagged.unpersist()
+    batch_id: int = 0
+    run_id: str = ""
+    replayed: bool = False  # the quarantine commit of this batch id was already in the table
 
 
 def batch_run_id(cfg: Config, batch_id: int) -> str:
@@ -71,17 +64,7 @@ def ingest_micro_batch(
     except BaseException:
         ingested.unpersist()
         raise
-    batch = IngestedBatch(
-        batch_id=batch_id,
-        run_id=run_id,
-        tagged=ingested.tagged,
-        clean=ingested.clean,
-        input_rows=ingested.input_rows,
-        clean_rows=ingested.clean_rows,
-        quarantined_rows=ingested.quarantined_rows,
-        reasons=ingested.reasons,
-        replayed=written.skipped,
-    )
+    batch = IngestedBatch(**vars(ingested), batch_id=batch_id, run_id=run_id, replayed=written.skipped)
     reasons = batch.reasons
     log.info(
         "stream batch %d: %d records = %d clean + %d quarantined %s%s", batch_id, batch.input_rows,
