@@ -77,5 +77,5 @@ def load_fitted(name: str, bundle_dir: str, manifest: Manifest | None = None) ->
     document = json.loads(files.file(f"models/{name}.json", f"the JSON of model {name}").read_text())
     ids = {int(a): int(b) for a, b in document["segment_ids"].items()}
     names = {int(a): b for a, b in document["segment_names"].items()}
-    fitted = registry.get(name).fitted_class().load(document["fitted"], files)
+    fitted = registry.get(name).fitted_class().load(name, document["fitted"], files)
     return SavedSegments(fitted, ids, names)

@@ -177,10 +177,9 @@ class MLlibSaving:
         return numbers
 
     @classmethod
-    def load(cls, numbers: Mapping[str, Any], files: BundleFiles):
-        """The fitted model from its saved numbers; `files` resolves its MLlib folders in the bundle."""
+    def load(cls, name: str, numbers: Mapping[str, Any], files: BundleFiles):
+        """Model `name` from its saved numbers; `files` resolves its MLlib folders in the bundle."""
         values = dict(numbers)
-        name = values.get("model_name", "?")
         for field_name, spark_class in cls.SPARK_FIELDS.items():
             relative = values.get(field_name)
             what = f"models/{name}.json fitted.{field_name} (an MLlib model directory)"

@@ -90,13 +90,13 @@ class FittedDeep:
         return self.metrics()
 
     @classmethod
-    def load(cls, numbers: dict, files: BundleFiles) -> FittedDeep:
+    def load(cls, name: str, numbers: dict, files: BundleFiles) -> FittedDeep:
         from segspark.models.deep.density import SlimHdbscan
         from segspark.models.deep.encoder import NumpyEncoder
 
-        encoder = NumpyEncoder.load(str(files.file(ENCODER_FILE, f"the encoder of {MODEL_NAME}")))
-        density = SlimHdbscan.load(str(files.file(DENSITY_FILE, f"the HDBSCAN artifact of {MODEL_NAME}")))
-        return cls(MODEL_NAME, int(numbers.get("k", 0)), encoder, density, numbers.get("autoencoder", {}),
+        encoder = NumpyEncoder.load(str(files.file(ENCODER_FILE, f"the encoder of {name}")))
+        density = SlimHdbscan.load(str(files.file(DENSITY_FILE, f"the HDBSCAN artifact of {name}")))
+        return cls(name, int(numbers.get("k", 0)), encoder, density, numbers.get("autoencoder", {}),
                    numbers.get("hdbscan", {}))
 
 
