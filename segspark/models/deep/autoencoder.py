@@ -444,35 +444,73 @@ def train_autoencoder(
 
     More than `cfg.sample_size` rows are cut down to a seeded uniform subsample of that size.
     """
+    x = _training_rows(sample, cfg, feature_names)
+    n, d = x.shape
+    train_idx, val_idx = _split(n, cfg)
+    x_train, x_val = np.ascontiguousarray(x[train_idx]), np.ascontiguousarray(x[val_idx])
+    device = device_name()
+    kind = "VAE" if cfg.variational else "autoencoder"
+    log.info("training %s on %d rows x %d features (%d train, %d validation) on %s",
+             kind, n, d, len(x_train), len(x_val), device)
+    _set_seeds(cfg.seed)
+    model, encoder = build_autoencoder(d, cfg)
+    start = time.perf_counter()
+    history = _fit(model, x_train, x_val, cfg)
+    seconds = time.perf_counter() - start
+
+    rec_x = x_val if len(x_val) else x_train
+    recon = _forward(model, rec_x)  # a VAE reconstructs from z_mean here (training=False)
+    reconstruction_mse = float(np.mean((recon.astype(np.float64) - rec_x) ** 2))
+    numpy_encoder, max_diff = _numpy_encoder(encoder, feature_names, rec_x[:_CHECK_ROWS])
+    log.info(
+        "%s trained on %d rows in %.1fs: %d/%d epochs%s, best %s %.5g at epoch %d, "
+        "reconstruction MSE %.5g on %s rows, device %s",
+        kind, n, seconds, history["epochs_run"], cfg.epochs, " (stopped early)" if history["stopped_early"] else "",
+        history["monitor"], history["best_loss"], history["best_epoch"], reconstruction_mse,
+        "validation" if len(x_val) else "training", device,
+    )
+    return TrainedAutoencoder(
+        encoder=numpy_encoder,
+        keras_model=model,
+        keras_encoder=encoder,
+        history=history,
+        reconstruction_mse=reconstruction_mse,
+        reconstruction_rows="validation" if len(x_val) else "training",
+        train_seconds=seconds,
+        sample_rows=n,
+        train_rows=len(x_train),
+        validation_rows=len(x_val),
+        input_dim=d,
+        embedding_size=cfg.embedding_size,
+        variational=cfg.variational,
+        device=device,
+        numpy_max_abs_diff=max_diff,
+        config=cfg.model_dump(mode="json"),
+    )
+
+
+def _training_rows(sample: np.ndarray, cfg: AutoencoderConfig, feature_names: list[str] | None) -> np.ndarray:
+    """The checked sample, cut to a seeded uniform subsample of cfg.sample_size rows when larger."""
     x = _check_sample(sample, feature_names)
     if len(x) > cfg.sample_size:
         log.warning("autoencoder sample has %d rows; using a seeded subsample of %d", len(x), cfg.sample_size)
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(x), cfg.sample_size, replace=False))
         x = x[keep]
-    n, d = x.shape
-    train_idx, val_idx = _split(n, cfg)
-    x_train, x_val = np.ascontiguousarray(x[train_idx]), np.ascontiguousarray(x[val_idx])
-    if cfg.embedding_size >= d:
-        log.warning("embedding_size %d is not smaller than the %d input features", cfg.embedding_size, d)
+    if cfg.embedding_size >= x.shape[1]:
+        log.warning("embedding_size %d is not smaller than the %d input features", cfg.embedding_size, x.shape[1])
+    return x
 
-    tf = _tf()
-    keras = _keras()
-    device = device_name()
-    log.info(
-        "training %s on %d rows x %d features (%d train, %d validation) on %s",
-        "VAE" if cfg.variational else "autoencoder",
-        n,
-        d,
-        len(x_train),
-        len(x_val),
-        device,
-    )
-    _set_seeds(cfg.seed)
-    model, encoder = build_autoencoder(d, cfg)
+
+def _fit(model: Any, x_train: np.ndarray, x_val: np.ndarray, cfg: AutoencoderConfig) -> dict[str, Any]:
+    """Compile and fit with early stopping on the validation loss (the training loss without a
+    validation set); the per-epoch history, the best epoch and whether training stopped early.
+    A diverged training (a non-finite loss) is an error that says which setting to lower."""
+    tf, keras = _tf(), _keras()
+    optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
     if cfg.variational:
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate))
+        model.compile(optimizer=optimizer)  # the VAE adds its own loss terms
     else:
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate), loss="mse")
+        model.compile(optimizer=optimizer, loss="mse")
 
     def batches(arr: np.ndarray, shuffle: bool) -> Any:
         ds = tf.data.Dataset.from_tensor_slices(arr)
@@ -493,7 +531,6 @@ def train_autoencoder(
             )
         ),
     ]
-    start = time.perf_counter()
     fit = model.fit(
         batches(x_train, shuffle=True),
         validation_data=batches(x_val, shuffle=False) if len(x_val) else None,
@@ -502,8 +539,6 @@ def train_autoencoder(
         callbacks=callbacks,
         verbose=0,
     )
-    seconds = time.perf_counter() - start
-
     logs = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
     watched = logs.get(monitor, [])
     if not watched or not np.all(np.isfinite(watched)):
@@ -512,7 +547,7 @@ def train_autoencoder(
             f"(now {cfg.learning_rate}) or check the feature scaling"
         )
     best = int(np.argmin(watched))
-    history: dict[str, Any] = {
+    return {
         **logs,
         "monitor": monitor,
         "epochs_run": len(watched),
@@ -521,48 +556,13 @@ def train_autoencoder(
         "stopped_early": len(watched) < cfg.epochs,
     }
 
-    rec_x = x_val if len(x_val) else x_train
-    recon = _forward(model, rec_x)  # a VAE reconstructs from z_mean here (training=False)
-    reconstruction_mse = float(np.mean((recon.astype(np.float64) - rec_x) ** 2))
 
+def _numpy_encoder(encoder: Any, feature_names: list[str] | None, check: np.ndarray) -> tuple[NumpyEncoder, float]:
+    """The numpy copy of the Keras encoder that scoring ships to executors, checked to give the
+    same embeddings on `check` rows (a mismatch is a bug, never a silent drift)."""
     numpy_encoder = from_keras(encoder, feature_names)
-    check = rec_x[:_CHECK_ROWS]
     keras_z = _forward(encoder, check)
     max_diff = float(np.max(np.abs(numpy_encoder.encode(check) - keras_z))) if len(check) else 0.0
     if not max_diff <= NUMPY_MATCH_ATOL * max(1.0, float(np.max(np.abs(keras_z)))):
         raise RuntimeError(f"NumpyEncoder differs from the Keras encoder by {max_diff:g}; this is a bug")
-
-    log.info(
-        "%s trained on %d rows in %.1fs: %d/%d epochs%s, best %s %.5g at epoch %d, "
-        "reconstruction MSE %.5g on %s rows, device %s",
-        "VAE" if cfg.variational else "autoencoder",
-        n,
-        seconds,
-        history["epochs_run"],
-        cfg.epochs,
-        " (stopped early)" if history["stopped_early"] else "",
-        monitor,
-        history["best_loss"],
-        history["best_epoch"],
-        reconstruction_mse,
-        "validation" if len(x_val) else "training",
-        device,
-    )
-    return TrainedAutoencoder(
-        encoder=numpy_encoder,
-        keras_model=model,
-        keras_encoder=encoder,
-        history=history,
-        reconstruction_mse=reconstruction_mse,
-        reconstruction_rows="validation" if len(x_val) else "training",
-        train_seconds=seconds,
-        sample_rows=n,
-        train_rows=len(x_train),
-        validation_rows=len(x_val),
-        input_dim=d,
-        embedding_size=cfg.embedding_size,
-        variational=cfg.variational,
-        device=device,
-        numpy_max_abs_diff=max_diff,
-        config=cfg.model_dump(mode="json"),
-    )
+    return numpy_encoder, max_diff
