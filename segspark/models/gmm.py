@@ -324,8 +324,28 @@ def fit_one(
         parameters = _parameters(model)
         fit_seed, iterations = int(model.getSeed()), int(model.summary.numIter)
         mllib_log_likelihood = float(model.summary.logLikelihood)
-    weights, means, covariances = parameters
+    fitted = _fitted_mixture(
+        prepared, parameters, k=k, seed=seed, fit_seed=fit_seed, iterations=iterations, warm=warm,
+        mllib_log_likelihood=mllib_log_likelihood, rejected=rejected, contamination=contamination,
+        quantile_relative_error=quantile_relative_error, tol=tol, max_iter=max_iter, projection=projection,
+    )
+    log.info(
+        "gmm k=%d seed=%d fitted on %d users (%s) after %d degenerate retries: sizes %s, log-likelihood %.6g, "
+        "bic %.6g, anomaly threshold %s",
+        k, fit_seed, sum(fitted.cluster_sizes), f"{iterations} EM iterations from the sample's mixture" if warm
+        else f"MLlib, {iterations} iterations from its own start",
+        len(rejected), fitted.cluster_sizes, fitted.log_likelihood, fitted.bic, fitted.anomaly_threshold,
+    )
+    return fitted
 
+
+def _fitted_mixture(
+    prepared: DataFrame, parameters: tuple, *, k: int, seed: int, fit_seed: int, iterations: int, warm: bool,
+    mllib_log_likelihood: float | None, rejected: list[dict], contamination: float, quantile_relative_error: float,
+    tol: float, max_iter: int, projection,
+) -> FittedGMM:
+    """The fitted mixture with what one more pass over the training users measures."""
+    weights, means, covariances = parameters
     # One pass over the training users: the exact log-likelihood, MLlib's floored version of it (to
     # cross-check the densities computed here), the cluster sizes and the anomaly threshold.
     mixture = _mixture_udf(weights, means, covariances)(vector_to_array(F.col(GMM_INPUT)))
@@ -349,7 +369,7 @@ def fit_one(
 
     n, d = sum(sizes), len(means[0])
     p = (k - 1) + k * d + k * d * (d + 1) // 2
-    fitted = FittedGMM(
+    return FittedGMM(
         model_name=MODEL_NAME,
         k=k,
         seed=seed,
@@ -371,14 +391,6 @@ def fit_one(
         projection=None if projection is None else np.asarray(projection, dtype=float).tolist(),
         warm_start=warm,
     )
-    log.info(
-        "gmm k=%d seed=%d fitted on %d users (%s) after %d degenerate retries: sizes %s, log-likelihood %.6g, "
-        "bic %.6g, anomaly threshold %s",
-        k, fit_seed, n, f"{iterations} EM iterations from the sample's mixture" if warm
-        else f"MLlib, {iterations} iterations from its own start",
-        len(rejected), sizes, log_likelihood, fitted.bic, threshold,
-    )
-    return fitted
 
 
 def _fit_cold(
