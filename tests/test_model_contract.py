@@ -59,7 +59,7 @@ def test_the_registry_is_the_one_list_of_models():
 
     names = registry.names()
     assert names == ("kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan")
-    assert data.MODELS == names
+    assert names == data.MODELS
     assert list(ModelsConfig().enabled()) == list(names)  # every model is on by default
     off = ModelsConfig.model_validate({"gmm": {"enabled": False}, "autoencoder": {"enabled": False}})
     assert list(off.enabled()) == ["kmeans", "bisecting_kmeans"]

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from segspark.io.catalog import SEGMENT_PROFILES
 from segspark.segments.profiles import (
     NOISE_NAME,
-    SEGMENT_PROFILES,
     name_segment,
     segment_profiles,
 )

@@ -23,12 +23,12 @@ import pytest
 from segspark import usecases
 from segspark.cli import main
 from segspark.config import load_config
+from segspark.io.catalog import SEGMENT_DRIFT
 from segspark.io.delta import write_table
 from segspark.io.tables import read_output_table, table_path
 from segspark.report import write_report
 from segspark.report.figures import draw_data_quality, draw_transitions, png, segment_label
 from segspark.report.html import FigureBlock, Note, Section, Table, render_page
-from segspark.streaming.job import DRIFT_SCHEMA
 
 from .chromium import Chromium, find_chromium
 from .conftest import FAST_MODELS, REPO
@@ -312,7 +312,7 @@ def test_latest_drift_rows_of_a_stream_are_shown(spark, small_run, tmp_path):
             (1, 0.41, True, ["max PSI 0.41 > 0.25 (monetary)"]),
         ]
     ]
-    write_table(spark, spark.createDataFrame(rows, DRIFT_SCHEMA), drift)
+    write_table(spark, spark.createDataFrame(rows, SEGMENT_DRIFT), drift)
     try:
         result = write_report(spark, small_run, out=str(tmp_path / "drift.html"))
     finally:

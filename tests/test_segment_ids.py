@@ -4,8 +4,8 @@ import datetime as dt
 
 import pytest
 
+from segspark.io.catalog import SEGMENT_TRANSITIONS
 from segspark.segments.ids import (
-    SEGMENT_TRANSITIONS,
     apply_mapping,
     match_segments,
     transitions,

@@ -21,8 +21,7 @@ from pyspark.sql import functions as F
 from segspark.config import OutputConfig
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
-from segspark.io.delta import table_exists
-from segspark.io.tables import read_output_table, table_path
+from segspark.io.tables import output_table_exists, read_output_table, table_path
 from segspark.runtime.run_ids import STREAM_NAMESPACE, check_batch_run_id
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def load_feature_run(
     ConfigError (exit 2) when there is no such run, it did not succeed, it has no features, or its
     as_of is not the one asked for: each message says what was found and what to run instead."""
     runs_path = table_path(output, "runs")
-    if not table_exists(runs_path, spark) or not table_exists(table_path(output, "user_features"), spark):
+    if not output_table_exists(spark, output, "runs") or not output_table_exists(spark, output, "user_features"):
         raise ConfigError(
             f"train: no features under output.root={output.root!r} (tables runs and user_features not found); "
             "run `segspark features --config FILE` first, or `segspark run` for features and training in one go"

@@ -21,7 +21,7 @@ from segspark.config import InputConfig, OutputConfig
 from segspark.ingest.events import REASON, clean_events, quarantine_rows, tag_events
 from segspark.ingest.privacy import Protection
 from segspark.io.delta import WriteResult
-from segspark.io.tables import write_run_rows
+from segspark.io.tables import write_rows
 
 _STAMP = "yyyy-MM-dd HH:mm:ss"
 
@@ -94,4 +94,4 @@ def write_quarantine(
 ) -> WriteResult:
     """The rejected records of run `run_id` (their earlier rows replaced) in one commit of `quarantine`."""
     rows = quarantine_rows(ingested.tagged, run_id, source)
-    return write_run_rows(spark, output, "quarantine", rows, run_id, txn=txn, commit_metadata=commit_metadata)
+    return write_rows(spark, output, "quarantine", rows, run_id, txn=txn, commit_metadata=commit_metadata)

@@ -97,6 +97,7 @@ WRITE_UNSUPPORTED = {
     "typeWidening",
 }
 READ_UNSUPPORTED = {"columnMapping", "deletionVectors"}
+EMBEDDED, CONNECTOR = "embedded", "connector"  # the writers (`table_writers`)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,32 @@ def table_exists(path: str, spark: SparkSession | None = None) -> bool:
     return DeltaTable.is_deltatable(_locate(path).table_uri)
 
 
+def table_writers(spark: SparkSession) -> tuple[str, ...]:
+    """The Delta writers this session has: the embedded committer always, the connector when it is
+    on the classpath (`write_table` uses the connector then)."""
+    return (EMBEDDED, CONNECTOR) if has_delta_connector(spark) else (EMBEDDED,)
+
+
+def transaction_version(path: str, app_id: str) -> int | None:
+    """The version of app `app_id`'s Delta transaction (txn) in the table at `path`: the last batch
+    that writer committed. None when the table does not exist or holds no commit of the app."""
+    _refuse_catalog_read(path, "its transactions")
+    uri = _locate(path).table_uri
+    if not DeltaTable.is_deltatable(uri):
+        return None
+    version = DeltaTable(uri).transaction_version(app_id)
+    return None if version is None else int(version)
+
+
+def commit_history(path: str, limit: int) -> list[dict]:
+    """The commitInfo of the table's last `limit` commits, newest first ([] when it does not exist)."""
+    _refuse_catalog_read(path, "its history")
+    uri = _locate(path).table_uri
+    if not DeltaTable.is_deltatable(uri):
+        return []
+    return list(DeltaTable(uri).history(limit=limit))
+
+
 def write_table(
     spark: SparkSession,
     df: DataFrame,
@@ -138,6 +165,7 @@ def write_table(
     partition_by: list[str] | None = None,
     txn: tuple[str, int] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
+    writer: str | None = None,
 ) -> WriteResult:
     """Append `df` to the Delta table at `path` (created when missing) in one commit.
 
@@ -150,9 +178,15 @@ def write_table(
     commit_metadata: string entries recorded in the commit's commitInfo next to the txn (a stream
       records which checkpoint's query wrote the batch): custom keys with the embedded committer,
       `userMetadata` (JSON) with the connector. Readers find them in the table's history.
+    writer: `table_writers` names one; by default the connector when present, else the embedded committer.
     """
     _check_replace_where(df, path, replace_where)
-    if has_delta_connector(spark):
+    if writer not in (None, *table_writers(spark)):
+        raise ValueError(
+            f"writer={writer!r} for Delta table {path}: this session has the writer(s) {list(table_writers(spark))}"
+            f" ({CONNECTOR!r} needs the Delta Spark connector on the classpath)"
+        )
+    if writer == CONNECTOR or (writer is None and has_delta_connector(spark)):
         return _connector_write(spark, df, path, replace_where, partition_by, txn, commit_metadata)
     _refuse_catalog_name(path)
     return _Committer(spark, df, path, replace_where or {}, partition_by, txn, commit_metadata).run()
@@ -644,6 +678,14 @@ class _Committer:
             self.loc.fs.delete_dir(stage_path)
         except (FileNotFoundError, OSError) as exc:
             log.warning("could not delete staged files %s: %s", stage_path, exc)
+
+
+def _refuse_catalog_read(path: str, what: str) -> None:
+    if is_catalog_name(path):
+        raise ValueError(
+            f"table {path}: {what} are read with delta-rs, by path; a catalog table name has none. Use a path "
+            "table (under output.root)"
+        )
 
 
 def _refuse_catalog_name(path: str) -> None:

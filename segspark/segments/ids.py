@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import DateType, IntegerType, LongType, StringType, StructField, StructType
 from scipy.optimize import linear_sum_assignment
 
 from segspark.models.contract import NOISE_SEGMENT
@@ -52,18 +51,6 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_MIN_OVERLAP = 0.1  # minimum Jaccard index of a member-overlap match
-
-# Table contract (DESIGN.md `segment_transitions`).
-SEGMENT_TRANSITIONS = StructType(
-    [
-        StructField("as_of", DateType(), False),
-        StructField("run_id", StringType(), False),
-        StructField("model", StringType(), False),
-        StructField("from_segment", IntegerType(), True),
-        StructField("to_segment", IntegerType(), True),
-        StructField("users", LongType(), False),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -336,7 +323,7 @@ def transitions(current: DataFrame, previous: DataFrame) -> DataFrame:
 
 
 def with_transition_keys(flows: DataFrame, as_of: dt.date | str, run_id: str, model: str) -> DataFrame:
-    """`transitions` output with the key columns, in SEGMENT_TRANSITIONS order and types."""
+    """`transitions` output with the key columns, in the order and types of `io.catalog.SEGMENT_TRANSITIONS`."""
     day = dt.date.fromisoformat(as_of) if isinstance(as_of, str) else as_of
     return flows.select(
         F.lit(day).cast("date").alias("as_of"),

@@ -65,18 +65,9 @@ from dataclasses import dataclass, field, replace
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import (
-    ArrayType,
-    DateType,
-    DoubleType,
-    IntegerType,
-    LongType,
-    MapType,
-    StringType,
-    StructField,
-    StructType,
-)
+from pyspark.sql.types import StructType
 
+from segspark.io.catalog import SEGMENT_PROFILES, TABLES, SegmentProfileRow
 from segspark.models.contract import NOISE_SEGMENT
 
 log = logging.getLogger(__name__)
@@ -87,24 +78,6 @@ STANDS_OUT = 0.5  # |z| at which a feature "is high/low" in the naming rules
 ONE_TIMER_ORDERS = (0.8, 1.5)
 NON_BUYER_ORDERS = 0.5
 CATEGORY_MIN_SHARE = 0.25
-
-# Table contract (DESIGN.md `segment_profiles`). Means and z-scores are maps so that the table's
-# schema stays the same when the feature set changes between runs.
-SEGMENT_PROFILES = StructType(
-    [
-        StructField("as_of", DateType(), False),
-        StructField("run_id", StringType(), False),
-        StructField("model", StringType(), False),
-        StructField("segment", IntegerType(), False),
-        StructField("segment_name", StringType(), False),
-        StructField("size", LongType(), False),
-        StructField("share", DoubleType(), False),
-        StructField("top_features", ArrayType(StringType(), False), False),
-        StructField("feature_means", MapType(StringType(), DoubleType(), True), False),
-        StructField("feature_zscores", MapType(StringType(), DoubleType(), False), False),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class SegmentProfile:
@@ -151,17 +124,20 @@ class SegmentProfiles:
     def names(self) -> dict[int, str]:
         return {p.segment: p.name for p in self.segments}
 
-    def to_rows(self, as_of: dt.date | str, run_id: str, model: str) -> list[tuple]:
-        """Rows of the `segment_profiles` table (SEGMENT_PROFILES order), one per segment."""
+    def to_rows(self, as_of: dt.date | str, run_id: str, model: str) -> list[SegmentProfileRow]:
+        """Rows of the `segment_profiles` table, one per segment."""
         day = dt.date.fromisoformat(as_of) if isinstance(as_of, str) else as_of
         return [
-            (day, run_id, model, p.segment, p.name, p.size, p.share, list(p.top_features), dict(p.means),
-             dict(p.zscores))
+            SegmentProfileRow(
+                as_of=day, run_id=run_id, model=model, segment=p.segment, segment_name=p.name, size=p.size,
+                share=p.share, top_features=list(p.top_features), feature_means=dict(p.means),
+                feature_zscores=dict(p.zscores),
+            )
             for p in self.segments
         ]
 
     def to_dataframe(self, spark: SparkSession, as_of: dt.date | str, run_id: str, model: str) -> DataFrame:
-        return spark.createDataFrame(self.to_rows(as_of, run_id, model), SEGMENT_PROFILES)
+        return TABLES["segment_profiles"].frame(spark, self.to_rows(as_of, run_id, model))
 
     def with_names(self, assignments: DataFrame, column: str = "segment_name") -> DataFrame:
         """Adds the segment's name to each assignment row (a literal map, evaluated on the executors)."""

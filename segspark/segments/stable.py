@@ -31,12 +31,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from segspark.config import OutputConfig
-from segspark.io.delta import table_exists
-from segspark.io.tables import read_output_table, table_path
+from segspark.io.catalog import TABLES, SegmentTransitionRow
+from segspark.io.tables import output_table_exists, read_output_table
 from segspark.models.contract import ASSIGNMENT_COLUMNS, TrainedModel
 from segspark.models.sample import UserSample
 from segspark.segments.ids import (
-    SEGMENT_TRANSITIONS,
     SegmentMapping,
     apply_mapping,
     cross_counts_by_model,
@@ -185,10 +184,13 @@ def _separation(model: TrainedModel, mapping: SegmentMapping, raw_labels: np.nda
 
 def transitions_frame(spark: SparkSession, built: Sequence[ModelSegments], as_of, run_id: str) -> DataFrame | None:
     """segment_transitions rows of every model that has a previous run (None when none has)."""
-    rows = [(as_of, run_id, m.name, a, b, int(n)) for m in built for a, b, n in m.transitions]
+    rows = [
+        SegmentTransitionRow(as_of=as_of, run_id=run_id, model=m.name, from_segment=a, to_segment=b, users=int(n))
+        for m in built for a, b, n in m.transitions
+    ]
     if not any(m.previous_run_id for m in built):
         return None
-    return spark.createDataFrame(rows, SEGMENT_TRANSITIONS)
+    return TABLES["segment_transitions"].frame(spark, rows)
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class _PreviousRun:
 def _previous_runs(spark: SparkSession, output: OutputConfig, models: Sequence[str], run_id: str) -> dict[str, _PreviousRun]:
     """Per model, the latest earlier successful run that wrote its profiles (profiles and runs are
     small tables): two small jobs for all models."""
-    if not (table_exists(table_path(output, "segment_profiles"), spark) and table_exists(table_path(output, "runs"), spark)):
+    if not (output_table_exists(spark, output, "segment_profiles") and output_table_exists(spark, output, "runs")):
         return {}
     profiles = read_output_table(spark, output, "segment_profiles").filter(
         F.col("model").isin(list(models)) & (F.col("run_id") != run_id)

@@ -33,9 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from deltalake import DeltaTable
-
 from segspark.errors import UsageError
+from segspark.io.delta import commit_history, transaction_version
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +117,15 @@ def committed_batches(tables: Mapping[str, str], app_id: str) -> list[TableCommi
     query id recorded with the app's latest commit in the table."""
     found = []
     for path, txn_app in tables.items():
-        if not DeltaTable.is_deltatable(path):
-            continue
-        table = DeltaTable(path)
-        version = table.transaction_version(txn_app)
+        version = transaction_version(path, txn_app)
         if version is None:
             continue
-        found.append(TableCommits(path, int(version), _recorded_query(table, app_id)))
+        found.append(TableCommits(path, version, _recorded_query(path, app_id)))
     return found
 
 
-def _recorded_query(table: DeltaTable, app_id: str) -> str | None:
-    for entry in table.history(limit=HISTORY_LIMIT):  # newest first
+def _recorded_query(path: str, app_id: str) -> str | None:
+    for entry in commit_history(path, HISTORY_LIMIT):  # newest first
         recorded = {**entry, **_user_metadata(entry.get("userMetadata"))}
         if recorded.get(APP_KEY) == app_id:
             return recorded.get(QUERY_KEY)

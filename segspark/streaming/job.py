@@ -37,10 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from deltalake import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from segspark.bundle.manifest import Manifest
 from segspark.bundle.store import LoadedBundle, bundle_signing, bundle_slots, load_bundle, score_with_bundle
@@ -48,9 +46,23 @@ from segspark.config import Config
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
 from segspark.ingest.privacy import Protection, check_same_pseudonyms, resolve_protection
-from segspark.io.catalog import RUNS
-from segspark.io.delta import read_table, table_exists, write_table
-from segspark.io.tables import read_output_table, table_path, uses_catalog, write_run_rows
+from segspark.io.catalog import (
+    TABLES,
+    USER_SEGMENTS_LIVE,
+    CentroidRow,
+    DriftRow,
+    RunRow,
+    StreamBatchRow,
+    stream_tables,
+)
+from segspark.io.tables import (
+    committed_version,
+    output_table_exists,
+    read_output_table,
+    table_path,
+    uses_catalog,
+    write_rows,
+)
 from segspark.models import registry
 from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
@@ -68,35 +80,9 @@ STATE, LIVE, CENTROIDS, DRIFT, BATCHES = (
 NOISE_MODELS = {m.name for m in registry.MODELS if m.noise}  # their segment -1 is noise
 ONLINE_BASE = registry.online_base().name  # the bundle's model whose centres are updated online
 ONLINE_MODEL = f"{ONLINE_BASE}_online"
-BUCKET = "bucket"
-# Each table the stream writes -> the suffix of its txn app id (`<app_id>.<suffix>`).
-STREAM_TXNS = {"quarantine": "quarantine", STATE: "state", LIVE: "live", CENTROIDS: "online", DRIFT: "drift",
-               BATCHES: BATCHES}
-
-LIVE_SCHEMA = T.StructType([
-    T.StructField("user_id", T.StringType(), False),
-    T.StructField("model", T.StringType(), False),
-    T.StructField("segment", T.IntegerType(), False),
-    T.StructField("segment_name", T.StringType(), True),
-    T.StructField("probability", T.DoubleType(), True),
-    T.StructField("anomaly_score", T.DoubleType(), True),
-    T.StructField("latest_event_time", T.TimestampType(), True),
-    T.StructField("as_of", T.DateType(), False),
-    T.StructField("app_id", T.StringType(), False),
-    T.StructField("batch_id", T.LongType(), False),
-    T.StructField("processed_at", T.TimestampType(), False),
-])
-CENTROID_SCHEMA = "app_id string, batch_id bigint, model string, segment int, centroid array<double>, weight double, processed_at timestamp"
-DRIFT_SCHEMA = (
-    "app_id string, batch_id bigint, as_of date, model string, users bigint, max_psi double, psi string, "
-    "max_centroid_shift double, max_size_change double, noise_share double, retrain_recommended boolean, "
-    "reasons array<string>, processed_at timestamp"
-)
-BATCH_SCHEMA = (
-    "app_id string, batch_id bigint, as_of date, input_rows bigint, clean_rows bigint, quarantined_rows bigint, "
-    "users bigint, retrain_recommended boolean, reasons array<string>, seconds double, step_seconds string, "
-    "processed_at timestamp, query_id string"
-)
+(BUCKET,) = TABLES[STATE].partition_by
+# Each table the stream writes -> the suffix of its txn app id (`<app_id>.<suffix>`), from the catalog.
+STREAM_TXNS = {table.name: table.txn_suffix for table in stream_tables()}
 
 
 @dataclass
@@ -145,8 +131,7 @@ class BatchReport:
 
 def latest_bundle(spark: SparkSession, cfg: Config) -> str:
     """The bundle of the latest successful training run (runs.metrics.bundle.path)."""
-    runs_path = table_path(cfg.output, "runs")
-    if table_exists(runs_path):
+    if output_table_exists(spark, cfg.output, "runs"):
         trained = (
             read_output_table(spark, cfg.output, "runs")
             .where((F.col("status") == "succeeded") & F.get_json_object("metrics", "$.bundle.path").isNotNull())
@@ -197,11 +182,10 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
 
 
 def _latest_snapshot(spark, cfg: Config, manifest: Manifest, ids: dict[int, int]):
-    path = table_path(cfg.output, CENTROIDS)
-    if not table_exists(path):
+    if not output_table_exists(spark, cfg.output, CENTROIDS):
         return None, None
     app = cfg.streaming.app_id
-    rows = read_table(spark, path).where(F.col("app_id") == app)
+    rows = read_output_table(spark, cfg.output, CENTROIDS).where(F.col("app_id") == app)
     last = rows.agg(F.max("batch_id")).first()[0]
     if last is None:
         return None, None
@@ -220,10 +204,9 @@ def _latest_snapshot(spark, cfg: Config, manifest: Manifest, ids: dict[int, int]
     return online, int(last)
 
 
-def _done(path: str, app: str, batch_id: int) -> bool:
-    if not table_exists(path):
-        return False
-    version = DeltaTable(path).transaction_version(app)
+def _done(cfg: Config, name: str, batch_id: int) -> bool:
+    """True when the stream's txn in table `name` already reaches `batch_id` (a replayed batch)."""
+    version = committed_version(cfg.output, name, TABLES[name].txn_app(cfg.streaming.app_id))
     return version is not None and version >= batch_id
 
 
@@ -231,7 +214,7 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
                   protection: Protection | None = None) -> BatchReport:
     """Everything one micro-batch does (module docstring), each table exactly once."""
     started = time.perf_counter()
-    out, app = cfg.output, cfg.streaming.app_id
+    app = cfg.streaming.app_id
     report = BatchReport(batch_id)
     with report.step("ingest"):
         ingested = ingest_micro_batch(spark, cfg, records, batch_id, protection,
@@ -239,7 +222,7 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
     try:
         report.input_rows, report.clean_rows = ingested.input_rows, ingested.clean_rows
         report.quarantined_rows = ingested.quarantined_rows
-        if _done(table_path(out, BATCHES), f"{app}.{BATCHES}", batch_id):
+        if _done(cfg, BATCHES, batch_id):
             log.info("stream batch %d: already committed in every table, skipped", batch_id)
             report.skipped = True
             return report
@@ -261,7 +244,7 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
 
 
 def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id: int, report: BatchReport) -> None:
-    out, app = cfg.output, cfg.streaming.app_id
+    app = cfg.streaming.app_id
     # The batch's intermediate frames are materialised with localCheckpoint, not persist: their plans
     # (merges, windows, higher-order functions, five models) are deep, and every frame derived from a
     # persisted one is analysed and matched against the cache over the whole plan again, which cost
@@ -272,16 +255,15 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
         with report.step("batch_state"):
             batch = batch_state(clean, cfg.features, models.slots).withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
             buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
-        state_path = table_path(out, STATE)
         with report.step("state_merge"):
-            if _done(state_path, f"{app}.state", batch_id):  # a replay: the state holds this batch already
+            if _done(cfg, STATE, batch_id):  # a replay: the state holds this batch already
                 touched = (
-                    read_table(spark, state_path).where(F.col(BUCKET).isin(buckets))
+                    read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets))
                     .join(batch.select("user_id"), "user_id", "left_semi")
                     .localCheckpoint()
                 )
             else:
-                touched = _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id)
+                touched = _merge_into_state(spark, cfg, models, batch, buckets, batch_id)
         with report.step("features"):
             report.as_of = _stream_as_of(models, touched)
             features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
@@ -294,8 +276,8 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             if online is not None:
                 assignments[ONLINE_MODEL] = online
             live = _live_rows(assignments, touched, report.as_of, app, batch_id).localCheckpoint()
-            write_table(spark, live, table_path(out, LIVE), txn=(f"{app}.live", batch_id),
-                        commit_metadata=models.commit_metadata(app))
+            write_rows(spark, cfg.output, LIVE, live, txn=(TABLES[LIVE].txn_app(app), batch_id),
+                       commit_metadata=models.commit_metadata(app))
         with report.step("drift"):
             _drift(spark, cfg, models, features, live, batch_id, report)
     finally:
@@ -308,20 +290,21 @@ def _bucket(cfg: Config):
     return F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
 
 
-def _merge_into_state(spark, cfg, models, batch, buckets, state_path, batch_id) -> DataFrame:
+def _merge_into_state(spark, cfg, models, batch, buckets, batch_id) -> DataFrame:
     """Merge the batch into the state's touched buckets; returns the batch's users' new rows."""
-    if table_exists(state_path):
+    if output_table_exists(spark, cfg.output, STATE):
         # Read once: the merge reads these rows five times (scalars, sessions, orders, the untouched).
-        old = read_table(spark, state_path).where(F.col(BUCKET).isin(buckets)).localCheckpoint()
+        old = read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets)).localCheckpoint()
     else:
         old = batch.limit(0)
     merged = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
     untouched = old.join(batch.select("user_id"), "user_id", "left_anti")
     merged = merged.withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
     rows = merged.unionByName(untouched)
-    written = write_table(
-        spark, rows, state_path, replace_where={BUCKET: buckets}, partition_by=[BUCKET],
-        txn=(f"{cfg.streaming.app_id}.state", batch_id), commit_metadata=models.commit_metadata(cfg.streaming.app_id),
+    written = write_rows(
+        spark, cfg.output, STATE, rows, partitions=buckets,
+        txn=(TABLES[STATE].txn_app(cfg.streaming.app_id), batch_id),
+        commit_metadata=models.commit_metadata(cfg.streaming.app_id),
     )
     log.info("stream batch %d: feature state buckets %s rewritten (%d rows)", batch_id, buckets, written.rows)
     return merged
@@ -335,10 +318,10 @@ def _stream_as_of(models: StreamModels, touched: DataFrame) -> dt.date:
 
 def _previous_as_of(spark, cfg: Config) -> dt.date | None:
     """The as-of date of the last committed batch (when the stream starts; then kept in memory)."""
-    path = table_path(cfg.output, BATCHES)
-    if not table_exists(path):
+    if not output_table_exists(spark, cfg.output, BATCHES):
         return None
-    return read_table(spark, path).where(F.col("app_id") == cfg.streaming.app_id).agg(F.max("as_of")).first()[0]
+    batches = read_output_table(spark, cfg.output, BATCHES)
+    return batches.where(F.col("app_id") == cfg.streaming.app_id).agg(F.max("as_of")).first()[0]
 
 
 def _online_assignments(spark, cfg: Config, models: StreamModels, features: DataFrame, batch_id: int) -> DataFrame | None:
@@ -347,19 +330,20 @@ def _online_assignments(spark, cfg: Config, models: StreamModels, features: Data
     if models.online is None:
         return None
     prepared = models.loaded.preparation.transform(features).select("user_id", PREPARED_VECTOR)
-    path, app = table_path(cfg.output, CENTROIDS), cfg.streaming.app_id
+    app = cfg.streaming.app_id
     if models.online_batch is None or models.online_batch < batch_id:
         sums, counts = batch_statistics(prepared, PREPARED_VECTOR, models.online.centers)
         models.online.update(sums, counts)
         models.online_batch = batch_id
         now = dt.datetime.now(dt.UTC)
         rows = [
-            (app, batch_id, "kmeans", models.kmeans_ids[j], [float(x) for x in models.online.centers[j]],
-             float(models.online.weights[j]), now)
+            CentroidRow(app_id=app, batch_id=batch_id, model=ONLINE_BASE, segment=models.kmeans_ids[j],
+                        centroid=[float(x) for x in models.online.centers[j]],
+                        weight=float(models.online.weights[j]), processed_at=now)
             for j in range(models.online.k)
         ]
-        write_table(spark, spark.createDataFrame(rows, CENTROID_SCHEMA), path, txn=(f"{app}.online", batch_id),
-                    commit_metadata=models.commit_metadata(app))
+        write_rows(spark, cfg.output, CENTROIDS, rows, txn=(TABLES[CENTROIDS].txn_app(app), batch_id),
+                   commit_metadata=models.commit_metadata(app))
     cluster, squared = nearest_centre(PREPARED_VECTOR, models.online.centers)
     ids = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_ids.items()) for x in pair])
     segment = ids[cluster]
@@ -385,12 +369,12 @@ def _live_rows(assignments: dict[str, DataFrame], touched: DataFrame, as_of: dt.
         )
         rows = part if rows is None else rows.unionByName(part)
     stamped = rows.join(latest, "user_id", "left").select(
-        *[c for c in LIVE_SCHEMA.names if c in ("user_id", "model", "segment", "segment_name", "probability",
-                                                "anomaly_score", "latest_event_time")],
+        *[c for c in USER_SEGMENTS_LIVE.names if c in ("user_id", "model", "segment", "segment_name", "probability",
+                                                       "anomaly_score", "latest_event_time")],
         F.lit(as_of).cast("date").alias("as_of"), F.lit(app).alias("app_id"), F.lit(batch_id).cast("long").alias("batch_id"),
         F.current_timestamp().alias("processed_at"),
     )
-    return stamped.select(*[F.col(f.name).cast(f.dataType) for f in LIVE_SCHEMA.fields])
+    return stamped.select(*[F.col(f.name).cast(f.dataType) for f in USER_SEGMENTS_LIVE.fields])
 
 
 def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: DataFrame, batch_id: int, report: BatchReport) -> None:
@@ -412,10 +396,12 @@ def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: 
         noise = by_segment.get(NOISE_SEGMENT, 0) / users if model in NOISE_MODELS else None
         verdict = drift.assess(thresholds, psi_by_feature=psi, shifts=shifts,
                                size_changes=drift.size_change(trained, by_segment), noise_share=noise)
-        rows.append((
-            cfg.streaming.app_id, batch_id, report.as_of, model, users, verdict["max_psi"], json.dumps(verdict["psi"], sort_keys=True),
-            verdict["max_centroid_shift"], verdict["max_size_change"], noise, verdict["retrain_recommended"],
-            verdict["reasons"], now,
+        rows.append(DriftRow(
+            app_id=cfg.streaming.app_id, batch_id=batch_id, as_of=report.as_of, model=model, users=users,
+            max_psi=verdict["max_psi"], psi=json.dumps(verdict["psi"], sort_keys=True),
+            max_centroid_shift=verdict["max_centroid_shift"], max_size_change=verdict["max_size_change"],
+            noise_share=noise, retrain_recommended=verdict["retrain_recommended"], reasons=verdict["reasons"],
+            processed_at=now,
         ))
         # The features' PSI is the batch's, the same for every model: said once, not per model.
         reasons += [reason if reason.startswith("PSI") else f"{model}: {reason}" for reason in verdict["reasons"]]
@@ -424,19 +410,20 @@ def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: 
     report.retrain_recommended, report.reasons = bool(reasons), reasons
     if reasons:
         log.warning("stream batch %d: retrain recommended: %s", batch_id, "; ".join(reasons))
-    write_table(spark, spark.createDataFrame(rows, DRIFT_SCHEMA), table_path(cfg.output, DRIFT),
-                txn=(f"{cfg.streaming.app_id}.drift", batch_id), commit_metadata=models.commit_metadata(cfg.streaming.app_id))
+    write_rows(spark, cfg.output, DRIFT, rows, txn=(TABLES[DRIFT].txn_app(cfg.streaming.app_id), batch_id),
+               commit_metadata=models.commit_metadata(cfg.streaming.app_id))
 
 
 def _write_batch_row(spark, cfg: Config, report: BatchReport, models: StreamModels) -> None:
-    row = (
-        cfg.streaming.app_id, report.batch_id, report.as_of, report.input_rows, report.clean_rows,
-        report.quarantined_rows, report.users, report.retrain_recommended, report.reasons, round(report.seconds, 3),
-        json.dumps(report.step_seconds, sort_keys=True), dt.datetime.now(dt.UTC), models.query_id,
+    row = StreamBatchRow(
+        app_id=cfg.streaming.app_id, batch_id=report.batch_id, as_of=report.as_of, input_rows=report.input_rows,
+        clean_rows=report.clean_rows, quarantined_rows=report.quarantined_rows, users=report.users,
+        retrain_recommended=report.retrain_recommended, reasons=report.reasons, seconds=round(report.seconds, 3),
+        step_seconds=json.dumps(report.step_seconds, sort_keys=True), processed_at=dt.datetime.now(dt.UTC),
+        query_id=models.query_id,
     )
-    write_table(spark, spark.createDataFrame([row], BATCH_SCHEMA), table_path(cfg.output, BATCHES),
-                txn=(f"{cfg.streaming.app_id}.{BATCHES}", report.batch_id),
-                commit_metadata=models.commit_metadata(cfg.streaming.app_id))
+    write_rows(spark, cfg.output, BATCHES, [row], txn=(TABLES[BATCHES].txn_app(cfg.streaming.app_id), report.batch_id),
+               commit_metadata=models.commit_metadata(cfg.streaming.app_id))
 
 
 @dataclass
@@ -521,7 +508,7 @@ def _check_no_batch_run_in_namespace(spark: SparkSession, cfg: Config) -> None:
     rows under `<app_id>-<batch id>`, and a batch run may have taken such an id before this app_id
     was configured (batch runs refuse ids in the namespace of the app_id configured at their time)."""
     app = cfg.streaming.app_id
-    if not table_exists(table_path(cfg.output, "runs"), spark):
+    if not output_table_exists(spark, cfg.output, "runs"):
         return
     taken = (
         read_output_table(spark, cfg.output, "runs")
@@ -542,7 +529,7 @@ def check_stream_identity(cfg: Config) -> tuple[identity.CheckpointState, list[i
     Spark: the CLI runs it before the session starts, and `run_stream` again under the lock."""
     app = cfg.streaming.app_id
     checkpoint = identity.read_checkpoint(cfg.streaming.checkpoint_path(cfg.output))
-    tables = {table_path(cfg.output, table): f"{app}.{suffix}" for table, suffix in STREAM_TXNS.items()}
+    tables = {table_path(cfg.output, table): table.txn_app(app) for table in stream_tables()}
     commits = identity.committed_batches(tables, app)
     identity.check_identity(app, cfg.output.root, checkpoint, commits)
     return checkpoint, commits
@@ -551,12 +538,13 @@ def check_stream_identity(cfg: Config) -> tuple[identity.CheckpointState, list[i
 def _record_stream_run(spark, cfg: Config, run: StreamRun, started_at: dt.datetime, status: str) -> None:
     summary = run.summary()
     as_of = max((r.as_of for r in run.reports if r.as_of), default=None)
-    row = (
-        run.run_id, started_at, dt.datetime.now(dt.UTC), status, cfg.config_hash(), as_of,
-        summary["input_rows"], summary["clean_rows"], summary["quarantined_rows"], summary["users_assigned"],
-        json.dumps({"stream": summary, "app_id": cfg.streaming.app_id}, sort_keys=True, default=str),
+    row = RunRow(
+        run_id=run.run_id, started_at=started_at, finished_at=dt.datetime.now(dt.UTC), status=status,
+        config_hash=cfg.config_hash(), as_of=as_of, input_rows=summary["input_rows"], clean_rows=summary["clean_rows"],
+        quarantined_rows=summary["quarantined_rows"], users=summary["users_assigned"],
+        metrics=json.dumps({"stream": summary, "app_id": cfg.streaming.app_id}, sort_keys=True, default=str),
     )
-    write_run_rows(spark, cfg.output, "runs", spark.createDataFrame([row], RUNS), run.run_id)
+    write_rows(spark, cfg.output, "runs", [row], run.run_id)
 
 
 __all__ = ["BatchReport", "StreamModels", "StreamRun", "check_stream_identity", "latest_bundle", "load_stream_models",

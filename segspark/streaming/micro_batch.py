@@ -22,6 +22,7 @@ from pyspark.sql import DataFrame, SparkSession
 from segspark.config import Config
 from segspark.ingest import Ingested, ingest_records, write_quarantine
 from segspark.ingest.privacy import Protection, resolve_protection
+from segspark.io.catalog import TABLES
 from segspark.io.readers import check_required_columns
 from segspark.streaming.source import read_event_stream
 
@@ -60,7 +61,7 @@ def ingest_micro_batch(
     ingested = ingest_records(records, cfg.input, protection)
     try:
         written = write_quarantine(spark, cfg.output, ingested, run_id, cfg.input.path,
-                                   txn=(f"{cfg.streaming.app_id}.quarantine", batch_id), commit_metadata=commit_metadata)
+                                   txn=(TABLES["quarantine"].txn_app(cfg.streaming.app_id), batch_id), commit_metadata=commit_metadata)
     except BaseException:
         ingested.unpersist()
         raise

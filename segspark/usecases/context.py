@@ -16,9 +16,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 
 from segspark.config import Config
-from segspark.io.catalog import RUNS
+from segspark.io.catalog import RunRow
 from segspark.io.readers import corrupt_file_error
-from segspark.io.tables import check_output, table_path, write_run_rows
+from segspark.io.tables import check_output, table_path, write_rows
 from segspark.runtime import progress
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.run_ids import check_batch_run_id
@@ -119,21 +119,21 @@ def execute(ctx: RunContext, body: Callable[[RunContext], None]) -> RunResult:
 
 def _record_run(spark: SparkSession, cfg: Config, result: RunResult, started_at: dt.datetime) -> None:
     metrics = {**result.metrics, "stage_seconds": result.stage_seconds, "quarantine_reasons": result.reasons}
-    row = (
-        result.run_id,
-        started_at,
-        dt.datetime.now(dt.UTC),
-        result.status,
-        cfg.config_hash(),
-        result.as_of,
-        result.input_rows,
-        result.clean_rows,
-        result.quarantined_rows,
-        result.users,
-        json.dumps(metrics, sort_keys=True, default=str),
+    row = RunRow(
+        run_id=result.run_id,
+        started_at=started_at,
+        finished_at=dt.datetime.now(dt.UTC),
+        status=result.status,
+        config_hash=cfg.config_hash(),
+        as_of=result.as_of,
+        input_rows=result.input_rows,
+        clean_rows=result.clean_rows,
+        quarantined_rows=result.quarantined_rows,
+        users=result.users,
+        metrics=json.dumps(metrics, sort_keys=True, default=str),
     )
     try:
-        write_run_rows(spark, cfg.output, "runs", spark.createDataFrame([row], RUNS), result.run_id)
+        write_rows(spark, cfg.output, "runs", [row], result.run_id)
         result.tables["runs"] = table_path(cfg.output, "runs")
     except Exception:
         if result.status == "succeeded":

@@ -18,7 +18,7 @@ from segspark.features.runs import FeatureRun
 from segspark.ingest.privacy import resolve_protection
 from segspark.io.catalog import USER_FEATURES_KEYS as KEYS
 from segspark.io.readers import read_with_corrupt_files
-from segspark.io.tables import table_path, write_run_rows
+from segspark.io.tables import table_path, write_rows
 from segspark.runtime.session import right_sized
 from segspark.usecases.context import RunContext
 
@@ -85,7 +85,7 @@ def compute_features(ctx: RunContext, slots: FeatureSlots | None = None) -> tupl
         check_finite(stats, checked, result.users, "features",
                      "check input.price_bounds and input.quantity_bounds (sums of huge values overflow to infinity); "
                      "otherwise this is a bug in the features: please report it")
-        write_run_rows(spark, out, "user_features", features, run_id)
+        write_rows(spark, out, "user_features", features, run_id)
         # Every later pass and the iterative fits read these users: no more partitions than they need.
         features = right_sized(features, result.users, bytes_per_row=16 * len(features.columns))
         result.tables["user_features"] = table_path(out, "user_features")

@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 from segspark.bundle.store import score_with_bundle
 from segspark.ingest.privacy import check_same_pseudonyms
 from segspark.io.catalog import USER_SEGMENTS_COLUMNS
-from segspark.io.tables import read_output_table, table_path, write_run_rows
+from segspark.io.tables import read_output_table, table_path, write_rows
 from segspark.usecases.context import RunContext
 
 
@@ -22,13 +22,13 @@ def score_users(ctx: RunContext, features: DataFrame, bundle: str, signing=None)
         keys = [F.lit(result.as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
         try:
             for table, frame in scored.outputs.items():
-                write_run_rows(spark, out, table, frame.select("user_id", *keys, *frame.columns[1:]), run_id)
+                write_rows(spark, out, table, frame.select("user_id", *keys, *frame.columns[1:]), run_id)
                 result.tables[table] = table_path(out, table)
             rows = None
             for name, assignments in scored.assignments.items():
                 frame = assignments.select("user_id", *keys, F.lit(name).alias("model"), *USER_SEGMENTS_COLUMNS[4:])
                 rows = frame if rows is None else rows.unionByName(frame)
-            written = write_run_rows(spark, out, "user_segments", rows, run_id)
+            written = write_rows(spark, out, "user_segments", rows, run_id)
             result.tables["user_segments"] = table_path(out, "user_segments")
         finally:
             for frame in scored.cached:

@@ -14,8 +14,8 @@ from segspark.bundle.store import bundle_signing, finish_bundle, models_folder, 
 from segspark.config import Config
 from segspark.features.behaviour import FeatureSlots
 from segspark.features.catalog import category_slot_names, feature_columns
-from segspark.io.catalog import MODEL_SELECTION, USER_SEGMENTS_COLUMNS
-from segspark.io.tables import table_path, write_run_rows
+from segspark.io.catalog import TABLES, USER_SEGMENTS_COLUMNS, ModelSelectionRow
+from segspark.io.tables import table_path, write_rows
 from segspark.io.tracking import log_run
 from segspark.models import registry
 from segspark.models.contract import TrainedModel
@@ -24,7 +24,6 @@ from segspark.models.sample import UserSample, collect_user_sample
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.session import share_session
 from segspark.segments.ids import NOISE_SEGMENT
-from segspark.segments.profiles import SEGMENT_PROFILES
 from segspark.segments.stable import ModelSegments, stable_segments, transitions_frame
 from segspark.segments.train import train_baselines, users_check
 from segspark.usecases.context import RunContext
@@ -139,7 +138,7 @@ def _write_outputs(ctx: RunContext, scored) -> None:
     """The tables a model adds besides its segments (the deep model's user_embeddings)."""
     keys = [F.lit(ctx.result.as_of).cast("date").alias("as_of"), F.lit(ctx.run_id).alias("run_id")]
     for table, frame in scored.outputs.items():
-        write_run_rows(ctx.spark, ctx.cfg.output, table, frame.select("user_id", *keys, *frame.columns[1:]), ctx.run_id)
+        write_rows(ctx.spark, ctx.cfg.output, table, frame.select("user_id", *keys, *frame.columns[1:]), ctx.run_id)
         ctx.result.tables[table] = table_path(ctx.cfg.output, table)
 
 
@@ -162,11 +161,11 @@ def _write_segment_tables(ctx: RunContext, built: list) -> None:
         for model in built
     ])
     small = {
-        "model_selection": spark.createDataFrame(
-            [row for model in built for row in _selection_rows(model, as_of, run_id)], MODEL_SELECTION
+        "model_selection": TABLES["model_selection"].frame(
+            spark, [row for model in built for row in _selection_rows(model, as_of, run_id)]
         ),
-        "segment_profiles": spark.createDataFrame(
-            [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)], SEGMENT_PROFILES
+        "segment_profiles": TABLES["segment_profiles"].frame(
+            spark, [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)]
         ),
     }
     moves = transitions_frame(spark, built, as_of, run_id)
@@ -174,8 +173,8 @@ def _write_segment_tables(ctx: RunContext, built: list) -> None:
         small["segment_transitions"] = moves
     with ThreadPoolExecutor(max_workers=len(small), thread_name_prefix="segspark-write",
                             initializer=share_session, initargs=(spark,)) as pool:
-        pending = [pool.submit(write_run_rows, spark, out, name, frame, run_id) for name, frame in small.items()]
-        written = write_run_rows(spark, out, "user_segments", segments, run_id)
+        pending = [pool.submit(write_rows, spark, out, name, frame, run_id) for name, frame in small.items()]
+        written = write_rows(spark, out, "user_segments", segments, run_id)
         for future in pending:
             future.result()
     for name in ("user_segments", *small):
@@ -183,7 +182,7 @@ def _write_segment_tables(ctx: RunContext, built: list) -> None:
     log.info("segments written: %s user_segments rows", f"{written.rows:,}" if written.rows >= 0 else "?")
 
 
-def _selection_rows(model, as_of: dt.date, run_id: str) -> list[tuple]:
+def _selection_rows(model, as_of: dt.date, run_id: str) -> list[ModelSelectionRow]:
     def number(entry: dict, key: str):
         value = entry.get(key)
         return None if value is None else float(value)
@@ -192,14 +191,17 @@ def _selection_rows(model, as_of: dt.date, run_id: str) -> list[tuple]:
     for entry in model.curve:
         chosen = entry["k"] == model.k
         rows.append(
-            (
-                as_of, run_id, model.name, int(entry["k"]), chosen, model.reason if chosen else None,
-                entry.get("best_seed"), len(entry.get("seed_objectives") or []) or None, number(entry, "seed_ari"),
-                number(entry, "objective"), number(entry, "silhouette"), number(entry, "silhouette_sq"),
-                number(entry, "davies_bouldin"), number(entry, "calinski_harabasz"), number(entry, "wss"),
-                number(entry, "bic"), number(entry, "aic"), entry.get("degenerate_retries"),
-                number(entry, "dunn"), entry.get("sample_users"), number(entry, "full_objective"),
-                entry.get("full_cluster_sizes"),
+            ModelSelectionRow(
+                as_of=as_of, run_id=run_id, model=model.name, k=int(entry["k"]), chosen=chosen,
+                reason=model.reason if chosen else None, best_seed=entry.get("best_seed"),
+                seeds=len(entry.get("seed_objectives") or []) or None, seed_ari=number(entry, "seed_ari"),
+                objective=number(entry, "objective"), silhouette=number(entry, "silhouette"),
+                silhouette_sq=number(entry, "silhouette_sq"), davies_bouldin=number(entry, "davies_bouldin"),
+                calinski_harabasz=number(entry, "calinski_harabasz"), wss=number(entry, "wss"),
+                bic=number(entry, "bic"), aic=number(entry, "aic"),
+                degenerate_retries=entry.get("degenerate_retries"), dunn=number(entry, "dunn"),
+                sample_users=entry.get("sample_users"), full_objective=number(entry, "full_objective"),
+                full_cluster_sizes=entry.get("full_cluster_sizes"),
             )
         )
     return rows
