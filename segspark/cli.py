@@ -329,7 +329,8 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
     """Assign segments to users as their events arrive (Structured Streaming).
 
     Reads the landing folder input.path (json, csv or parquet files, with the batch column mapping
-    and quarantine) or Kafka (input.format kafka), merges each micro-batch into the feature state,
+    and quarantine), MQTT (input.format mqtt: messages of input.mqtt land in input.path first) or
+    Kafka (input.format kafka), merges each micro-batch into the feature state,
     scores the users it touched with every model of the bundle into user_segments_live, moves the
     online k-means centres, and writes drift and a retrain recommendation to segment_drift.
     Exactly once per micro-batch; restart from the same streaming.checkpoint to resume.
@@ -353,6 +354,10 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
     with StreamLock(cfg.output.root, cfg.streaming.app_id).acquire(checkpoint=cfg.streaming.checkpoint_path(cfg.output)):
         pass
     check_stream_identity(cfg)
+    if cfg.input.format == "mqtt":
+        from segspark.streaming.mqtt_landing import check_reachable
+
+        check_reachable(cfg.input)  # an unreachable broker fails now, before Spark starts
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark:
         run = run_stream(spark, cfg, available_now=available_now, bundle=bundle_dir)
     summary = run.summary()

@@ -121,11 +121,52 @@ class PlausibleTimeConfig(_Section):
         return value
 
 
+class MqttConfig(_Section):
+    """The MQTT broker `segspark stream` lands messages from (input.format mqtt; streaming/mqtt_landing.py).
+
+    Each message is one JSON event (the json column mapping). The landing client keeps a persistent
+    session (fixed client id, clean start off, session expiry), so the broker queues what arrives
+    while the stream is down and re-sends what was not acknowledged; a message is acknowledged only
+    once it is in a landed file on disk.
+    """
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    topic: str = Field("segspark/events", min_length=1)  # a topic filter: + and # wildcards allowed
+    # Only 1: QoS 0 is at most once (a crash loses messages), and paho keeps a QoS 2 message in memory
+    # between PUBREC and PUBREL, so a crash there loses it too; QoS 1 is redelivered until acknowledged.
+    qos: Literal[1] = 1
+    # The broker keeps the session (subscription, unacknowledged and queued messages) under this id;
+    # null: segspark-<streaming.app_id>. Two clients with one id take the session from each other.
+    client_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    session_expiry_seconds: int = Field(7 * 24 * 3600, ge=1)  # how long the broker keeps the session offline
+    keepalive_seconds: int = Field(30, ge=5)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    username: str | None = None
+    # The NAME of an environment variable holding the password (never the password: config is logged).
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tls: bool = False  # TLS with the system's CA certificates
+    # Unacknowledged messages the broker may send at once (MQTT 5 receive maximum); also the most
+    # messages in one landed file.
+    max_inflight: int = Field(1000, ge=1, le=65535)
+    flush_seconds: float = Field(0.5, gt=0)  # the longest a received message waits to be landed
+    # A message whose record id is among the last dedup_window landed records is a redelivery: it is
+    # acknowledged and not landed again. The id is a JSON field of the event (id_field, e.g. an event
+    # id) or, when null or absent, a hash of topic and payload.
+    dedup_window: int = Field(100_000, ge=1)
+    id_field: str | None = Field(None, min_length=1)
+    # --available-now: land what the broker holds for the session, until no message came for this long.
+    drain_idle_seconds: float = Field(2.0, gt=0)
+
+
 class InputConfig(_Section):
     path: str
     # kafka: streaming only (`segspark stream`), with the Kafka connector on the classpath; the
     # kafka.* settings (kafka.bootstrap.servers, subscribe, ...) go in options.
-    format: Literal["parquet", "json", "csv", "delta", "kafka"] = "parquet"
+    # mqtt: streaming only; messages from the broker of input.mqtt land as files in input.path,
+    # which the stream reads as json.
+    format: Literal["parquet", "json", "csv", "delta", "kafka", "mqtt"] = "parquet"
+    mqtt: MqttConfig | None = None  # input.format mqtt (defaults when null)
     options: dict[str, str] = Field(default_factory=dict)
     columns: InputColumns
     timestamp_format: str = "yyyy-MM-dd HH:mm:ss"
@@ -152,6 +193,10 @@ class InputConfig(_Section):
     @classmethod
     def _stringify(cls, value: Any) -> Any:
         return _settings_as_strings(value)
+
+    def mqtt_settings(self) -> MqttConfig:
+        """input.mqtt, or its defaults when the section is absent."""
+        return self.mqtt or MqttConfig()
 
 
 class OneHotConfig(_Section):

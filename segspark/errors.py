@@ -24,3 +24,8 @@ class NonFiniteError(UsageError):
 
 class NotEnoughUsersError(UsageError):
     """The run has fewer users than an enabled model needs: names each model and how many it needs."""
+
+
+class SourceUnavailableError(UsageError):
+    """The stream's source cannot be reached or refuses the connection (an MQTT broker down, a wrong
+    host, port or password): the user fixes the address or starts the broker."""

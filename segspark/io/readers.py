@@ -93,9 +93,9 @@ def read_with_corrupt_files(spark: SparkSession, cfg: InputConfig, use: Callable
 def read_raw_events(spark: SparkSession, cfg: InputConfig, exclude: Sequence[str] = ()) -> DataFrame:
     """The source records as a DataFrame; json/csv carry `_corrupt_record` for malformed lines.
     `exclude`: files of input.path to leave out (unreadable ones, see read_with_corrupt_files)."""
-    if cfg.format == "kafka":
+    if cfg.format in ("kafka", "mqtt"):
         raise InputSchemaError(
-            "input.format kafka is a streaming source: batch runs read parquet, json, csv or delta "
+            f"input.format {cfg.format} is a streaming source: batch runs read parquet, json, csv or delta "
             "(set input.format and input.path to files, or use the streaming path)"
         )
     reader = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet, "delta": _read_delta}[cfg.format]

@@ -67,7 +67,7 @@ from segspark.models import registry
 from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.session import apply_required_conf
-from segspark.streaming import drift, identity
+from segspark.streaming import drift, identity, mqtt_landing
 from segspark.streaming.feature_state import batch_state, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
 from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
@@ -482,23 +482,31 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
             if on_batch is not None:
                 on_batch(report)
 
-        query = start_stream(spark, cfg, each, available_now=available_now)
-        try:
-            identity.confirm_query(app, cfg.output.root, checkpoint, commits, str(query.id))
-            models.query_id = str(query.id)
-            lock.update(query_id=models.query_id)
-            log.info("stream %s: query %s of checkpoint %s", run.run_id, models.query_id, checkpoint_path)
-        except BaseException as exc:
-            refusal.append(str(exc) or type(exc).__name__)
+        # input.format mqtt: messages land in input.path (durably, then acknowledged) before the query
+        # reads them; a landing failure stops the query. Other formats: no landing.
+        queries = []
+        with mqtt_landing.landing_for_stream(cfg.input, app, available_now=available_now,
+                                             on_error=lambda exc: [q.stop() for q in queries]) as landing:
+            query = start_stream(spark, cfg, each, available_now=available_now)
+            queries.append(query)
+            try:
+                identity.confirm_query(app, cfg.output.root, checkpoint, commits, str(query.id))
+                models.query_id = str(query.id)
+                lock.update(query_id=models.query_id)
+                log.info("stream %s: query %s of checkpoint %s", run.run_id, models.query_id, checkpoint_path)
+            except BaseException as exc:
+                refusal.append(str(exc) or type(exc).__name__)
+                checked.set()
+                query.stop()
+                raise
             checked.set()
-            query.stop()
-            raise
-        checked.set()
-        try:
-            query.awaitTermination()
-        except BaseException:
-            _record_stream_run(spark, cfg, run, started_at, "failed")
-            raise
+            try:
+                query.awaitTermination()
+                if landing is not None and landing.error is not None:
+                    raise RuntimeError(f"mqtt landing failed: {landing.error}") from landing.error
+            except BaseException:
+                _record_stream_run(spark, cfg, run, started_at, "failed")
+                raise
         _record_stream_run(spark, cfg, run, started_at, "succeeded")
     return run
 

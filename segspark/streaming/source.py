@@ -1,4 +1,4 @@
-"""Event streams: a landing folder of json/csv/parquet files, or Kafka, read with the batch mapping.
+"""Event streams: a landing folder of json/csv/parquet files, MQTT or Kafka, read with the batch mapping.
 
 Each micro-batch is an ordinary DataFrame of source records with the same columns the batch readers
 give (`segspark.io.readers`): text formats arrive with every mapped column as a string and a
@@ -6,7 +6,9 @@ give (`segspark.io.readers`): text formats arrive with every mapped column as a 
 in batch. File streams need their schema up front: json takes it from the column mapping; csv and
 parquet from the files already in the folder (the stream refuses to start on an empty one, saying
 so). Kafka records are JSON objects in the message value; the connector is not part of Spark's
-distribution, and without it the stream stops with a usage error that says how to add it.
+distribution, and without it the stream stops with a usage error that says how to add it. MQTT
+messages are landed as JSON-lines files in input.path first (`mqtt_landing`: durable before they
+are acknowledged); the stream reads those files and parses each message's payload like a Kafka value.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ def read_event_stream(spark: SparkSession, cfg: InputConfig, streaming: Streamin
     if cfg.format == "kafka":
         return _kafka(spark, cfg)
     if cfg.format == "delta":
-        raise InputSchemaError("input.format delta: streaming reads a landing folder of json, csv or parquet files, or kafka")
+        raise InputSchemaError("input.format delta: streaming reads a landing folder of json, csv or parquet files, "
+                               "mqtt or kafka")
     reader = spark.readStream
     if streaming.max_files_per_trigger:
         reader = reader.option("maxFilesPerTrigger", str(streaming.max_files_per_trigger))
+    if cfg.format == "mqtt":
+        return _mqtt_landed(reader, cfg)
     if cfg.format == "json":
         options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN, **cfg.options}
         return reader.schema(mapped_text_schema(cfg)).options(**options).json(cfg.path)
@@ -75,6 +80,33 @@ def _existing_files(spark: SparkSession, cfg: InputConfig) -> DataFrame:
     return existing
 
 
+LANDED_SCHEMA = StructType([StructField(name, StringType(), True) for name in ("id", "topic", "received_at", "payload")])
+
+
+def _mqtt_landed(reader, cfg: InputConfig) -> DataFrame:
+    """The landed MQTT messages (mqtt_landing writes them: one JSON line each, the payload as text),
+    with each payload parsed like a line of a json file: the mapped columns as strings, and the
+    payload itself in the corrupt-record column when it is not a JSON object."""
+    from segspark.streaming.mqtt_landing import landing_folder
+
+    landed = reader.schema(LANDED_SCHEMA).option("mode", "FAILFAST").json(str(landing_folder(cfg)))
+    return _parse_payload(landed, F.col("payload"), cfg, cfg.options)
+
+
+def _parse_payload(frame: DataFrame, text, cfg: InputConfig, options: dict[str, str]) -> DataFrame:
+    """A message's text parsed with the mapped schema. from_json gives a null struct (not a corrupt
+    record) for text that is JSON but no object (`42`, `[1]`, `null`) or empty: those are malformed too."""
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN, **options}
+    parsed = F.from_json(text, mapped_text_schema(cfg), options)
+    record = frame.select(parsed.alias("record"), text.alias("_text"))
+    names = [f.name for f in mapped_text_schema(cfg).fields if f.name != CORRUPT_COLUMN]
+    return record.select(
+        *[F.col("record").getField(name).alias(name) for name in names],
+        F.when(F.col("record").isNull() | F.col("record").getField(CORRUPT_COLUMN).isNotNull(), F.col("_text"))
+        .alias(CORRUPT_COLUMN),
+    )
+
+
 def _kafka(spark: SparkSession, cfg: InputConfig) -> DataFrame:
     missing = [key for key in ("kafka.bootstrap.servers",) if key not in cfg.options]
     topics = [key for key in ("subscribe", "subscribePattern", "assign") if key in cfg.options]
@@ -93,6 +125,4 @@ def _kafka(spark: SparkSession, cfg: InputConfig) -> DataFrame:
                 "Databricks use a runtime that includes it"
             ) from None
         raise
-    value = F.col("value").cast("string")
-    parsed = F.from_json(value, mapped_text_schema(cfg), {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COLUMN})
-    return raw.select(parsed.alias("record")).select("record.*")
+    return _parse_payload(raw, F.col("value").cast("string"), cfg, {})  # options here are the connector's
