@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_chromium.sh || echo "test: without Chromium, tests/test_report.py fails (the rest runs)" >&2
+bash scripts/install_mosquitto.sh || echo "test: without Mosquitto, tests/test_mqtt_stream.py fails (the rest runs)" >&2
 cores=$(nproc 2>/dev/null || echo 2)
 workers=${SEGSPARK_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 exec "${SEGSPARK_VENV:-.venv}/bin/python" -m pytest -n "$workers" --dist loadfile --durations=25 "$@"

@@ -355,9 +355,9 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
         pass
     check_stream_identity(cfg)
     if cfg.input.format == "mqtt":
-        from segspark.streaming.mqtt_landing import check_reachable
+        from segspark.streaming.mqtt_landing import check_source
 
-        check_reachable(cfg.input)  # an unreachable broker fails now, before Spark starts
+        check_source(cfg.input)  # a non-local landing folder or an unreachable broker fails now, before Spark starts
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark:
         run = run_stream(spark, cfg, available_now=available_now, bundle=bundle_dir)
     summary = run.summary()

@@ -52,23 +52,28 @@ QUIET_SECONDS = 0.05
 
 
 def landing_folder(cfg: InputConfig) -> Path:
-    """input.path as a local folder (the client writes it with the file system calls that fsync)."""
-    path = cfg.path[len("file:"):] if cfg.path.startswith("file:") else cfg.path
-    if "://" in path or (":" in path.split("/")[0] and not path.startswith("/")):
+    """input.path as a local folder: the client makes each file durable with fsync and rename, which
+    object stores (s3://, abfss://, dbfs:/) do not offer."""
+    path = cfg.path
+    if path.startswith("file:"):
+        path = "/" + path[len("file:"):].lstrip("/")
+    elif "://" in path or (":" in path.split("/")[0] and len(path.split("/")[0]) > 2):  # a scheme, not C:
         raise ConfigError(
             f"input.path {cfg.path!r}: an MQTT stream lands messages in a local folder (fsync and rename "
-            "make it durable); use a local path (on Databricks a /Volumes/... or /dbfs/... path)"
+            "make each file durable before the broker is acknowledged); set input.path to a local path"
         )
-    return Path(path.removeprefix("//") if path.startswith("///") else path)
+    return Path(path)
 
 
 def client_id(cfg: InputConfig, app_id: str) -> str:
     return cfg.mqtt_settings().client_id or f"segspark-{app_id}"
 
 
-def check_reachable(cfg: InputConfig) -> None:
-    """A TCP connection to the broker, before Spark starts (no MQTT session: connecting with the
-    client id could take the running session over). SourceUnavailableError when it fails."""
+def check_source(cfg: InputConfig) -> None:
+    """Before Spark starts: the landing folder is local, and a TCP connection to the broker opens (no
+    MQTT session: connecting with the client id would take the session over from a running landing).
+    ConfigError or SourceUnavailableError when not."""
+    landing_folder(cfg)
     mqtt = cfg.mqtt_settings()
     try:
         with socket.create_connection((mqtt.host, mqtt.port), timeout=mqtt.connect_timeout_seconds):
@@ -356,5 +361,5 @@ def landing_for_stream(cfg: InputConfig, app_id: str, *, available_now: bool,
             landing.stop()
 
 
-__all__ = ["LandingStats", "MqttLanding", "check_reachable", "client_id", "landing_folder", "landing_for_stream",
+__all__ = ["LandingStats", "MqttLanding", "check_source", "client_id", "landing_folder", "landing_for_stream",
            "record_id"]
