@@ -141,6 +141,21 @@ def _recent_ids(folder: Path, size: int) -> _Window:
     return window
 
 
+def _remove_dead_temp_files(folder: Path) -> None:
+    """Temp files of a landing process that died while writing: their messages were never
+    acknowledged (the broker sends them again), so the files are only litter. A live process's
+    (its pid is in the name) are left alone."""
+    for tmp in folder.glob(f".{PREFIX}*{SUFFIX}.tmp"):
+        try:
+            pid = int(tmp.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            log.info("mqtt landing: removed %s, left by a landing that died while writing it", tmp.name)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
 class MqttLanding:
     """The landing client (module docstring). `start()` connects and subscribes, a flusher thread
     lands and acknowledges; `drain()` waits until the broker has nothing more; `stop()` lands what is
@@ -149,6 +164,7 @@ class MqttLanding:
     def __init__(self, cfg: InputConfig, app_id: str, on_error: Callable[[BaseException], None] | None = None):
         self.mqtt, self.folder, self.client_id = cfg.mqtt_settings(), landing_folder(cfg), client_id(cfg, app_id)
         self.folder.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temp_files(self.folder)
         self.window = _recent_ids(self.folder, self.mqtt.dedup_window)
         self.stats = LandingStats()
         self.error: BaseException | None = None

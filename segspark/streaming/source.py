@@ -87,9 +87,13 @@ def _mqtt_landed(reader, cfg: InputConfig) -> DataFrame:
     """The landed MQTT messages (mqtt_landing writes them: one JSON line each, the payload as text),
     with each payload parsed like a line of a json file: the mapped columns as strings, and the
     payload itself in the corrupt-record column when it is not a JSON object."""
+    from segspark.streaming import mqtt_landing
     from segspark.streaming.mqtt_landing import landing_folder
 
-    landed = reader.schema(LANDED_SCHEMA).option("mode", "FAILFAST").json(str(landing_folder(cfg)))
+    # Only the landing's files; their lines are written by segspark, so one that does not parse is
+    # damage to stop at (FAILFAST), not a bad event.
+    landed = (reader.schema(LANDED_SCHEMA).option("mode", "FAILFAST")
+              .option("pathGlobFilter", f"{mqtt_landing.PREFIX}*{mqtt_landing.SUFFIX}").json(str(landing_folder(cfg))))
     return _parse_payload(landed, F.col("payload"), cfg, cfg.options)
 
 
