@@ -159,6 +159,22 @@ def test_an_unreachable_broker_is_exit_2_with_one_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith(f"error: input.mqtt: cannot reach the MQTT broker at 127.0.0.1:{port}"), errors
 
 
+def test_the_source_is_checked_before_spark_starts(broker, tmp_path, monkeypatch):
+    from segspark.config import load_config
+    from segspark.errors import ConfigError
+    from segspark.streaming.mqtt_landing import check_source
+
+    def cfg(*extra):
+        return load_config(REPO / "conf/local.yaml", _overrides(tmp_path, broker, "events", *extra)).input
+
+    check_source(cfg())
+    with pytest.raises(ConfigError, match="input.path 's3://bucket/landing': an MQTT stream lands messages in a local folder"):
+        check_source(cfg("input.path=s3://bucket/landing"))
+    monkeypatch.delenv("SEGSPARK_TEST_MQTT_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match="environment variable SEGSPARK_TEST_MQTT_PASSWORD is not set"):
+        check_source(cfg("input.mqtt.username=u", "input.mqtt.password_env=SEGSPARK_TEST_MQTT_PASSWORD"))
+
+
 @pytest.fixture(scope="module")
 def trained(spark, tmp_path_factory):
     """A k-means training run on generated events, and 2000 of those events as JSON texts."""

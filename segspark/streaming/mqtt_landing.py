@@ -75,6 +75,8 @@ def check_source(cfg: InputConfig) -> None:
     ConfigError or SourceUnavailableError when not."""
     landing_folder(cfg)
     mqtt = cfg.mqtt_settings()
+    if mqtt.password_env and mqtt.password_env not in os.environ:
+        raise ConfigError(f"input.mqtt.password_env: the environment variable {mqtt.password_env} is not set")
     try:
         with socket.create_connection((mqtt.host, mqtt.port), timeout=mqtt.connect_timeout_seconds):
             pass
@@ -188,11 +190,11 @@ class MqttLanding:
 
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=paho.MQTTv5, manual_ack=True)
-        if self.mqtt.username is not None:
+        if self.mqtt.username is not None or self.mqtt.password_env is not None:
             password = os.environ.get(self.mqtt.password_env) if self.mqtt.password_env else None
             if self.mqtt.password_env and password is None:
                 raise ConfigError(f"input.mqtt.password_env: the environment variable {self.mqtt.password_env} is not set")
-            client.username_pw_set(self.mqtt.username, password)
+            client.username_pw_set(self.mqtt.username or "", password)
         if self.mqtt.tls:
             client.tls_set()
         client.reconnect_delay_set(1, 30)
@@ -211,6 +213,7 @@ class MqttLanding:
         if reason.is_failure:
             self._connect_error = f"the broker refused the connection: {reason}"
             self._connected.set()
+            self._subscribed.set()  # nothing more to wait for
             return
         log.info("mqtt landing: connected to %s:%d as %s (%s)", self.mqtt.host, self.mqtt.port, self.client_id,
                  "session resumed" if flags.session_present else "new session")
