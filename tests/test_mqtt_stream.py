@@ -28,6 +28,7 @@ MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto"
 # Only k-means: the stream's work per batch is what this file tests, not the other models.
 KMEANS_ONLY = ("models.bisecting_kmeans.enabled=false", "models.gmm.enabled=false", "models.autoencoder.enabled=false")
 NOT_JSON = ["not json", "42", '{"user_id": "u1", "event_time": ']  # the last one cut short
+NO_USER = '{"event_time": "2026-10-01 10:00:00", "event_type": "view"}'  # JSON, but no user id
 
 
 def _free_port() -> int:
@@ -189,7 +190,7 @@ def trained(spark, tmp_path_factory):
     usecases.run(spark, load_config(REPO / "conf/local.yaml", overrides), run_id="train-1")
     lines = sorted(line for p in (root / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
     assert len(lines) >= 2000
-    return root, lines[:2000 - len(NOT_JSON)]
+    return root, lines[:2000 - len(NOT_JSON) - 1]
 
 
 def test_mqtt_stream_killed_and_restarted_lands_every_event_once(spark, broker, trained, tmp_path):
@@ -197,7 +198,7 @@ def test_mqtt_stream_killed_and_restarted_lands_every_event_once(spark, broker, 
     from segspark.streaming import job
 
     root, events = trained
-    payloads = events[:1000] + NOT_JSON + events[1000:]
+    payloads = events[:1000] + NOT_JSON + [NO_USER] + events[1000:]
     n = len(payloads)
     out = tmp_path / "out"
     shutil.copytree(root / "out/_models", out / "_models")
@@ -242,12 +243,13 @@ def test_mqtt_stream_killed_and_restarted_lands_every_event_once(spark, broker, 
     assert not table.batch_id.duplicated().any()
     assert table.input_rows.sum() == n == table.clean_rows.sum() + table.quarantined_rows.sum()
 
-    # The payloads that are not JSON: quarantine rows, reason malformed_record, raw = the payload.
+    # Bad payloads are quarantine rows with the json file stream's reasons: not JSON (raw = the payload),
+    # and JSON without a user id. The generated events themselves are clean.
     quarantine = DeltaTable(str(out / "quarantine")).to_pandas()
     quarantine = quarantine[quarantine.run_id.str.startswith("mqtt-test-")]
-    assert len(quarantine) == table.quarantined_rows.sum()
-    malformed = quarantine[quarantine.reason == "malformed_record"]
-    assert sorted(malformed.raw) == sorted(NOT_JSON)
+    assert len(quarantine) == table.quarantined_rows.sum() == len(NOT_JSON) + 1
+    assert sorted(quarantine[quarantine.reason == "malformed_record"].raw) == sorted(NOT_JSON)
+    assert json.loads(quarantine[quarantine.reason == "missing_user_id"].raw.item()) == json.loads(NO_USER)
 
     # No event counted twice: one live row per user, model and batch, and each user's events in the
     # feature state equal the user's clean events among those published.
@@ -259,6 +261,5 @@ def test_mqtt_stream_killed_and_restarted_lands_every_event_once(spark, broker, 
     for text in events:
         user = str(json.loads(text)["user_id"])
         published[user] = published.get(user, 0) + 1
-    assert set(quarantine.reason) == {"malformed_record"}  # the generated events themselves are clean
     assert set(live.user_id) == set(state.user_id) == set(published)
     assert state.set_index("user_id").events.to_dict() == published
