@@ -149,6 +149,19 @@ def test_a_message_redelivered_after_a_crash_is_landed_once(broker, tmp_path):
     assert not list((tmp_path / "landing").glob(".*"))  # no temp file left behind
 
 
+def test_record_ids_are_deterministic():
+    from segspark.streaming.mqtt_landing import record_id
+
+    payload = b'{"event_id": "e-17", "user_id": "u1"}'
+    assert record_id("t", payload, None) == record_id("t", payload, None) != record_id("t2", payload, None)
+    assert record_id("t", payload, None) != record_id("t", payload + b" ", None)
+    # With id_field the event's own id decides (a re-sent event with other bytes is the same record).
+    assert record_id("t", payload, "event_id") == record_id("t2", b'{"event_id":"e-17"}', "event_id") == "event_id:e-17"
+    # Without it in the message (or no JSON object at all), the hash of topic and payload.
+    assert record_id("t", b"not json", "event_id") == record_id("t", b"not json", None)
+    assert record_id("t", b"[1]", "event_id") == record_id("t", b"[1]", None)
+
+
 def test_an_unreachable_broker_is_exit_2_with_one_line(tmp_path):
     port = _free_port()  # nothing listens there
     args = ["-m", "segspark", "stream", "--config", str(REPO / "conf/local.yaml"), "--available-now", "--set",
