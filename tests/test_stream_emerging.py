@@ -121,3 +121,52 @@ def test_live_segment_ids_do_not_change(streamed):
         # The planted users get the bundle's segments (or noise): no candidate became a live segment.
         planted = live[(live.model == model) & (live.user_id.astype(int) >= FIRST_NEW_ID)]
         assert len(planted) == PLANTED and set(planted.segment) <= set(want) | {-1}, model
+
+
+# --- without Spark: the settings and the clustering rule ---------------------------------------------
+
+
+def test_emerging_settings_are_typed_and_unknown_keys_refused():
+    from segspark.errors import ConfigError
+
+    cfg = load_config(REPO / "conf/local.yaml", ["streaming.drift.emerging.window_batches=3"])
+    settings = cfg.streaming.drift.emerging
+    assert settings.window_batches == 3 and settings.outlier_models == ["ae_hdbscan", "kmeans"]
+    for bad, message in (("streaming.drift.emerging.windows=3", "unknown key"),
+                         ("streaming.drift.emerging.outlier_models=[kmeans, dbscan]", "unknown model"),
+                         ("streaming.drift.emerging.outlier_share=2", "less than or equal to 1"),
+                         ("streaming.drift.emerging.min_cluster_size=many", "expected an integer")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(REPO / "conf/local.yaml", [bad])
+
+
+def test_a_dense_group_of_outliers_is_a_candidate_and_scattered_ones_are_not():
+    """Three known segments (the training users), one new group and scattered outliers: one candidate,
+    the group, whatever order the outliers come in."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from segspark.config import EmergingConfig
+    from segspark.streaming.emerging import Population, find_candidates
+
+    rng = np.random.default_rng(0)
+    known = np.vstack([rng.normal(centre, 0.3, (100, 3)) for centre in ((0, 0, 0), (4, 0, 0), (0, 4, 0))])
+    group = rng.normal((4, 4, 4), 0.3, (40, 3))
+    scattered = rng.uniform(-3, 7, (15, 3))
+    sample = [SimpleNamespace(user_id=f"g{i:02d}", embedding=list(v), features={"monetary": 900.0, "night_share": 0.9})
+              for i, v in enumerate(group)]
+    sample += [SimpleNamespace(user_id=f"s{i:02d}", embedding=list(v), features={"monetary": 50.0, "night_share": 0.1})
+               for i, v in enumerate(scattered)]
+    population = Population({"monetary": 100.0, "night_share": 0.2}, {"monetary": 50.0, "night_share": 0.2})
+    settings = EmergingConfig(min_cluster_size=20, min_samples=5)
+    found = find_candidates(sample, settings, population, known)
+    assert len(found) == 1 and found[0].training_members == 0
+    assert set(found[0].user_ids) <= {s.user_id for s in sample[:40]} and found[0].size >= 35
+    assert found[0].means["monetary"] == 900.0 and found[0].zscores["monetary"] == 16.0
+    assert "night-time" in found[0].name and found[0].reason == f"emerging segment candidate '{found[0].name}' ({found[0].size} users)"
+    shuffled = [sample[i] for i in rng.permutation(len(sample))]
+    again = find_candidates(shuffled, settings, population, known)
+    assert [(c.name, c.size, c.user_ids) for c in again] == [(c.name, c.size, c.user_ids) for c in found]
+    # Outliers alone, all scattered: nothing to propose.
+    assert find_candidates(sample[40:] * 2, settings, population, known) == []
