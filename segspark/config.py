@@ -368,15 +368,17 @@ class MlflowConfig(_Section):
 class EmergingConfig(_Section):
     """Emerging segments (segspark.streaming.emerging): when the users the live models fit badly (noise
     of a density model, anomalies of the others) pass `outlier_share` of the users of the last
-    `window_batches` batches, HDBSCAN runs on those outliers' embeddings and its clusters are proposed
-    as candidate segments (`candidate_segments`) with a retrain recommendation."""
+    `window_batches` batches, HDBSCAN runs on those outliers' embeddings (beside training users') and
+    its clusters of outliers are proposed as candidate segments (`candidate_segments`) with a retrain
+    recommendation."""
 
     enabled: bool = True
     # Share of the window's scored users that are outliers above which the outliers are clustered.
-    # Training users are outliers at about the models' contamination (1% each): 15% is far above it.
+    # Training users are outliers at about 1 - anomaly_quantile per model (3% each, up to 6% for two
+    # models): 15% is far above that.
     outlier_share: float = Field(0.15, gt=0, le=1)
     window_batches: int = Field(5, ge=1)  # the current batch and the ones before it
-    # Whose verdict makes an outlier: noise (segment -1) of a noise model, else is_anomaly.
+    # Whose verdict makes an outlier: noise (segment -1) of a noise model, or an anomaly (below).
     outlier_models: list[str] = Field(default_factory=lambda: ["ae_hdbscan", "kmeans"], min_length=1)
     # A user is an outlier of a model when its anomaly score is above this quantile of the training
     # users' scores (null: the model's own is_anomaly, at its contamination, 1%). The trained threshold
