@@ -144,7 +144,8 @@ def _progress(spark):
 @click.option("--missing-prices", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of events without price.")
 @click.option("--malformed", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of extra malformed lines (json/csv).")
 @click.option("--personas", default="clean", show_default=True,
-              help="Persona set: clean (well separated) or overlapping (mixtures of shared traits, wide blur).")
+              help="Persona set: clean (well separated), overlapping (mixtures of shared traits, wide blur) or "
+                   "emerging (one persona the clean set lacks).")
 @click.option("--layout", default="rees46", show_default=True, type=click.Choice(["rees46", "invoices"]),
               help="rees46: clickstream events; invoices: the purchases as invoice lines in the UCI Online "
                    "Retail layout, with cancellations (read with conf/generated_invoices.yaml).")

@@ -410,6 +410,49 @@ class MlflowConfig(_Section):
     log_samples: bool = False
 
 
+class EmergingConfig(_Section):
+    """Emerging segments (segspark.streaming.emerging): when the users the live models fit badly (noise
+    of a density model, anomalies of the others) pass `outlier_share` of the users of the last
+    `window_batches` batches, HDBSCAN runs on those outliers' embeddings (beside training users') and
+    its clusters of outliers are proposed as candidate segments (`candidate_segments`) with a retrain
+    recommendation."""
+
+    enabled: bool = True
+    # Share of the window's scored users that are outliers above which the outliers are clustered.
+    # Training users are outliers at about 1 - anomaly_quantile per model (3% each, up to 6% for two
+    # models): 15% is far above that.
+    outlier_share: float = Field(0.15, gt=0, le=1)
+    window_batches: int = Field(5, ge=1)  # the current batch and the ones before it
+    # Whose verdict makes an outlier: noise (segment -1) of a noise model, or an anomaly (below).
+    outlier_models: list[str] = Field(default_factory=lambda: ["ae_hdbscan", "kmeans"], min_length=1)
+    # A user is an outlier of a model when its anomaly score is above this quantile of the training
+    # users' scores (null: the model's own is_anomaly, at its contamination, 1%). The trained threshold
+    # is made to flag single odd users; a new group sits at the edge of the trained space (prepare's
+    # quantile scaling bounds every feature to the training range), so a looser gate is needed to
+    # see all of it, and HDBSCAN then tells a group from scattered outliers.
+    anomaly_quantile: float | None = Field(0.97, gt=0, lt=1)
+    # Outliers of the window clustered on the driver (the latest row per user, a hash sample beyond).
+    max_users: int = Field(5000, ge=10, le=200_000)
+    # HDBSCAN settings, as models.hdbscan's: a candidate has at least min_cluster_size outlier users.
+    min_cluster_size: int = Field(25, ge=2)
+    min_samples: int | None = Field(5, ge=1)
+    cluster_selection_method: Literal["eom", "leaf"] = "eom"
+    # The outliers are clustered together with up to max_users training users (the deep model's
+    # HDBSCAN sample), which stand for the known segments: a cluster is a candidate only where the
+    # outliers are at least this share of its members, i.e. a dense group outside the known segments.
+    min_outlier_share: float = Field(0.5, gt=0, le=1)
+
+    @field_validator("outlier_models")
+    @classmethod
+    def _known_models(cls, value: list[str]) -> list[str]:
+        from segspark.models import registry
+
+        unknown = [m for m in value if m not in registry.names()]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; expected some of {list(registry.names())}")
+        return value
+
+
 class StreamDriftConfig(_Section):
     """Per micro-batch drift against the training run; crossing any threshold recommends a retrain."""
 
@@ -421,6 +464,7 @@ class StreamDriftConfig(_Section):
     centroid_shift: float = Field(0.5, gt=0)
     size_change: float = Field(0.10, gt=0, le=1)
     noise_share: float = Field(0.20, gt=0, le=1)
+    emerging: EmergingConfig = Field(default_factory=lambda: EmergingConfig())
 
 
 class StreamingConfig(_Section):

@@ -263,6 +263,17 @@ OVERLAPPING_SPEC: tuple[Persona, ...] = (
                         "apparel.shoes.sneakers": 1}, return_rate=0.08,
             countries={"United Kingdom": 0.8, "EIRE": 0.08, "Spain": 0.06, "Portugal": 0.06}),
 )
+# A persona none of the sets above has, for planting an emerging segment in a stream: models trained on
+# the clean set meet users unlike any segment. In the small hours (as only night owls), premium
+# prices (as only loyal high spenders, and higher), long sessions (longer than window shoppers')
+# that nearly always end in a basket of several items: high-value frequent night-time buyers, far
+# from every clean persona in several traits at once.
+EMERGING_SPEC: tuple[Persona, ...] = (
+    Persona("midnight_splurger", 1.0, sessions_per_week=1.0, first_active=(0.0, 0.3), last_gap=(0.0, 0.05),
+            events_per_session=16, seconds_between_events=90, cart_rate=0.05, remove_rate=0.0,
+            buy_session_rate=0.9, items_per_order=4.0, median_price=1500, hour=2.5, hour_spread=1.0,
+            categories={"beauty.skincare": 4, "apparel.shoes": 2}, return_rate=0.02),
+)
 # fmt: on
 
 PERSONA_SETS: dict[str, PersonaSet] = {
@@ -274,6 +285,9 @@ PERSONA_SETS: dict[str, PersonaSet] = {
              base_category_weight=0.3),
         "six personas told apart only by mixtures of shared traits, wide per-user blur, a deep category tree",
     ),
+    "emerging": PersonaSet("emerging", EMERGING_SPEC, CATEGORIES, Blur(),
+                           "one persona absent from the clean set (its categories and blur): high-value "
+                           "night-time buyers, to plant an emerging segment in a stream"),
 }
 
 
@@ -289,6 +303,9 @@ class GenerateSpec:
     partitions: int | None = None  # None: derived from the number of users
     personas: str = "clean"  # a key of PERSONA_SETS
     layout: str = "rees46"  # rees46 (clickstream events) | invoices (invoice lines, Online Retail layout)
+    # The first user's id: a set of users that must not meet another set's (e.g. new users streamed
+    # after a training run on ids from 1) starts above it. Only the ids move, not the draws.
+    first_user_id: int = 1
 
     def __post_init__(self):
         if self.personas not in PERSONA_SETS:
@@ -299,6 +316,8 @@ class GenerateSpec:
             raise ValueError(f"users must be at least 1, got {self.users}")
         if self.days < 1:
             raise ValueError(f"days must be at least 1, got {self.days}")
+        if self.first_user_id < 1:
+            raise ValueError(f"first_user_id must be at least 1, got {self.first_user_id}")
         if self.partitions is not None and self.partitions < 1:
             raise ValueError(f"partitions must be at least 1 (or None to derive it), got {self.partitions}")
         for name in ("duplicate_share", "missing_price_share", "malformed_share"):
@@ -344,7 +363,7 @@ def _rng(spec: GenerateSpec, block: int) -> np.random.Generator:
 def _block_personas(spec: GenerateSpec, block: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(user ids, persona index) of one block. Always the first draws of the block's generator."""
     first = block * BLOCK_USERS
-    ids = np.arange(first, min(first + BLOCK_USERS, spec.users), dtype=np.int64) + 1
+    ids = np.arange(first, min(first + BLOCK_USERS, spec.users), dtype=np.int64) + spec.first_user_id
     personas = spec.persona_set.personas
     shares = np.array([p.share for p in personas])
     persona = rng.choice(len(personas), size=len(ids), p=shares / shares.sum())

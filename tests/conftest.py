@@ -1,10 +1,25 @@
-"""Shared fixtures: one local SparkSession for the whole test run."""
+"""Shared fixtures: one local SparkSession per test process, and data and trained runs built once
+for the whole test run.
+
+The test files are spread over several processes (pytest-xdist), each with its own session-scoped
+fixtures. The expensive read-only ones (generated samples, a trained run of every model) are built
+once for all of them: the first process to ask builds the folder under a file lock in the run's
+shared temporary folder, the others wait and then read it. Tests treat these folders as read-only and
+copy them (`copied`) before writing.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import io
 import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +56,7 @@ def _quiet_py4j():
     yield
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 # A short k sweep keeps the end-to-end tests quick on 2 cores (the default sweeps k = 3..8, 3 seeds).
 FAST_MODELS = (
@@ -70,25 +85,87 @@ def make_config(tmp_path):
     return make
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, built by `build(folder)` once for the whole test run (every xdist worker):
+    the first caller builds it under an exclusive lock, later callers find it marked done. A build
+    that failed leaves no mark, so the next caller starts it again from an empty folder."""
+    base = tmp_path_factory.getbasetemp()
+    # Workers' temporary folders (popen-gw0, ...) sit in the run's own folder; a run without xdist has
+    # only its own. Never the folder above that: it holds earlier test runs.
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+def copied(folder: Path, tmp_path: Path) -> Path:
+    """A writable copy of a shared folder (shared fixtures are read-only)."""
+    target = tmp_path / folder.name
+    shutil.copytree(folder, target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def sample_parquet(spark, tmp_path_factory):
-    """A small generated clickstream (Parquet) shared by the end-to-end tests."""
+    """A small generated clickstream (Parquet) shared by the end-to-end tests. Read-only."""
     from segspark.datagen import GenerateSpec, write_dataset
 
-    out = tmp_path_factory.mktemp("sample-parquet")
-    write_dataset(spark, GenerateSpec(users=400, days=30, seed=11), str(out), "parquet")
-    return out
+    return built_once(tmp_path_factory, "sample-parquet",
+                      lambda out: write_dataset(spark, GenerateSpec(users=400, days=30, seed=11), str(out), "parquet"))
 
 
 @pytest.fixture(scope="session")
 def noisy_json(spark, tmp_path_factory):
-    """A small generated clickstream as JSON lines with duplicates, missing prices, malformed lines."""
+    """A small generated clickstream as JSON lines with duplicates, missing prices, malformed lines.
+    Read-only."""
     from segspark.datagen import GenerateSpec, write_dataset
 
-    out = tmp_path_factory.mktemp("noisy-json")
     spec = GenerateSpec(users=300, days=30, seed=5, duplicate_share=0.02, missing_price_share=0.02, malformed_share=0.01)
-    write_dataset(spark, spec, str(out), "json")
-    return out
+    return built_once(tmp_path_factory, "noisy-json", lambda out: write_dataset(spark, spec, str(out), "json"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """`segspark run --run-id r1` of every model on `sample_parquet` (FAST_MODELS), as the CLI ran it."""
+
+    root: Path  # the output root: tables and _models/r1 (read-only; `copied` before writing)
+    exit_code: int
+    stdout: str  # what the command printed: the run's summary
+    overrides: tuple[str, ...]  # the --set values, output.root aside
+
+    def config(self, root: Path | None = None):
+        """The run's config, with its output under `root` (default: the shared, read-only root)."""
+        from segspark.config import load_config
+
+        return load_config(REPO / "conf/local.yaml", [f"output.root={root or self.root}", *self.overrides])
+
+
+@pytest.fixture(scope="session")
+def trained_run(spark, sample_parquet, tmp_path_factory) -> TrainedRun:
+    """One trained run of all four models, shared by every test that reads a run's tables, bundle or
+    summary (the report, the deep model's scoring, the CLI's summary): trained once per test run."""
+    from segspark.cli import main
+
+    overrides = (f"input.path={sample_parquet}/events", *FAST_MODELS)
+
+    def build(folder: Path) -> None:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(["run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "r1",
+                         "--set", f"output.root={folder / 'out'}", *overrides])
+        (folder / "stdout.txt").write_text(printed.getvalue())
+        (folder / "exit_code.txt").write_text(str(code))
+
+    folder = built_once(tmp_path_factory, "trained-run", build)
+    return TrainedRun(folder / "out", int((folder / "exit_code.txt").read_text()), (folder / "stdout.txt").read_text(),
+                      overrides)
 
 
 def data_lines(folder) -> int:
@@ -100,3 +177,28 @@ def data_lines(folder) -> int:
         if path.is_file() and not path.name.startswith(("_", ".")) and not path.name.endswith(".crc"):
             total += sum(1 for line in path.read_text().splitlines() if line.strip())
     return total
+
+
+# The test files that take longest (by `--durations` on this project's 2-core machines), longest
+# first. pytest-xdist hands out whole files (--dist loadfile) in collection order: starting the long
+# ones first keeps one worker from picking up a 4-minute file when the others are nearly done.
+LONGEST_FIRST = (
+    "test_standalone_cluster.py",
+    "test_stream_job.py",
+    "test_local_cluster.py",
+    "test_cli.py",
+    "test_report.py",
+    "test_concurrency.py",
+    "test_pipeline.py",
+    "test_bad_input.py",
+    "test_deep_pipeline.py",
+    "test_skew.py",
+    "test_spark_connect.py",
+    "test_privacy.py",
+    "test_run_ids.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -4,8 +4,6 @@ corrupt files, non-finite features, an input without events, too few users for t
 import gzip
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,34 +150,29 @@ def test_infinite_features_stop_the_feature_stage_naming_them(spark, capsys, tmp
 # --- no events, too few users --------------------------------------------------------------------
 
 
-def _cli_subprocess(*args):
-    return subprocess.run([sys.executable, "-m", "segspark", *args], capture_output=True, text=True, timeout=900,
-                          cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def test_input_with_a_header_and_no_rows_exits_2(tmp_path):
+def test_input_with_a_header_and_no_rows_exits_2(spark, capsys, tmp_path):
     folder = tmp_path / "events"
     folder.mkdir()
     (folder / "e.csv").write_text("event_time,event_type,product_id,category_code,price,user_id,user_session\n")
-    proc = _cli_subprocess("run", "--config", CONFIG, "--set", f"input.path={folder}", "input.format=csv",
+    code, _, err = run_cli(capsys, "run", "--config", CONFIG, "--set", f"input.path={folder}", "input.format=csv",
                            f"output.root={tmp_path / 'out'}")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "holds no events" in proc.stderr and "as-of" not in proc.stderr and "Traceback" not in proc.stderr
+    assert code == 2, err
+    assert "holds no events" in err and "as-of" not in err and "Traceback" not in err
 
 
-def test_three_users_narrow_the_k_range_with_a_warning(tmp_path):
+def test_three_users_narrow_the_k_range_with_a_warning(spark, capsys, caplog, tmp_path):
     folder = tmp_path / "events"
     folder.mkdir()
     records = [event(u, f"2026-10-0{d} 1{u}:00:00", kind, float(u * 3 + d), u * 10 + d)
                for u in (1, 2, 3) for d in range(1, 2 + 2 * u) for kind in ("view", "purchase")[: 1 + (u + d) % 2]]
     (folder / "e.json").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out"
-    proc = _cli_subprocess("run", "--config", CONFIG, "--run-id", "tiny", "--set", f"input.path={folder}",
-                           "input.format=json", f"output.root={out}", *FAST_MODELS, "models.gmm.enabled=false",
-                           "models.autoencoder.enabled=false")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "k range 3..4 is narrowed to 2..2" in proc.stderr
-    assert "warning: 3 users: kmeans's k range" in proc.stdout and "kmeans: k=2" in proc.stdout
+    code, printed, err = run_cli(capsys, "run", "--config", CONFIG, "--run-id", "tiny", "--set", f"input.path={folder}",
+                                 "input.format=json", f"output.root={out}", *FAST_MODELS, "models.gmm.enabled=false",
+                                 "models.autoencoder.enabled=false")
+    assert code == 0, err
+    assert "k range 3..4 is narrowed to 2..2" in caplog.text  # logged as a warning
+    assert "warning: 3 users: kmeans's k range" in printed and "kmeans: k=2" in printed
     segments = DeltaTable(str(out / "user_segments")).to_pandas()
     assert len(segments) == 6 and set(segments.model) == {"kmeans", "bisecting_kmeans"}
     assert json.loads(runs_row(out)["metrics"])["warnings"]

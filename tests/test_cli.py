@@ -1,8 +1,7 @@
-"""CLI: exit codes and messages (in-process on the shared session), and one end-to-end run on
-`local-cluster[2,1,1024]` in a subprocess: two executor JVMs, nothing may depend on driver-local state."""
+"""CLI: exit codes and messages, in-process on the shared session (the end-to-end run on
+`local-cluster[2,1,1024]` is tests/test_local_cluster.py)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -20,13 +19,11 @@ def run_cli(capsys, *args):
     return code, captured.out, captured.err
 
 
-def test_run_prints_summary_and_exits_0(spark, capsys, sample_parquet, tmp_path):
-    code, out, err = run_cli(
-        capsys, "run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "cli-1",
-        "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}", *FAST_MODELS,
-    )
-    assert code == 0, err
-    assert "run cli-1 succeeded" in out and "kmeans: k=" in out and "user_segments" in out
+def test_run_prints_summary_and_exits_0(trained_run):
+    # `segspark run --run-id r1` of every model, in this process's CLI (conftest.trained_run).
+    code, out = trained_run.exit_code, trained_run.stdout
+    assert code == 0, out
+    assert "run r1 succeeded" in out and "kmeans: k=" in out and "user_segments" in out
     # The summary table: a header, a rule, then one row per model and segment.
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["model", "segment", "users", "share", "name"])
@@ -34,7 +31,7 @@ def test_run_prints_summary_and_exits_0(spark, capsys, sample_parquet, tmp_path)
     rows = [line.split() for line in lines[header + 2:] if line.strip()]
     assert {"kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"} <= {row[0] for row in rows}
     assert any(line.split()[:2] == ["stage", "seconds"] for line in lines)
-    assert DeltaTable(str(tmp_path / "user_segments")).to_pyarrow_table().num_rows > 0
+    assert DeltaTable(str(trained_run.root / "user_segments")).to_pyarrow_table().num_rows > 0
 
 
 @pytest.mark.parametrize(
@@ -131,33 +128,6 @@ def test_every_command_has_help_with_an_example(capsys):
 def test_missing_config_file_exits_2(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--config", str(tmp_path / "missing.yaml"))
     assert code == 2 and "not found" in err
-
-
-@pytest.mark.slow
-def test_end_to_end_on_local_cluster_with_two_executor_jvms(sample_parquet, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "segspark", "run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "lc",
-            "--set", "spark.master=local-cluster[2,1,1024]", f"input.path={sample_parquet}/events",
-            f"output.root={out}", *FAST_MODELS, "models.kmeans.k=3", "models.bisecting_kmeans.k=3", "models.gmm.k=3",
-        ],
-        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "local-cluster[2,1,1024]" in proc.stderr  # the session really ran on the cluster master
-    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr  # stderr is a pipe: no progress line
-    segments = DeltaTable(str(out / "user_segments")).to_pyarrow_table()
-    features = DeltaTable(str(out / "user_features")).to_pyarrow_table()
-    runs = DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist()
-    assert segments.num_rows == 4 * features.num_rows == 4 * runs[0]["users"] > 0  # three baselines + ae_hdbscan
-    # The autoencoder and HDBSCAN ran in the executors' Python workers (mapInArrow): every user has both.
-    embeddings = DeltaTable(str(out / "user_embeddings")).to_pyarrow_table()
-    assert embeddings.num_rows == features.num_rows
-    assert set(segments.column("model").to_pylist()) == {"kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan"}
-    assert runs[0]["status"] == "succeeded"
-    assert runs[0]["input_rows"] == runs[0]["clean_rows"] + runs[0]["quarantined_rows"]
 
 
 def test_features_list_prints_the_catalog(capsys):

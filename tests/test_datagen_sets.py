@@ -57,6 +57,23 @@ def test_overlapping_set_structure():
     assert events.category_code.str.split(".").str[0].nunique() == len({c.split(".")[0] for c in DEEP_CATEGORIES})
 
 
+def test_emerging_set_and_first_user_id():
+    """The emerging set is one persona the clean set lacks, in the clean categories; first_user_id
+    moves the ids and nothing else (the draws are the same)."""
+    assert PERSONA_SETS["emerging"].categories == PERSONA_SETS["clean"].categories
+    assert not set(PERSONA_SETS["emerging"].names) & set(PERSONA_SETS["clean"].names)
+    spec = GenerateSpec(users=1500, seed=3, personas="emerging", first_user_id=10_001)
+    truth = pd.concat([block_truth(spec, b) for b in range(spec.blocks)], ignore_index=True)
+    assert sorted(truth.user_id) == list(range(10_001, 11_501)) and set(truth.persona) == {"midnight_splurger"}
+    moved = generate_block(spec, 1)
+    same = generate_block(GenerateSpec(users=1500, seed=3, personas="emerging"), 1)
+    assert (moved.user_id - 10_000).tolist() == same.user_id.tolist()
+    columns = ["event_time", "event_type", "product_id", "category_code", "brand", "price"]
+    assert moved[columns].equals(same[columns])
+    with pytest.raises(ValueError, match="first_user_id must be at least 1"):
+        GenerateSpec(users=10, first_user_id=0)
+
+
 def test_layout_is_checked():
     with pytest.raises(ValueError, match="layout must be one of rees46, invoices"):
         GenerateSpec(users=10, layout="orders")

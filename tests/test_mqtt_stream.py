@@ -221,6 +221,7 @@ def test_mqtt_stream_killed_and_restarted_lands_every_event_once(spark, broker, 
         tmp_path, broker, "stream", f"output.root={out}", f"streaming.bundle={out / '_models/train-1'}",
         *FAST_MODELS, *KMEANS_ONLY, "input.mqtt.max_inflight=400", "streaming.trigger_seconds=1",
         "streaming.state_buckets=2", "streaming.app_id=mqtt-test",
+        "streaming.drift.emerging.enabled=false",  # tested in test_stream_emerging.py; not this file's subject
     )
     cfg = load_config(REPO / "conf/local.yaml", overrides)
     MqttLanding(cfg.input, "mqtt-test").start().stop()  # the session exists before anything is published

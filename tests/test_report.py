@@ -31,7 +31,7 @@ from segspark.report.figures import draw_data_quality, draw_transitions, png, se
 from segspark.report.html import FigureBlock, Note, Section, Table, render_page
 
 from .chromium import Chromium, find_chromium
-from .conftest import FAST_MODELS, REPO
+from .conftest import FAST_MODELS, REPO, copied
 
 CONFIG = REPO / "conf/local.yaml"
 MODELS = ("kmeans", "bisecting_kmeans", "gmm", "ae_hdbscan")
@@ -79,11 +79,12 @@ def config(root: pathlib.Path, events: pathlib.Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def two_runs(spark, sample_parquet, tmp_path_factory):
-    """Runs r1 then r2 of every model on the same output root (r2 has transitions from r1)."""
-    cfg = config(tmp_path_factory.mktemp("report") / "out", sample_parquet / "events")
-    for run_id in ("r1", "r2"):
-        assert usecases.run(spark, cfg, run_id=run_id).status == "succeeded"
+def two_runs(spark, trained_run, tmp_path_factory):
+    """Runs r1 then r2 of every model on the same output root (r2 has transitions from r1): a copy of
+    the shared run r1 (conftest.trained_run), then r2 on it."""
+    assert trained_run.exit_code == 0, trained_run.stdout
+    cfg = trained_run.config(copied(trained_run.root, tmp_path_factory.mktemp("report")))
+    assert usecases.run(spark, cfg, run_id="r2").status == "succeeded"
     return cfg
 
 

@@ -207,6 +207,23 @@ STREAM_BATCHES = _nullable(
     ("step_seconds", StringType()), ("processed_at", TimestampType()), ("query_id", StringType()),
 )
 
+# The stream's outliers (streaming.emerging): users a live model fits badly, with what clustering them
+# needs later (embedding, features), so that the window of recent outliers survives a restart.
+STREAM_OUTLIERS = _nullable(
+    ("app_id", StringType()), ("batch_id", LongType()), ("as_of", DateType()), ("user_id", StringType()),
+    ("models", ArrayType(StringType())), ("embedding", ArrayType(DoubleType())),
+    ("features", MapType(StringType(), DoubleType())), ("processed_at", TimestampType()),
+)
+# Clusters of the recent outliers proposed as new segments; the live models do not use them.
+CANDIDATE_SEGMENTS = _nullable(
+    ("app_id", StringType()), ("batch_id", LongType()), ("as_of", DateType()), ("candidate", IntegerType()),
+    ("segment_name", StringType()), ("size", LongType()), ("training_members", LongType()),
+    ("window_outliers", LongType()), ("window_users", LongType()), ("space", StringType()),
+    ("user_ids", ArrayType(StringType())), ("top_features", ArrayType(StringType())),
+    ("feature_means", MapType(StringType(), DoubleType())), ("feature_zscores", MapType(StringType(), DoubleType())),
+    ("created_at", TimestampType()),
+)
+
 
 # --- typed rows: the tables whose rows are built on the driver ----------------------------------------
 # One dataclass per table, its fields named and ordered as the table's schema (a test checks them
@@ -323,6 +340,25 @@ class StreamBatchRow:
     query_id: str | None
 
 
+@dataclass(frozen=True)
+class CandidateSegmentRow:
+    app_id: str
+    batch_id: int
+    as_of: dt.date | None
+    candidate: int  # HDBSCAN's cluster number in this batch's fit (not a segment id)
+    segment_name: str
+    size: int  # the window's outlier users in the cluster
+    training_members: int  # training users (the deep model's HDBSCAN sample) clustered with them
+    window_outliers: int  # outlier users clustered (the window's, up to max_users)
+    window_users: int  # users scored in the window's batches
+    space: str  # what was clustered: autoencoder embeddings, or prepared features without them
+    user_ids: list[str]  # the candidate's users (size of them)
+    top_features: list[str]
+    feature_means: dict[str, float | None]
+    feature_zscores: dict[str, float | None]
+    created_at: dt.datetime
+
+
 # --- the tables -------------------------------------------------------------------------------------
 
 
@@ -402,6 +438,11 @@ TABLES: dict[str, Table] = dict([
            ("app_id", "batch_id", "model"), _TXN, row=DriftRow, txn_suffix="drift"),
     _table("stream_batches", "one row per stream batch: counts, as-of date, seconds", STREAM_BATCHES,
            ("app_id", "batch_id"), _TXN, row=StreamBatchRow, txn_suffix="stream_batches"),
+    _table("stream_outliers", "users a live model fits badly (noise or anomaly), per batch, with embedding and features",
+           STREAM_OUTLIERS, ("app_id", "batch_id", "user_id"), _TXN, txn_suffix="outliers"),
+    _table("candidate_segments", "clusters of the recent outliers proposed as new segments (until a retrain)",
+           CANDIDATE_SEGMENTS, ("app_id", "batch_id", "candidate"), _TXN, row=CandidateSegmentRow,
+           txn_suffix="candidates"),
 ])
 
 

@@ -245,6 +245,16 @@ def segment_profiles_by_model(
     return result
 
 
+def segment_names(
+    profiles: Sequence[SegmentProfile],
+    population_means: Mapping[str, float | None],
+    category_labels: Mapping[str, str] | None = None,
+) -> dict[int, str]:
+    """The names a run gives these profiles (their `name` is not read): `name_segment` of each, made
+    unique among them, -1 named NOISE_NAME. Also names the stream's emerging segment candidates."""
+    return _segment_names(profiles, population_means, category_labels or {})
+
+
 def _segment_names(profiles: Sequence[SegmentProfile], population_means, category_labels) -> dict[int, str]:
     labels = _unique_names(
         {p.segment: name_segment(p.zscores, p.means, population_means, category_labels=category_labels)

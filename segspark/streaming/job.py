@@ -13,9 +13,13 @@ For every micro-batch of the landing folder (or Kafka), exactly once per batch i
    Spark StreamingKMeans' decay rule (`online_kmeans`); each batch appends a snapshot of them to
    `segment_centroids_online`, and `kmeans_online` assignments use them with the bundle's stable
    segment ids;
-5. drift: PSI of the main features, centroid shift, segment size change and noise share against the
-   training run, with a retrain recommendation, to `segment_drift`, logged as a warning when set;
-6. `stream_batches`: one row per batch (counts, as-of date, seconds), and the stream's `runs` row.
+5. emerging segments: the batch's outliers (noise, anomalies) join a window of recent ones in
+   `stream_outliers`; when they pass a share of the window's users, HDBSCAN on their embeddings
+   proposes candidate segments in `candidate_segments` (`emerging`); the live models are unchanged;
+6. drift: PSI of the main features, centroid shift, segment size change and noise share against the
+   training run, with a retrain recommendation (which also names the emerging candidates), to
+   `segment_drift`, logged as a warning when set;
+7. `stream_batches`: one row per batch (counts, as-of date, seconds), and the stream's `runs` row.
 
 Each table's commit carries the Delta transaction (`<app_id>.<table>`, batch id) and is skipped
 when `transaction_version` shows it was already committed: a batch that Spark re-runs after a
@@ -45,6 +49,7 @@ from segspark.bundle.store import LoadedBundle, bundle_signing, bundle_slots, lo
 from segspark.config import Config
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
+from segspark.features.catalog import category_slot_names, feature_columns
 from segspark.ingest.privacy import Protection, check_same_pseudonyms, resolve_protection
 from segspark.io.catalog import (
     TABLES,
@@ -67,7 +72,7 @@ from segspark.models import registry
 from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.session import apply_required_conf
-from segspark.streaming import drift, identity, mqtt_landing
+from segspark.streaming import drift, emerging, identity, mqtt_landing
 from segspark.streaming.feature_state import batch_state, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
 from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
@@ -101,6 +106,12 @@ class StreamModels:
     online_batch: int | None = None  # the batch id the online model includes (its snapshot's)
     as_of: dt.date | None = None  # the stream's as-of date so far (the newest event day committed)
     query_id: str | None = None  # the checkpoint's query id, recorded with every commit
+    # Emerging segments: the training users' feature means and stds (candidates' z-scores), the
+    # category slots' values (their names); None when streaming.drift.emerging is off.
+    population: emerging.Population | None = None
+    outlier_thresholds: dict[str, float | None] = field(default_factory=dict)  # model -> anomaly score gate
+    training_embeddings: np.ndarray | None = None  # the deep model's HDBSCAN sample of training users
+    category_labels: dict[str, str] = field(default_factory=dict)
 
     def commit_metadata(self, app_id: str) -> dict[str, str]:
         return identity.commit_metadata(app_id, self.query_id)
@@ -158,6 +169,13 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
     run_id = manifest.run_id
     training = read_output_table(spark, cfg.output, "user_features").where(F.col("run_id") == run_id)
     reference = drift.reference_bins(training, cfg.streaming.drift.features, cfg.streaming.drift.bins)
+    population, thresholds = None, {}
+    settings = cfg.streaming.drift.emerging
+    if settings.enabled:
+        population = emerging.population(training, feature_columns(cfg.features))
+        trained_segments = read_output_table(spark, cfg.output, "user_segments").where(F.col("run_id") == run_id)
+        thresholds = emerging.training_thresholds(
+            trained_segments, [m for m in settings.outlier_models if m in manifest.models], settings.anomaly_quantile)
     shares: dict[str, dict[int, float]] = {}
     for row in (
         read_output_table(spark, cfg.output, "user_segments").where(F.col("run_id") == run_id)
@@ -177,8 +195,19 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
     return StreamModels(
         bundle=bundle, loaded=loaded, slots=slots, reference=reference,
         trained_shares=shares, trained_centres=centres, kmeans_ids=ids, kmeans_names=names,
-        online=online, online_batch=online_batch, as_of=_previous_as_of(spark, cfg),
+        online=online, online_batch=online_batch, as_of=_previous_as_of(spark, cfg), population=population,
+        outlier_thresholds=thresholds, training_embeddings=_training_embeddings(loaded),
+        category_labels=dict(zip(category_slot_names(cfg.features), slots.categories, strict=False)),
     )
+
+
+def _training_embeddings(loaded: LoadedBundle) -> np.ndarray | None:
+    """The embeddings of the training users the deep model's HDBSCAN was fitted on (kept in the bundle
+    to assign new users), if the bundle has that model: emerging segments cluster against them."""
+    model = registry.producer("user_embeddings").name
+    saved = loaded.models.get(model)
+    density = getattr(saved.fitted, "density", None) if saved is not None else None
+    return getattr(density, "points", None)
 
 
 def _latest_snapshot(spark, cfg: Config, manifest: Manifest, ids: dict[int, int]):
@@ -278,8 +307,10 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             live = _live_rows(assignments, touched, report.as_of, app, batch_id).localCheckpoint()
             write_rows(spark, cfg.output, LIVE, live, txn=(TABLES[LIVE].txn_app(app), batch_id),
                        commit_metadata=models.commit_metadata(app))
+        with report.step("emerging"):
+            finding = _emerging(spark, cfg, models, scored, features, batch_id, report.as_of)
         with report.step("drift"):
-            _drift(spark, cfg, models, features, live, batch_id, report)
+            _drift(spark, cfg, models, features, live, batch_id, report, finding)
     finally:
         for frame in cached:
             frame.unpersist()
@@ -377,7 +408,23 @@ def _live_rows(assignments: dict[str, DataFrame], touched: DataFrame, as_of: dt.
     return stamped.select(*[F.col(f.name).cast(f.dataType) for f in USER_SEGMENTS_LIVE.fields])
 
 
-def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: DataFrame, batch_id: int, report: BatchReport) -> None:
+def _emerging(spark, cfg: Config, models: StreamModels, scored, features: DataFrame, batch_id: int,
+              as_of: dt.date) -> emerging.Finding | None:
+    """The emerging-segment check (streaming.emerging) on the batch's bundle scores; the live
+    assignments are already written and stay as they are."""
+    if models.population is None:
+        return None
+    return emerging.detect(
+        spark, cfg, batch_id=batch_id, as_of=as_of, assignments=scored.assignments,
+        embeddings=scored.outputs.get("user_embeddings"), prepared=models.loaded.preparation.transform(features),
+        features=features, feature_names=list(models.population.means), population=models.population,
+        thresholds=models.outlier_thresholds, reference=models.training_embeddings,
+        category_labels=models.category_labels, commit_metadata=models.commit_metadata(cfg.streaming.app_id),
+    )
+
+
+def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: DataFrame, batch_id: int,
+           report: BatchReport, finding: emerging.Finding | None = None) -> None:
     thresholds = drift.DriftThresholds(
         psi=cfg.streaming.drift.psi, centroid_shift=cfg.streaming.drift.centroid_shift,
         size_change=cfg.streaming.drift.size_change, noise_share=cfg.streaming.drift.noise_share,
@@ -396,15 +443,20 @@ def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: 
         noise = by_segment.get(NOISE_SEGMENT, 0) / users if model in NOISE_MODELS else None
         verdict = drift.assess(thresholds, psi_by_feature=psi, shifts=shifts,
                                size_changes=drift.size_change(trained, by_segment), noise_share=noise)
+        # The candidates come from the users the outlier models fit badly: their rows name them.
+        candidates = finding.reasons if finding is not None and model in finding.models else []
         rows.append(DriftRow(
             app_id=cfg.streaming.app_id, batch_id=batch_id, as_of=report.as_of, model=model, users=users,
             max_psi=verdict["max_psi"], psi=json.dumps(verdict["psi"], sort_keys=True),
             max_centroid_shift=verdict["max_centroid_shift"], max_size_change=verdict["max_size_change"],
-            noise_share=noise, retrain_recommended=verdict["retrain_recommended"], reasons=verdict["reasons"],
-            processed_at=now,
+            noise_share=noise, retrain_recommended=verdict["retrain_recommended"] or bool(candidates),
+            reasons=verdict["reasons"] + candidates, processed_at=now,
         ))
-        # The features' PSI is the batch's, the same for every model: said once, not per model.
+        # The features' PSI is the batch's, the same for every model: said once, not per model; so
+        # are the emerging candidates (below).
         reasons += [reason if reason.startswith("PSI") else f"{model}: {reason}" for reason in verdict["reasons"]]
+    if finding is not None:
+        reasons += finding.reasons
     reasons = list(dict.fromkeys(reasons))
     report.users = max((sum(c.values()) for c in counts.values()), default=0)
     report.retrain_recommended, report.reasons = bool(reasons), reasons
