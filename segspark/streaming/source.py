@@ -22,6 +22,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 from segspark.config import InputConfig, StreamingConfig
 from segspark.errors import InputSchemaError
 from segspark.io.readers import CORRUPT_COLUMN, check_required_columns
+from segspark.streaming import mqtt_landing
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,10 @@ def _mqtt_landed(reader, cfg: InputConfig) -> DataFrame:
     """The landed MQTT messages (mqtt_landing writes them: one JSON line each, the payload as text),
     with each payload parsed like a line of a json file: the mapped columns as strings, and the
     payload itself in the corrupt-record column when it is not a JSON object."""
-    from segspark.streaming import mqtt_landing
-    from segspark.streaming.mqtt_landing import landing_folder
-
     # Only the landing's files; their lines are written by segspark, so one that does not parse is
     # damage to stop at (FAILFAST), not a bad event.
     landed = (reader.schema(LANDED_SCHEMA).option("mode", "FAILFAST")
-              .option("pathGlobFilter", f"{mqtt_landing.PREFIX}*{mqtt_landing.SUFFIX}").json(str(landing_folder(cfg))))
+              .option("pathGlobFilter", f"{mqtt_landing.PREFIX}*{mqtt_landing.SUFFIX}").json(str(mqtt_landing.landing_folder(cfg))))
     return _parse_payload(landed, F.col("payload"), cfg, cfg.options)
 
 
