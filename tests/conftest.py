@@ -180,11 +180,15 @@ def data_lines(folder) -> int:
 
 
 # The test files that take longest (by `--durations` on this project's 2-core machines), longest
-# first. pytest-xdist hands out whole files (--dist loadfile) in collection order: starting the long
-# ones first keeps one worker from picking up a 4-minute file when the others are nearly done.
+# first. pytest-xdist hands out whole files (--dist loadfile) in collection order when told not to
+# sort them by their number of tests (scripts/test.sh: --no-loadscope-reorder, else a file of one
+# 4-minute test comes last): starting the long ones first keeps one worker from picking up a long
+# file when the others are nearly done.
 LONGEST_FIRST = (
     "test_standalone_cluster.py",
     "test_stream_job.py",
+    "test_stream_emerging.py",
+    "test_mqtt_stream.py",
     "test_local_cluster.py",
     "test_cli.py",
     "test_report.py",
