@@ -14,6 +14,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import (
     ArrayType,
@@ -31,6 +32,7 @@ from pyspark.sql.types import (
 )
 
 from segspark.features.catalog import feature_columns
+from segspark.io.delta_files import arrow_schema
 
 # Typed canonical events, produced by ingest from any source through the config's column mapping.
 EVENTS = StructType(
@@ -392,6 +394,18 @@ class Table:
 
     def frame(self, spark: SparkSession, rows: Iterable[object]) -> DataFrame:
         """`rows` (instances of `row`) as a DataFrame with the table's schema."""
+        return spark.createDataFrame(self._values(rows), self.schema)
+
+    def arrow(self, rows: Iterable[object]) -> pa.Table:
+        """`rows` (instances of `row`) as an Arrow table with the schema of the table's Parquet files:
+        what the embedded committer writes on the driver, without a Spark job (a few rows of a run or
+        a stream batch would otherwise cost a job each). Timestamps without a zone are UTC, as in the
+        session (runtime.session sets spark.sql.session.timeZone=UTC)."""
+        names = self.schema.names if self.schema is not None else []
+        values = self._values(rows)
+        return pa.Table.from_pylist([dict(zip(names, v, strict=True)) for v in values], schema=arrow_schema(self.schema))
+
+    def _values(self, rows: Iterable[object]) -> list[tuple]:
         if self.row is None or self.schema is None:
             raise TypeError(f"table {self.name} has no typed rows: write it from a DataFrame")
         names = self.schema.names
@@ -400,7 +414,7 @@ class Table:
             if not isinstance(row, self.row):
                 raise TypeError(f"table {self.name} takes {self.row.__name__} rows, got {type(row).__name__}")
             data.append(tuple(getattr(row, name) for name in names))
-        return spark.createDataFrame(data, self.schema)
+        return data
 
 
 def _table(*args, **kwargs) -> tuple[str, Table]:

@@ -10,6 +10,9 @@ Embedded committer, one `write_table` call:
 2. Spark tasks write Parquet into a fresh folder of the table directory,
    `<table>/write-<utc time>-<id>/[<col>=<value>/...]part-*.parquet` (Hive-style partition folders
    come from Spark's `partitionBy`; partition columns are not stored in the files, as Delta wants).
+   Rows built on the driver (a run's record, a sweep's curve, a stream batch's drift) come as an
+   Arrow table instead (`io.catalog.Table.arrow`): the driver writes their one file itself, since a
+   Spark job for a few rows costs far more than the rows (unpartitioned tables only).
 3. The driver lists those files and reads each Parquet footer (never the data) to verify the size
    and schema and to compute the per-file statistics Delta readers use to skip files.
 4. One atomic delta-rs commit holds the new files, the removal of the files `replace_where` replaces,
@@ -158,7 +161,7 @@ def commit_history(path: str, limit: int) -> list[dict]:
 
 def write_table(
     spark: SparkSession,
-    df: DataFrame,
+    df: DataFrame | pa.Table,
     path: str,
     *,
     replace_where: dict[str, object] | None = None,
@@ -167,7 +170,9 @@ def write_table(
     commit_metadata: Mapping[str, str] | None = None,
     writer: str | None = None,
 ) -> WriteResult:
-    """Append `df` to the Delta table at `path` (created when missing) in one commit.
+    """Append `df` to the Delta table at `path` (created when missing) in one commit. `df` may be an
+    Arrow table (rows built on the driver) for the embedded committer: the driver writes its one
+    Parquet file, and no Spark job runs.
 
     replace_where: {column: value} equalities, or {column: [values]} for "one of"; the rows matching
       all of them are replaced by `df` atomically (re-running a run id never duplicates its rows).
@@ -181,15 +186,23 @@ def write_table(
     writer: `table_writers` names one; by default the connector when present, else the embedded committer.
     """
     _check_replace_where(df, path, replace_where)
+    if uses_connector(spark, writer, path):
+        if isinstance(df, pa.Table):
+            raise TypeError(f"Delta table {path}: the connector writes DataFrames, not Arrow tables")
+        return _connector_write(spark, df, path, replace_where, partition_by, txn, commit_metadata)
+    _refuse_catalog_name(path)
+    return _Committer(spark, df, path, replace_where or {}, partition_by, txn, commit_metadata).run()
+
+
+def uses_connector(spark: SparkSession, writer: str | None, path: str = "") -> bool:
+    """Whether `write_table(..., writer=writer)` goes through the Delta Spark connector (else the
+    embedded committer, which also takes Arrow tables)."""
     if writer not in (None, *table_writers(spark)):
         raise ValueError(
             f"writer={writer!r} for Delta table {path}: this session has the writer(s) {list(table_writers(spark))}"
             f" ({CONNECTOR!r} needs the Delta Spark connector on the classpath)"
         )
-    if writer == CONNECTOR or (writer is None and has_delta_connector(spark)):
-        return _connector_write(spark, df, path, replace_where, partition_by, txn, commit_metadata)
-    _refuse_catalog_name(path)
-    return _Committer(spark, df, path, replace_where or {}, partition_by, txn, commit_metadata).run()
+    return writer == CONNECTOR or (writer is None and has_delta_connector(spark))
 
 
 def read_table(spark: SparkSession, path: str) -> DataFrame:
@@ -377,7 +390,8 @@ class _Committer:
         self.started = time.monotonic()
         self.partition_by = list(partition_by or [])
         self.replace_where = replace_where
-        self.arrow_schema = arrow_schema(df.schema)
+        self.arrow_schema = df.schema if isinstance(df, pa.Table) else arrow_schema(df.schema)
+        self.columns = df.column_names if isinstance(df, pa.Table) else df.columns
         self.write_id = uuid.uuid4().hex
 
     def run(self) -> WriteResult:
@@ -397,12 +411,14 @@ class _Committer:
                     return WriteResult(self.path, None, 0, 0, skipped=True)
             self._check_existing(table)
             removes = self._replaced_files(table)
-        missing = [c for c in self.partition_by if c not in self.df.columns]
-        if missing or (self.partition_by and len(self.partition_by) == len(self.df.columns)):
+        missing = [c for c in self.partition_by if c not in self.columns]
+        if missing or (self.partition_by and len(self.partition_by) == len(self.columns)):
             raise ValueError(
                 f"partition_by={self.partition_by} for Delta table {self.path}: columns {missing} are not in "
-                f"the DataFrame (columns: {self.df.columns}), or no column would be left for the data files"
+                f"the DataFrame (columns: {self.columns}), or no column would be left for the data files"
             )
+        if self.partition_by and isinstance(self.df, pa.Table):
+            raise ValueError(f"Delta table {self.path} is partitioned by {self.partition_by}: write it from a DataFrame")
         partitions = set(self.partition_by)
         listed = [k for k, v in self.replace_where.items() if _is_values(v) and k not in partitions]
         if listed:
@@ -419,10 +435,13 @@ class _Committer:
         stage = f"{STAGE_PREFIX}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{self.write_id[:12]}"
         stage_path = f"{self.loc.root}/{stage}"
         try:
-            writer = self.df.write
-            if self.partition_by:
-                writer = writer.partitionBy(*self.partition_by)
-            writer.parquet(f"{self.loc.spark_root}/{stage}")
+            if isinstance(self.df, pa.Table):
+                self._write_arrow(stage_path)
+            else:
+                writer = self.df.write
+                if self.partition_by:
+                    writer = writer.partitionBy(*self.partition_by)
+                writer.parquet(f"{self.loc.spark_root}/{stage}")
             adds = self._add_actions(stage, stage_path)
         except Exception:
             self._delete(stage_path)
@@ -483,9 +502,10 @@ class _Committer:
             )
         self.partition_by = parts
         order = list(expected)
-        if list(self.df.columns) != order:  # same columns, table order: files then match the table
-            self.df = self.df.select(*[_col(c) for c in order])
+        if list(self.columns) != order:  # same columns, table order: files then match the table
+            self.df = self.df.select(order) if isinstance(self.df, pa.Table) else self.df.select(*[_col(c) for c in order])
             self.arrow_schema = pa.schema([self.arrow_schema.field(c) for c in order])
+            self.columns = order
 
     def _replaced_files(self, table: DeltaTable) -> list[RemoveAction]:
         if not self.replace_where:
@@ -527,6 +547,14 @@ class _Committer:
         return removes
 
     # -- after Spark wrote: list, verify, describe ------------------------------------------
+
+    def _write_arrow(self, stage_path: str) -> None:
+        """The Arrow table as one Parquet file in the stage folder, as Spark would write it
+        (microsecond UTC timestamps, snappy); no file for no rows (the commit then adds none)."""
+        self.loc.fs.create_dir(stage_path, recursive=True)
+        if self.df.num_rows:
+            pq.write_table(self.df, f"{stage_path}/part-00000-{self.write_id}-c000.snappy.parquet",
+                           filesystem=self.loc.fs, compression="snappy", coerce_timestamps="us")
 
     def _add_actions(self, stage: str, stage_path: str) -> list[AddAction]:
         listing = self.loc.fs.get_file_info(pafs.FileSelector(stage_path, recursive=True))
@@ -698,15 +726,16 @@ def _refuse_catalog_name(path: str) -> None:
         )
 
 
-def _check_replace_where(df: DataFrame, path: str, replace_where: Mapping[str, object] | None) -> None:
+def _check_replace_where(df: DataFrame | pa.Table, path: str, replace_where: Mapping[str, object] | None) -> None:
     if replace_where is None:
         return
     if not replace_where:
         raise ValueError(f"replace_where for Delta table {path} is empty; pass None to append")
+    columns = df.column_names if isinstance(df, pa.Table) else df.columns
     for column, value in replace_where.items():
-        if column not in df.columns:
+        if column not in columns:
             raise ValueError(
-                f"replace_where column {column!r} is not in the DataFrame (columns: {df.columns})"
+                f"replace_where column {column!r} is not in the DataFrame (columns: {columns})"
             )
         if value is None or (_is_values(value) and (not value or None in value)):
             raise ValueError(

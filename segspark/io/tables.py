@@ -23,6 +23,7 @@ from segspark.io.delta import (
     read_table,
     table_exists,
     transaction_version,
+    uses_connector,
     write_table,
 )
 from segspark.runtime.session import has_delta_connector
@@ -78,7 +79,10 @@ def write_rows(
     txn: (app id, version) of an idempotent writer: a commit with that transaction already in the
     table is skipped (`skipped=True`). writer: see `io.delta.write_table`."""
     spec = table(name)
-    df = data if isinstance(data, DataFrame) else spec.frame(spark, data)
+    if isinstance(data, DataFrame):
+        df = data
+    else:  # typed rows: the embedded committer writes them on the driver, without a Spark job
+        df = spec.frame(spark, data) if uses_connector(spark, writer, spec.name) else spec.arrow(data)
     policy = spec.policy
     if (run_id is not None) != (policy is WritePolicy.REPLACE_RUN):
         raise ValueError(

@@ -19,13 +19,13 @@ What MLlib allows:
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 from pyspark.ml.clustering import KMeansModel
 from pyspark.sql import DataFrame
 
+from segspark.runtime.jvm import doubles
 from segspark.runtime.session import is_connect
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,11 @@ def kmeans_from_centres(
     return model
 
 
-def _doubles(gateway, values: np.ndarray):
-    """A Java double[] in one py4j call (element by element would be one call per number): JSON
-    carries every double exactly (Python writes the shortest repr that reads back the same)."""
-    numbers = [float(v) for v in np.asarray(values, dtype=float).ravel()]
-    return gateway.jvm.org.apache.spark.mllib.linalg.Vectors.fromJson(json.dumps({"type": 1, "values": numbers})).toArray()
-
-
 def _old_vectors(jvm, frame: DataFrame, rows: np.ndarray):
     gateway = frame.sparkSession.sparkContext._gateway
     vectors = gateway.new_array(jvm.org.apache.spark.mllib.linalg.Vector, rows.shape[0])
     for i, row in enumerate(rows):
-        vectors[i] = jvm.org.apache.spark.mllib.linalg.Vectors.dense(_doubles(gateway, row))
+        vectors[i] = jvm.org.apache.spark.mllib.linalg.Vectors.dense(doubles(gateway, row))
     return vectors
 
 

@@ -47,6 +47,7 @@ from pyspark.sql.types import DoubleType, StructField, StructType
 from segspark.config import PrepareConfig, SelectionConfig
 from segspark.errors import ConfigError, UsageError
 from segspark.features.finite import check_finite, non_finite_counts
+from segspark.runtime.jvm import approx_quantiles
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ def _fit_quantiles(frame: DataFrame, inputs: list[str], cfg: PrepareConfig):
     share = cfg.selection.near_constant_share
     probabilities = [cfg.cap.lower, cfg.cap.upper, (1 - share) / 2, 1 - (1 - share) / 2]
     ranks = np.linspace(0.0, 1.0, cfg.quantile_knots).tolist() if cfg.scaling == "quantile" else []
-    quantiles = frame.approxQuantile(inputs, probabilities + ranks, RELATIVE_ERROR)
+    quantiles = approx_quantiles(frame, inputs, probabilities + ranks, RELATIVE_ERROR)
     caps, candidates, knots = {}, {}, {}
     for name, values in zip(inputs, quantiles, strict=True):
         lower, upper, low_mid, high_mid = _four(values[:4])

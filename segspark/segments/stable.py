@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from segspark.config import OutputConfig
-from segspark.io.catalog import TABLES, SegmentTransitionRow
+from segspark.io.catalog import SegmentTransitionRow
 from segspark.io.tables import output_table_exists, read_output_table
 from segspark.models.contract import ASSIGNMENT_COLUMNS, TrainedModel
 from segspark.models.sample import UserSample
@@ -182,15 +182,14 @@ def _separation(model: TrainedModel, mapping: SegmentMapping, raw_labels: np.nda
     return separation(space, matrix, labels, names, space_name=model.space)
 
 
-def transitions_frame(spark: SparkSession, built: Sequence[ModelSegments], as_of, run_id: str) -> DataFrame | None:
+def transition_rows(built: Sequence[ModelSegments], as_of, run_id: str) -> list[SegmentTransitionRow] | None:
     """segment_transitions rows of every model that has a previous run (None when none has)."""
-    rows = [
+    if not any(m.previous_run_id for m in built):
+        return None
+    return [
         SegmentTransitionRow(as_of=as_of, run_id=run_id, model=m.name, from_segment=a, to_segment=b, users=int(n))
         for m in built for a, b, n in m.transitions
     ]
-    if not any(m.previous_run_id for m in built):
-        return None
-    return TABLES["segment_transitions"].frame(spark, rows)
 
 
 @dataclass(frozen=True)

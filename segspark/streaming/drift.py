@@ -26,6 +26,8 @@ import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from segspark.runtime.jvm import approx_quantiles
+
 EPSILON = 1e-4  # share given to an empty bin, so PSI stays finite
 
 
@@ -59,7 +61,7 @@ def reference_bins(training: DataFrame, features: Sequence[str], bins: int = 10,
     if bins < 2:
         raise ValueError(f"drift: bins must be at least 2, got {bins}")
     probabilities = [i / bins for i in range(1, bins)]
-    quantiles = training.approxQuantile(list(features), probabilities, accuracy)
+    quantiles = approx_quantiles(training, list(features), probabilities, accuracy)
     edges = {name: sorted(set(float(q) for q in qs)) for name, qs in zip(features, quantiles, strict=True)}
     return ReferenceBins(edges=edges, shares=bin_shares(training, edges))
 

@@ -14,7 +14,7 @@ from segspark.bundle.store import bundle_signing, finish_bundle, models_folder, 
 from segspark.config import Config
 from segspark.features.behaviour import FeatureSlots
 from segspark.features.catalog import category_slot_names, feature_columns
-from segspark.io.catalog import TABLES, USER_SEGMENTS_COLUMNS, ModelSelectionRow
+from segspark.io.catalog import USER_SEGMENTS_COLUMNS, ModelSelectionRow
 from segspark.io.tables import table_path, write_rows
 from segspark.io.tracking import log_run
 from segspark.models import registry
@@ -24,7 +24,7 @@ from segspark.models.sample import UserSample, collect_user_sample
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.session import share_session
 from segspark.segments.ids import NOISE_SEGMENT
-from segspark.segments.stable import ModelSegments, stable_segments, transitions_frame
+from segspark.segments.stable import ModelSegments, stable_segments, transition_rows
 from segspark.segments.train import train_baselines, users_check
 from segspark.usecases.context import RunContext
 
@@ -160,15 +160,12 @@ def _write_segment_tables(ctx: RunContext, built: list) -> None:
         model.assignments.select("user_id", *keys, F.lit(model.name).alias("model"), *USER_SEGMENTS_COLUMNS[4:])
         for model in built
     ])
+    # Typed rows: the embedded committer writes them on the driver, without a Spark job.
     small = {
-        "model_selection": TABLES["model_selection"].frame(
-            spark, [row for model in built for row in _selection_rows(model, as_of, run_id)]
-        ),
-        "segment_profiles": TABLES["segment_profiles"].frame(
-            spark, [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)]
-        ),
+        "model_selection": [row for model in built for row in _selection_rows(model, as_of, run_id)],
+        "segment_profiles": [row for model in built for row in model.profiles.to_rows(as_of, run_id, model.name)],
     }
-    moves = transitions_frame(spark, built, as_of, run_id)
+    moves = transition_rows(built, as_of, run_id)
     if moves is not None:
         small["segment_transitions"] = moves
     with ThreadPoolExecutor(max_workers=len(small), thread_name_prefix="segspark-write",
