@@ -9,7 +9,7 @@
 # Submit with --archives dist/segspark-env.tar.gz#environment --conf spark.pyspark.python=./environment/bin/python
 # (README, "Running on a cluster").
 #
-# The build tools (build, venv-pack, setuptools, wheel, pip) are installed from the lock, with their
+# The build tools (build, venv-pack, uv, setuptools, wheel, pip) are installed from the lock, with their
 # hashes, into build/package-tools; .venv is not touched. The environment is built on this machine's
 # Python 3.11 (the one .venv was made from, i.e. the driver's): venv-pack does not pack the
 # interpreter, so the nodes need the same Python at the same path, or set SEGSPARK_PYTHON_PREFIX to
@@ -56,7 +56,7 @@ mkdir -p "$DIST" "$WORK"
 
 # 1. Build tools, from the lock with hashes (a stamp names the lock lines they came from).
 tools_req=$WORK/tools.txt
-awk '/^(pip|setuptools|wheel|build|pyproject-hooks|packaging|venv-pack)==/ {keep=1; print; next}
+awk '/^(pip|setuptools|wheel|build|pyproject-hooks|packaging|venv-pack|uv)==/ {keep=1; print; next}
      /^[A-Za-z0-9]/ {keep=0} keep && !/^ *#/' "$LOCK" > "$tools_req"
 tools_key=$(sha256sum < "$tools_req" | cut -c1-16)
 if [ ! -x "$TOOLS/bin/venv-pack" ] || [ "$(cat "$TOOLS/.installed" 2>/dev/null)" != "$tools_key" ]; then
@@ -105,7 +105,8 @@ else
   env_dir=$WORK/$ENV_NAME
   rm -rf "$env_dir"
   "$PYTHON" -m venv --without-pip "$env_dir"
-  pip_into=("$TOOLS/bin/python" -m pip --python "$env_dir/bin/python" install -q --disable-pip-version-check --no-deps)
+  # uv, not pip, installs into the environment: the same lock lines and hashes, several times faster.
+  pip_into=("$TOOLS/bin/uv" pip install -q --python "$env_dir/bin/python" --no-deps)
   if [ -n "$FROM_DRIVER" ]; then "${pip_into[@]}" -r "$executor_req"; else "${pip_into[@]}" --require-hashes -r "$executor_req"; fi
   "${pip_into[@]}" "$wheel"
   # What the executors import must import here, with pyspark from the Spark installation only (as on

@@ -36,27 +36,35 @@ for _variable in ("SPARK_REMOTE", "PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRE
 # this kind): held at AVX2 so that trainings in the tests round the same way on both.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
-# The suite starts about a hundred short-lived JVMs (the test processes' sessions, CLI and spark-submit
-# subprocesses, a Connect server, cluster daemons and executors) on 2 cores. In JVMs that live a minute,
-# the C2 compiler's threads and G1's concurrent threads cost more CPU than they win back: C1 only and the
-# serial collector halved the CPU of tests/test_local_cluster.py (248-279 -> 120-125 cpu-s, measured with
-# /proc/stat over the test). Results do not change (Java's floating point is strict since 17). Test-only:
-# long production jobs want C2 and G1, so segspark itself sets neither.
-#   SPARK_SUBMIT_OPTS: every driver JVM started by spark-submit (pyspark's gateway, the CLI, jobs, the
-#     Connect server); its -Dspark.executor.extraJavaOptions reaches the executors those drivers start.
+# The suite starts about a hundred short-lived JVMs (CLI and spark-submit subprocesses, a Connect
+# server, cluster daemons and executors) on 2 cores. In a JVM that lives a minute, the C2 compiler's
+# threads and G1's concurrent threads cost more CPU than they win back: C1 only and the serial collector
+# halved the CPU of tests/test_local_cluster.py (248-279 -> 120-125 cpu-s, /proc/stat over the test).
+# The test processes' own sessions live for the whole run and do most of the in-process work: they keep
+# the JVM's defaults (C1 there made tests/test_stream_job.py 15% slower). Results do not change either
+# way (Java's floating point is strict since 17). Test-only: segspark itself sets neither.
+#   SPARK_SUBMIT_OPTS: every driver JVM started by spark-submit (the CLI, jobs, the Connect server); its
+#     -Dspark.executor.extraJavaOptions reaches the executors those drivers start.
 #   SPARK_DAEMON_JAVA_OPTS: a standalone master and worker started with spark-class.
 SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-os.environ.setdefault("SPARK_SUBMIT_OPTS", f"{SHORT_LIVED_JVM} -Dspark.executor.extraJavaOptions='{SHORT_LIVED_JVM}'")
+SHORT_LIVED_SUBMIT_OPTS = f"{SHORT_LIVED_JVM} -Dspark.executor.extraJavaOptions='{SHORT_LIVED_JVM}'"
+os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_LIVED_SUBMIT_OPTS)
 os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 
 
 @pytest.fixture(scope="session")
 def spark():
-    session = get_spark(
-        app_name="segspark-tests",
-        master="local[2]",
-        conf={"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "4"},
-    )
+    # This process's JVM lives for the whole run: started without the short-lived JVM options above.
+    short_lived = os.environ.pop("SPARK_SUBMIT_OPTS") if os.environ.get("SPARK_SUBMIT_OPTS") == SHORT_LIVED_SUBMIT_OPTS else None
+    try:
+        session = get_spark(
+            app_name="segspark-tests",
+            master="local[2]",
+            conf={"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "4"},
+        )
+    finally:
+        if short_lived is not None:
+            os.environ["SPARK_SUBMIT_OPTS"] = short_lived
     yield session
     # Stop before exit: a process that loaded delta-rs and left Spark running was seen aborting
     # with code 134, which would hide the real exit status.
