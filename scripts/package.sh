@@ -106,7 +106,9 @@ else
   rm -rf "$env_dir"
   "$PYTHON" -m venv --without-pip "$env_dir"
   # uv, not pip, installs into the environment: the same lock lines and hashes, several times faster.
-  pip_into=("$TOOLS/bin/uv" pip install -q --python "$env_dir/bin/python" --no-deps)
+  # --compile-bytecode: the archive carries .pyc files (uv writes none by default), else every Python
+  # worker compiles what it imports, on every start where PYTHONDONTWRITEBYTECODE is set.
+  pip_into=("$TOOLS/bin/uv" pip install -q --compile-bytecode --python "$env_dir/bin/python" --no-deps)
   if [ -n "$FROM_DRIVER" ]; then "${pip_into[@]}" -r "$executor_req"; else "${pip_into[@]}" --require-hashes -r "$executor_req"; fi
   "${pip_into[@]}" "$wheel"
   # What the executors import must import here, with pyspark from the Spark installation only (as on
