@@ -52,8 +52,9 @@ if [ "$LOCK" != none ] && [ ! -f "$LOCK" ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# The stamp names what was installed: a changed lock or pyproject.toml installs again.
-want="lock=$LOCK $(cat pyproject.toml "$([ "$LOCK" = none ] && echo /dev/null || echo "$LOCK")" | sha256sum | cut -c1-16)"
+# The stamp names what was installed: a changed lock or pyproject.toml installs again ("bytecode": an
+# environment installed before its packages were compiled goes through the install once more).
+want="bytecode lock=$LOCK $(cat pyproject.toml "$([ "$LOCK" = none ] && echo /dev/null || echo "$LOCK")" | sha256sum | cut -c1-16)"
 stamp="$VENV/.segspark-installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if [ "$LOCK" = none ]; then
@@ -66,17 +67,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # build environment (which would fetch an unpinned setuptools).
     # The rest is installed by uv (from the lock too): the same files against the same hashes, in
     # about a fifth of pip's time on a fresh clone (unpacking TensorFlow and friends dominates).
-    # --compile-bytecode: uv, unlike pip, writes no .pyc files by default, and where
-    # PYTHONDONTWRITEBYTECODE is set (CI images, this project's machines) Python then compiles every
-    # module on every import: `import tensorflow` took 16 s instead of about 3, in every process that
-    # trains, and every Spark Python worker paid the same for pandas, pyarrow and scikit-learn.
     tools=$(mktemp)
     awk '/^(pip|setuptools|wheel|uv)==/ {keep=1} /^[A-Za-z0-9]/ && !/^(pip|setuptools|wheel|uv)==/ {keep=0} keep' "$LOCK" > "$tools"
     "$VENV/bin/python" -m pip install -q --require-hashes --no-deps -r "$tools"
     rm -f "$tools"
-    "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" --require-hashes --no-deps --no-build-isolation -r "$LOCK"
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --require-hashes --no-deps --no-build-isolation -r "$LOCK"
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
-    "$VENV/bin/python" -m compileall -q segspark  # the editable install's own modules (same reason)
+    # uv, unlike pip, writes no .pyc files, and where PYTHONDONTWRITEBYTECODE is set (CI images, this
+    # project's machines) Python then compiles every module on every import: `import tensorflow` took
+    # 16 s instead of 6.6 s in every process that trains, and every Spark Python worker paid the same
+    # for pandas, pyarrow and scikit-learn. Compiled here once, the editable segspark included (25 s;
+    # files already compiled are skipped, so an environment uv left as it was is compiled too).
+    "$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" segspark >/dev/null
     "$VENV/bin/python" -m pip check >&2 || { echo "setup: the lock $LOCK is inconsistent (pip check above); rebuild it with scripts/lock.sh" >&2; exit 1; }
   fi
   echo "$want" > "$stamp"
