@@ -46,10 +46,15 @@ def _collect(df, points):
 # ---------------------------------------------------------------- bisecting
 
 
-@pytest.fixture(scope="module")
-def fitted_bisecting(blobs):
-    _, _, frame = blobs
-    return bisecting.fit_one(frame, 3, seed=1, max_iter=10, contamination=0.015)
+@pytest.fixture(scope="module", params=["mllib", "driver"])
+def fitted_bisecting(blobs, request):
+    """MLlib's fit, and scikit-learn's on the driver made into the MLlib model (`points`: every user
+    in the driver's memory); every bisecting test holds for both."""
+    points, _, frame = blobs
+    fitted = bisecting.fit_one(frame, 3, seed=1, max_iter=10, contamination=0.015,
+                               points=points if request.param == "driver" else None)
+    assert fitted.fitted_on == request.param and fitted.metrics()["fitted_on"] == request.param
+    return fitted
 
 
 def test_bisecting_recovers_the_planted_blobs(blobs, fitted_bisecting):
@@ -101,6 +106,30 @@ def test_bisecting_assign_probability_and_anomalies(blobs, fitted_bisecting):
     assert flagged[~inlier].all()  # every planted outlier
     assert flagged.sum() <= OUTLIERS + 0.01 * len(points)
     assert fitted.anomaly_threshold is not None
+
+
+def test_bisecting_fitted_on_the_driver_is_scikit_learns_fit_as_an_mllib_model(blobs, tmp_path):
+    """Every user on the driver: the MLlib model holds scikit-learn's tree (its leaves' centres and
+    sizes), assigns by its walk in the JVM, and saves and loads like one MLlib fitted."""
+    from sklearn.cluster import BisectingKMeans as SkBisectingKMeans
+
+    points, _, frame = blobs
+    # Four clusters of three blobs: a split that is not the nearest-centre partition is possible.
+    fitted = bisecting.fit_one(frame, 4, seed=2, max_iter=10, contamination=0.015, points=points)
+    reference = SkBisectingKMeans(n_clusters=4, n_init=1, max_iter=10, random_state=2,
+                                  bisecting_strategy="largest_cluster").fit(points)
+    assert fitted.fitted_on == "driver" and fitted.n_clusters == 4
+    mine = sorted(map(tuple, np.round(fitted.centroids, 6)))
+    np.testing.assert_allclose(mine, sorted(map(tuple, np.round(reference.cluster_centers_, 6))), atol=1e-5)
+    segments = np.array([r["segment"] for r in _collect(fitted.predict(frame), points)])
+    assert np.bincount(segments, minlength=4).tolist() == fitted.cluster_sizes
+    assert adjusted_rand_score(reference.labels_, segments) > 0.99
+    assert fitted.objective == pytest.approx(float(((points - np.array(fitted.centroids)[segments]) ** 2).sum()), rel=1e-9)
+
+    save_fitted("bisecting_kmeans", fitted, str(tmp_path), {j: j for j in range(4)}, {j: str(j) for j in range(4)})
+    loaded = load_fitted("bisecting_kmeans", str(tmp_path)).fitted
+    again = np.array([r["segment"] for r in _collect(loaded.predict(frame), points)])
+    assert (again == segments).all() and loaded.cluster_sizes == fitted.cluster_sizes
 
 
 # ---------------------------------------------------------------- gaussian mixture

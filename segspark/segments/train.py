@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 
 from segspark.config import ClusteringConfig, KSelectionConfig, ModelsConfig
@@ -136,7 +137,9 @@ def train_baselines(
         log.info("%s: %s", name, reason)
         chosen.append(_Selected(name, k, reason, swept, options[name]))
 
-    fitted = _fit_full(prepared, chosen, selection.parallelism, sample.total_users)
+    # When the sweep's sample is every user, a model may fit them on the driver (models.bisecting).
+    every_user = sweep_sample.matrix if sweep_sample.size == sample.total_users else None
+    fitted = _fit_full(prepared, chosen, selection.parallelism, sample.total_users, every_user)
     trained = []
     for pick in chosen:
         model = fitted[pick.name]
@@ -152,14 +155,17 @@ def train_baselines(
     return trained
 
 
-def _fit_full(prepared: DataFrame, chosen: list[_Selected], parallelism: int, users: int) -> dict[str, object]:
+def _fit_full(prepared: DataFrame, chosen: list[_Selected], parallelism: int, users: int,
+              every_user: np.ndarray | None) -> dict[str, object]:
     """One MLlib fit per model on every user, `parallelism` at a time (Spark runs jobs from several
-    driver threads at once), each started from the best sample fit of its chosen k."""
+    driver threads at once), each started from the best sample fit of its chosen k. `every_user`:
+    the prepared vectors of every user when the sample holds them all (`points` of fit_one)."""
 
     def fit(pick: _Selected):
         best = pick.swept.best[pick.k]
         module = registry.get(pick.name).implementation()
-        return module.fit_one(prepared, pick.k, best.cell.seed, start=best.fit, users=users, **pick.options)
+        return module.fit_one(prepared, pick.k, best.cell.seed, start=best.fit, users=users, points=every_user,
+                              **pick.options)
 
     with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="segspark-fit",
                             initializer=share_session, initargs=(prepared.sparkSession,)) as pool:
