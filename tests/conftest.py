@@ -152,6 +152,9 @@ def noisy_json(spark, tmp_path_factory):
     return built_once(tmp_path_factory, "noisy-json", lambda out: write_dataset(spark, spec, str(out), "json"))
 
 
+TRAINED_RUN_ID = "r1"  # the run id of `trained_run`
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainedRun:
     """`segspark run --run-id r1` of every model on `sample_parquet` (FAST_MODELS), as the CLI ran it."""
@@ -179,7 +182,7 @@ def trained_run(spark, sample_parquet, tmp_path_factory) -> TrainedRun:
     def build(folder: Path) -> None:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            code = main(["run", "--config", str(REPO / "conf/local.yaml"), "--run-id", "r1",
+            code = main(["run", "--config", str(REPO / "conf/local.yaml"), "--run-id", TRAINED_RUN_ID,
                          "--set", f"output.root={folder / 'out'}", *overrides])
         (folder / "stdout.txt").write_text(printed.getvalue())
         (folder / "exit_code.txt").write_text(str(code))

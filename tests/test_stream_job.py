@@ -19,7 +19,7 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from segspark import ingest, usecases
+from segspark import ingest
 from segspark.cli import main
 from segspark.features import user_features
 from segspark.io.delta import read_table
@@ -35,7 +35,7 @@ from segspark.streaming.identity import (
     check_identity,
 )
 
-from .conftest import FAST_MODELS, REPO, data_lines
+from .conftest import REPO, TRAINED_RUN_ID, data_lines
 
 
 def _table(cfg, name):
@@ -43,16 +43,18 @@ def _table(cfg, name):
 
 
 @pytest.fixture(scope="module")
-def trained(spark, tmp_path_factory):
-    """A training run on generated JSON events, and those events' lines as three files."""
+def trained(spark, trained_run, tmp_path_factory):
+    """The shared training run of every model (conftest.trained_run), copied so that the stream can
+    add its tables beside the run's, and generated JSON events (other users than the training's) as
+    the lines the stream's files are made of."""
     from segspark.config import load_config
     from segspark.datagen import GenerateSpec, write_dataset
 
     root = tmp_path_factory.mktemp("stream-job")
+    shutil.copytree(trained_run.root, root / "out")
     write_dataset(spark, GenerateSpec(users=300, days=30, seed=5), str(root / "data"), "json")
-    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={root}/data/events", "input.format=json",
-                                                 f"output.root={root}/out", *FAST_MODELS, "models.kmeans.k=4"])
-    usecases.run(spark, cfg, run_id="train-1")
+    cfg = load_config(REPO / "conf/local.yaml", [*trained_run.overrides, f"input.path={root}/data/events",
+                                                 "input.format=json", f"output.root={root}/out"])
     lines = sorted(line for p in (root / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
     return cfg, root, lines
 
@@ -166,7 +168,7 @@ def _own_root(base, root, tmp_path, **streaming):
     return base.model_copy(update={
         "input": base.input.model_copy(update={"path": str(landing)}),
         "output": base.output.model_copy(update={"root": str(out)}),
-        "streaming": base.streaming.model_copy(update={"state_buckets": 2, "bundle": str(out / "_models/train-1"),
+        "streaming": base.streaming.model_copy(update={"state_buckets": 2, "bundle": str(out / "_models" / TRAINED_RUN_ID),
                                                        **streaming}),
     })
 
