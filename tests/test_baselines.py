@@ -235,6 +235,16 @@ def test_gmm_full_fit_started_from_the_sample_mixture_keeps_its_likelihood(blobs
     labels = np.array([segments[i] for i in range(len(points))])
     inlier = truth >= 0
     assert adjusted_rand_score(truth[inlier], labels[inlier]) >= 0.95
+    assert warm.fitted_on == "spark" and warm.metrics()["fitted_on"] == "spark"
+
+    # Every user in the driver's memory: the same EM steps there, without a Spark job each.
+    local = gmm.fit_one(frame, 3, seed=3, contamination=0.015, start=start, users=len(points), points=points)
+    assert local.fitted_on == "driver" and local.iterations == warm.iterations
+    np.testing.assert_allclose(local.weights, warm.weights, rtol=1e-9)
+    np.testing.assert_allclose(local.centroids, warm.centroids, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(local.covariances, warm.covariances, rtol=1e-9, atol=1e-12)
+    assert local.cluster_sizes == warm.cluster_sizes
+    assert local.log_likelihood == pytest.approx(warm.log_likelihood, rel=1e-12)
 
 
 def test_kmeans_full_fit_started_from_the_sample_centroids(blobs):
@@ -243,9 +253,19 @@ def test_kmeans_full_fit_started_from_the_sample_centroids(blobs):
     warm = kmeans.fit_one(frame, 3, seed=1, start=start)
     cold = kmeans.fit_one(frame, 3, seed=1)
     assert warm.warm_start and not cold.warm_start
+    assert (warm.fitted_on, cold.fitted_on) == ("mllib", "mllib")
     assert warm.objective <= start.objective * (1 + 1e-9)  # Lloyd steps from a solution never worsen it
     np.testing.assert_allclose(sorted(map(tuple, warm.centroids)), sorted(map(tuple, start.params["centroids"])),
                                atol=1e-6)
+
+    # The sample is every user: its fit is the model, as it is (no MLlib iteration).
+    local = kmeans.fit_one(frame, 3, seed=1, start=start, points=points)
+    assert local.fitted_on == "driver" and local.metrics()["fitted_on"] == "driver"
+    np.testing.assert_array_equal(np.array(local.centroids), start.params["centroids"])
+    segments = np.array([r["segment"] for r in _collect(local.predict(frame), points)])
+    nearest = ((points[:, None, :] - start.params["centroids"][None]) ** 2).sum(axis=2).argmin(axis=1)
+    assert (segments == nearest).all() and np.bincount(segments, minlength=3).tolist() == local.cluster_sizes
+    assert local.objective == pytest.approx(start.objective, rel=1e-9)
 
 
 # ---------------------------------------------------------------- degenerate guard

@@ -10,6 +10,8 @@ model (SPARK-15785), and the RDD-based one, which does, lowered the likelihood o
 scikit-learn mixture on every step (measured on 5,000 generated users: -49,976 to -50,391 after one
 step, and its own epsilon-floored objective too), so it is not used. Without a sample solution
 (`start=None`), MLlib's GaussianMixture fits from its own random start, with the retries below.
+When the run's user sample holds every user (`points` of fit_one), the same EM steps run on the
+driver over those vectors, with the partitions' code and no Spark job per step.
 
 Per user (`assign`): `probabilities` is the posterior membership vector, `probability` its largest
 entry (the assigned segment's), and `anomaly_score` the negative log-likelihood of the user's point
@@ -125,6 +127,7 @@ class FittedGMM(MLlibSaving):
     degenerate_reasons: list[dict] = field(default_factory=list)  # the rejected tries: {"seed", "reasons"}
     projection: list[list[float]] | None = None  # d x components principal axes: GMM input = x @ axes; None = x
     warm_start: bool = False  # EM on every user started from the sample's mixture (else MLlib's fit)
+    fitted_on: str = "mllib"  # where that EM ran: "driver" (every user in the sample) or "spark"; else "mllib"
 
     def metrics(self) -> dict:
         return {
@@ -147,6 +150,7 @@ class FittedGMM(MLlibSaving):
             "input_dimensions": len(self.centroids[0]),
             "principal_components": self.projection is not None,
             "warm_start": self.warm_start,
+            "fitted_on": self.fitted_on,
         }
 
     def predict(self, prepared: DataFrame) -> DataFrame:
@@ -277,6 +281,7 @@ def fit_one(
     start: SampleFit | None = None,
     users: int | None = None,
     reg_covar: float = 1e-6,
+    points: np.ndarray | None = None,
     **_: object,
 ) -> FittedGMM:
     """Fit a full-covariance GaussianMixture on every user, retrying degenerate fits.
@@ -293,6 +298,9 @@ def fit_one(
     per user is below WARM_TOL_PER_USER (given `users`, the number of rows), or `tol` if larger.
     reg_covar is added to the covariances' diagonal in the sample fit and in the EM started from it;
     MLlib's own fit (the fallback) has no such term.
+    points: every user's prepared vector, in the driver's memory when the run's user sample holds
+    them all: the EM started from the sample's mixture then runs on the driver, the same steps
+    without a Spark job each (`_em`).
     Only k x d x d numbers and one aggregate row come back to the driver. Cache `prepared` first: it
     is read by every fit and once more for the anomaly threshold."""
     check_prepared(prepared, need_user_id=False, reserved=_RESERVED)
@@ -308,9 +316,10 @@ def fit_one(
     rejected: list[dict] = []
     parameters, warm, iterations, mllib_log_likelihood, fit_seed = None, False, 0, None, seed
     if start is not None:
+        local = None if points is None else _projected(np.asarray(points, dtype=float), projection)
         weights, means, covariances, iterations = _em(
             prepared, start.params["weights"], start.params["means"], start.params["covariances"],
-            max_iter=max_iter, tol_per_user=WARM_TOL_PER_USER, reg_covar=reg_covar,
+            max_iter=max_iter, tol_per_user=WARM_TOL_PER_USER, reg_covar=reg_covar, points=local,
         )
         reasons = degeneracy_reasons(weights, means, covariances, **guard)
         if reasons:
@@ -326,13 +335,15 @@ def fit_one(
         mllib_log_likelihood = float(model.summary.logLikelihood)
     fitted = _fitted_mixture(
         prepared, parameters, k=k, seed=seed, fit_seed=fit_seed, iterations=iterations, warm=warm,
+        fitted_on="spark" if points is None else "driver",
         mllib_log_likelihood=mllib_log_likelihood, rejected=rejected, contamination=contamination,
         quantile_relative_error=quantile_relative_error, tol=tol, max_iter=max_iter, projection=projection,
     )
     log.info(
         "gmm k=%d seed=%d fitted on %d users (%s) after %d degenerate retries: sizes %s, log-likelihood %.6g, "
         "bic %.6g, anomaly threshold %s",
-        k, fit_seed, sum(fitted.cluster_sizes), f"{iterations} EM iterations from the sample's mixture" if warm
+        k, fit_seed, sum(fitted.cluster_sizes), f"{iterations} EM iterations from the sample's mixture, "
+        f"on the {'driver' if fitted.fitted_on == 'driver' else 'executors'}" if warm
         else f"MLlib, {iterations} iterations from its own start",
         len(rejected), fitted.cluster_sizes, fitted.log_likelihood, fitted.bic, fitted.anomaly_threshold,
     )
@@ -341,6 +352,7 @@ def fit_one(
 
 def _fitted_mixture(
     prepared: DataFrame, parameters: tuple, *, k: int, seed: int, fit_seed: int, iterations: int, warm: bool,
+    fitted_on: str,
     mllib_log_likelihood: float | None, rejected: list[dict], contamination: float, quantile_relative_error: float,
     tol: float, max_iter: int, projection,
 ) -> FittedGMM:
@@ -390,6 +402,7 @@ def _fitted_mixture(
         degenerate_reasons=rejected,
         projection=None if projection is None else np.asarray(projection, dtype=float).tolist(),
         warm_start=warm,
+        fitted_on=fitted_on if warm else "mllib",
     )
 
 
@@ -568,27 +581,39 @@ _EM_STATS = "stats"
 
 
 def _em(
-    frame: DataFrame, weights, means, covariances, *, max_iter: int, tol_per_user: float, reg_covar: float = 1e-6
+    frame: DataFrame, weights, means, covariances, *, max_iter: int, tol_per_user: float, reg_covar: float = 1e-6,
+    points: np.ndarray | None = None,
 ) -> tuple[list[float], list[list[float]], list[list[list[float]]], int]:
     """EM on every user of `frame` (the `GMM_INPUT` column) from the given mixture, until the mean
     log-likelihood per user changes by less than `tol_per_user` or `max_iter` steps; (weights, means,
     covariances, steps). Each step is one Spark job: every partition returns its sums of
     responsibilities, responsibility-weighted points and scatter matrices around the current means
     (centred, so no precision is lost to large offsets); the driver adds them up (the M step).
-    reg_covar is added to every covariance's diagonal, as scikit-learn does on the sample."""
+    `points`: the same users' GMM input in the driver's memory, whose sums the driver then computes
+    itself, with the partitions' code, without a job. reg_covar is added to every covariance's
+    diagonal, as scikit-learn does on the sample."""
     w = np.asarray(weights, dtype=float)
     mu = np.asarray(means, dtype=float)
     cov = np.asarray(covariances, dtype=float)
     k, d = mu.shape
-    schema = StructType([StructField(_EM_STATS, BinaryType(), False)])
-    vectors = frame.select(vector_to_array(F.col(GMM_INPUT)).alias("x"))
+    if points is None:
+        schema = StructType([StructField(_EM_STATS, BinaryType(), False)])
+        vectors = frame.select(vector_to_array(F.col(GMM_INPUT)).alias("x"))
+
+        def statistics(w, mu, cov) -> list[bytes]:
+            return [row[_EM_STATS] for row in vectors.mapInPandas(_em_partition(w, mu, cov), schema).collect()]
+    else:
+        batch = pd.DataFrame({"x": list(points)})
+
+        def statistics(w, mu, cov) -> list[bytes]:
+            return [out[_EM_STATS].iloc[0] for out in _em_partition(w, mu, cov)(iter([batch]))]
+
     previous, steps = None, 0
     while steps < max_iter:
         steps += 1
-        stats = vectors.mapInPandas(_em_partition(w, mu, cov), schema).collect()
         total = np.zeros(2 + k + k * d + k * d * d)
-        for row in stats:
-            total += np.frombuffer(row[_EM_STATS], dtype=np.float64)
+        for part in statistics(w, mu, cov):
+            total += np.frombuffer(part, dtype=np.float64)
         n, log_likelihood = total[0], total[1]
         nk = total[2:2 + k]
         shift = total[2 + k:2 + k + k * d].reshape(k, d)  # sum r (x - mu_old)
@@ -661,6 +686,11 @@ def _initialise_lapack_constants(spark) -> None:
         return
     with _DRIVER_LAPACK:
         spark._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().dlamch("E")
+
+
+def _projected(points: np.ndarray, projection) -> np.ndarray:
+    """The GMM input of prepared vectors in memory: what `_gmm_input` computes on the executors."""
+    return points if projection is None else points @ np.asarray(projection, dtype=float)
 
 
 def _gmm_input(prepared: DataFrame, projection) -> DataFrame:

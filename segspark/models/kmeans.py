@@ -61,6 +61,7 @@ class FittedKMeans(MLlibSaving):
     model_name: str = MODEL_NAME
     degenerate_retries: int = 0
     warm_start: bool = False  # started from the sample's centroids (models.mllib_start)
+    fitted_on: str = "mllib"  # "driver": the sample's fit of every user as it is (fit_one's `points`)
 
     def metrics(self) -> dict:
         return {
@@ -73,6 +74,7 @@ class FittedKMeans(MLlibSaving):
             "sigma2": self.sigma2,
             "anomaly_threshold": self.anomaly_threshold,
             "warm_start": self.warm_start,
+            "fitted_on": self.fitted_on,
         }
 
     def predict(self, prepared: DataFrame) -> DataFrame:
@@ -112,19 +114,24 @@ def fit_one(
     max_iter: int = 40,
     contamination: float = 0.01,
     start: SampleFit | None = None,
+    points: np.ndarray | None = None,
     **_: object,
 ) -> FittedKMeans:
     """Fit MLlib KMeans on every user's prepared vector (`FittedPreparation.transform`); only k x d
     and one aggregate row come back. start: the sample's solution to start from (models.mllib_start:
-    on a classic session; otherwise, and without one, MLlib's k-means|| with `seed`)."""
+    on a classic session; otherwise, and without one, MLlib's k-means|| with `seed`). points: set
+    when the sample holds every user (their prepared vectors); `start` is then already scikit-learn's
+    fit of every user, and becomes the MLlib model as it is, without MLlib's iterations."""
     check_fit_arguments(k, contamination)
     # Fit on a projection, not on the cached `prepared` itself: MLlib caches its own deserialised
     # vectors only when its input is not cached, and re-reading Spark's columnar cache on every
     # iteration was measured 3.6x slower (200k users, 33 dimensions).
     vectors = prepared.select(PREPARED_VECTOR)
     warm = start is not None and can_start_from_sample(prepared)
+    on_driver = warm and points is not None
     if warm:
-        model = kmeans_from_centres(vectors, PREPARED_VECTOR, start.params["centroids"], max_iter=max_iter, seed=seed)
+        model = kmeans_from_centres(vectors, PREPARED_VECTOR, start.params["centroids"], max_iter=max_iter, seed=seed,
+                                    iterate=not on_driver)
     else:
         estimator = KMeans(k=k, maxIter=max_iter, seed=seed, featuresCol=PREPARED_VECTOR, predictionCol="segment")
         model = estimator.fit(vectors)
@@ -149,9 +156,11 @@ def fit_one(
     sigma2 = max(cost / max(n * d, 1), 1e-12)
     rms = math.sqrt(sigma2 * d)
     threshold = float(row["q"]) / rms if contamination > 0 and row["q"] is not None else None
-    log.info("kmeans k=%d seed=%d on %d users (%s): sizes %s, cost %.1f", k, seed, n,
-             "started from the sample's centroids" if warm else "k-means|| start", sizes, cost)
-    return FittedKMeans(model, k, seed, centroids, sigma2, sizes, cost, threshold, warm_start=warm)
+    how = ("scikit-learn's fit of every user, on the driver" if on_driver
+           else "started from the sample's centroids" if warm else "k-means|| start")
+    log.info("kmeans k=%d seed=%d on %d users (%s): sizes %s, cost %.1f", k, seed, n, how, sizes, cost)
+    return FittedKMeans(model, k, seed, centroids, sigma2, sizes, cost, threshold, warm_start=warm,
+                        fitted_on="driver" if on_driver else "mllib")
 
 
 def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:

@@ -14,7 +14,11 @@ What MLlib allows:
   seed there; `warm_start` in the model's metrics says which happened.
 - GaussianMixture: neither estimator is used from the sample's mixture (models.gmm says why); the
   full-scale EM there is Spark aggregations.
-- BisectingKMeans has no initial model in either API: it always starts from its own (models.bisecting).
+- BisectingKMeans has no initial model in either API: it starts from its own (models.bisecting).
+
+When the sample holds every user, the sample's solution is already a fit of every user: k-means
+takes it as it is (`kmeans_from_centres(iterate=False)`), and models.bisecting builds scikit-learn's
+tree into MLlib's model; neither runs a Spark job to fit.
 """
 
 from __future__ import annotations
@@ -37,22 +41,26 @@ def can_start_from_sample(frame: DataFrame) -> bool:
 
 
 def kmeans_from_centres(
-    frame: DataFrame, column: str, centres: np.ndarray, *, max_iter: int, seed: int, tol: float = 1e-4
+    frame: DataFrame, column: str, centres: np.ndarray, *, max_iter: int, seed: int, tol: float = 1e-4,
+    iterate: bool = True,
 ) -> KMeansModel:
-    """MLlib KMeans on `frame[column]` started from `centres` (k x d); a pyspark.ml KMeansModel."""
+    """MLlib KMeans on `frame[column]` started from `centres` (k x d); a pyspark.ml KMeansModel.
+    iterate=False: the model of `centres` as they are, without a Spark job (they are already a fit
+    of every row of `frame`: the k sweep's, when its sample holds every user)."""
     jvm = frame.sparkSession._jvm
     centres = np.asarray(centres, dtype=float)
-    initial = jvm.org.apache.spark.mllib.clustering.KMeansModel(_old_vectors(jvm, frame, centres))
-    with _vectors(jvm, frame, column) as rdd:
-        fitted = (
-            jvm.org.apache.spark.mllib.clustering.KMeans()
-            .setK(int(centres.shape[0]))
-            .setMaxIterations(int(max_iter))
-            .setEpsilon(float(tol))
-            .setSeed(int(seed))
-            .setInitialModel(initial)
-            .run(rdd)
-        )
+    fitted = jvm.org.apache.spark.mllib.clustering.KMeansModel(_old_vectors(jvm, frame, centres))
+    if iterate:
+        with _vectors(jvm, frame, column) as rdd:
+            fitted = (
+                jvm.org.apache.spark.mllib.clustering.KMeans()
+                .setK(int(centres.shape[0]))
+                .setMaxIterations(int(max_iter))
+                .setEpsilon(float(tol))
+                .setSeed(int(seed))
+                .setInitialModel(fitted)
+                .run(rdd)
+            )
     model = KMeansModel(jvm.org.apache.spark.ml.clustering.KMeansModel(KMeansModel._randomUID(), fitted))
     model._set(k=int(centres.shape[0]), maxIter=int(max_iter), seed=int(seed), tol=float(tol))
     return model
