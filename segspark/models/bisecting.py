@@ -24,7 +24,7 @@ not split); that is logged and `centroids` / `cluster_sizes` have the real numbe
 Small data: MLlib runs every iteration of every level as a Spark job (34 jobs for k=6 at 5,000 users,
 3.3 s in a warm local session, 18 s in a run's contended demo, where scikit-learn takes 0.04 s). When
 the run's user sample holds every user (`points`), the full fit is scikit-learn's on the driver, the
-fit the k sweep measured, and its hierarchy of splits becomes MLlib's tree (`_mllib_tree`): the saved
+fit the k sweep measured, and its hierarchy of splits becomes MLlib's tree (`_mllib_model`): the saved
 model is an MLlib BisectingKMeansModel like any other, which assigns by the same walk (the closer
 child centre at each split). `fitted_on` in the metrics says which fit ran ("driver" or "mllib").
 """

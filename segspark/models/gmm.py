@@ -706,7 +706,7 @@ def _gmm_input(prepared: DataFrame, projection) -> DataFrame:
     def project(points: pd.Series) -> pd.Series:
         if len(points) == 0:
             return pd.Series([], dtype=object)
-        return pd.Series(list(np.stack(points.to_numpy()).astype(float) @ axes))
+        return pd.Series(list(_projected(np.stack(points.to_numpy()).astype(float), axes)))
 
     return prepared.withColumn(GMM_INPUT, array_to_vector(project(vector_to_array(F.col(PREPARED_VECTOR)))))
 
