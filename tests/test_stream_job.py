@@ -79,7 +79,7 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
     (landing / "c.json").write_text('{"user_id": "u1", "event_time": \nnot json\n')
     # The query dies in batch 1 after its feature state was committed, before its assignments.
     failing = {"left": 1}
-    real = job.score_with_bundle
+    real = job.score_prepared
 
     def dies_once(*args, **kwargs):
         if failing["left"]:
@@ -87,7 +87,7 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
             raise RuntimeError("killed mid-batch")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(job, "score_with_bundle", dies_once)
+    monkeypatch.setattr(job, "score_prepared", dies_once)
     with pytest.raises(Exception, match="killed mid-batch"):
         job.run_stream(spark, cfg, available_now=True)
     assert DeltaTable(f"{cfg.output.root}/stream_feature_state").transaction_version(f"{cfg.streaming.app_id}.state") == 1

@@ -140,13 +140,24 @@ def score_with_bundle(
     """Every model of a verified bundle (a path, or one loaded already) applied to `features`
     (user_id + feature columns)."""
     loaded = load_bundle(bundle, signing) if isinstance(bundle, str) else bundle
-    manifest = loaded.manifest
-    spec = manifest.feature_spec()
+    return score_prepared(loaded, prepare_with_bundle(loaded, features))
+
+
+def prepare_with_bundle(loaded: LoadedBundle, features: DataFrame) -> DataFrame:
+    """`features` (user_id + feature columns) checked against the bundle's feature spec, cast where the
+    spec allows, and prepared by its fitted preparation: what every model of the bundle scores."""
+    spec = loaded.manifest.feature_spec()
     spec.check(features.schema, what="the features of the data to score")
     casts = spec.casts(features.schema)
     if casts:
         features = features.withColumns({c: F.col(c).cast(t) for c, t in casts.items()})
-    prepared = loaded.preparation.transform(features)
+    return loaded.preparation.transform(features)
+
+
+def score_prepared(loaded: LoadedBundle, prepared: DataFrame) -> BundleScores:
+    """Every model of a loaded bundle applied to users it prepared (`prepare_with_bundle`): a stream
+    prepares each batch once and reads the prepared users for its own online model too."""
+    manifest = loaded.manifest
     assignments: dict[str, DataFrame] = {}
     outputs: dict[str, DataFrame] = {}
     cached: list[DataFrame] = []
@@ -165,4 +176,5 @@ def score_with_bundle(
 
 
 __all__ = ["BundleError", "BundleScores", "LoadedBundle", "bundle_location", "bundle_signing", "bundle_slots", "load_bundle",
-           "finish_bundle", "models_folder", "save_model", "score_with_bundle", "start_bundle"]
+           "finish_bundle", "models_folder", "prepare_with_bundle", "save_model", "score_prepared", "score_with_bundle",
+           "start_bundle"]

@@ -11,7 +11,8 @@ The shared pieces exist once, here:
 - `anomaly_flag`: the is_anomaly column of every model (a null score is never flagged);
 - `threshold_aggregate` / `sample_threshold`: the (1 - contamination) quantile of the training
   users' scores, computed by Spark or on a sample;
-- `assignments`: the assignment columns in their table order; `squared_distance` to a centre;
+- `assignments`: the assignment columns in their table order; `squared_distance` to a centre, and
+  `double_array`, its literal in one call to the JVM;
 - `check_fit_arguments`: k, contamination and quantile accuracy, checked the same way by every fit;
 - `MLlibSaving`: saving a fitted dataclass whose fields are numbers or MLlib models.
 """
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -134,10 +136,23 @@ def assignments(scored: DataFrame, threshold: float | None, probabilities: str |
     )
 
 
-def squared_distance(point: Column, centre: list[float]) -> Column:
+def squared_distance(point: Column, centre: Sequence[float]) -> Column:
     """||point - centre||^2 of an array column and a fixed centre, as Spark expressions (no UDF)."""
-    centre_col = F.array(*[F.lit(float(x)) for x in centre])
-    return F.aggregate(F.zip_with(point, centre_col, lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
+    return F.aggregate(F.zip_with(point, double_array(centre), lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
+
+
+def double_array(values: Sequence[float]) -> Column:
+    """An array<double> literal of finite `values`, built in one call to the JVM: `F.array` of `F.lit`s
+    makes one call per value, thousands per scoring of a few models (seconds in a stream's batch).
+    Python's repr of a float is the shortest text that reads back as the same double, which is what
+    Spark's parser does with it."""
+    texts = []
+    for value in values:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"double_array: {value} is not a finite number")
+        texts.append(f"{value!r}D")
+    return F.expr(f"array({', '.join(texts)})") if texts else F.array().cast(ArrayType(DoubleType()))
 
 
 def check_fit_arguments(k: int, contamination: float, quantile_relative_error: float = QUANTILE_RELATIVE_ERROR) -> None:

@@ -91,30 +91,44 @@ def batch_state(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> 
         F.collect_set(F.to_date(local)).alias("local_days"),
     ]
     scalars += [F.count_if(category == value).alias(name) for name, value in zip(_category_counts(slots), slots.categories, strict=True)]
-    state = events.groupBy("user_id").agg(*scalars)
-    for frame in _batch_maps(events, slots).values():
-        state = state.join(frame, "user_id", "left")
+    state = events.groupBy("user_id").agg(*scalars).join(_batch_maps(events, slots), "user_id", "left")
     sessions, orders = session_state(events, cfg), order_state(events, cfg)
     for name, rows in zip(_NESTED, (sessions.source, sessions.gap, orders.keyed, orders.gap), strict=True):
         state = state.join(_nest(rows, name), "user_id", "left")
     return _normalised(state, slots)
 
 
-def _batch_maps(events: DataFrame, slots: FeatureSlots) -> dict[str, DataFrame]:
+def _batch_maps(events: DataFrame, slots: FeatureSlots) -> DataFrame:
+    """user_id + every count map ({key: events}) of the users' events, from one count of
+    (user, map, key): each event becomes a row per map it has a key in, with the key in that map's
+    own field (the maps' keys differ in type), so that one shuffle counts them all and a second
+    gathers each user's maps (a shuffle and a join per map cost seconds per micro-batch)."""
     kind, price = F.col("event_type"), F.col("price")
-    keyed = {
-        "viewed_prices": F.when(kind == "view", price),
-        "bought_prices": F.when(kind == "purchase", price),
-        "utc_days": F.to_date("event_time"),  # the session time zone is UTC
-        **{f"{column}_counts": F.col(column) for column in slots.one_hot},
-    }
-    maps = {}
-    for name, key in keyed.items():
-        counted = events.select("user_id", key.alias("key")).where(F.col("key").isNotNull()).groupBy("user_id", "key").count()
-        maps[name] = counted.groupBy("user_id").agg(
-            F.map_from_entries(F.collect_list(F.struct("key", F.col("count").alias("n")))).alias(name)
-        )
-    return maps
+    keys = [
+        F.when(kind == "view", price),  # viewed_prices
+        F.when(kind == "purchase", price),  # bought_prices
+        F.to_date("event_time"),  # utc_days: the session time zone is UTC
+        *[F.col(column) for column in slots.one_hot],
+    ]
+    names = _map_columns(slots)
+    fields = [f"_k{i}" for i in range(len(names))]
+    types = [field.dataType for field in events.select(*keys).schema]
+    entries = [
+        F.when(key.isNotNull(), F.struct(F.lit(i).alias("_map"), *[
+            (key if j == i else F.lit(None).cast(types[j])).alias(fields[j]) for j in range(len(keys))
+        ]))
+        for i, key in enumerate(keys)
+    ]
+    counted = (
+        events.select("user_id", F.explode(F.array(*entries)).alias("_e")).where(F.col("_e").isNotNull())
+        .select("user_id", "_e.*").groupBy("user_id", "_map", *fields).count()
+    )
+    return counted.groupBy("user_id").agg(*[
+        F.map_from_entries(F.collect_list(
+            F.when(F.col("_map") == i, F.struct(F.col(field).alias("key"), F.col("count").alias("n")))
+        )).alias(name)
+        for i, (name, field) in enumerate(zip(names, fields, strict=True))
+    ])
 
 
 def _nest(rows: DataFrame, name: str) -> DataFrame:

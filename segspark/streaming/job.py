@@ -45,7 +45,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from segspark.bundle.manifest import Manifest
-from segspark.bundle.store import LoadedBundle, bundle_signing, bundle_slots, load_bundle, score_with_bundle
+from segspark.bundle.store import (
+    LoadedBundle,
+    bundle_signing,
+    bundle_slots,
+    load_bundle,
+    prepare_with_bundle,
+    score_prepared,
+)
 from segspark.config import Config
 from segspark.errors import ConfigError
 from segspark.features.behaviour import FeatureSlots
@@ -296,21 +303,26 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
         with report.step("features"):
             report.as_of = _stream_as_of(models, touched)
             features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
+            # Prepared once: the online centres, every model of the bundle and the emerging check read it.
+            prepared = prepare_with_bundle(models.loaded, features).localCheckpoint()
         with report.step("online_kmeans"):
-            online = _online_assignments(spark, cfg, models, features, batch_id)
+            online = _online_assignments(spark, cfg, models, prepared, batch_id)
         with report.step("score"):
-            scored = score_with_bundle(models.loaded, features)
+            scored = score_prepared(models.loaded, prepared)
             cached += scored.cached
             assignments = dict(scored.assignments)
             if online is not None:
                 assignments[ONLINE_MODEL] = online
-            live = _live_rows(assignments, touched, report.as_of, app, batch_id).localCheckpoint()
-            write_rows(spark, cfg.output, LIVE, live, txn=(TABLES[LIVE].txn_app(app), batch_id),
-                       commit_metadata=models.commit_metadata(app))
+            # Every model scored once (one job): the live rows, the emerging check and the drift read it.
+            scores = _model_scores(assignments).localCheckpoint()
+            write_rows(spark, cfg.output, LIVE, _live_rows(scores, touched, report.as_of, app, batch_id),
+                       txn=(TABLES[LIVE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app))
         with report.step("emerging"):
-            finding = _emerging(spark, cfg, models, scored, features, batch_id, report.as_of)
+            bundle_scores = {m: scores.where(F.col("model") == m) for m in scored.assignments}
+            finding = _emerging(spark, cfg, models, bundle_scores, scored.outputs, prepared, features, batch_id,
+                                report.as_of)
         with report.step("drift"):
-            _drift(spark, cfg, models, features, live, batch_id, report, finding)
+            _drift(spark, cfg, models, features, scores, batch_id, report, finding)
     finally:
         for frame in cached:
             frame.unpersist()
@@ -355,12 +367,12 @@ def _previous_as_of(spark, cfg: Config) -> dt.date | None:
     return batches.where(F.col("app_id") == cfg.streaming.app_id).agg(F.max("as_of")).first()[0]
 
 
-def _online_assignments(spark, cfg: Config, models: StreamModels, features: DataFrame, batch_id: int) -> DataFrame | None:
-    """Move the online centres by the batch (unless its snapshot is in already), snapshot them, and
-    assign the batch's users to the nearest one (stable ids of the bundle's k-means)."""
+def _online_assignments(spark, cfg: Config, models: StreamModels, prepared: DataFrame, batch_id: int) -> DataFrame | None:
+    """Move the online centres by the batch's prepared users (unless its snapshot is in already),
+    snapshot them, and assign the users to the nearest one (stable ids of the bundle's k-means)."""
     if models.online is None:
         return None
-    prepared = models.loaded.preparation.transform(features).select("user_id", PREPARED_VECTOR)
+    prepared = prepared.select("user_id", PREPARED_VECTOR)
     app = cfg.streaming.app_id
     if models.online_batch is None or models.online_batch < batch_id:
         sums, counts = batch_statistics(prepared, PREPARED_VECTOR, models.online.centers)
@@ -385,11 +397,13 @@ def _online_assignments(spark, cfg: Config, models: StreamModels, features: Data
         F.coalesce(names[segment], F.lit("unnamed segment")).alias("segment_name"),
         F.lit(None).cast("double").alias("probability"),
         F.sqrt(squared).alias("anomaly_score"),  # distance to the online centre, prepared units
+        F.lit(None).cast("boolean").alias("is_anomaly"),
     )
 
 
-def _live_rows(assignments: dict[str, DataFrame], touched: DataFrame, as_of: dt.date, app: str, batch_id: int) -> DataFrame:
-    latest = touched.select("user_id", F.col("last_event").alias("latest_event_time"))
+def _model_scores(assignments: dict[str, DataFrame]) -> DataFrame:
+    """One row per user and model: user_id, model, segment (stable), segment_name, probability,
+    anomaly_score, is_anomaly."""
     rows = None
     for model, frame in assignments.items():
         part = frame.select(
@@ -397,9 +411,15 @@ def _live_rows(assignments: dict[str, DataFrame], touched: DataFrame, as_of: dt.
             F.col("segment").cast("int").alias("segment"), "segment_name",
             F.col("probability").cast("double").alias("probability"),
             F.col("anomaly_score").cast("double").alias("anomaly_score"),
+            F.col("is_anomaly").cast("boolean").alias("is_anomaly"),
         )
         rows = part if rows is None else rows.unionByName(part)
-    stamped = rows.join(latest, "user_id", "left").select(
+    return rows
+
+
+def _live_rows(scores: DataFrame, touched: DataFrame, as_of: dt.date, app: str, batch_id: int) -> DataFrame:
+    latest = touched.select("user_id", F.col("last_event").alias("latest_event_time"))
+    stamped = scores.join(latest, "user_id", "left").select(
         *[c for c in USER_SEGMENTS_LIVE.names if c in ("user_id", "model", "segment", "segment_name", "probability",
                                                        "anomaly_score", "latest_event_time")],
         F.lit(as_of).cast("date").alias("as_of"), F.lit(app).alias("app_id"), F.lit(batch_id).cast("long").alias("batch_id"),
@@ -408,22 +428,22 @@ def _live_rows(assignments: dict[str, DataFrame], touched: DataFrame, as_of: dt.
     return stamped.select(*[F.col(f.name).cast(f.dataType) for f in USER_SEGMENTS_LIVE.fields])
 
 
-def _emerging(spark, cfg: Config, models: StreamModels, scored, features: DataFrame, batch_id: int,
-              as_of: dt.date) -> emerging.Finding | None:
+def _emerging(spark, cfg: Config, models: StreamModels, assignments: dict[str, DataFrame], outputs: dict[str, DataFrame],
+              prepared: DataFrame, features: DataFrame, batch_id: int, as_of: dt.date) -> emerging.Finding | None:
     """The emerging-segment check (streaming.emerging) on the batch's bundle scores; the live
     assignments are already written and stay as they are."""
     if models.population is None:
         return None
     return emerging.detect(
-        spark, cfg, batch_id=batch_id, as_of=as_of, assignments=scored.assignments,
-        embeddings=scored.outputs.get("user_embeddings"), prepared=models.loaded.preparation.transform(features),
+        spark, cfg, batch_id=batch_id, as_of=as_of, assignments=assignments,
+        embeddings=outputs.get("user_embeddings"), prepared=prepared,
         features=features, feature_names=list(models.population.means), population=models.population,
         thresholds=models.outlier_thresholds, reference=models.training_embeddings,
         category_labels=models.category_labels, commit_metadata=models.commit_metadata(cfg.streaming.app_id),
     )
 
 
-def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: DataFrame, batch_id: int,
+def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, scores: DataFrame, batch_id: int,
            report: BatchReport, finding: emerging.Finding | None = None) -> None:
     thresholds = drift.DriftThresholds(
         psi=cfg.streaming.drift.psi, centroid_shift=cfg.streaming.drift.centroid_shift,
@@ -431,7 +451,7 @@ def _drift(spark, cfg: Config, models: StreamModels, features: DataFrame, live: 
     )
     psi = drift.feature_psi(models.reference, features)
     counts: dict[str, dict[int, int]] = {}
-    for row in live.groupBy("model", "segment").count().collect():
+    for row in scores.groupBy("model", "segment").count().collect():
         counts.setdefault(row.model, {})[int(row.segment)] = int(row["count"])
     now, rows, reasons = dt.datetime.now(dt.UTC), [], []
     for model, by_segment in sorted(counts.items()):

@@ -28,6 +28,8 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from segspark.models.contract import double_array
+
 TIME_UNITS = ("batches", "points")
 
 
@@ -114,12 +116,13 @@ def nearest_centre(vector_col: str, centers: np.ndarray) -> tuple[Column, Column
     """(index of the nearest centre, squared distance to it) of a vector column, as SQL expressions
     with the centres inlined as literals (k x d numbers); ties go to the lower index, as MLlib."""
     centers = np.asarray(centers, dtype=np.float64)
-    k, d = centers.shape
     x = vector_to_array(F.col(vector_col), "float64")
-    # Squared distance to centre j, minus the row's own |x|^2 (the same for every j): -2 x.c_j + |c_j|^2.
+    # Squared distance to centre j, minus the row's own |x|^2 (the same for every j): -2 x.c_j + |c_j|^2,
+    # summed from |c_j|^2 in the order of the coordinates. The centre is one literal (`double_array`).
     scores = [
-        sum((x[i] * F.lit(float(-2.0 * centers[j, i])) for i in range(d)), F.lit(float((centers[j] ** 2).sum())))
-        for j in range(k)
+        F.aggregate(F.zip_with(x, double_array(-2.0 * centre), lambda a, b: a * b),
+                    F.lit(float((centre ** 2).sum())), lambda total, v: total + v)
+        for centre in centers
     ]
     # argmin with ties to the lower index: the smallest (score, j) struct.
     nearest = F.least(*[F.struct(score.alias("score"), F.lit(j).alias("j")) for j, score in enumerate(scores)])
