@@ -13,7 +13,7 @@ from segspark.bundle.models import load_fitted, save_fitted
 from segspark.config import ModelsConfig
 from segspark.io.catalog import USER_SEGMENTS
 from segspark.models import registry
-from segspark.models.contract import ASSIGNMENT_COLUMNS, Scored, SegmentModel
+from segspark.models.contract import ASSIGNMENT_COLUMNS, Scored, SegmentModel, double_array
 from segspark.models.sample import UserSample
 
 DIMS, PER_BLOB, K = 6, 200, 3
@@ -134,3 +134,12 @@ def test_save_and_load_assign_every_user_the_same_way(planted, fitted, name, tmp
         assert (row.segment, row.is_anomaly) == (again.segment, again.is_anomaly), user
         assert row.probability == pytest.approx(again.probability, abs=1e-6)
         assert row.anomaly_score == pytest.approx(again.anomaly_score, rel=1e-5, abs=1e-6)
+
+
+def test_double_array_reads_back_every_double_exactly(spark):
+    """The centres' literal (one SQL text) holds the same doubles as F.lit of each: no rounding."""
+    values = [0.1, -0.0, 1e-300, -2.5e-17, 1.7976931348623157e308, 123456789.123456789, -1 / 3, 5e-324, 42.0]
+    (row,) = spark.range(1).select(double_array(values).alias("a")).collect()
+    assert [np.float64(x).tobytes() for x in row.a] == [np.float64(x).tobytes() for x in values]
+    with pytest.raises(ValueError, match="not a finite number"):
+        double_array([1.0, float("nan")])
