@@ -32,6 +32,12 @@ Suites:
                    batch `score` of all those events (what each batch would cost without the state);
                    file_to_assignment_latency_p50/p95: a running query (1 s trigger), each remaining
                    file dropped atomically and timed until its batch's assignments are committed.
+  stream_state     the feature state against recomputing, as the history grows (--history, default
+                   10k 30k 100k 300k 1M events; a quick training on other users first): the history
+                   streamed available-now in files of 100k events (stream_events_per_second), then one
+                   10k-event micro-batch timed against one batch `score` of every event so far
+                   (batch_vs_recompute per history size), break_even_history where the ratio crosses
+                   1, and with --plot the curve as a PNG.
 """
 
 from __future__ import annotations
@@ -312,6 +318,13 @@ STREAM_TRAINING = (  # a quick training: this suite measures the stream, not the
 )
 
 
+def _time_sliced_lines(folder: Path) -> list[str]:
+    """The JSON lines of a generated folder in event-time order: files as a landing folder receives
+    them, each a slice of time with many users' events."""
+    lines = (line for p in folder.glob("part-*") for line in p.read_text().splitlines() if line.strip())
+    return sorted(lines, key=lambda line: json.loads(line)["event_time"])
+
+
 def suite_streaming(spark, args):
     """Events/s and file-to-assignment latency of `segspark stream` at about 10k events per batch."""
     import shutil
@@ -324,9 +337,7 @@ def suite_streaming(spark, args):
     work = Path(args.work) / f"stream-{scale}"
     shutil.rmtree(work, ignore_errors=True)
     write_dataset(spark, GenerateSpec(users=max(scale // EVENTS_PER_USER, 10), days=30, seed=3), str(work / "data"), "json")
-    # Files are slices of time, as a landing folder receives them: every file holds many users' events.
-    lines = sorted((line for p in (work / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip()),
-                   key=lambda line: json.loads(line)["event_time"])
+    lines = _time_sliced_lines(work / "data/events")
     per_file = 10_000
     files = [lines[i:i + per_file] for i in range(0, len(lines), per_file)]
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/data/events", "input.format=json",
@@ -390,8 +401,112 @@ def suite_streaming(spark, args):
     emit("streaming", "file_to_assignment_latency_p95", round(p95, 3), "s", files=len(latencies))
 
 
+def suite_stream_state(spark, args):
+    """batch_vs_recompute as the stream's history grows, where it crosses 1, and a PNG of the curve."""
+    import shutil
+
+    from segspark import usecases
+    from segspark.streaming import job
+
+    points = sorted(args.history or [10_000, 30_000, 100_000, 300_000, 1_000_000])
+    per_batch, per_file = 10_000, 100_000
+    work = Path(args.work) / "stream-state"
+    shutil.rmtree(work, ignore_errors=True)
+    total = points[-1] + per_batch * len(points)
+    # About 25 events per user in 30 days of the generator's default mix; a margin, and the count checked.
+    write_dataset(spark, GenerateSpec(users=max(total // 20, 10), days=30, seed=5), str(work / "data"), "json")
+    lines = _time_sliced_lines(work / "data/events")
+    if len(lines) < total:
+        raise SystemExit(f"stream_state: generated {len(lines)} events, fewer than the {total} the points need")
+    # A quick training on other users of the same shop: the suite measures the stream, not the fit.
+    write_dataset(spark, GenerateSpec(users=2_000, days=30, seed=6), str(work / "train"), "json")
+    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/train/events", "input.format=json",
+                                                 f"output.root={work}/out", *STREAM_TRAINING])
+    usecases.run(spark, cfg, run_id="bench-train")
+    landing = work / "landing"
+    landing.mkdir()
+    stream_cfg = cfg.model_copy(update={
+        "input": cfg.input.model_copy(update={"path": str(landing)}),
+        "streaming": cfg.streaming.model_copy(update={"max_files_per_trigger": 1}),
+    })
+
+    def land(chunk: list[str], name: str) -> None:
+        tmp = landing / f".{name}.tmp"
+        tmp.write_text("\n".join(chunk) + "\n")
+        tmp.rename(landing / name)  # atomic: the source never sees half a file
+
+    cursor, curve = 0, []
+    for history in points:
+        # The history up to `history` events, in files (micro-batches) of up to 100k events.
+        files = 0
+        while cursor < history:
+            land(lines[cursor:min(history, cursor + per_file)], f"h{cursor:09d}.json")
+            cursor, files = min(history, cursor + per_file), files + 1
+        if files:
+            start = time.perf_counter()
+            run = job.run_stream(spark, stream_cfg, available_now=True)
+            seconds = time.perf_counter() - start
+            events = sum(r.clean_rows for r in run.reports)
+            emit("stream_state", "stream_events_per_second", round(events / seconds, 1), "events/s",
+                 batches=len(run.reports), events=events, seconds=round(seconds, 2),
+                 largest_batch=max(r.clean_rows for r in run.reports), history=history)
+        # One micro-batch of 10k events on top of that history, against recomputing everything.
+        land(lines[cursor:cursor + per_batch], f"b{cursor:09d}.json")
+        cursor += per_batch
+        (report,) = job.run_stream(spark, stream_cfg, available_now=True).reports
+        recompute_cfg = cfg.model_copy(update={
+            "input": cfg.input.model_copy(update={"path": str(landing)}),
+            "output": cfg.output.model_copy(update={"root": str(work / f"recompute-{history}")}),
+        })
+        recompute = timed(lambda cfg=recompute_cfg: usecases.score(spark, cfg, bundle=str(work / "out/_models/bench-train")),
+                          1, warmup=False)
+        shutil.rmtree(work / f"recompute-{history}", ignore_errors=True)
+        ratio = report.seconds / recompute
+        curve.append((history, report.seconds, recompute))
+        emit("stream_state", "batch_vs_recompute", round(report.seconds, 3), "s", baseline=round(recompute, 3),
+             ratio=round(ratio, 3), history=history, batch_events=report.clean_rows,
+             step_seconds=report.step_seconds, note="one 10k-event micro-batch / one batch score of every event so far")
+    crossing = _break_even(curve)
+    emit("stream_state", "break_even_history", crossing, "events",
+         note="history (events) where the micro-batch starts to cost less than recomputing (log-linear "
+              "interpolation between measured points); null: not within the points measured")
+    if args.plot:
+        _plot_stream_state(curve, crossing, Path(args.plot))
+
+
+def _break_even(curve: list[tuple[int, float, float]]) -> int | None:
+    for (h0, b0, r0), (h1, b1, r1) in zip(curve, curve[1:], strict=False):
+        q0, q1 = b0 / r0, b1 / r1
+        if q0 >= 1 > q1:
+            t = (math.log(q0)) / (math.log(q0) - math.log(q1))  # ln(ratio) linear in ln(history)
+            return round(math.exp(math.log(h0) + t * (math.log(h1) - math.log(h0))))
+    return None
+
+
+def _plot_stream_state(curve, crossing, out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    history = [h for h, _, _ in curve]
+    figure = Figure(figsize=(7, 4.2), dpi=120)
+    axes = figure.add_subplot()
+    axes.plot(history, [b for _, b, _ in curve], "o-", label="one 10k-event micro-batch (feature state)")
+    axes.plot(history, [r for _, _, r in curve], "s-", label="recompute: batch score of every event so far")
+    axes.set_xscale("log")
+    axes.set_xlabel("events in the stream's history")
+    axes.set_ylabel("seconds")
+    if crossing is not None:
+        axes.axvline(crossing, color="grey", linestyle=":", label=f"break-even at about {crossing:,} events")
+    axes.set_title("segspark stream: a micro-batch against recomputing (local[2], 2 cores)")
+    axes.legend(loc="upper left", fontsize=8)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png")
+    print(f"plot: {out}", flush=True)
+
+
 SUITES = {"ingest_features": suite_ingest_features, "baselines": suite_baselines, "scoring": suite_scoring,
-          "streaming": suite_streaming}
+          "streaming": suite_streaming, "stream_state": suite_stream_state}
 
 
 def main() -> int:
@@ -401,6 +516,9 @@ def main() -> int:
                         help="baselines: user sample sizes whose sweep is timed (and its chosen k reported)")
     parser.add_argument("--scale", type=int, action="append",
                         help="number of events (about; default 10M); repeat for several scales")
+    parser.add_argument("--history", type=int, nargs="*",
+                        help="stream_state: the history sizes (events) at which a micro-batch is timed")
+    parser.add_argument("--plot", help="stream_state: write the curve as a PNG here (e.g. docs/stream_state.png)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the warm-up run (for large scales, where one run is minutes)")

@@ -91,10 +91,10 @@ def batch_state(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> 
         F.collect_set(F.to_date(local)).alias("local_days"),
     ]
     scalars += [F.count_if(category == value).alias(name) for name, value in zip(_category_counts(slots), slots.categories, strict=True)]
-    state = events.groupBy("user_id").agg(*scalars).join(_batch_maps(events, slots), "user_id", "left")
+    state = join_by_user(events.groupBy("user_id").agg(*scalars), _batch_maps(events, slots), "left")
     sessions, orders = session_state(events, cfg), order_state(events, cfg)
     for name, rows in zip(_NESTED, (sessions.source, sessions.gap, orders.keyed, orders.gap), strict=True):
-        state = state.join(_nest(rows, name), "user_id", "left")
+        state = join_by_user(state, _nest(rows, name), "left")
     return _normalised(state, slots)
 
 
@@ -131,6 +131,14 @@ def _batch_maps(events: DataFrame, slots: FeatureSlots) -> DataFrame:
     ])
 
 
+def join_by_user(left: DataFrame, right: DataFrame, how: str) -> DataFrame:
+    """`left` joined with `right` on user_id as a sort-merge join (a hint). The batch's events and the
+    state rows it merges with are partitioned by user (`streaming.job`), and so is everything derived
+    from them, so a sort-merge join moves no rows; with sides this small, AQE would make each join a
+    broadcast instead: a Spark job per join, which was most of a micro-batch's time."""
+    return left.join(right.hint("merge"), "user_id", how)
+
+
 def _nest(rows: DataFrame, name: str) -> DataFrame:
     return rows.groupBy("user_id").agg(F.collect_list(F.struct(*_NESTED[name])).alias(name))
 
@@ -153,8 +161,8 @@ def _normalised(state: DataFrame, slots: FeatureSlots) -> DataFrame:
 def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
     """The state rows of the users in `batch` after adding it to `state` (their current rows, or
     any superset of them); users only in `state` are left out."""
-    old = state.join(batch.select("user_id"), "user_id", "left_semi")
-    both = old.withColumn("_known", F.lit(True)).alias("a").join(batch.alias("b"), "user_id", "right")
+    old = join_by_user(state, batch.select("user_id"), "left_semi")
+    both = join_by_user(old.withColumn("_known", F.lit(True)).alias("a"), batch.alias("b"), "right")
     a, b = (lambda n: F.col(f"a.{n}")), (lambda n: F.col(f"b.{n}"))  # noqa: E731
     new_user = F.col("a._known").isNull()
     merged: list[Column] = [F.col("user_id")]
@@ -176,7 +184,7 @@ def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: 
     sessions = merge_sessions(_sessions(old), _sessions(batch), cfg)
     orders = merge_orders(_orders(old), _orders(batch), cfg)
     for name, rows in zip(_NESTED, (sessions.source, sessions.gap, orders.keyed, orders.gap), strict=True):
-        scalars = scalars.join(_nest(rows, name), "user_id", "left")
+        scalars = join_by_user(scalars, _nest(rows, name), "left")
     return _normalised(scalars, slots)
 
 
@@ -215,8 +223,8 @@ def state_features(state: DataFrame, as_of: dt.date, cfg: FeaturesConfig, slots:
     ]
     per_user = (
         state.select(*aggregates)
-        .join(session_features(_sessions(state), cfg), "user_id", "left")
-        .join(order_features(_orders(state)), "user_id", "left")
+        .transform(lambda frame: join_by_user(frame, session_features(_sessions(state), cfg), "left"))
+        .transform(lambda frame: join_by_user(frame, order_features(_orders(state)), "left"))
     )
     return features_from_aggregates(per_user, as_of, cfg, slots)
 
@@ -260,4 +268,4 @@ def count_map_mode(counts: Column) -> Column:
     return best["key"]
 
 
-__all__ = ["batch_state", "count_map_median", "count_map_mode", "merge_state", "state_features"]
+__all__ = ["batch_state", "count_map_median", "count_map_mode", "join_by_user", "merge_state", "state_features"]

@@ -80,7 +80,7 @@ from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.session import apply_required_conf
 from segspark.streaming import drift, emerging, identity, mqtt_landing
-from segspark.streaming.feature_state import batch_state, merge_state, state_features
+from segspark.streaming.feature_state import batch_state, join_by_user, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
 from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
 
@@ -289,7 +289,8 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
     cached: list[DataFrame] = []
     try:
         with report.step("batch_state"):
-            batch = batch_state(clean, cfg.features, models.slots).withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
+            events = _by_user(spark, clean)
+            batch = batch_state(events, cfg.features, models.slots).withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
             buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
         with report.step("state_merge"):
             if _done(cfg, STATE, batch_id):  # a replay: the state holds this batch already
@@ -328,6 +329,15 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             frame.unpersist()
 
 
+def _by_user(spark: SparkSession, frame: DataFrame) -> DataFrame:
+    """`frame` hash-partitioned by user_id into the session's shuffle partitions. The batch's events
+    and the state rows it merges with are, and their checkpoints keep that partitioning, so that the
+    state's joins, aggregations and windows (all by user) need no further shuffle: a shuffle per join
+    and per aggregation was most of a micro-batch's time."""
+    value = str(spark.conf.get("spark.sql.shuffle.partitions", "200"))
+    return frame.repartition(int(value) if value.isdigit() else 200, "user_id")
+
+
 def _bucket(cfg: Config):
     """The state partition of a user: a hash bucket of user_id."""
     return F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
@@ -337,11 +347,12 @@ def _merge_into_state(spark, cfg, models, batch, buckets, batch_id) -> DataFrame
     """Merge the batch into the state's touched buckets; returns the batch's users' new rows."""
     if output_table_exists(spark, cfg.output, STATE):
         # Read once: the merge reads these rows five times (scalars, sessions, orders, the untouched).
-        old = read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets)).localCheckpoint()
+        old = _by_user(spark, read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets)))
+        old = old.localCheckpoint()
     else:
-        old = batch.limit(0)
+        old = _by_user(spark, batch.limit(0))
     merged = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
-    untouched = old.join(batch.select("user_id"), "user_id", "left_anti")
+    untouched = join_by_user(old, batch.select("user_id"), "left_anti")
     merged = merged.withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
     rows = merged.unionByName(untouched)
     written = write_rows(
@@ -419,7 +430,7 @@ def _model_scores(assignments: dict[str, DataFrame]) -> DataFrame:
 
 def _live_rows(scores: DataFrame, touched: DataFrame, as_of: dt.date, app: str, batch_id: int) -> DataFrame:
     latest = touched.select("user_id", F.col("last_event").alias("latest_event_time"))
-    stamped = scores.join(latest, "user_id", "left").select(
+    stamped = join_by_user(scores, latest, "left").select(
         *[c for c in USER_SEGMENTS_LIVE.names if c in ("user_id", "model", "segment", "segment_name", "probability",
                                                        "anomaly_score", "latest_event_time")],
         F.lit(as_of).cast("date").alias("as_of"), F.lit(app).alias("app_id"), F.lit(batch_id).cast("long").alias("batch_id"),
