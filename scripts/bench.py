@@ -318,11 +318,16 @@ STREAM_TRAINING = (  # a quick training: this suite measures the stream, not the
 )
 
 
-def _time_sliced_lines(folder: Path) -> list[str]:
-    """The JSON lines of a generated folder in event-time order: files as a landing folder receives
-    them, each a slice of time with many users' events."""
-    lines = (line for p in folder.glob("part-*") for line in p.read_text().splitlines() if line.strip())
-    return sorted(lines, key=lambda line: json.loads(line)["event_time"])
+def _time_sliced_lines(spark, folder: Path, events: int, seed: int) -> list[str]:
+    """`events` generated JSON lines in event-time order: files cut from them are what a landing
+    folder receives, each a slice of time with many users' events. The generator's default mix gives
+    about 25 events per user in 30 days: a margin, and the count checked."""
+    write_dataset(spark, GenerateSpec(users=max(events // 20, 10), days=30, seed=seed), str(folder), "json")
+    lines = (line for p in (folder / "events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
+    ordered = sorted(lines, key=lambda line: json.loads(line)["event_time"])
+    if len(ordered) < events:
+        raise SystemExit(f"generated {len(ordered)} events, fewer than the {events} asked for")
+    return ordered[:events]
 
 
 def suite_streaming(spark, args):
@@ -336,8 +341,7 @@ def suite_streaming(spark, args):
     scale = (args.scale or [200_000])[0]
     work = Path(args.work) / f"stream-{scale}"
     shutil.rmtree(work, ignore_errors=True)
-    write_dataset(spark, GenerateSpec(users=max(scale // EVENTS_PER_USER, 10), days=30, seed=3), str(work / "data"), "json")
-    lines = _time_sliced_lines(work / "data/events")
+    lines = _time_sliced_lines(spark, work / "data", scale, seed=3)
     per_file = 10_000
     files = [lines[i:i + per_file] for i in range(0, len(lines), per_file)]
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/data/events", "input.format=json",
@@ -413,11 +417,7 @@ def suite_stream_state(spark, args):
     work = Path(args.work) / "stream-state"
     shutil.rmtree(work, ignore_errors=True)
     total = points[-1] + per_batch * len(points)
-    # About 25 events per user in 30 days of the generator's default mix; a margin, and the count checked.
-    write_dataset(spark, GenerateSpec(users=max(total // 20, 10), days=30, seed=5), str(work / "data"), "json")
-    lines = _time_sliced_lines(work / "data/events")
-    if len(lines) < total:
-        raise SystemExit(f"stream_state: generated {len(lines)} events, fewer than the {total} the points need")
+    lines = _time_sliced_lines(spark, work / "data", total, seed=5)
     # A quick training on other users of the same shop: the suite measures the stream, not the fit.
     write_dataset(spark, GenerateSpec(users=2_000, days=30, seed=6), str(work / "train"), "json")
     cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/train/events", "input.format=json",
