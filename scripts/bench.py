@@ -330,6 +330,23 @@ def _time_sliced_lines(spark, folder: Path, events: int, seed: int) -> list[str]
     return ordered[:events]
 
 
+def _trained_stream(spark, work: Path, training_events: Path, **streaming):
+    """A quick training run (`bench-train`) on `training_events`, and the config of a stream of one
+    file per micro-batch from the empty landing folder `work/landing`: (cfg, stream_cfg, landing)."""
+    from segspark import usecases
+
+    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={training_events}", "input.format=json",
+                                                 f"output.root={work}/out", *STREAM_TRAINING])
+    usecases.run(spark, cfg, run_id="bench-train")
+    landing = work / "landing"
+    landing.mkdir()
+    stream_cfg = cfg.model_copy(update={
+        "input": cfg.input.model_copy(update={"path": str(landing)}),
+        "streaming": cfg.streaming.model_copy(update={"max_files_per_trigger": 1, **streaming}),
+    })
+    return cfg, stream_cfg, landing
+
+
 def suite_streaming(spark, args):
     """Events/s and file-to-assignment latency of `segspark stream` at about 10k events per batch."""
     import shutil
@@ -344,15 +361,7 @@ def suite_streaming(spark, args):
     lines = _time_sliced_lines(spark, work / "data", scale, seed=3)
     per_file = 10_000
     files = [lines[i:i + per_file] for i in range(0, len(lines), per_file)]
-    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/data/events", "input.format=json",
-                                                 f"output.root={work}/out", *STREAM_TRAINING])
-    usecases.run(spark, cfg, run_id="bench-train")
-    landing = work / "landing"
-    landing.mkdir()
-    stream_cfg = cfg.model_copy(update={
-        "input": cfg.input.model_copy(update={"path": str(landing)}),
-        "streaming": cfg.streaming.model_copy(update={"max_files_per_trigger": 1, "trigger_seconds": 1}),
-    })
+    cfg, stream_cfg, landing = _trained_stream(spark, work, work / "data/events", trigger_seconds=1)
     half = len(files) // 2
 
     # Sustained throughput: the first half of the files dropped at once, processed available-now.
@@ -420,15 +429,7 @@ def suite_stream_state(spark, args):
     lines = _time_sliced_lines(spark, work / "data", total, seed=5)
     # A quick training on other users of the same shop: the suite measures the stream, not the fit.
     write_dataset(spark, GenerateSpec(users=2_000, days=30, seed=6), str(work / "train"), "json")
-    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={work}/train/events", "input.format=json",
-                                                 f"output.root={work}/out", *STREAM_TRAINING])
-    usecases.run(spark, cfg, run_id="bench-train")
-    landing = work / "landing"
-    landing.mkdir()
-    stream_cfg = cfg.model_copy(update={
-        "input": cfg.input.model_copy(update={"path": str(landing)}),
-        "streaming": cfg.streaming.model_copy(update={"max_files_per_trigger": 1}),
-    })
+    cfg, stream_cfg, landing = _trained_stream(spark, work, work / "train/events")
 
     def land(chunk: list[str], name: str) -> None:
         tmp = landing / f".{name}.tmp"
