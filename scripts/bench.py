@@ -1,14 +1,16 @@
 """Benchmarks: one JSON object per line (format in DESIGN.md), ratios against a baseline measured
 in the same process on the same data, because absolute times on shared machines are not stable.
 
-    python scripts/bench.py --suite ingest_features [--scale 10000000 [--scale 50000000 ...]] [--repeat 3]
+    python scripts/bench.py --suite ingest_features [--scale 10000000 [--scale 50000000 ...]] [--format csv] [--repeat 3]
 
 Suites:
   ingest_features  metric features_vs_plain_aggregation: (ingest + features) time / time of a plain
-                   Spark read + groupBy(user) count/max/sum over the same Parquet files. "ingest +
-                   features" is what the pipeline's two stages run: read, type and tag every record,
-                   persist the tagged events, count them by reason, resolve the slot values and
-                   compute the full feature set (written to the noop sink). One line per --scale.
+                   Spark read + groupBy(user) count/max/sum over the same files. "ingest +
+                   features" is what the pipeline's stages run: read, type and tag every record,
+                   persist the tagged events, count them by reason, the quarantine rows, resolve the
+                   slot values and compute the full feature set (written to the noop sink). One line
+                   per --scale. --format csv: the same events as CSV in the REES46 layout, read
+                   through conf/clickstream.yaml (the baseline reads the same CSV files).
   baselines        metric mllib_kmeans_vs_sklearn: MLlib KMeans fit time / scikit-learn KMeans fit time
                    on the same prepared matrix (the users of --scale events, default 50M -> 1M users;
                    the features are computed once and cached under --work); metric
@@ -94,37 +96,60 @@ def ensure_events(spark, scale: int, work: Path) -> Path:
     return target / "events"
 
 
+def ensure_rees46_csv(spark, events: Path) -> Path:
+    """The same events as CSV files in the REES46 layout (conf/clickstream.yaml): a header line,
+    `2019-10-01 00:00:00 UTC` timestamps and a category_id column, every value text."""
+    target = events.parent / "rees46-csv"
+    if not (target / "_SUCCESS").exists():
+        c = F.col
+        (
+            spark.read.parquet(str(events))
+            .select(F.concat(c("event_time"), F.lit(" UTC")).alias("event_time"), "event_type", "product_id",
+                    F.abs(F.xxhash64("category_code")).alias("category_id"), "category_code", "brand", "price",
+                    "user_id", "user_session")
+            .write.mode("overwrite").option("header", "true").csv(str(target))
+        )
+    return target
+
+
 def suite_ingest_features(spark, args):
     for scale in args.scale or [10_000_000]:
         ingest_features_at(spark, args, scale)
 
 
 def ingest_features_at(spark, args, scale: int):
-    path = ensure_events(spark, scale, Path(args.work))
-    events = spark.read.parquet(str(path)).count()
-    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={path}"])
-    as_of = dt.date.fromisoformat(spark.read.parquet(str(path)).agg(F.max("event_time")).collect()[0][0][:10])
+    """(ingest + features) / a plain read + groupBy of the same files: Parquet through
+    conf/local.yaml, or with --format csv the same events as REES46-layout CSV through
+    conf/clickstream.yaml."""
+    parquet = ensure_events(spark, scale, Path(args.work))
+    events = spark.read.parquet(str(parquet)).count()
+    as_of = dt.date.fromisoformat(spark.read.parquet(str(parquet)).agg(F.max("event_time")).collect()[0][0][:10])
+    path = ensure_rees46_csv(spark, parquet) if args.format == "csv" else parquet
+    config = "conf/clickstream.yaml" if args.format == "csv" else "conf/local.yaml"
+    cfg = load_config(REPO / config, [f"input.path={path}"])
 
     def segspark_features():
-        raw = read_raw_events(spark, cfg.input)
-        tagged = ingest.tag_events(raw, cfg.input).persist(StorageLevel.MEMORY_AND_DISK)
-        ingest.reason_counts(tagged).collect()
-        user_features(ingest.clean_events(tagged), as_of, cfg.features).write.format("noop").mode("overwrite").save()
-        tagged.unpersist()
+        # What a run's ingest, quarantine and features stages compute (written to the noop sink).
+        ingested = ingest.ingest_records(read_raw_events(spark, cfg.input), cfg.input)
+        ingest.quarantine_rows(ingested.tagged, "bench", str(path)).write.format("noop").mode("overwrite").save()
+        user_features(ingested.clean, as_of, cfg.features).write.format("noop").mode("overwrite").save()
+        ingested.unpersist()
 
     def plain_aggregation():
+        read = spark.read.option("header", "true").csv(str(path)) if args.format == "csv" else spark.read.parquet(str(path))
         (
-            spark.read.parquet(str(path))
-            .groupBy("user_id")
-            .agg(F.count(F.lit(1)).alias("n"), F.max("event_time").alias("last"), F.sum("price").alias("spend"))
+            read.groupBy("user_id")
+            .agg(F.count(F.lit(1)).alias("n"), F.max("event_time").alias("last"),
+                 F.sum(F.col("price").cast("double")).alias("spend"))
             .write.format("noop").mode("overwrite").save()
         )
 
     baseline = timed(plain_aggregation, args.repeat, args.warmup)
     ours = timed(segspark_features, args.repeat, args.warmup)
     emit("ingest_features", "features_vs_plain_aggregation", round(ours, 3), "s",
-         baseline=round(baseline, 3), ratio=round(ours / baseline, 3), events=events, repeat=args.repeat,
-         warmup=args.warmup)
+         baseline=round(baseline, 3), ratio=round(ours / baseline, 3), events=events, format=args.format,
+         config=config,
+         repeat=args.repeat, warmup=args.warmup)
 
 
 def prepared_users(spark, args):
@@ -520,6 +545,9 @@ def main() -> int:
     parser.add_argument("--history", type=int, nargs="*",
                         help="stream_state: the history sizes (events) at which a micro-batch is timed")
     parser.add_argument("--plot", help="stream_state: write the curve as a PNG here (e.g. docs/stream_state.png)")
+    parser.add_argument("--format", choices=("parquet", "csv"), default="parquet",
+                        help="ingest_features: the generated events as Parquet (conf/local.yaml) or as CSV in the "
+                             "REES46 layout (conf/clickstream.yaml)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the warm-up run (for large scales, where one run is minutes)")

@@ -36,11 +36,11 @@ def test_features_job_under_spark_submit(sample_parquet, tmp_path):
     assert done.returncode == 0, output[-4000:]
     assert "run submitted succeeded" in done.stdout
     assert "started SparkSession" in output and "master local[2])" in output  # spark-submit's session
-    # The job's start-up lines: the master, the executors and their Python; conf/local.yaml's 10g driver
+    # The job's start-up lines: the master, the executors and their Python; conf/local.yaml's 4g driver
     # memory is not applied over the submit line's 1g, with a warning.
     assert "cluster: Spark " in output and "cluster: executors: 1, 2 cores: driver on " in output
     assert "cluster: executor Python on " in output and f": {sys.executable} (Python " in output
-    assert "config ignored for spark.driver.memory (config 10g, in effect 1g)" in output
+    assert "config ignored for spark.driver.memory (config 4g, in effect 1g)" in output
     runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
     assert [(r["run_id"], r["status"]) for r in runs] == [("submitted", "succeeded")]
 

@@ -204,7 +204,7 @@ def test_jobs_on_a_standalone_cluster_run_the_shipped_environment(packaged, clus
     common = ["--config", str(REPO / "conf/local.yaml"), "--set", f"input.path={sample_parquet}/events",
               f"output.root={out}"]
     started = time.monotonic()
-    # conf/local.yaml sets spark.driver.memory 10g, and this run asks for 2g executors: under spark-submit
+    # conf/local.yaml sets spark.driver.memory 4g, and this run asks for 2g executors: under spark-submit
     # the submit line's 1g stays in effect for both, with one warning.
     trained = _submit(cluster, packaged, tmp_path, "pipeline.py", *common, "--run-id", "cluster-train",
                       *FAST_MODELS, *QUICK, "spark.conf.spark.executor.memory=2g")
@@ -215,7 +215,7 @@ def test_jobs_on_a_standalone_cluster_run_the_shipped_environment(packaged, clus
     assert re.search(r"cluster: executors: 1, 2 cores: 0 on 127\.0\.0\.1:\d+ \(2 cores", trained), trained[-4000:]
     warnings = [line for line in trained.splitlines() if "spark-submit job: memory, cores and master" in line]
     assert len(warnings) == 1, trained[-4000:]
-    assert "spark.driver.memory (config 10g, in effect 1g)" in warnings[0]
+    assert "spark.driver.memory (config 4g, in effect 1g)" in warnings[0]
     assert "spark.executor.memory (config 2g, in effect 1g)" in warnings[0]
     _check_shipped_python(trained, work_dir)
 
@@ -239,6 +239,6 @@ def test_jobs_on_a_standalone_cluster_run_the_shipped_environment(packaged, clus
     score_seconds = time.monotonic() - started
     assert "run cluster-score succeeded" in scored
     _check_shipped_python(scored, work_dir)
-    assert "spark-submit job: memory" in scored  # conf/local.yaml's 10g driver memory, again
+    assert "spark-submit job: memory" in scored  # conf/local.yaml's 4g driver memory, again
     assert _segments(out, "cluster-score") == segments
     print(f"\nstandalone cluster: pipeline.py {train_seconds:.1f} s, score.py {score_seconds:.1f} s")

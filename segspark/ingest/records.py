@@ -2,8 +2,8 @@
 events out, and their quarantine rows written, so that both apply the same rules and keep the same
 promise: input records = clean + quarantined.
 
-`ingest_records` tags the records (events.tag_events), keeps the tagged rows persisted (the
-features and the quarantine write read them) and counts them in one small aggregation that also
+`ingest_records` tags the records (events.tag_events), keeps the tagged rows persisted on local disk
+(the features and the quarantine write read them) and counts them in one small aggregation that also
 gives the range of the clean events. `write_quarantine` writes the rejected rows of a run id in one
 commit; the stream passes its transaction (app id, batch id) so that a replayed batch writes nothing.
 """
@@ -55,7 +55,12 @@ def ingest_records(
     records: DataFrame, cfg: InputConfig, protection: Protection | None = None, *, now: dt.datetime | None = None
 ) -> Ingested:
     """Tag `records` and count them: one pass over the input (so an unreadable file fails here)."""
-    tagged = tag_events(records, cfg, protection, now=now).persist(StorageLevel.MEMORY_AND_DISK)
+    # On local disk, not in the heap: a cached partition of tagged events is built and read back as
+    # one block, and at 1M users / 58.5M events such blocks ran a 4 GB driver out of heap (both when
+    # built in memory and when read back from disk into memory). Disk blocks are streamed both ways
+    # and the operating system's page cache keeps them in memory when there is room (10M events:
+    # 68 s against 63 s for ingest + features).
+    tagged = tag_events(records, cfg, protection, now=now).persist(StorageLevel.DISK_ONLY)
     try:
         # Dates and times are formatted by Spark in the session's zone (UTC): a collected timestamp
         # would come back in the driver machine's local zone.
