@@ -180,7 +180,7 @@ def tag_events(
     now = now or dt.datetime.now(dt.UTC)
     c = F.col
 
-    # Two projections, not one: every source value is typed once (below), and the rules then read
+    # Typing and rules in separate projections: every source value is typed once (below), and the rules then read
     # the typed columns. Written as one expression, each rule repeats the typing it depends on (the
     # timestamp parse four times, the event-type map four times), and the generated method grows
     # past the 8,000 bytes of bytecode that the JVM compiles: it then runs interpreted, about 40x
@@ -246,7 +246,7 @@ def tag_events(
         rule_reason.alias(REASON),
         *source_cols, _FP64, _FP32,
     )
-    typed = reasoned.select(
+    narrow = reasoned.select(
         *EVENT_COLUMNS, REASON,
         # The source record's text is kept only for rejected records: clean rows cross the shuffle narrow.
         F.when(c(REASON).isNotNull(), _raw_record(src, cols, c("user_id"), protection)).alias(RAW),
@@ -261,7 +261,7 @@ def tag_events(
     same_as_previous = F.lit(True)
     for name in ("event_time", _FP64, _FP32):
         same_as_previous = same_as_previous & c(name).eqNullSafe(F.lag(c(name)).over(by_user))
-    flagged = typed.withColumn(_DUP, c(REASON).isNull() & F.coalesce(same_as_previous, F.lit(False)))
+    flagged = narrow.withColumn(_DUP, c(REASON).isNull() & F.coalesce(same_as_previous, F.lit(False)))
     # The duplicate's source record is identical to the clean copy kept; it is quarantined as the
     # canonical event in JSON (the source text does not cross the shuffle).
     canonical_json = F.to_json(F.struct(*[c(name) for name in EVENT_COLUMNS]))
