@@ -7,7 +7,13 @@ import logging
 import sys
 
 from segspark.runtime.cluster import describe_cluster
-from segspark.runtime.session import is_submit_line_key, submitted_job_conf
+from segspark.runtime.session import (
+    BUILT_CONTEXT_DEFAULTS,
+    REQUIRED_CONF,
+    is_submit_line_key,
+    submitted_job_conf,
+    submitted_session_settings,
+)
 
 
 def test_config_cannot_override_what_the_submit_line_owns(caplog):
@@ -38,6 +44,24 @@ def test_nothing_to_warn_about_when_config_agrees(caplog):
     with caplog.at_level(logging.WARNING, logger="segspark.runtime.session"):
         applied = submitted_job_conf({"spark.sql.shuffle.partitions": "8"}, {"spark.sql.shuffle.partitions": "8"})
     assert applied == {"spark.sql.shuffle.partitions": "8"} and not caplog.records
+
+
+def test_a_submitted_job_gets_segsparks_defaults_unless_the_submit_line_set_them():
+    debugging = "spark.python.sql.dataFrameDebugging.enabled"
+    assert BUILT_CONTEXT_DEFAULTS[debugging] == "false"
+    settings = submitted_session_settings({"spark.sql.shuffle.partitions": "8"}, {"spark.master": "yarn"})
+    assert settings == {**BUILT_CONTEXT_DEFAULTS, **REQUIRED_CONF, "spark.sql.shuffle.partitions": "8"}
+    # The submit line's --conf wins: segspark sets nothing over it.
+    assert debugging not in submitted_session_settings({}, {debugging: "true"})
+
+
+def test_a_session_segspark_builds_records_no_python_call_sites(spark):
+    """PySpark's call-site capture (several Py4J round trips per DataFrame or Column call) is off in
+    the sessions segspark builds, and PySpark sees it so."""
+    from pyspark.errors.utils import is_debugging_enabled
+
+    assert spark.conf.get("spark.python.sql.dataFrameDebugging.enabled") == "false"
+    assert not is_debugging_enabled()
 
 
 def test_submit_line_keys():

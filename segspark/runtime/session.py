@@ -50,6 +50,16 @@ LOCAL_DEFAULTS: dict[str, str] = {
 }
 
 
+# Defaults wherever segspark creates the SparkContext (locally, or in a job spark-submit started; a
+# submit line's --conf wins). PySpark 4 records the Python call site of every DataFrame and Column
+# call for its error messages, at several Py4J round trips per call (the active session, a setting,
+# the origin set and cleared); segspark builds its plans from thousands of such calls, and a stream
+# micro-batch of 10k events spent about 10% of its time there. Errors keep Spark's own context, not
+# the Python line. PySpark reads the setting once per process, when the first call is made.
+BUILT_CONTEXT_DEFAULTS: dict[str, str] = {
+    "spark.python.sql.dataFrameDebugging.enabled": "false",
+}
+
 # Settings that a spark-submit line owns. The driver JVM has started (with its memory) before segspark
 # runs, and memory, cores, executors and master are the submitter's to choose: a config value for one
 # of these cannot take effect (spark.driver.*) or would silently replace the submit line's (the rest).
@@ -97,6 +107,13 @@ def submitted_job_conf(conf: Mapping[str, str], submitted: Mapping[str, str]) ->
                          + ", ".join(_both(key, conf[key], submitted[key]) for key in overridden))
         log.warning("spark-submit job: %s", "; ".join(parts))
     return {key: str(value) for key, value in conf.items() if key not in owned and key not in overridden}
+
+
+def submitted_session_settings(conf: Mapping[str, str], submitted: Mapping[str, str]) -> dict[str, str]:
+    """What segspark sets on the SparkContext of a job spark-submit launched: its defaults where the
+    submit line set nothing, REQUIRED_CONF, and the config's settings that apply (submitted_job_conf)."""
+    defaults = {key: value for key, value in BUILT_CONTEXT_DEFAULTS.items() if key not in submitted}
+    return {**defaults, **REQUIRED_CONF, **submitted_job_conf(conf, submitted)}
 
 
 def _both(key: str, configured: object, in_effect: str | None) -> str:
@@ -149,11 +166,11 @@ def get_spark(
         # settings the user submitted with; add only what segspark needs and the config's settings
         # that the submit line neither owns nor set.
         builder = SparkSession.builder.appName(app_name)
-        settings = {**REQUIRED_CONF, **submitted_job_conf(dict(conf or {}), _submitted_conf())}
+        settings = submitted_session_settings(dict(conf or {}), _submitted_conf())
     else:
         _prepare_local_environment()
         builder = SparkSession.builder.appName(app_name).master(master)
-        settings = {**LOCAL_DEFAULTS, **REQUIRED_CONF, **dict(conf or {})}
+        settings = {**BUILT_CONTEXT_DEFAULTS, **LOCAL_DEFAULTS, **REQUIRED_CONF, **dict(conf or {})}
     for key, value in settings.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
