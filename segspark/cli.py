@@ -413,7 +413,9 @@ def _overrides(flagged: Sequence[str], trailing: Sequence[str]) -> list[str]:
 
 
 def _spark_conf(cfg) -> dict[str, str]:
-    return {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), **cfg.spark.conf}
+    """The settings of a session segspark builds (with `auto` shuffle partitions, runs size their own)."""
+    pinned = {} if cfg.spark.shuffle_partitions == "auto" else {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions)}
+    return {**pinned, **cfg.spark.conf}
 
 
 def _print_summary(result) -> None:

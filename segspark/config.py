@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,7 +52,9 @@ class SparkConfig(_Section):
     app_name: str = "segspark"
     master: str = "local[2]"
     remote: str | None = None  # Spark Connect URL (sc://host:port); also the SPARK_REMOTE variable
-    shuffle_partitions: int = Field(8, ge=1)
+    # `auto`: each batch run sizes its shuffles from its input (runtime/shuffle_sizing.py); a number pins
+    # the session's spark.sql.shuffle.partitions.
+    shuffle_partitions: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     conf: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("conf", mode="before")

@@ -38,7 +38,6 @@ REQUIRED_CONF: dict[str, str] = {
 
 # Defaults for a session we build ourselves: modest parallelism for a laptop or CI box.
 LOCAL_DEFAULTS: dict[str, str] = {
-    "spark.sql.shuffle.partitions": "8",
     "spark.driver.host": LOOPBACK,
     "spark.driver.bindAddress": LOOPBACK,
     "spark.ui.enabled": "false",
@@ -58,7 +57,14 @@ LOCAL_DEFAULTS: dict[str, str] = {
 # the Python line. PySpark reads the setting once per process, when the first call is made.
 BUILT_CONTEXT_DEFAULTS: dict[str, str] = {
     "spark.python.sql.dataFrameDebugging.enabled": "false",
+    # Work no run sizes itself (a stream's micro-batches, `train` on stored features) gets modest
+    # parallelism for a laptop or CI box; batch runs size theirs from their input (shuffle_sizing.py).
+    "spark.sql.shuffle.partitions": "8",
 }
+
+# The settings of this process's SparkContext that segspark chose rather than its launcher: all of
+# them for a session segspark built locally, its defaults for a job spark-submit started.
+_CHOSEN_BY_SEGSPARK: set[str] = set()
 
 # Settings that a spark-submit line owns. The driver JVM has started (with its memory) before segspark
 # runs, and memory, cores, executors and master are the submitter's to choose: a config value for one
@@ -166,11 +172,14 @@ def get_spark(
         # settings the user submitted with; add only what segspark needs and the config's settings
         # that the submit line neither owns nor set.
         builder = SparkSession.builder.appName(app_name)
-        settings = submitted_session_settings(dict(conf or {}), _submitted_conf())
+        submitted = _submitted_conf()
+        settings = submitted_session_settings(dict(conf or {}), submitted)
+        _CHOSEN_BY_SEGSPARK.update(key for key in BUILT_CONTEXT_DEFAULTS if key not in submitted)
     else:
         _prepare_local_environment()
         builder = SparkSession.builder.appName(app_name).master(master)
         settings = {**BUILT_CONTEXT_DEFAULTS, **LOCAL_DEFAULTS, **REQUIRED_CONF, **dict(conf or {})}
+        _CHOSEN_BY_SEGSPARK.update(settings)
     for key, value in settings.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
@@ -204,6 +213,15 @@ def is_connect(spark: SparkSession) -> bool:
     """True for a Spark Connect session (Databricks serverless and shared clusters, `sc://` remotes):
     no SparkContext and no JVM gateway on this side."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def set_at_launch(spark: SparkSession, key: str) -> bool:
+    """Whether whoever launched the session's SparkContext set `key`: a spark-submit --conf,
+    spark-defaults.conf, a cluster's Spark config. Not for a context segspark built locally (its
+    settings are segspark's defaults and config), and never known with Spark Connect (False)."""
+    if is_connect(spark) or key in _CHOSEN_BY_SEGSPARK:
+        return False
+    return bool(spark.sparkContext.getConf().contains(key))
 
 
 def task_slots(spark: SparkSession) -> int | None:

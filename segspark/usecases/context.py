@@ -22,7 +22,9 @@ from segspark.io.tables import check_output, table_path, write_rows
 from segspark.runtime import progress
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.run_ids import check_batch_run_id
-from segspark.runtime.session import apply_required_conf
+from segspark.runtime.session import apply_required_conf, set_at_launch
+from segspark.runtime.shuffle_sizing import SETTING as SHUFFLE_PARTITIONS
+from segspark.runtime.shuffle_sizing import sized_partitions
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,35 @@ class RunContext:
     result: RunResult
     started_at: dt.datetime
     cached: list[DataFrame] = field(default_factory=list)
+    session_partitions: str | None = None  # the session's shuffle partitions, while the run has its own
 
     @property
     def run_id(self) -> str:
         return self.result.run_id
+
+    def size_shuffles(self, records: DataFrame) -> DataFrame:
+        """With spark.shuffle_partitions `auto`, this run's shuffle partitions sized from the input
+        `records` (runtime/shuffle_sizing.py), until the run ends. Returns `records`."""
+        spark_cfg = self.cfg.spark
+        pinned = SHUFFLE_PARTITIONS in spark_cfg.conf or set_at_launch(self.spark, SHUFFLE_PARTITIONS)
+        if spark_cfg.shuffle_partitions != "auto" or pinned:
+            return records
+        sized = sized_partitions(records, self.cfg.input.format)
+        if sized is not None:
+            partitions, size = sized
+            if self.session_partitions is None:
+                self.session_partitions = str(self.spark.conf.get(SHUFFLE_PARTITIONS))
+            self.spark.conf.set(SHUFFLE_PARTITIONS, str(partitions))
+            self.result.metrics["shuffle_partitions"] = {"partitions": partitions, "input_bytes": size}
+            log.info("shuffle partitions: %d for %.1f MB of %s input (spark.shuffle_partitions auto)",
+                     partitions, size / 1e6, self.cfg.input.format)
+        return records
+
+    def restore_session(self) -> None:
+        """The session's own shuffle partitions again (a notebook's session outlives the run)."""
+        if self.session_partitions is not None:
+            self.spark.conf.set(SHUFFLE_PARTITIONS, self.session_partitions)
+            self.session_partitions = None
 
     def keep(self, frame: DataFrame) -> DataFrame:
         """`frame`, persisted until the run ends."""
@@ -113,6 +140,7 @@ def execute(ctx: RunContext, body: Callable[[RunContext], None]) -> RunResult:
     finally:
         for df in ctx.cached:
             df.unpersist()
+        ctx.restore_session()
         _record_run(spark, cfg, result, ctx.started_at)
     return result
 

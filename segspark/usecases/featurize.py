@@ -35,7 +35,8 @@ def compute_features(ctx: RunContext, slots: FeatureSlots | None = None) -> tupl
     result.metrics["privacy"] = protection.describe()
     with ctx.stage("ingest") as counts:
         ingested, skipped = read_with_corrupt_files(
-            spark, cfg.input, lambda raw: ingest.ingest_records(raw, cfg.input, protection, now=ctx.started_at)
+            spark, cfg.input,
+            lambda raw: ingest.ingest_records(ctx.size_shuffles(raw), cfg.input, protection, now=ctx.started_at),
         )
         ctx.cached.append(ingested.tagged)
         if skipped:

@@ -1,0 +1,62 @@
+"""spark.shuffle_partitions `auto`: a batch run's shuffle partitions follow the size of its input, for
+the run's duration only, unless a number (or the session's launcher) pins them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from deltalake import DeltaTable
+
+from segspark.config import load_config
+from segspark.io.readers import read_raw_events
+from segspark.runtime.session import set_at_launch
+from segspark.runtime.shuffle_sizing import MIB, SETTING, input_bytes, shuffle_partitions_for
+from segspark.usecases.context import RunContext, RunResult
+
+from .conftest import REPO, TRAINED_RUN_ID
+
+
+def test_partitions_follow_the_input_size():
+    assert shuffle_partitions_for(0, "parquet", slots=2) == 1
+    assert shuffle_partitions_for(32 * MIB, "parquet", slots=16) == 1  # small: one task, whatever the cores
+    assert shuffle_partitions_for(32 * MIB + 1, "parquet", slots=16) == 16  # larger: every core busy
+    assert shuffle_partitions_for(243_000_000, "parquet", slots=2) == 8  # 10M generated events
+    assert shuffle_partitions_for(1_523_343_887, "csv", slots=2) == 8  # the same events as CSV
+    assert shuffle_partitions_for(150 * MIB, "json", slots=2) == 1
+
+
+def test_input_bytes_estimate_the_size_of_the_input_files(spark, sample_parquet):
+    files = sum(f.stat().st_size for f in (sample_parquet / "events").iterdir() if f.suffix == ".parquet")
+    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={sample_parquet}/events"])
+    # Spark's estimate: the files' bytes, scaled by the columns the reader adds (_corrupt_record)
+    assert files <= input_bytes(read_raw_events(spark, cfg.input)) <= 1.5 * files
+
+
+def _context(spark, *overrides: str) -> RunContext:
+    cfg = load_config(REPO / "conf/local.yaml", list(overrides))
+    return RunContext(spark, cfg, RunResult(run_id="sizing", as_of=None), started_at=dt.datetime.now(dt.UTC))
+
+
+@pytest.mark.parametrize("pin", [None, "spark.shuffle_partitions=3", "spark.conf.spark.sql.shuffle.partitions=3"])
+def test_a_run_sizes_its_shuffles_unless_pinned_and_gives_the_session_its_setting_back(spark, sample_parquet, pin):
+    session_value = spark.conf.get(SETTING)
+    assert not set_at_launch(spark, SETTING)  # the tests' session is built by segspark, not launched
+    ctx = _context(spark, f"input.path={sample_parquet}/events", *([pin] if pin else []))
+    records = read_raw_events(spark, ctx.cfg.input)
+    assert ctx.size_shuffles(records) is records
+    if pin is None:
+        assert spark.conf.get(SETTING) == "1"  # a few hundred kB of events: one partition
+        assert ctx.result.metrics["shuffle_partitions"] == {"partitions": 1, "input_bytes": input_bytes(records)}
+    else:
+        assert spark.conf.get(SETTING) == session_value and "shuffle_partitions" not in ctx.result.metrics
+    ctx.restore_session()
+    assert spark.conf.get(SETTING) == session_value
+
+
+def test_the_run_records_its_shuffle_partitions(trained_run, spark):
+    runs = DeltaTable(str(trained_run.root / "runs")).to_pyarrow_table().to_pylist()
+    (run,) = [r for r in runs if r["run_id"] == TRAINED_RUN_ID]
+    assert json.loads(run["metrics"])["shuffle_partitions"]["partitions"] == 1
+    assert spark.conf.get(SETTING) == "4"  # the shared session's own setting, restored after the run
