@@ -5,6 +5,7 @@ and error lines are looked for in both."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,14 +16,14 @@ from pyspark.find_spark_home import _find_spark_home
 from .conftest import REPO
 
 
-def _spark_submit(job: str, *args: str) -> subprocess.CompletedProcess:
+def _spark_submit(job: str, *args: str, conf: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     # PYTHONPATH: the driver imports this checkout's segspark (an editable install may name another).
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": str(REPO)}
     env.pop("SPARK_REMOTE", None)
     command = [
         os.path.join(_find_spark_home(), "bin", "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
         "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
-        "--conf", "spark.ui.enabled=false", str(REPO / "jobs" / job), *args,
+        "--conf", "spark.ui.enabled=false", *[x for c in conf for x in ("--conf", c)], str(REPO / "jobs" / job), *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
@@ -31,6 +32,7 @@ def test_features_job_under_spark_submit(sample_parquet, tmp_path):
     done = _spark_submit(
         "features.py", "--config", str(REPO / "conf/local.yaml"), "--run-id", "submitted",
         "--set", f"input.path={sample_parquet}/events", f"output.root={tmp_path}",
+        conf=("spark.sql.shuffle.partitions=3",),
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -43,6 +45,8 @@ def test_features_job_under_spark_submit(sample_parquet, tmp_path):
     assert "config ignored for spark.driver.memory (config 4g, in effect 1g)" in output
     runs = DeltaTable(str(tmp_path / "runs")).to_pyarrow_table().to_pylist()
     assert [(r["run_id"], r["status"]) for r in runs] == [("submitted", "succeeded")]
+    # spark.shuffle_partitions `auto` yields to the submit line's spark.sql.shuffle.partitions
+    assert "shuffle_partitions" not in json.loads(runs[0]["metrics"])
 
 
 def test_a_bad_config_fails_the_submitted_job_with_exit_2(tmp_path):
