@@ -64,6 +64,13 @@ def test_a_session_segspark_builds_records_no_python_call_sites(spark):
     assert not is_debugging_enabled()
 
 
+def test_a_session_segspark_builds_keeps_its_generated_code(spark):
+    """Spark's codegen cache (100 classes by default) has room for the several hundred classes a run
+    or a stream micro-batch generates, so a later one reuses them instead of compiling them again."""
+    assert spark.conf.get("spark.sql.codegen.cache.maxEntries") == BUILT_CONTEXT_DEFAULTS[
+        "spark.sql.codegen.cache.maxEntries"] == "2000"
+
+
 def test_submit_line_keys():
     for key in ("spark.master", "spark.submit.deployMode", "spark.driver.memory", "spark.executor.instances",
                 "spark.cores.max", "spark.dynamicAllocation.enabled", "spark.executor.memoryOverhead"):

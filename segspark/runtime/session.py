@@ -60,6 +60,13 @@ BUILT_CONTEXT_DEFAULTS: dict[str, str] = {
     # Work no run sizes itself (a stream's micro-batches, `train` on stored features) gets modest
     # parallelism for a laptop or CI box; batch runs size theirs from their input (shuffle_sizing.py).
     "spark.sql.shuffle.partitions": "8",
+    # Spark keeps the classes it generates for whole-stage codegen in a cache of 100 entries, and a
+    # segspark run or stream micro-batch generates several hundred distinct ones (wide feature and
+    # preparation plans, one per model and stage): with 100 they evict each other, and every
+    # micro-batch compiled ~400 classes again (4-5 s of its 15-18 s). With room for them, a stream's
+    # later batches compile a few dozen and repeated runs in one process reuse theirs. A static
+    # setting: only a session built with it has it (Databricks: the cluster's Spark config).
+    "spark.sql.codegen.cache.maxEntries": "2000",
 }
 
 # The settings of this process's SparkContext that segspark chose rather than its launcher: all of
