@@ -330,11 +330,12 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
 
 
 def _by_user(spark: SparkSession, frame: DataFrame) -> DataFrame:
-    """`frame` hash-partitioned by user_id into the session's shuffle partitions. The batch's events
-    and the state rows it merges with are, and their checkpoints keep that partitioning, so that the
-    state's joins (`feature_state.join_by_user`), aggregations and windows, all by user, need no
-    further shuffle. Where a frame already is partitioned so (the ingest's cached events are), Spark
-    leaves the repartition out of the plan."""
+    """`frame` hash-partitioned by user_id into the session's shuffle partitions: the batch's events
+    and the state rows it merges with, before they are checkpointed. Without adaptive execution the
+    checkpoints keep that partitioning, and the state's joins, aggregations and windows, all by user,
+    need no further shuffle; under AQE (the default) a checkpoint's plan does not report it, and
+    each of them shuffles its small input by user again. Where a frame already is partitioned so
+    (the ingest's cached events are), Spark leaves the repartition out of the plan."""
     value = str(spark.conf.get("spark.sql.shuffle.partitions", "200"))
     return frame.repartition(int(value) if value.isdigit() else 200, "user_id")
 
@@ -347,7 +348,7 @@ def _bucket(cfg: Config):
 def _merge_into_state(spark, cfg, models, batch, buckets, batch_id) -> DataFrame:
     """Merge the batch into the state's touched buckets; returns the batch's users' new rows."""
     if output_table_exists(spark, cfg.output, STATE):
-        # Read once: the merge reads these rows five times (scalars, sessions, orders, the untouched).
+        # Read once: the merge reads these rows twice (the merged users, and the untouched ones kept).
         old = _by_user(spark, read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets)))
         old = old.localCheckpoint()
     else:

@@ -44,13 +44,6 @@ def order_state(events: DataFrame, cfg: FeaturesConfig) -> OrderState:
     return OrderState(keyed, connect_runs(event_runs(purchases, key.isNull()), cfg.session_gap_minutes * 60))
 
 
-def merge_orders(state: OrderState, batch: OrderState, cfg: FeaturesConfig) -> OrderState:
-    keyed = (
-        state.keyed.unionByName(batch.keyed).groupBy("user_id", "order_key").agg(F.min("placed").alias("placed"))
-    )
-    return OrderState(keyed, connect_runs(state.gap.unionByName(batch.gap), cfg.session_gap_minutes * 60))
-
-
 def order_features(state: OrderState) -> DataFrame:
     """user_id, frequency, purchase_interval_mean_days, purchase_interval_std_days (users with orders)."""
     placed = state.keyed.select("user_id", F.col("placed").cast("double").alias("_placed")).unionByName(

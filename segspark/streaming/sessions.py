@@ -15,6 +15,10 @@ out-of-order events included):
   is more than the gap after the latest end so far: the connected runs of the union of the events,
   which is exactly the batch numbering.
 
+A micro-batch's rows are computed relationally (`session_state`, `connect_runs`: a window over the
+batch's events); the stream keeps them per user as arrays, and merges a user's old and new arrays
+within the row (`merge_runs`, `feature_state.merge_keyed`): no rows move between tasks.
+
 `session_features` then gives `sessions`, `session_duration_mean_min` and
 `session_duration_median_min` from the state with the batch's own expressions over the same
 per-session minutes.
@@ -59,14 +63,28 @@ def event_runs(events: DataFrame, own: Column) -> DataFrame:
     )
 
 
-def merge_sessions(state: SessionState, batch: SessionState, cfg: FeaturesConfig) -> SessionState:
-    """The state after adding a batch's sessions to it (order of arrival does not matter)."""
-    source = (
-        state.source.unionByName(batch.source)
-        .groupBy("user_id", "session_id")
-        .agg(F.min("start").alias("start"), F.max("end").alias("end"))
-    )
-    return SessionState(source, connect_runs(state.gap.unionByName(batch.gap), cfg.session_gap_minutes * 60))
+def merge_runs(a: Column, b: Column, gap_seconds: int, runs_type: str) -> Column:
+    """`connect_runs` within a row: two arrays of one user's runs (struct<start, end, own_start,
+    own_end, own_events>, of type `runs_type`) joined into maximal runs whose gaps are at most
+    gap_seconds. The runs are sorted by start, then end (the struct's field order), and folded: a run
+    starts a new one where its start is more than the gap after the latest end so far (the last
+    run's end, as the runs before it ended earlier), else it extends the last one."""
+
+    def step(runs: Column, run: Column) -> Column:
+        last = F.try_element_at(runs, F.lit(-1))  # null for the first run: no element to read
+        starts_new = last.isNull() | ((run["start"].cast("long") - last["end"].cast("long")) > gap_seconds)
+        extended = F.struct(
+            last["start"].alias("start"),
+            F.greatest(last["end"], run["end"]).alias("end"),
+            F.least(last["own_start"], run["own_start"]).alias("own_start"),  # least/greatest skip nulls
+            F.greatest(last["own_end"], run["own_end"]).alias("own_end"),
+            (last["own_events"] + run["own_events"]).alias("own_events"),
+        )
+        return F.when(starts_new, F.concat(runs, F.array(run).cast(runs_type))).otherwise(
+            F.concat(F.slice(runs, 1, F.size(runs) - 1), F.array(extended).cast(runs_type))
+        )
+
+    return F.aggregate(F.array_sort(F.concat(a, b)), F.array().cast(runs_type), step)
 
 
 def connect_runs(runs: DataFrame, gap_seconds: int) -> DataFrame:
