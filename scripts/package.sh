@@ -5,7 +5,8 @@
 #                                              (venv-pack): segspark's wheel and the packages its
 #                                              executor-side code imports (locks/executor.in), at the
 #                                              lock's exact versions, checked against its hashes
-#                                              (SEGSPARK_LOCK=none: the driver environment's versions)
+#                                              (SEGSPARK_LOCK=none: the driver environment's versions),
+#                                              with the machine code of segspark's numba KD-tree cached
 # Submit with --archives dist/segspark-env.tar.gz#environment --conf spark.pyspark.python=./environment/bin/python
 # (README, "Running on a cluster").
 #
@@ -37,6 +38,7 @@ TOOLS=build/package-tools
 ENV_NAME=segspark-env
 ARCHIVE=$DIST/$ENV_NAME.tar.gz
 PYTHON_PREFIX=${SEGSPARK_PYTHON_PREFIX:-}
+numba_state=
 
 [ -f "$LOCK" ] || { echo "package: lock file $LOCK not found" >&2; exit 2; }
 # The executors' interpreter is the driver's: the base Python that .venv was created from.
@@ -112,17 +114,43 @@ else
   if [ -n "$FROM_DRIVER" ]; then "${pip_into[@]}" -r "$executor_req"; else "${pip_into[@]}" --require-hashes -r "$executor_req"; fi
   "${pip_into[@]}" "$wheel"
   # What the executors import must import here, with pyspark from the Spark installation only (as on
-  # a cluster's nodes): a package missing from locks/executor.in fails the build, not a job.
+  # a cluster's nodes): a package missing from locks/executor.in fails the build, not a job. Run from an
+  # empty folder: `python -c` puts the working folder (here the checkout, with its segspark) first on
+  # sys.path.
+  env_python=$(cd "$env_dir" && pwd)/bin/python
+  site=$(cd "$env_dir" && echo "$(pwd)"/lib/python3.*/site-packages)
+  neutral=$(pwd)/$WORK/neutral
+  rm -rf "$neutral" && mkdir -p "$neutral"
   spark_home=$("$VENV/bin/python" -c 'from pyspark.find_spark_home import _find_spark_home; print(_find_spark_home())')
-  PYTHONPATH=$(ls "$spark_home"/python/lib/pyspark.zip "$spark_home"/python/lib/py4j-*-src.zip | paste -sd:) \
-    PYTHONNOUSERSITE=1 "$env_dir/bin/python" -c '
+  (cd "$neutral" && PYTHONPATH=$(ls "$spark_home"/python/lib/pyspark.zip "$spark_home"/python/lib/py4j-*-src.zip | paste -sd:) \
+    PYTHONNOUSERSITE=1 "$env_python" -c '
 import importlib, sys
+import segspark
+assert segspark.__file__.startswith(sys.argv[1]), f"segspark imported from {segspark.__file__}, not {sys.argv[1]}"
 for name in ("segspark.models.deep.scoring", "segspark.models.sample_grid", "segspark.models.gmm", "segspark.models.kmeans",
              "segspark.models.bisecting", "segspark.models.prepare", "segspark.models.deep.density",
              "segspark.models.deep.encoder", "segspark.models.deep.knn", "segspark.datagen"):
     importlib.import_module(name)
 assert "tensorflow" not in sys.modules, "tensorflow imported on the executor side"
-' || { echo "package: the executor environment cannot import segspark's executor code (locks/executor.in)" >&2; exit 1; }
+' "$site") || { echo "package: the executor environment cannot import segspark's executor code (locks/executor.in)" >&2; exit 1; }
+  # HDBSCAN assignment's KD-tree (segspark/models/deep/knn.py) compiled into the environment's numba
+  # cache, beside the module: each Python worker of every application would otherwise compile it
+  # (~8 s of CPU). Numba keys its cache by the source's content and the CPU, not the path, so an
+  # archive unpacked anywhere loads it; checked from a copy of the package in another folder.
+  (cd "$neutral" && env -u NUMBA_CACHE_DIR PYTHONNOUSERSITE=1 "$env_python" -c '
+from segspark.models.deep.knn import compile_ahead
+compile_ahead()')
+  cp -r "$site/segspark" "$neutral/"
+  numba_cache=$(cd "$neutral" && env -u NUMBA_CACHE_DIR PYTHONNOUSERSITE=1 "$env_python" -c '
+import sys
+from segspark.models.deep import knn
+assert knn.__file__.startswith(sys.argv[1]), knn.__file__
+print(", ".join(f"{name} {how}" for name, how in knn.compile_ahead().items()))' "$neutral")
+  rm -rf "$neutral"
+  case "$numba_cache" in
+    *compiled*) echo "package: warning: the KD-tree's machine code is not found from another folder ($numba_cache): executors will compile it" >&2 ;;
+    *) numba_state="compiled ahead, loaded from another folder: $numba_cache" ;;
+  esac
   # The packages' own test suites (over 40% of the files) are left out; the .pyc files are kept (each
   # Python worker would otherwise compile what it imports).
   "$TOOLS/bin/venv-pack" -q -p "$env_dir" -o "$ARCHIVE" --exclude 'lib/python*/site-packages/*/tests/*' \
@@ -137,4 +165,5 @@ echo "package: wheel   $wheel ($(size "$wheel"), built in $(( wheel_ms / 1000 ))
 echo "package: archive $ARCHIVE ($(size "$ARCHIVE"), $state)"
 echo "package:         executor packages: $packages"
 echo "package:         interpreter $PYTHON${PYTHON_PREFIX:+, linked as $PYTHON_PREFIX on the nodes}"
+[ -z "${numba_state:-}" ] || echo "package:         numba KD-tree: $numba_state"
 echo "package: done in $(( total_ms / 1000 )).$(( total_ms % 1000 / 100 )) s"

@@ -89,6 +89,8 @@ def packaged():
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     archive = REPO / "dist" / "segspark-env.tar.gz"
     assert archive.is_file() and list((REPO / "dist").glob("segspark-*.whl")), done.stdout
+    # Unless reused: the KD-tree's machine code went into the archive, and loads from another folder.
+    assert "reused" in done.stdout or "numba KD-tree: compiled ahead, loaded from another folder" in done.stdout, done.stdout
     print(f"\npackage.sh: {time.monotonic() - started:.1f} s\n{done.stdout}")
     return archive
 
