@@ -77,20 +77,36 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
 
     (landing / "b.json").write_text("\n".join(lines[:middle]) + "\n")
     (landing / "c.json").write_text('{"user_id": "u1", "event_time": \nnot json\n')
-    # The query dies in batch 1 after its feature state was committed, before its assignments.
-    failing = {"left": 1}
-    real = job.score_prepared
+    # The query dies in batch 1 twice, between two of its commits: first after its assignments were
+    # committed, before its feature state (the re-run merges the batch into the state as it was);
+    # then after the state, before the drift (the re-run reads the merged state back).
+    dies = {"state": 1, "drift": 1}
+    real_write, real_drift = job.write_rows, job._drift
 
-    def dies_once(*args, **kwargs):
-        if failing["left"]:
-            failing["left"] -= 1
-            raise RuntimeError("killed mid-batch")
-        return real(*args, **kwargs)
+    def write_dies_once(spark, output, table, *args, **kwargs):
+        if table == job.STATE and dies["state"]:
+            dies["state"] -= 1
+            raise RuntimeError("killed before the state")
+        return real_write(spark, output, table, *args, **kwargs)
 
-    monkeypatch.setattr(job, "score_prepared", dies_once)
-    with pytest.raises(Exception, match="killed mid-batch"):
+    def drift_dies_once(*args, **kwargs):
+        if dies["drift"]:
+            dies["drift"] -= 1
+            raise RuntimeError("killed before the drift")
+        return real_drift(*args, **kwargs)
+
+    monkeypatch.setattr(job, "write_rows", write_dies_once)
+    monkeypatch.setattr(job, "_drift", drift_dies_once)
+
+    def txn(table: str, suffix: str) -> int | None:
+        return DeltaTable(f"{cfg.output.root}/{table}").transaction_version(f"{cfg.streaming.app_id}.{suffix}")
+
+    with pytest.raises(Exception, match="killed before the state"):
         job.run_stream(spark, cfg, available_now=True)
-    assert DeltaTable(f"{cfg.output.root}/stream_feature_state").transaction_version(f"{cfg.streaming.app_id}.state") == 1
+    assert (txn("user_segments_live", "live"), txn("stream_feature_state", "state")) == (1, 0)
+    with pytest.raises(Exception, match="killed before the drift"):
+        job.run_stream(spark, cfg, available_now=True)
+    assert (txn("stream_feature_state", "state"), txn("segment_drift", "drift")) == (1, 0)
     restarted = job.run_stream(spark, cfg, available_now=True)  # from the checkpoint: batch 1 again, then 2
     assert [r.batch_id for r in restarted.reports] == [1, 2]
 

@@ -21,10 +21,12 @@ For every micro-batch of the landing folder (or Kafka), exactly once per batch i
    `segment_drift`, logged as a warning when set;
 7. `stream_batches`: one row per batch (counts, as-of date, seconds), and the stream's `runs` row.
 
-Each table's commit carries the Delta transaction (`<app_id>.<table>`, batch id) and is skipped
-when `transaction_version` shows it was already committed: a batch that Spark re-runs after a
-crash (its offsets were logged, its commit was not) finishes what is missing and duplicates
-nothing. The app id comes from the config; each commit also records the checkpoint's query id, and
+The live assignments (3) are committed as soon as they are known, before the state's buckets (2)
+and the centres' snapshot (4), which they do not need: a file's latency runs to them
+(`BatchReport.assigned_at`). Each table's commit carries the Delta transaction (`<app_id>.<table>`,
+batch id) and is skipped when `transaction_version` shows it was already committed: a batch that
+Spark re-runs after a crash (its offsets were logged, its commit was not) finishes what is missing
+and duplicates nothing. The app id comes from the config; each commit also records the checkpoint's query id, and
 a stream whose checkpoint does not own the app's commits (a reset checkpoint, another stream's) is
 refused before its first batch, as is a second live stream on the same app_id (`identity`).
 """
@@ -137,6 +139,9 @@ class BatchReport:
     skipped: bool = False  # every table already held this batch
     seconds: float = 0.0
     step_seconds: dict[str, float] = field(default_factory=dict)
+    # When the batch's live assignments were committed (epoch seconds; None: nothing assigned): what
+    # a file's or message's latency runs to, since the later commits do not change what users see.
+    assigned_at: float | None = None
 
     @contextmanager
     def step(self, name: str):
@@ -249,7 +254,7 @@ def _done(cfg: Config, name: str, batch_id: int) -> bool:
 def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, records: DataFrame, batch_id: int,
                   protection: Protection | None = None) -> BatchReport:
     """Everything one micro-batch does (module docstring), each table exactly once."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     app = cfg.streaming.app_id
     report = BatchReport(batch_id)
     with report.step("ingest"):
@@ -271,15 +276,23 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
         models.as_of = report.as_of
     finally:
         ingested.unpersist()
+    assigned = f", assignments committed after {report.assigned_at - started_at:.1f} s" if report.assigned_at else ""
     log.info(
-        "stream batch %d: %d records, %d users assigned as of %s in %.1f s (%s)%s", batch_id, report.input_rows,
-        report.users, report.as_of, report.seconds, ", ".join(f"{k} {v:.1f} s" for k, v in report.step_seconds.items()),
+        "stream batch %d: %d records, %d users assigned as of %s in %.1f s%s (%s)%s", batch_id, report.input_rows,
+        report.users, report.as_of, report.seconds, assigned,
+        ", ".join(f"{k} {v:.1f} s" for k, v in report.step_seconds.items()),
         " - RETRAIN RECOMMENDED" if report.retrain_recommended else "",
     )
     return report
 
 
 def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id: int, report: BatchReport) -> None:
+    """The batch's state, features and assignments. The live assignments are committed first, as
+    soon as they are known: the writes they do not need (the state's buckets, the online centres'
+    snapshot) come after them, then the emerging check and drift. Each table has its own
+    transaction, so a batch re-run after a crash between two commits recomputes the same rows from
+    the state as it was (the merge reads the state only while its commit is missing) and writes only
+    what is missing."""
     app = cfg.streaming.app_id
     # The batch's intermediate frames are materialised with localCheckpoint, not persist: their plans
     # (merges, windows, higher-order functions, five models) are deep, and every frame derived from a
@@ -299,15 +312,16 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
                     .join(batch.select("user_id"), "user_id", "left_semi")
                     .localCheckpoint()
                 )
+                state_rows = None
             else:
-                touched = _merge_into_state(spark, cfg, models, batch, buckets, batch_id)
+                touched, state_rows = _merge_into_state(spark, cfg, models, batch, buckets)
         with report.step("features"):
             report.as_of = _stream_as_of(models, touched)
             features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
             # Prepared once: the online centres, every model of the bundle and the emerging check read it.
             prepared = prepare_with_bundle(models.loaded, features).localCheckpoint()
         with report.step("online_kmeans"):
-            online = _online_assignments(spark, cfg, models, prepared, batch_id)
+            online, centres = _online_assignments(cfg, models, prepared, batch_id)
         with report.step("score"):
             scored = score_prepared(models.loaded, prepared)
             cached += scored.cached
@@ -318,6 +332,17 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             scores = _model_scores(assignments).localCheckpoint()
             write_rows(spark, cfg.output, LIVE, _live_rows(scores, touched, report.as_of, app, batch_id),
                        txn=(TABLES[LIVE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app))
+            report.assigned_at = time.time()
+        with report.step("state_write"):
+            if state_rows is not None:
+                written = write_rows(
+                    spark, cfg.output, STATE, state_rows, partitions=buckets,
+                    txn=(TABLES[STATE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app),
+                )
+                log.info("stream batch %d: feature state buckets %s rewritten (%d rows)", batch_id, buckets, written.rows)
+            if centres:
+                write_rows(spark, cfg.output, CENTROIDS, centres, txn=(TABLES[CENTROIDS].txn_app(app), batch_id),
+                           commit_metadata=models.commit_metadata(app))
         with report.step("emerging"):
             bundle_scores = {m: scores.where(F.col("model") == m) for m in scored.assignments}
             finding = _emerging(spark, cfg, models, bundle_scores, scored.outputs, prepared, features, batch_id,
@@ -345,8 +370,9 @@ def _bucket(cfg: Config):
     return F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
 
 
-def _merge_into_state(spark, cfg, models, batch, buckets, batch_id) -> DataFrame:
-    """Merge the batch into the state's touched buckets; returns the batch's users' new rows."""
+def _merge_into_state(spark, cfg, models, batch, buckets) -> tuple[DataFrame, DataFrame]:
+    """The batch merged into the state's touched buckets: (the batch's users' new rows, every row of
+    those buckets as they are to be written)."""
     if output_table_exists(spark, cfg.output, STATE):
         # Read once: the merge reads these rows twice (the merged users, and the untouched ones kept).
         old = _by_user(spark, read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets)))
@@ -356,14 +382,7 @@ def _merge_into_state(spark, cfg, models, batch, buckets, batch_id) -> DataFrame
     merged = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
     untouched = join_by_user(old, batch.select("user_id"), "left_anti")
     merged = merged.withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
-    rows = merged.unionByName(untouched)
-    written = write_rows(
-        spark, cfg.output, STATE, rows, partitions=buckets,
-        txn=(TABLES[STATE].txn_app(cfg.streaming.app_id), batch_id),
-        commit_metadata=models.commit_metadata(cfg.streaming.app_id),
-    )
-    log.info("stream batch %d: feature state buckets %s rewritten (%d rows)", batch_id, buckets, written.rows)
-    return merged
+    return merged, merged.unionByName(untouched)
 
 
 def _stream_as_of(models: StreamModels, touched: DataFrame) -> dt.date:
@@ -380,26 +399,26 @@ def _previous_as_of(spark, cfg: Config) -> dt.date | None:
     return batches.where(F.col("app_id") == cfg.streaming.app_id).agg(F.max("as_of")).first()[0]
 
 
-def _online_assignments(spark, cfg: Config, models: StreamModels, prepared: DataFrame, batch_id: int) -> DataFrame | None:
-    """Move the online centres by the batch's prepared users (unless its snapshot is in already),
-    snapshot them, and assign the users to the nearest one (stable ids of the bundle's k-means)."""
+def _online_assignments(cfg: Config, models: StreamModels, prepared: DataFrame,
+                        batch_id: int) -> tuple[DataFrame | None, list[CentroidRow]]:
+    """Move the online centres by the batch's prepared users (unless its snapshot is in already) and
+    assign the users to the nearest one (stable ids of the bundle's k-means). Returns the assignments
+    and the centres' snapshot rows to commit (none when the centres did not move)."""
     if models.online is None:
-        return None
+        return None, []
     prepared = prepared.select("user_id", PREPARED_VECTOR)
-    app = cfg.streaming.app_id
+    centres: list[CentroidRow] = []
     if models.online_batch is None or models.online_batch < batch_id:
         sums, counts = batch_statistics(prepared, PREPARED_VECTOR, models.online.centers)
         models.online.update(sums, counts)
         models.online_batch = batch_id
         now = dt.datetime.now(dt.UTC)
-        rows = [
-            CentroidRow(app_id=app, batch_id=batch_id, model=ONLINE_BASE, segment=models.kmeans_ids[j],
+        centres = [
+            CentroidRow(app_id=cfg.streaming.app_id, batch_id=batch_id, model=ONLINE_BASE, segment=models.kmeans_ids[j],
                         centroid=[float(x) for x in models.online.centers[j]],
                         weight=float(models.online.weights[j]), processed_at=now)
             for j in range(models.online.k)
         ]
-        write_rows(spark, cfg.output, CENTROIDS, rows, txn=(TABLES[CENTROIDS].txn_app(app), batch_id),
-                   commit_metadata=models.commit_metadata(app))
     cluster, squared = nearest_centre(PREPARED_VECTOR, models.online.centers)
     ids = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_ids.items()) for x in pair])
     segment = ids[cluster]
@@ -411,7 +430,7 @@ def _online_assignments(spark, cfg: Config, models: StreamModels, prepared: Data
         F.lit(None).cast("double").alias("probability"),
         F.sqrt(squared).alias("anomaly_score"),  # distance to the online centre, prepared units
         F.lit(None).cast("boolean").alias("is_anomaly"),
-    )
+    ), centres
 
 
 def _model_scores(assignments: dict[str, DataFrame]) -> DataFrame:
