@@ -12,6 +12,7 @@ from segspark import ingest
 from segspark.features import resolve_slots, user_features
 from segspark.io.readers import read_raw_events
 from segspark.streaming.feature_state import (
+    TOUCHED,
     batch_state,
     count_map_median,
     count_map_mode,
@@ -56,11 +57,15 @@ def test_merged_micro_batches_give_the_batch_features(stream_events):
     parts = [clean.where(F.abs(F.xxhash64("user_id", "event_time", "event_type", "item_id")) % 3 == i) for i in range(3)]
     # localCheckpoint: each state is materialised, as the stream reads it back from its Delta table.
     state = batch_state(parts[1], cfg.features, slots).localCheckpoint()
+    kept_as_they_were = 0
     for part in (parts[2], parts[0]):
         batch = batch_state(part, cfg.features, slots).localCheckpoint()
-        merged = merge_state(state, batch, cfg.features, slots)
-        untouched = state.join(batch.select("user_id"), "user_id", "left_anti")
-        state = merged.unionByName(untouched).localCheckpoint()
+        merged = merge_state(state, batch, cfg.features, slots).localCheckpoint()
+        touched = {r.user_id for r in merged.where(F.col(TOUCHED)).select("user_id").collect()}
+        assert touched == {r.user_id for r in batch.select("user_id").collect()}  # the batch's users, no others
+        kept_as_they_were += merged.count() - len(touched)  # users of the state the batch did not touch
+        state = merged.drop(TOUCHED)
+    assert kept_as_they_were > 0
     got = _rows(state_features(state, as_of, cfg.features, slots))
     expected = _rows(user_features(clean, as_of, cfg.features, slots))
     assert set(got) == set(expected) and len(expected) > 50

@@ -153,43 +153,54 @@ def _unnest(state: DataFrame, name: str) -> DataFrame:
     return state.select("user_id", F.explode(name).alias("_row")).select("user_id", *[F.col(f"_row.{f}").alias(f) for f in _NESTED[name]])
 
 
-def _normalised(state: DataFrame, slots: FeatureSlots) -> DataFrame:
-    """Fixed column order, and empty maps and arrays where a user has none (never null)."""
+def _normalised(state: DataFrame, slots: FeatureSlots, *kept: str) -> DataFrame:
+    """Fixed column order, and empty maps and arrays where a user has none (never null); `kept`
+    columns follow as they are."""
     types = dict(state.dtypes)
     columns = [F.col("user_id")]
     columns += [F.col(name) for name in _rules(slots)]
     columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _SETS]
     columns += [F.coalesce(F.col(name), F.create_map().cast(types[name])).alias(name) for name in _map_columns(slots)]
     columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _NESTED]
-    return state.select(*columns)
+    return state.select(*columns, *kept)
+
+
+# merge_state's column: true on the rows of the batch's users (merged or new), false on the others.
+TOUCHED = "_touched"
 
 
 def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
-    """The state rows of the users in `batch` after adding it to `state` (their current rows, or
-    any superset of them); users only in `state` are left out."""
-    both = join_by_user(state.withColumn("_known", F.lit(True)).alias("a"), batch.alias("b"), "right")
+    """Every row of `state` (its current rows, or those of the buckets the batch touches) with `batch`
+    added, and the column TOUCHED: the batch's users merged (new ones as the batch has them), true;
+    the users only in `state` as they were, false. One full outer join by user gives both the rows
+    a stream writes back and the ones it scores, without joining the state to the batch again to
+    find the users it did not touch."""
+    both = join_by_user(
+        state.withColumn("_known", F.lit(True)).alias("a"), batch.withColumn("_new", F.lit(True)).alias("b"), "full"
+    )
     a, b = (lambda n: F.col(f"a.{n}")), (lambda n: F.col(f"b.{n}"))  # noqa: E731
-    new_user = F.col("a._known").isNull()
-    merged: list[Column] = [F.col("user_id")]
+    new_user, untouched = F.col("a._known").isNull(), F.col("b._new").isNull()
+    merged: list[Column] = []
     for name, rule in _rules(slots).items():
         if rule == _MIN:
             merged.append(F.least(a(name), b(name)).alias(name))  # least/greatest skip nulls
         elif rule == _MAX:
             merged.append(F.greatest(a(name), b(name)).alias(name))
         else:
-            merged.append((F.coalesce(a(name), F.lit(0)) + b(name)).alias(name))
-    merged += [F.when(new_user, b(n)).otherwise(F.array_union(a(n), b(n))).alias(n) for n in _SETS]
+            merged.append(F.when(untouched, a(name)).otherwise(F.coalesce(a(name), F.lit(0)) + b(name)).alias(name))
+    merged += [F.when(new_user, b(n)).when(untouched, a(n)).otherwise(F.array_union(a(n), b(n))).alias(n) for n in _SETS]
     merged += [
-        F.when(new_user, b(n)).otherwise(
+        F.when(new_user, b(n)).when(untouched, a(n)).otherwise(
             F.map_zip_with(a(n), b(n), lambda _, x, y: F.coalesce(x, F.lit(0)) + F.coalesce(y, F.lit(0)))
         ).alias(n)
         for n in _map_columns(slots)
     ]
     types = dict(batch.dtypes)
     merged += [
-        F.when(new_user, b(n)).otherwise(merge_nested(n, a(n), b(n), types[n], cfg)).alias(n) for n in _NESTED
+        F.when(new_user, b(n)).when(untouched, a(n)).otherwise(merge_nested(n, a(n), b(n), types[n], cfg)).alias(n)
+        for n in _NESTED
     ]
-    return _normalised(both.select(*merged), slots)
+    return _normalised(both.select(F.col("user_id"), *merged, (~untouched).alias(TOUCHED)), slots, TOUCHED)
 
 
 def merge_nested(name: str, old: Column, new: Column, array_type: str, cfg: FeaturesConfig) -> Column:
@@ -299,5 +310,5 @@ def count_map_mode(counts: Column) -> Column:
     return best["key"]
 
 
-__all__ = ["batch_state", "count_map_median", "count_map_mode", "join_by_user", "merge_keyed", "merge_nested", "merge_state",
+__all__ = ["TOUCHED", "batch_state", "count_map_median", "count_map_mode", "join_by_user", "merge_keyed", "merge_nested", "merge_state",
            "state_features"]

@@ -82,7 +82,7 @@ from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.session import apply_required_conf
 from segspark.streaming import drift, emerging, identity, mqtt_landing
-from segspark.streaming.feature_state import batch_state, join_by_user, merge_state, state_features
+from segspark.streaming.feature_state import TOUCHED, batch_state, join_by_user, merge_state, state_features
 from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
 from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
 
@@ -355,8 +355,8 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
 
 
 def _by_user(spark: SparkSession, frame: DataFrame) -> DataFrame:
-    """`frame` hash-partitioned by user_id into the session's shuffle partitions: the batch's events
-    and the state rows it merges with, before they are checkpointed. Without adaptive execution the
+    """`frame` hash-partitioned by user_id into the session's shuffle partitions: the batch's events,
+    before their per-user aggregates are checkpointed. Without adaptive execution the
     checkpoints keep that partitioning, and the state's joins, aggregations and windows, all by user,
     need no further shuffle; under AQE (the default) a checkpoint's plan does not report it, and
     each of them shuffles its small input by user again. Where a frame already is partitioned so
@@ -372,17 +372,15 @@ def _bucket(cfg: Config):
 
 def _merge_into_state(spark, cfg, models, batch, buckets) -> tuple[DataFrame, DataFrame]:
     """The batch merged into the state's touched buckets: (the batch's users' new rows, every row of
-    those buckets as they are to be written)."""
+    those buckets as they are to be written). The buckets' rows are read once, by the merge's join,
+    and the merged rows checkpointed once: the state is shuffled by user once per batch."""
     if output_table_exists(spark, cfg.output, STATE):
-        # Read once: the merge reads these rows twice (the merged users, and the untouched ones kept).
-        old = _by_user(spark, read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets)))
-        old = old.localCheckpoint()
+        old = read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets))
     else:
-        old = _by_user(spark, batch.limit(0))
-    merged = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
-    untouched = join_by_user(old, batch.select("user_id"), "left_anti")
-    merged = merged.withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
-    return merged, merged.unionByName(untouched)
+        old = batch.limit(0)
+    rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
+    rows = rows.withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
+    return rows.where(F.col(TOUCHED)).drop(TOUCHED), rows.drop(TOUCHED)
 
 
 def _stream_as_of(models: StreamModels, touched: DataFrame) -> dt.date:
