@@ -102,8 +102,13 @@ def test_typed_rows_become_a_frame_with_the_table_schema(spark):
     assert runs.frame(spark, []).schema == runs.schema
     with pytest.raises(TypeError, match="takes RunRow rows, got SegmentTransitionRow"):
         runs.frame(spark, [SegmentTransitionRow(dt.date(2026, 1, 2), "r1", "kmeans", 1, 2, 3)])
+    # No rows at all is a commit of nothing (a stream's txn) for any table of a fixed schema; rows
+    # need the table's typed row.
+    assert TABLES["user_segments"].frame(spark, []).schema == TABLES["user_segments"].schema
     with pytest.raises(TypeError, match="no typed rows"):
-        TABLES["user_segments"].frame(spark, [])
+        TABLES["user_segments"].frame(spark, [runs.row])
+    with pytest.raises(TypeError, match="no typed rows"):
+        TABLES["user_features"].frame(spark, [])
 
 
 def test_write_policies_refuse_the_wrong_arguments(spark, tmp_path):

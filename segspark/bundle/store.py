@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from segspark.bundle.manifest import (
@@ -34,8 +34,9 @@ from segspark.bundle.models import load_fitted, save_fitted
 from segspark.config import BundleConfig, OutputConfig
 from segspark.features.behaviour import FeatureSlots
 from segspark.models.prepare import FittedPreparation
+from segspark.runtime.expressions import memoised
 from segspark.runtime.run_ids import owned_child, remove_owned
-from segspark.segments.ids import apply_mapping
+from segspark.segments.ids import stable_segment
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,12 @@ def prepare_with_bundle(loaded: LoadedBundle, features: DataFrame) -> DataFrame:
     return loaded.preparation.transform(features)
 
 
+def _stable_columns(saved) -> tuple[Column, Column]:
+    """(stable segment id, segment name) of a saved model's assignments (`segments.ids.apply_mapping`)."""
+    names = F.create_map(*[F.lit(x) for pair in sorted(saved.segment_names.items()) for x in pair])
+    return stable_segment(saved.segment_ids), F.coalesce(names[F.col("segment")], F.lit("unnamed segment"))
+
+
 def score_prepared(loaded: LoadedBundle, prepared: DataFrame) -> BundleScores:
     """Every model of a loaded bundle applied to users it prepared (`prepare_with_bundle`): a stream
     prepares each batch once and reads the prepared users for its own online model too."""
@@ -166,11 +173,9 @@ def score_prepared(loaded: LoadedBundle, prepared: DataFrame) -> BundleScores:
         scored = saved.fitted.score(prepared)
         outputs.update(scored.outputs)
         cached += scored.cached
-        stable = apply_mapping(scored.assignments, saved.segment_ids)
-        names = F.create_map(*[F.lit(x) for pair in sorted(saved.segment_names.items()) for x in pair])
-        assignments[name] = stable.withColumn(
-            "segment_name", F.coalesce(names[F.col("segment")], F.lit("unnamed segment"))
-        )
+        # The stable ids and names: expressions of the saved model, built once (a stream scores every batch).
+        segment, segment_name = memoised(saved, "stable", lambda saved=saved: _stable_columns(saved))
+        assignments[name] = scored.assignments.withColumn("segment", segment).withColumn("segment_name", segment_name)
     log.info("bundle %s (run %s) applied: models %s", loaded.location, manifest.run_id, ", ".join(manifest.models))
     return BundleScores(manifest, assignments, outputs, cached)
 

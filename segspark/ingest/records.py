@@ -11,10 +11,11 @@ commit; the stream passes its transaction (app id, batch id) so that a replayed 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from segspark.config import InputConfig, OutputConfig
@@ -37,6 +38,8 @@ class Ingested:
     first_event: str | None = None  # of the clean events, "yyyy-MM-dd HH:mm:ss" in the session's zone
     last_event: str | None = None
     last_day: dt.date | None = None
+    # The values of `ingest_records(clean_aggregates=...)` over the clean events (None: no clean event).
+    clean_values: dict[str, object] = field(default_factory=dict)
 
     @property
     def input_rows(self) -> int:
@@ -52,9 +55,13 @@ class Ingested:
 
 
 def ingest_records(
-    records: DataFrame, cfg: InputConfig, protection: Protection | None = None, *, now: dt.datetime | None = None
+    records: DataFrame, cfg: InputConfig, protection: Protection | None = None, *, now: dt.datetime | None = None,
+    clean_aggregates: Mapping[str, Column] | None = None,
 ) -> Ingested:
-    """Tag `records` and count them: one pass over the input (so an unreadable file fails here)."""
+    """Tag `records` and count them: one pass over the input (so an unreadable file fails here).
+    clean_aggregates: more aggregates of the tagged rows, read off the clean events' group into
+    `clean_values` by the same pass (a stream takes the state buckets its batch touches from it)."""
+    extra = dict(clean_aggregates or {})
     # On local disk, not in the heap: a cached partition of tagged events is built and read back as
     # one block, and at 1M users / 58.5M events such blocks ran a 4 GB driver out of heap (both when
     # built in memory and when read back from disk into memory). Disk blocks are streamed both ways
@@ -68,7 +75,8 @@ def ingest_records(
             tagged.groupBy(F.col(REASON).alias("reason"))
             .agg(F.count(F.lit(1)).alias("rows"), F.date_format(F.min("event_time"), _STAMP).alias("first_event"),
                  F.date_format(F.max("event_time"), _STAMP).alias("last_event"),
-                 F.to_date(F.max("event_time")).alias("last_day"))
+                 F.to_date(F.max("event_time")).alias("last_day"),
+                 *[aggregate.alias(f"_extra_{name}") for name, aggregate in extra.items()])
             .collect()
         )
     except BaseException:
@@ -84,6 +92,7 @@ def ingest_records(
         first_event=None if clean is None else clean.first_event,
         last_event=None if clean is None else clean.last_event,
         last_day=None if clean is None else clean.last_day,
+        clean_values={name: None if clean is None else clean[f"_extra_{name}"] for name in extra},
     )
 
 
@@ -97,6 +106,7 @@ def write_quarantine(
     txn: tuple[str, int] | None = None,
     commit_metadata: dict[str, str] | None = None,
 ) -> WriteResult:
-    """The rejected records of run `run_id` (their earlier rows replaced) in one commit of `quarantine`."""
-    rows = quarantine_rows(ingested.tagged, run_id, source)
+    """The rejected records of run `run_id` (their earlier rows replaced) in one commit of `quarantine`.
+    With none (the counts say so), the commit is made on the driver without a Spark job."""
+    rows = quarantine_rows(ingested.tagged, run_id, source) if ingested.quarantined_rows else []
     return write_rows(spark, output, "quarantine", rows, run_id, txn=txn, commit_metadata=commit_metadata)

@@ -406,7 +406,9 @@ class Table:
         return pa.Table.from_pylist([dict(zip(names, v, strict=True)) for v in values], schema=arrow_schema(self.schema))
 
     def _values(self, rows: Iterable[object]) -> list[tuple]:
-        if self.row is None or self.schema is None:
+        rows = list(rows)
+        # No rows at all (a commit of nothing, carrying a txn) is written the same way for any table.
+        if self.schema is None or (self.row is None and rows):
             raise TypeError(f"table {self.name} has no typed rows: write it from a DataFrame")
         names = self.schema.names
         data = []

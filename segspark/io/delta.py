@@ -417,7 +417,7 @@ class _Committer:
                 f"partition_by={self.partition_by} for Delta table {self.path}: columns {missing} are not in "
                 f"the DataFrame (columns: {self.columns}), or no column would be left for the data files"
             )
-        if self.partition_by and isinstance(self.df, pa.Table):
+        if self.partition_by and isinstance(self.df, pa.Table) and self.df.num_rows:  # no rows: no file
             raise ValueError(f"Delta table {self.path} is partitioned by {self.partition_by}: write it from a DataFrame")
         partitions = set(self.partition_by)
         listed = [k for k, v in self.replace_where.items() if _is_values(v) and k not in partitions]

@@ -39,7 +39,7 @@ from typing import ClassVar
 import numpy as np
 from pyspark.ml.clustering import BisectingKMeans, BisectingKMeansModel
 from pyspark.ml.functions import array_to_vector, vector_to_array
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from segspark.config import BisectingKMeansConfig
@@ -54,6 +54,7 @@ from segspark.models.contract import (
 from segspark.models.mllib_start import can_start_from_sample
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 from segspark.models.sample_grid import SampleFit
+from segspark.runtime.expressions import memoised
 from segspark.runtime.jvm import doubles
 
 log = logging.getLogger(__name__)
@@ -325,12 +326,17 @@ def _mllib_model(spark, nodes: list[_Node], cost: float) -> BisectingKMeansModel
 
 def _scored(fitted: FittedBisectingKMeans, prepared: DataFrame) -> DataFrame:
     """user_id (when present), segment, probability, anomaly_score; column expressions only."""
-    point = vector_to_array(F.col(PREPARED_VECTOR))
-    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids])
+    distances, outputs = memoised(fitted, "scores", lambda: _score_expressions(fitted))
     keep = ["user_id"] if "user_id" in prepared.columns else []
-    scored = fitted.model.transform(_with_shifted(prepared)).select(
-        *keep, F.col("segment").cast("int"), distances.alias("_d2")
-    )
+    scored = fitted.model.transform(_with_shifted(prepared)).select(*keep, F.col("segment").cast("int"), distances)
+    return scored.select(*keep, "segment", *outputs)
+
+
+def _score_expressions(fitted: FittedBisectingKMeans) -> tuple[Column, list[Column]]:
+    """The squared distances to the leaves' centres (`_d2`), then probability and anomaly_score from
+    them: expressions of the fitted constants, built once per fitted model (`memoised`)."""
+    point = vector_to_array(F.col(PREPARED_VECTOR))
+    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids]).alias("_d2")
     nearest = F.array_min("_d2")
     own = F.element_at("_d2", F.col("segment") + 1)  # the assigned leaf, not necessarily the nearest
     two_sigma2 = F.lit(2.0 * fitted.sigma2)
@@ -339,12 +345,10 @@ def _scored(fitted: FittedBisectingKMeans, prepared: DataFrame) -> DataFrame:
         F.transform("_d2", lambda d2: F.exp(-(d2 - nearest) / two_sigma2)), F.lit(0.0), lambda acc, w: acc + w
     )
     rms = math.sqrt(fitted.sigma2 * len(fitted.centroids[0]))
-    return scored.select(
-        *keep,
-        "segment",
+    return distances, [
         (F.exp(-(own - nearest) / two_sigma2) / total).alias("probability"),
         (F.sqrt(own) / F.lit(rms)).alias("anomaly_score"),
-    )
+    ]
 
 
 def _with_shifted(prepared: DataFrame) -> DataFrame:

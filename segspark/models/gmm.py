@@ -72,6 +72,7 @@ from segspark.models.contract import (
 )
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 from segspark.models.sample_grid import SampleFit
+from segspark.runtime.expressions import memoised
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,9 @@ class FittedGMM(MLlibSaving):
     def assign(self, prepared: DataFrame) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities per user (executors only)."""
         check_prepared(prepared, need_user_id=True, reserved=_RESERVED)
-        scored = _gmm_input(prepared, self.projection).select(
-            "user_id", self.mixture(F.col(GMM_INPUT)).alias("_m")
-        ).select(
+        # The mixture's pandas UDF (its closure pickled once) and its input: built once per fitted model.
+        mixture = memoised(self, "mixture", lambda: self.mixture(F.col(GMM_INPUT)).alias("_m"))
+        scored = _gmm_input(prepared, self.projection).select("user_id", mixture).select(
             "user_id",
             F.col("_m.segment").alias("segment"),
             F.col("_m.probabilities").alias("probabilities"),

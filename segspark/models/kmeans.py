@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.functions import vector_to_array
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from segspark.config import ClusteringConfig
@@ -39,6 +39,7 @@ from segspark.models.contract import (
 from segspark.models.mllib_start import can_start_from_sample, kmeans_from_centres
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.models.sample_grid import SampleFit
+from segspark.runtime.expressions import memoised
 
 log = logging.getLogger(__name__)
 
@@ -164,23 +165,26 @@ def fit_one(
 
 
 def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
+    distances, outputs = memoised(fitted, "scores", lambda: _score_expressions(fitted))
+    scored = fitted.model.transform(prepared).select("user_id", F.col("segment").cast("int"), distances)
+    return scored.select("user_id", "segment", *outputs)
+
+
+def _score_expressions(fitted: FittedKMeans) -> tuple[Column, list[Column]]:
+    """The squared distances to the centroids (`_d2`), then probability and anomaly_score from them:
+    expressions of the fitted constants, built once per fitted model (`memoised`)."""
     point = vector_to_array(F.col(PREPARED_VECTOR))
-    distances = [squared_distance(point, centre) for centre in fitted.centroids]
-    scored = fitted.model.transform(prepared).select(
-        "user_id", F.col("segment").cast("int"), F.array(*distances).alias("_d2")
-    )
+    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids]).alias("_d2")
     two_sigma2 = 2.0 * fitted.sigma2
     nearest = F.array_min("_d2")
     # Subtract the nearest distance before exponentiating so that far-away users do not underflow.
     weights = F.transform("_d2", lambda d2: F.exp(-(d2 - nearest) / F.lit(two_sigma2)))
     total = F.aggregate(weights, F.lit(0.0), lambda acc, w: acc + w)
     rms = math.sqrt(fitted.sigma2 * len(fitted.centroids[0]))
-    return scored.select(
-        "user_id",
-        "segment",
+    return distances, [
         (F.lit(1.0) / total).alias("probability"),  # the nearest centroid has weight exp(0) = 1
         (F.sqrt(nearest) / F.lit(rms)).alias("anomaly_score"),
-    )
+    ]
 
 
 FITTED = FittedKMeans

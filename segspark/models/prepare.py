@@ -47,6 +47,7 @@ from pyspark.sql.types import DoubleType, StructField, StructType
 from segspark.config import PrepareConfig, SelectionConfig
 from segspark.errors import ConfigError, UsageError
 from segspark.features.finite import check_finite, non_finite_counts
+from segspark.runtime.expressions import memoised
 from segspark.runtime.jvm import approx_quantiles
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,12 @@ class FittedPreparation:
         Column expressions over the fitted constants, and with quantile scaling one vectorised
         numpy pass for the rank maps (`rank_mapped`): works on any users' features."""
         _require_columns(df, ["user_id", *self._inputs_needed()], "the DataFrame to prepare")
-        capped = df.select("user_id", *[self.capped(name).alias(name) for name in self.selected])
+        # The expressions depend on the fitted constants only: built once (a stream prepares every batch).
+        capped = df.select("user_id", *memoised(self, "capped", lambda: [self.capped(n).alias(n) for n in self.selected]))
         if self.knots:
             capped = rank_mapped(capped, self.knots)
-        prepared = capped.select("user_id", *[self.scaled(F.col(name), name).alias(name) for name in self.selected])
+        prepared = capped.select("user_id", *memoised(
+            self, "scaled", lambda: [self.scaled(F.col(n), n).alias(n) for n in self.selected]))
         assembler = VectorAssembler(inputCols=list(self.selected), outputCol=PREPARED_VECTOR, handleInvalid="error")
         return assembler.transform(prepared)
 

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from scipy.optimize import linear_sum_assignment
 
@@ -295,6 +295,11 @@ def apply_mapping(assignments: DataFrame, mapping: Mapping[int, int] | SegmentMa
 
     -1 stays -1. A segment value the mapping does not cover fails the query with a message naming
     it: it would otherwise collide silently with a stable id."""
+    return assignments.withColumn("segment", stable_segment(mapping))
+
+
+def stable_segment(mapping: Mapping[int, int] | SegmentMapping) -> Column:
+    """`apply_mapping`'s expression: the stable id of the column `segment`."""
     lookup_dict = dict(mapping.mapping if isinstance(mapping, SegmentMapping) else mapping)
     lookup_dict.setdefault(NOISE_SEGMENT, NOISE_SEGMENT)
     lookup = F.create_map(*[x for k, v in sorted(lookup_dict.items()) for x in (F.lit(int(k)), F.lit(int(v)))])
@@ -305,7 +310,7 @@ def apply_mapping(assignments: DataFrame, mapping: Mapping[int, int] | SegmentMa
         F.raise_error(F.concat(F.lit("apply_mapping: segment "), segment.cast("string"),
                                F.lit(f" is not in the mapping (it covers {sorted(lookup_dict)})"))),
     ).otherwise(mapped)
-    return assignments.withColumn("segment", relabelled.cast("int"))
+    return relabelled.cast("int")
 
 
 def transitions(current: DataFrame, previous: DataFrame) -> DataFrame:

@@ -36,6 +36,7 @@ from segspark.features.behaviour import (
     additive_aggregates,
     features_from_aggregates,
 )
+from segspark.runtime.expressions import memoised
 from segspark.streaming.orders import OrderState, order_features, order_state
 from segspark.streaming.sessions import SessionState, merge_runs, session_features, session_state
 
@@ -77,6 +78,16 @@ def _map_columns(slots: FeatureSlots) -> list[str]:
 
 def batch_state(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
     """One state row per user of a set of clean canonical events (a micro-batch)."""
+    scalars = memoised(slots, ("batch_scalars", cfg.model_dump_json()), lambda: _batch_scalars(cfg, slots))
+    state = join_by_user(events.groupBy("user_id").agg(*scalars), _batch_maps(events, slots), "left")
+    sessions, orders = session_state(events, cfg), order_state(events, cfg)
+    for name, rows in zip(_NESTED, (sessions.source, sessions.gap, orders.keyed, orders.gap), strict=True):
+        state = join_by_user(state, _nest(rows, name), "left")
+    return _normalised(state, slots)
+
+
+def _batch_scalars(cfg: FeaturesConfig, slots: FeatureSlots) -> list[Column]:
+    """`batch_state`'s per-user aggregates: the same for every batch, built once (`memoised`)."""
     kind, price, ts = F.col("event_type"), F.col("price"), F.col("event_time")
     is_view, is_purchase = kind == "view", kind == "purchase"
     local = F.from_utc_timestamp(ts, cfg.time_zone)
@@ -96,11 +107,7 @@ def batch_state(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> 
         F.collect_set(F.to_date(local)).alias("local_days"),
     ]
     scalars += [F.count_if(category == value).alias(name) for name, value in zip(_category_counts(slots), slots.categories, strict=True)]
-    state = join_by_user(events.groupBy("user_id").agg(*scalars), _batch_maps(events, slots), "left")
-    sessions, orders = session_state(events, cfg), order_state(events, cfg)
-    for name, rows in zip(_NESTED, (sessions.source, sessions.gap, orders.keyed, orders.gap), strict=True):
-        state = join_by_user(state, _nest(rows, name), "left")
-    return _normalised(state, slots)
+    return scalars
 
 
 def _batch_maps(events: DataFrame, slots: FeatureSlots) -> DataFrame:
@@ -157,12 +164,17 @@ def _normalised(state: DataFrame, slots: FeatureSlots, *kept: str) -> DataFrame:
     """Fixed column order, and empty maps and arrays where a user has none (never null); `kept`
     columns follow as they are."""
     types = dict(state.dtypes)
-    columns = [F.col("user_id")]
-    columns += [F.col(name) for name in _rules(slots)]
-    columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _SETS]
-    columns += [F.coalesce(F.col(name), F.create_map().cast(types[name])).alias(name) for name in _map_columns(slots)]
-    columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _NESTED]
-    return state.select(*columns, *kept)
+
+    def build() -> list[Column]:
+        columns = [F.col("user_id")]
+        columns += [F.col(name) for name in _rules(slots)]
+        columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _SETS]
+        columns += [F.coalesce(F.col(name), F.create_map().cast(types[name])).alias(name) for name in _map_columns(slots)]
+        columns += [F.coalesce(F.col(name), F.array().cast(types[name])).alias(name) for name in _NESTED]
+        return columns
+
+    # The same for every batch of a stream (the state's types do not change): built once (`memoised`).
+    return state.select(*memoised(slots, ("normalised", tuple(sorted(types.items()))), build), *kept)
 
 
 # merge_state's column: true on the rows of the batch's users (merged or new), false on the others.
@@ -178,6 +190,16 @@ def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: 
     both = join_by_user(
         state.withColumn("_known", F.lit(True)).alias("a"), batch.withColumn("_new", F.lit(True)).alias("b"), "full"
     )
+    types = dict(batch.dtypes)
+    key = ("merged", cfg.model_dump_json(), tuple(sorted(types.items())))
+    merged = memoised(slots, key, lambda: _merged_columns(cfg, slots, types))
+    untouched = F.col("b._new").isNull()
+    return _normalised(both.select(F.col("user_id"), *merged, (~untouched).alias(TOUCHED)), slots, TOUCHED)
+
+
+def _merged_columns(cfg: FeaturesConfig, slots: FeatureSlots, types: dict[str, str]) -> list[Column]:
+    """`merge_state`'s columns over its join (old state `a`, batch `b`): the same for every batch of a
+    stream, built once (`memoised`): thousands of calls to the JVM otherwise."""
     a, b = (lambda n: F.col(f"a.{n}")), (lambda n: F.col(f"b.{n}"))  # noqa: E731
     new_user, untouched = F.col("a._known").isNull(), F.col("b._new").isNull()
     merged: list[Column] = []
@@ -195,12 +217,11 @@ def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: 
         ).alias(n)
         for n in _map_columns(slots)
     ]
-    types = dict(batch.dtypes)
     merged += [
         F.when(new_user, b(n)).when(untouched, a(n)).otherwise(merge_nested(n, a(n), b(n), types[n], cfg)).alias(n)
         for n in _NESTED
     ]
-    return _normalised(both.select(F.col("user_id"), *merged, (~untouched).alias(TOUCHED)), slots, TOUCHED)
+    return merged
 
 
 def merge_nested(name: str, old: Column, new: Column, array_type: str, cfg: FeaturesConfig) -> Column:

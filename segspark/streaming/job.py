@@ -2,7 +2,8 @@
 
 For every micro-batch of the landing folder (or Kafka), exactly once per batch id:
 
-1. ingest: the batch rules and quarantine (`micro_batch.ingest_micro_batch`);
+1. ingest: the batch rules and quarantine (`micro_batch`: tagged and counted first, the quarantine
+   rows committed after the assignments);
 2. state: the batch's per-user aggregates merged into the feature state (`feature_state`), a Delta
    table partitioned by a hash bucket of user_id; the buckets the batch touches are rewritten in one
    commit (a copy-on-write upsert, what a Delta MERGE does, which the embedded committer lacks);
@@ -83,7 +84,7 @@ from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.session import apply_required_conf
 from segspark.streaming import drift, emerging, identity, mqtt_landing
 from segspark.streaming.feature_state import TOUCHED, batch_state, join_by_user, merge_state, state_features
-from segspark.streaming.micro_batch import ingest_micro_batch, start_stream
+from segspark.streaming.micro_batch import IngestedBatch, commit_quarantine, start_stream, tag_micro_batch
 from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ NOISE_MODELS = {m.name for m in registry.MODELS if m.noise}  # their segment -1 
 ONLINE_BASE = registry.online_base().name  # the bundle's model whose centres are updated online
 ONLINE_MODEL = f"{ONLINE_BASE}_online"
 (BUCKET,) = TABLES[STATE].partition_by
+BUCKETS = "buckets"  # the ingest's list of the buckets a batch touches
 # Each table the stream writes -> the suffix of its txn app id (`<app_id>.<suffix>`), from the catalog.
 STREAM_TXNS = {table.name: table.txn_suffix for table in stream_tables()}
 
@@ -258,8 +260,9 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
     app = cfg.streaming.app_id
     report = BatchReport(batch_id)
     with report.step("ingest"):
-        ingested = ingest_micro_batch(spark, cfg, records, batch_id, protection,
-                                      commit_metadata=models.commit_metadata(app))
+        # The same pass counts the records and lists the state buckets the batch's users fall in.
+        ingested = tag_micro_batch(spark, cfg, records, batch_id, protection,
+                                   clean_aggregates={BUCKETS: F.collect_set(_bucket(cfg))})
     try:
         report.input_rows, report.clean_rows = ingested.input_rows, ingested.clean_rows
         report.quarantined_rows = ingested.quarantined_rows
@@ -268,9 +271,11 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
             report.skipped = True
             return report
         if ingested.clean_rows:
-            _assign(spark, cfg, models, ingested.clean, batch_id, report)
+            _assign(spark, cfg, models, ingested, batch_id, report)
         else:  # nothing to assign (every record quarantined): the stream stays where it was
             report.as_of = models.as_of
+        with report.step("quarantine"):  # after the assignments, which do not need it
+            commit_quarantine(spark, cfg, ingested, commit_metadata=models.commit_metadata(app))
         report.seconds = time.perf_counter() - started
         _write_batch_row(spark, cfg, report, models)
         models.as_of = report.as_of
@@ -286,7 +291,8 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
     return report
 
 
-def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id: int, report: BatchReport) -> None:
+def _assign(spark, cfg: Config, models: StreamModels, ingested: IngestedBatch, batch_id: int,
+            report: BatchReport) -> None:
     """The batch's state, features and assignments. The live assignments are committed first, as
     soon as they are known: the writes they do not need (the state's buckets, the online centres'
     snapshot) come after them, then the emerging check and drift. Each table has its own
@@ -302,9 +308,9 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
     cached: list[DataFrame] = []
     try:
         with report.step("batch_state"):
-            events = _by_user(spark, clean)
+            events = _by_user(spark, ingested.clean)
             batch = batch_state(events, cfg.features, models.slots).withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
-            buckets = sorted(r[0] for r in batch.select(BUCKET).distinct().collect())
+            buckets = sorted(ingested.clean_values[BUCKETS])
         with report.step("state_merge"):
             if _done(cfg, STATE, batch_id):  # a replay: the state holds this batch already
                 touched = (
@@ -316,7 +322,7 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             else:
                 touched, state_rows = _merge_into_state(spark, cfg, models, batch, buckets)
         with report.step("features"):
-            report.as_of = _stream_as_of(models, touched)
+            report.as_of = _stream_as_of(models, ingested.last_day)
             features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
             # Prepared once: the online centres, every model of the bundle and the emerging check read it.
             prepared = prepare_with_bundle(models.loaded, features).localCheckpoint()
@@ -328,9 +334,11 @@ def _assign(spark, cfg: Config, models: StreamModels, clean: DataFrame, batch_id
             assignments = dict(scored.assignments)
             if online is not None:
                 assignments[ONLINE_MODEL] = online
-            # Every model scored once (one job): the live rows, the emerging check and the drift read it.
-            scores = _model_scores(assignments).localCheckpoint()
-            write_rows(spark, cfg.output, LIVE, _live_rows(scores, touched, report.as_of, app, batch_id),
+            # Every model scored once (one job), with the users' latest event: the live rows, the
+            # emerging check and the drift read it.
+            latest = touched.select("user_id", F.col("last_event").alias("latest_event_time"))
+            scores = join_by_user(_model_scores(assignments), latest, "left").localCheckpoint()
+            write_rows(spark, cfg.output, LIVE, _live_rows(scores, report.as_of, app, batch_id),
                        txn=(TABLES[LIVE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app))
             report.assigned_at = time.time()
         with report.step("state_write"):
@@ -383,9 +391,9 @@ def _merge_into_state(spark, cfg, models, batch, buckets) -> tuple[DataFrame, Da
     return rows.where(F.col(TOUCHED)).drop(TOUCHED), rows.drop(TOUCHED)
 
 
-def _stream_as_of(models: StreamModels, touched: DataFrame) -> dt.date:
-    """The UTC day of the newest event the stream has seen: the batch's, or an earlier batch's."""
-    newest = touched.agg(F.to_date(F.max("last_event"))).first()[0]
+def _stream_as_of(models: StreamModels, newest: dt.date) -> dt.date:
+    """The UTC day of the newest event the stream has seen: the batch's (`newest`, from its ingest),
+    or an earlier batch's. The state holds nothing newer than these: it is made of the batches."""
     return models.as_of if models.as_of is not None and models.as_of > newest else newest
 
 
@@ -447,9 +455,8 @@ def _model_scores(assignments: dict[str, DataFrame]) -> DataFrame:
     return rows
 
 
-def _live_rows(scores: DataFrame, touched: DataFrame, as_of: dt.date, app: str, batch_id: int) -> DataFrame:
-    latest = touched.select("user_id", F.col("last_event").alias("latest_event_time"))
-    stamped = join_by_user(scores, latest, "left").select(
+def _live_rows(scores: DataFrame, as_of: dt.date, app: str, batch_id: int) -> DataFrame:
+    stamped = scores.select(
         *[c for c in USER_SEGMENTS_LIVE.names if c in ("user_id", "model", "segment", "segment_name", "probability",
                                                        "anomaly_score", "latest_event_time")],
         F.lit(as_of).cast("date").alias("as_of"), F.lit(app).alias("app_id"), F.lit(batch_id).cast("long").alias("batch_id"),

@@ -14,10 +14,10 @@ from `streaming.checkpoint`; `available_now` processes what is there and stops.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 
 from segspark.config import Config
 from segspark.ingest import Ingested, ingest_records, write_quarantine
@@ -55,23 +55,46 @@ def ingest_micro_batch(
     the stream's resolved privacy settings (default: resolved from cfg.privacy now), the same
     pseudonyms as the batch runs so that ids match across runs. commit_metadata: recorded in the
     quarantine commit next to its txn (the stream's identity)."""
-    check_required_columns(records, cfg.input)
-    run_id = batch_run_id(cfg, batch_id)
-    protection = protection or resolve_protection(cfg.privacy, spark)
-    ingested = ingest_records(records, cfg.input, protection)
-    try:
-        written = write_quarantine(spark, cfg.output, ingested, run_id, cfg.input.path,
-                                   txn=(TABLES["quarantine"].txn_app(cfg.streaming.app_id), batch_id), commit_metadata=commit_metadata)
-    except BaseException:
-        ingested.unpersist()
-        raise
-    batch = IngestedBatch(**vars(ingested), batch_id=batch_id, run_id=run_id, replayed=written.skipped)
-    reasons = batch.reasons
-    log.info(
-        "stream batch %d: %d records = %d clean + %d quarantined %s%s", batch_id, batch.input_rows,
-        batch.clean_rows, batch.quarantined_rows, reasons or "", " (replay: quarantine already committed)" if written.skipped else "",
-    )
+    batch = tag_micro_batch(spark, cfg, records, batch_id, protection)
+    commit_quarantine(spark, cfg, batch, commit_metadata=commit_metadata)
     return batch
+
+
+def tag_micro_batch(
+    spark: SparkSession,
+    cfg: Config,
+    records: DataFrame,
+    batch_id: int,
+    protection: Protection | None = None,
+    *,
+    clean_aggregates: Mapping[str, Column] | None = None,
+) -> IngestedBatch:
+    """The first half of `ingest_micro_batch`: the records tagged and counted (one job), nothing
+    written yet. A stream commits its assignments before the quarantine rows, which they do not need.
+    clean_aggregates: see `ingest.ingest_records`."""
+    check_required_columns(records, cfg.input)
+    protection = protection or resolve_protection(cfg.privacy, spark)
+    ingested = ingest_records(records, cfg.input, protection, clean_aggregates=clean_aggregates)
+    batch = IngestedBatch(**vars(ingested), batch_id=batch_id, run_id=batch_run_id(cfg, batch_id))
+    log.info("stream batch %d: %d records = %d clean + %d quarantined %s", batch_id, batch.input_rows,
+             batch.clean_rows, batch.quarantined_rows, batch.reasons or "")
+    return batch
+
+
+def commit_quarantine(spark: SparkSession, cfg: Config, batch: IngestedBatch, *,
+                      commit_metadata: dict[str, str] | None = None) -> None:
+    """The second half: the batch's quarantine rows in one commit that carries its txn (none written
+    again for a replayed batch: `batch.replayed`). The tagged rows stay persisted (`unpersist`)."""
+    try:
+        written = write_quarantine(spark, cfg.output, batch, batch.run_id, cfg.input.path,
+                                   txn=(TABLES["quarantine"].txn_app(cfg.streaming.app_id), batch.batch_id),
+                                   commit_metadata=commit_metadata)
+    except BaseException:
+        batch.unpersist()
+        raise
+    batch.replayed = written.skipped
+    if written.skipped:
+        log.info("stream batch %d: replay, its quarantine rows were already committed", batch.batch_id)
 
 
 def start_stream(
@@ -94,4 +117,4 @@ def start_stream(
     return writer.start()
 
 
-__all__ = ["IngestedBatch", "batch_run_id", "ingest_micro_batch", "start_stream"]
+__all__ = ["IngestedBatch", "batch_run_id", "commit_quarantine", "ingest_micro_batch", "start_stream", "tag_micro_batch"]
