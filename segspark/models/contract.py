@@ -146,13 +146,20 @@ def double_array(values: Sequence[float]) -> Column:
     makes one call per value, thousands per scoring of a few models (seconds in a stream's batch).
     Python's repr of a float is the shortest text that reads back as the same double, which is what
     Spark's parser does with it."""
-    texts = []
-    for value in values:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"double_array: {value} is not a finite number")
-        texts.append(f"{value!r}D")
-    return F.expr(f"array({', '.join(texts)})") if texts else F.array().cast(ArrayType(DoubleType()))
+    return F.expr(double_array_sql(values)) if len(values) else F.array().cast(ArrayType(DoubleType()))
+
+
+def double_array_sql(values: Sequence[float]) -> str:
+    """`double_array`'s SQL text: array(v1D, v2D, ...)."""
+    return f"array({', '.join(double_sql(value) for value in values)})"
+
+
+def double_sql(value: float) -> str:
+    """A finite double as SQL text that reads back as the same double."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"double_array: {value} is not a finite number")
+    return f"{value!r}D"
 
 
 def check_fit_arguments(k: int, contamination: float, quantile_relative_error: float = QUANTILE_RELATIVE_ERROR) -> None:

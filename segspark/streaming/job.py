@@ -81,11 +81,12 @@ from segspark.io.tables import (
 from segspark.models import registry
 from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
+from segspark.runtime.expressions import memoised
 from segspark.runtime.session import apply_required_conf
 from segspark.streaming import drift, emerging, identity, mqtt_landing
 from segspark.streaming.feature_state import TOUCHED, batch_state, join_by_user, merge_state, state_features
 from segspark.streaming.micro_batch import IngestedBatch, commit_quarantine, start_stream, tag_micro_batch
-from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
+from segspark.streaming.online_kmeans import POINT, OnlineKMeans, as_points, batch_statistics, nearest_centre
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ def _online_assignments(cfg: Config, models: StreamModels, prepared: DataFrame,
     and the centres' snapshot rows to commit (none when the centres did not move)."""
     if models.online is None:
         return None, []
-    prepared = prepared.select("user_id", PREPARED_VECTOR)
+    points = as_points(prepared, PREPARED_VECTOR, "user_id")
     centres: list[CentroidRow] = []
     if models.online_batch is None or models.online_batch < batch_id:
         sums, counts = batch_statistics(prepared, PREPARED_VECTOR, models.online.centers)
@@ -425,11 +426,12 @@ def _online_assignments(cfg: Config, models: StreamModels, prepared: DataFrame,
                         weight=float(models.online.weights[j]), processed_at=now)
             for j in range(models.online.k)
         ]
-    cluster, squared = nearest_centre(PREPARED_VECTOR, models.online.centers)
-    ids = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_ids.items()) for x in pair])
+    cluster, squared = nearest_centre(POINT, models.online.centers)
+    ids, names = memoised(models, "online_maps", lambda: tuple(
+        F.create_map(*[F.lit(x) for pair in sorted(mapping.items()) for x in pair])
+        for mapping in (models.kmeans_ids, models.kmeans_names)))
     segment = ids[cluster]
-    names = F.create_map(*[F.lit(x) for pair in sorted(models.kmeans_names.items()) for x in pair])
-    return prepared.select(
+    return points.select(
         "user_id",
         segment.cast("int").alias("segment"),
         F.coalesce(names[segment], F.lit("unnamed segment")).alias("segment_name"),

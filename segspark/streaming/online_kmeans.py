@@ -28,7 +28,7 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from segspark.models.contract import double_array
+from segspark.models.contract import double_array_sql, double_sql
 
 TIME_UNITS = ("batches", "points")
 
@@ -112,21 +112,32 @@ class OnlineKMeans:
         )
 
 
-def nearest_centre(vector_col: str, centers: np.ndarray) -> tuple[Column, Column]:
-    """(index of the nearest centre, squared distance to it) of a vector column, as SQL expressions
-    with the centres inlined as literals (k x d numbers); ties go to the lower index, as MLlib."""
+# The prepared vector as array<double>, the column `nearest_centre` reads.
+POINT = "_point"
+
+
+def as_points(frame: DataFrame, vector_col: str, *keep: str) -> DataFrame:
+    """`keep` columns and the vector column as array<double> (`POINT`), what `nearest_centre` reads."""
+    return frame.select(*keep, vector_to_array(F.col(vector_col), "float64").alias(POINT))
+
+
+def nearest_centre(array_col: str, centers: np.ndarray) -> tuple[Column, Column]:
+    """(index of the nearest centre, squared distance to it) of an array<double> column, as SQL
+    expressions with the centres inlined as literals (k x d numbers); ties go to the lower index, as
+    MLlib. Written as one SQL text: the centres move every batch, so the expression cannot be built
+    once (`runtime.expressions`), and as function calls it cost ~400 calls to the JVM per batch."""
     centers = np.asarray(centers, dtype=np.float64)
-    x = vector_to_array(F.col(vector_col), "float64")
+    x = f"`{array_col}`"
     # Squared distance to centre j, minus the row's own |x|^2 (the same for every j): -2 x.c_j + |c_j|^2,
-    # summed from |c_j|^2 in the order of the coordinates. The centre is one literal (`double_array`).
+    # summed from |c_j|^2 in the order of the coordinates. The centre is one literal, as `double_array` writes it.
     scores = [
-        F.aggregate(F.zip_with(x, double_array(-2.0 * centre), lambda a, b: a * b),
-                    F.lit(float((centre ** 2).sum())), lambda total, v: total + v)
+        f"aggregate(zip_with({x}, {double_array_sql(-2.0 * centre)}, (a, b) -> a * b), "
+        f"{double_sql(float((centre ** 2).sum()))}, (total, v) -> total + v)"
         for centre in centers
     ]
     # argmin with ties to the lower index: the smallest (score, j) struct.
-    nearest = F.least(*[F.struct(score.alias("score"), F.lit(j).alias("j")) for j, score in enumerate(scores)])
-    own = F.aggregate(x, F.lit(0.0), lambda total, v: total + v * v)
+    nearest = F.expr("least(" + ", ".join(f"named_struct('score', {score}, 'j', {j})" for j, score in enumerate(scores)) + ")")
+    own = F.expr(f"aggregate({x}, 0.0D, (total, v) -> total + v * v)")
     return nearest["j"], F.greatest(nearest["score"] + own, F.lit(0.0))
 
 
@@ -136,12 +147,11 @@ def batch_statistics(points: DataFrame, vector_col: str, centers: np.ndarray) ->
     Runs on the executors as one aggregation (`nearest_centre`); only k rows come back."""
     centers = np.asarray(centers, dtype=np.float64)
     k, d = centers.shape
-    x = vector_to_array(F.col(vector_col), "float64")
-    cluster, _ = nearest_centre(vector_col, centers)
+    cluster, _ = nearest_centre(POINT, centers)
     rows = (
-        points.select(cluster.alias("cluster"), x.alias("x"))
+        as_points(points, vector_col).select(cluster.alias("cluster"), F.col(POINT).alias("x"))
         .groupBy("cluster")
-        .agg(F.count(F.lit(1)).alias("n"), *[F.sum(F.col("x")[i]).alias(f"s{i}") for i in range(d)])
+        .agg(F.expr("count(1) AS n"), *[F.expr(f"sum(x[{i}]) AS s{i}") for i in range(d)])
         .collect()
     )
     sums, counts = np.zeros((k, d)), np.zeros(k)
@@ -149,3 +159,5 @@ def batch_statistics(points: DataFrame, vector_col: str, centers: np.ndarray) ->
         counts[row.cluster] = row.n
         sums[row.cluster] = [row[f"s{i}"] for i in range(d)]
     return sums, counts
+
+
