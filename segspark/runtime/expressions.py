@@ -37,10 +37,15 @@ def memoised(owner: object, key: Hashable, build: Callable[[], T]) -> T:
 
 
 def _jvm_context() -> object:
-    """The active SparkContext's Java context (classic), or the Connect marker: Connect's Columns are
-    plain expression trees that any session can send."""
+    """What the Columns `pyspark.sql.functions` builds now belong to: the Connect marker while Spark
+    Connect is on (the functions then build Connect's plain expression trees, which any Connect
+    session can send; a process may hold a classic session beside it), else the active
+    SparkContext's Java context (classic)."""
     from pyspark import SparkContext
+    from pyspark.sql.utils import is_remote
 
+    if is_remote():
+        return _CONNECT
     sc = SparkContext._active_spark_context
     return sc._jsc if sc is not None else _CONNECT
 
