@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, long_lived_jvm_env
 
 HEAVY_EVENTS = 2_000_000
 
@@ -18,7 +18,7 @@ HEAVY_EVENTS = 2_000_000
 def test_a_user_with_millions_of_events_on_a_small_heap(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "tests" / "skew_job.py"), str(tmp_path), str(HEAVY_EVENTS)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=long_lived_jvm_env(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     heavy = json.loads(done.stdout.strip().splitlines()[-1])
