@@ -40,13 +40,12 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # server, cluster daemons and executors) on 2 cores. In a JVM that lives a minute, the C2 compiler's
 # threads and G1's concurrent threads cost more CPU than they win back: C1 only and the serial collector
 # halved the CPU of tests/test_local_cluster.py (248-279 -> 120-125 cpu-s, /proc/stat over the test).
-# The test processes' own sessions live for the whole run but run hundreds of small, different plans,
-# and the suite is CPU-bound (two workers on two cores): with C1 and the serial collector they take less
-# CPU for the same tests, though a file alone takes longer (tests/test_pipeline.py and
-# test_deep_pipeline.py: 157 and 165 cpu-s against 178 and 192 with the defaults; 121-127 s against
-# 104-114 s alone). Only a subprocess whose one JVM computes for long keeps the defaults
-# (`long_lived_jvm_env`). Results do not change either way (Java's floating point is strict since 17).
-# Test-only: segspark itself sets neither.
+# The test processes' own sessions live for the whole run and do most of the in-process work: they keep
+# the JVM's defaults. C1 there took less CPU for single files alone (tests/test_pipeline.py and
+# test_deep_pipeline.py: 157-165 cpu-s against 178-192) but not in the whole suite: its two sessions used
+# 722 cpu-s against 692, and a fresh clone's suite took 14 min 29 s against 13 min 23 s. A subprocess
+# whose one JVM computes for long keeps the defaults too (`long_lived_jvm_env`). Results do not change
+# either way (Java's floating point is strict since 17). Test-only: segspark itself sets neither.
 #   SPARK_SUBMIT_OPTS: every driver JVM started by spark-submit (the CLI, jobs, the Connect server); its
 #     -Dspark.executor.extraJavaOptions reaches the executors those drivers start.
 #   SPARK_DAEMON_JAVA_OPTS: a standalone master and worker started with spark-class.
@@ -68,15 +67,13 @@ def long_lived_jvm_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def spark():
-    # This process's JVM: C1 and the serial collector (above), as its own driver options; not the
-    # executors' options of SPARK_SUBMIT_OPTS, which a local session has no use for.
+    # This process's JVM lives for the whole run: started without the short-lived JVM options above.
     short_lived = os.environ.pop("SPARK_SUBMIT_OPTS") if os.environ.get("SPARK_SUBMIT_OPTS") == SHORT_LIVED_SUBMIT_OPTS else None
     try:
         session = get_spark(
             app_name="segspark-tests",
             master="local[2]",
-            conf={"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "4",
-                  "spark.driver.extraJavaOptions": SHORT_LIVED_JVM},
+            conf={"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "4"},
         )
     finally:
         if short_lived is not None:
