@@ -476,7 +476,10 @@ class StreamingConfig(_Section):
     app_id: str = Field("segspark-stream", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     checkpoint: str | None = None  # default: <output.root>/_checkpoints/<app_id>
     max_files_per_trigger: int | None = Field(None, ge=1)  # file sources: files per micro-batch
-    trigger_seconds: int = Field(10, ge=1)  # micro-batch interval (unless --available-now)
+    # Micro-batch interval in seconds, fractions allowed (unless --available-now). An idle stream looks
+    # for new files this often, so a file arriving then waits up to this long before its batch starts;
+    # a batch that takes longer than the interval is followed at once by the next.
+    trigger_seconds: float = Field(10.0, ge=0.1)
     # Model bundle that scores the stream; None: the bundle of the latest successful training run.
     bundle: str | None = None
     # The feature state is partitioned into this many buckets of users; a micro-batch rewrites the

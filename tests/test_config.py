@@ -53,6 +53,13 @@ def test_wrong_type_from_set_is_attributed_to_set():
         load_config(REPO / "conf/local.yaml", ["models.kmeans.k=many"])
 
 
+def test_stream_trigger_takes_fractions_of_a_second():
+    assert load_config(REPO / "conf/local.yaml").streaming.trigger_seconds == 10
+    assert load_config(REPO / "conf/local.yaml", ["streaming.trigger_seconds=0.5"]).streaming.trigger_seconds == 0.5
+    with pytest.raises(ConfigError, match=r"streaming\.trigger_seconds \(in --set\)"):
+        load_config(REPO / "conf/local.yaml", ["streaming.trigger_seconds=0"])
+
+
 def test_bad_enum_and_event_type_target():
     with pytest.raises(ConfigError, match="input.format"):
         load_config(REPO / "conf/local.yaml", ["input.format=xml"])

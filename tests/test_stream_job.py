@@ -237,7 +237,7 @@ def test_a_reset_checkpoint_is_refused_and_a_new_app_id_processes_every_new_file
 
 def test_a_second_live_stream_on_one_app_id_is_refused(spark, trained, tmp_path, capsys):
     base, root, _ = trained
-    cfg = _own_root(base, root, tmp_path, app_id="live-app", trigger_seconds=1)
+    cfg = _own_root(base, root, tmp_path, app_id="live-app", trigger_seconds=0.5)  # a fractional interval
     first = threading.Thread(target=job.run_stream, args=(spark, cfg), daemon=True)
     first.start()
     deadline = time.monotonic() + 300

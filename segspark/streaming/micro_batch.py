@@ -112,7 +112,7 @@ def start_stream(
         .option("checkpointLocation", cfg.streaming.checkpoint_path(cfg.output))
     )
     writer = writer.trigger(availableNow=True) if available_now else writer.trigger(
-        processingTime=f"{cfg.streaming.trigger_seconds} seconds"
+        processingTime=f"{round(cfg.streaming.trigger_seconds * 1000)} milliseconds"  # 0.5 s as well as 10 s
     )
     return writer.start()
 
