@@ -220,3 +220,29 @@ def make_features_config():
     from .conftest import REPO
 
     return REPO / "conf" / "local.yaml"
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/London", "America/St_Johns", "Asia/Kathmandu"])
+def test_local_hour_day_and_weekday_are_those_of_the_zone(spark, zone):
+    """The arithmetic the time-of-day, weekend and active-day features use gives what Spark's own
+    hour(), dayofweek() and to_date() give in features.time_zone: before 1970, at midnight, across
+    daylight-saving changes and in zones with half- and quarter-hour offsets."""
+    from pyspark.sql import functions as F
+
+    from segspark.features.behaviour import _local_day, _local_hour, _local_weekday
+
+    instants = ["1965-03-01 23:59:59.999999", "1969-12-31 23:59:59.5", "1970-01-01 00:00:00", "2024-02-29 23:30:00",
+                "2026-03-29 00:59:59.999999", "2026-03-29 01:00:00", "2026-10-25 00:30:00", "2026-10-25 01:30:00",
+                "2026-11-01 03:29:59", "2026-12-31 23:59:59.999999", "2038-01-19 03:14:08"]
+    instants += [f"2026-06-0{d} {h:02d}:45:00" for d in range(1, 8) for h in range(0, 24, 5)]
+    cfg = FeaturesConfig(time_zone=zone)
+    events = spark.createDataFrame([(t,) for t in instants], "t string").select(F.col("t").cast("timestamp").alias("event_time"))
+    local = F.from_utc_timestamp(F.col("event_time"), zone)
+    rows = events.select(
+        _local_hour(cfg).alias("hour"), F.hour(local).alias("spark_hour"),
+        _local_weekday(cfg).alias("weekday"), (F.dayofweek(local) - 1).alias("spark_weekday"),
+        _local_day(cfg).alias("day"), F.unix_date(F.to_date(local)).alias("spark_day"),
+    ).collect()
+    assert len(rows) == len(instants)
+    for row in rows:
+        assert (row.hour, row.weekday, row.day) == (row.spark_hour, row.spark_weekday, row.spark_day), row

@@ -226,3 +226,31 @@ def test_readme_documents_every_quarantine_reason_once():
     paragraph = text[text.index("Quarantine reasons"):].split("\n\n")[0]
     documented = re.findall(r"`([a-z_]+)`", paragraph)
     assert [r for r in documented if r in ingest.REASONS] == list(ingest.REASONS), "README lists REASONS in order"
+
+
+def test_utc_suffixed_times_read_as_the_pattern_reads_them(spark):
+    """`yyyy-MM-dd HH:mm:ss z` (the REES46 layout): UTC values of that exact shape skip the pattern's
+    formatter; every value, of that shape or not, gets what the pattern itself gives."""
+    from pyspark.sql import functions as F
+
+    from segspark.ingest.events import UTC_SUFFIXED_FORMAT, _utc_suffixed_time
+
+    values = [
+        "2019-10-01 00:00:03 UTC", "2019-12-31 23:59:59 UTC", "2020-02-29 12:00:00 UTC",  # valid, the fast path
+        "2019-02-29 12:00:00 UTC", "2019-13-01 00:00:00 UTC", "2019-10-01 24:00:00 UTC",  # impossible dates, times
+        "2019-10-01 00:60:00 UTC", "2019-1a-01 00:00:00 UTC", "2019-10-01T00:00:03 UTC",  # wrong digits, separator
+        "2019-10-01 00:00:03 CET", "2019-10-01 00:00:03 Europe/Paris", "2019-10-01 00:00:03 GMT+2",  # other zones
+        "2019-10-01 0:00:03 UTC", "2019-10-01 00:00:03.5 UTC", "2019-10-01 00:00:03", "2019-10-01 00:00:03 utc",
+        " 2019-10-01 00:00:03 UTC", "+2019-10-01 00:00:0 UTC", "UTC", "",
+    ]
+    df = spark.createDataFrame([(v,) for v in values], "text string")
+    rows = df.select(
+        "text",
+        _utc_suffixed_time(F.col("text")).alias("fast"),
+        F.try_to_timestamp(F.col("text"), F.lit(UTC_SUFFIXED_FORMAT)).alias("pattern"),
+    ).collect()
+    assert [(r.text, r.fast) for r in rows] == [(r.text, r.pattern) for r in rows]
+    parsed = {r.text: r.fast for r in rows}
+    assert str(parsed["2019-10-01 00:00:03 UTC"]) == "2019-10-01 00:00:03"
+    assert str(parsed["2019-10-01 00:00:03 CET"]) == "2019-09-30 22:00:03"  # CEST in October: UTC+2
+    assert parsed["2019-02-29 12:00:00 UTC"] is None

@@ -34,6 +34,7 @@ from segspark.features.catalog import ONE_HOT_COLUMNS, category_slot_names, feat
 log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
+SECONDS_PER_DAY_INT = 86_400
 
 
 def as_of_cutoff(as_of: dt.date) -> dt.datetime:
@@ -122,6 +123,31 @@ def with_sessions(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
     return numbered.withColumn("session_key", key).drop("_gap_session")
 
 
+def _local_seconds(cfg: FeaturesConfig) -> Column:
+    """Whole seconds since the epoch (rounded down) of each event's wall-clock time in features.time_zone.
+
+    Hour, weekday and day are then arithmetic on it: Spark's hour(), dayofweek() and to_date()
+    convert every value through java.time in the session's zone (11.7M events: 1.0 s against
+    0.15 s for the arithmetic), and for UTC the zone shift is left out altogether. Seconds, not
+    microseconds: about 1.7e9 of them are exact as a double, so the divisions below floor exactly."""
+    ts = F.col("event_time")
+    return F.unix_seconds(ts if cfg.time_zone == "UTC" else F.from_utc_timestamp(ts, cfg.time_zone))
+
+
+def _local_hour(cfg: FeaturesConfig) -> Column:
+    return F.floor(F.pmod(_local_seconds(cfg), F.lit(SECONDS_PER_DAY_INT)) / 3600)
+
+
+def _local_day(cfg: FeaturesConfig) -> Column:
+    """Days since 1970-01-01 of each event's local date (rounded down: before 1970 too)."""
+    return F.floor(_local_seconds(cfg) / SECONDS_PER_DAY_INT)
+
+
+def _local_weekday(cfg: FeaturesConfig) -> Column:
+    """0 = Sunday ... 6 = Saturday (1970-01-01 was a Thursday)."""
+    return F.pmod(_local_day(cfg) + 4, F.lit(7))
+
+
 ADDITIVE_NAMES = (
     "events", "views", "carts", "removes_from_cart", "purchases", "returns", "_gross", "return_value", "_items",
     "_night", "_morning", "_afternoon", "_evening", "_weekend",
@@ -134,8 +160,7 @@ def additive_aggregates(cfg: FeaturesConfig) -> dict[str, Column]:
     kind, price = F.col("event_type"), F.col("price")
     is_purchase, is_return = kind == "purchase", kind == "return"
     line_value = F.coalesce(price, F.lit(0.0)) * F.abs(F.col("quantity"))
-    local = F.from_utc_timestamp(F.col("event_time"), cfg.time_zone)
-    hour, weekday = F.hour(local), F.dayofweek(local)  # dayofweek: 1 = Sunday, 7 = Saturday
+    hour, weekday = _local_hour(cfg), _local_weekday(cfg)
     return {
         "events": F.count(F.lit(1)),
         "views": F.count_if(kind == "view"),
@@ -150,7 +175,7 @@ def additive_aggregates(cfg: FeaturesConfig) -> dict[str, Column]:
         "_morning": F.count_if((hour >= 6) & (hour < 12)),
         "_afternoon": F.count_if((hour >= 12) & (hour < 18)),
         "_evening": F.count_if(hour >= 18),
-        "_weekend": F.count_if(weekday.isin(1, 7)),
+        "_weekend": F.count_if(weekday.isin(0, 6)),
     }  # keys: ADDITIVE_NAMES
 
 
@@ -158,7 +183,6 @@ def _event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, sl
     kind = F.col("event_type")
     is_view, is_purchase = kind == "view", kind == "purchase"
     price, ts = F.col("price"), F.col("event_time")
-    local = F.from_utc_timestamp(ts, cfg.time_zone)
     window_seconds = cfg.trend_window_days * SECONDS_PER_DAY
     age = cutoff.cast("double") - ts.cast("double")
     category = _category(cfg)
@@ -172,7 +196,7 @@ def _event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, sl
         F.percentile_approx(F.when(is_view, price), 0.5, accuracy).alias("price_viewed_median"),
         F.avg(F.when(is_purchase, price)).alias("price_bought_mean"),
         F.percentile_approx(F.when(is_purchase, price), 0.5, accuracy).alias("price_bought_median"),
-        F.size(F.collect_set(F.to_date(local))).alias("active_days"),
+        F.size(F.collect_set(_local_day(cfg))).alias("active_days"),
         F.size(F.collect_set("item_id")).alias("distinct_items"),
         F.size(F.collect_set(category)).alias("distinct_categories"),
         F.count_if(age <= window_seconds).alias("events_last_window"),

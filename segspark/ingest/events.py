@@ -36,6 +36,8 @@ from segspark.runtime.redaction import redact_text
 REASON = "_reason"
 # Timestamp patterns that Spark's cast to timestamp parses (ISO-8601 family).
 ISO_TIMESTAMP_FORMATS = ("yyyy-MM-dd HH:mm:ss", "yyyy-MM-dd'T'HH:mm:ss", "yyyy-MM-dd HH:mm:ss.SSS")
+# The REES46 exports' pattern (conf/clickstream.yaml): its UTC values skip the pattern (_utc_suffixed_time).
+UTC_SUFFIXED_FORMAT = "yyyy-MM-dd HH:mm:ss z"
 RAW = "_raw"
 _FP64, _FP32 = "_fp64", "_fp32"  # fingerprints of the whole source record
 _DUP = "_duplicate"
@@ -126,11 +128,28 @@ def _event_time(src: _Source, cfg: InputConfig) -> tuple[Column, Column]:
             # Spark's own timestamp cast reads ISO-8601 text (with an optional zone) about four
             # times faster than a pattern; it accepts the whole ISO family, not only this pattern.
             local = text.try_cast(TimestampType())
+        elif cfg.timestamp_format == UTC_SUFFIXED_FORMAT:
+            local = _utc_suffixed_time(text)
         else:
             local = F.try_to_timestamp(text, F.lit(cfg.timestamp_format))
         parsed = local if cfg.time_zone == "UTC" else F.to_utc_timestamp(local, cfg.time_zone)
         present = text.isNotNull()
     return parsed, present
+
+
+def _utc_suffixed_time(text: Column) -> Column:
+    """`yyyy-MM-dd HH:mm:ss z` text (REES46's "2019-10-01 00:00:03 UTC"), parsed as the pattern would.
+
+    The pattern's formatter costs about as much per row as reading the CSV line (11.7M events: 10-11 s
+    against 6 s to read them). A value of exactly that shape in UTC (separators where the pattern puts
+    them, so each field has its fixed width) is the timestamp cast of its first 19 characters, which
+    reads it as the pattern does and refuses the same impossible dates and times; any other value
+    (another zone, another shape) still goes through the pattern."""
+    at = lambda position, expected: F.substring(text, position, 1) == expected  # noqa: E731 - 1-based
+    utc_shape = ((F.length(text) == 23) & text.endswith(" UTC") & at(5, "-") & at(8, "-") & at(11, " ")
+                 & at(14, ":") & at(17, ":"))
+    return F.when(utc_shape, F.substring(text, 1, 19).try_cast(TimestampType())).otherwise(
+        F.try_to_timestamp(text, F.lit(UTC_SUFFIXED_FORMAT)))
 
 
 def _event_type(src: _Source, cfg: InputConfig) -> Column:
