@@ -180,29 +180,52 @@ def additive_aggregates(cfg: FeaturesConfig) -> dict[str, Column]:
 
 
 def _event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
+    """Per user: the counts, sums, extremes and means (`_plain_event_aggregates`) joined with the
+    medians, sets and modes (`_object_event_aggregates`): two aggregations over the same events, so
+    that each runs the way it runs fastest (their join is on one row per user, both partitioned by it)."""
+    return _plain_event_aggregates(events, cutoff, cfg, slots).join(_object_event_aggregates(events, cfg, slots), "user_id")
+
+
+def _plain_event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
+    """The aggregates with fixed-size buffers, in Spark's code-generated hash aggregation.
+
+    Grouped by the user id and its length (one group per user all the same), not by the id alone:
+    over events sorted by user, spark.sql.execution.replaceHashWithSortAgg (runtime.session) would
+    turn a grouping by the id into a sort aggregation, which evaluates every function interpreted,
+    row by row (11.7M events: 5.7-8.5 s against 2.9-3.6 s). The extra key keeps the hash
+    aggregation, and the events' partitioning by user still spares an exchange."""
     kind = F.col("event_type")
     is_view, is_purchase = kind == "view", kind == "purchase"
     price, ts = F.col("price"), F.col("event_time")
     window_seconds = cfg.trend_window_days * SECONDS_PER_DAY
     age = cutoff.cast("double") - ts.cast("double")
     category = _category(cfg)
-    accuracy = cfg.median_accuracy
-
     aggregates = [
         F.min(ts).alias("_first_event"),
         F.max(F.when(is_purchase, ts)).alias("_last_purchase"),
         *[column.alias(name) for name, column in additive_aggregates(cfg).items()],
         F.avg(F.when(is_view, price)).alias("price_viewed_mean"),
-        F.percentile_approx(F.when(is_view, price), 0.5, accuracy).alias("price_viewed_median"),
         F.avg(F.when(is_purchase, price)).alias("price_bought_mean"),
-        F.percentile_approx(F.when(is_purchase, price), 0.5, accuracy).alias("price_bought_median"),
-        F.size(F.collect_set(_local_day(cfg))).alias("active_days"),
-        F.size(F.collect_set("item_id")).alias("distinct_items"),
-        F.size(F.collect_set(category)).alias("distinct_categories"),
         F.count_if(age <= window_seconds).alias("events_last_window"),
         F.count_if((age > window_seconds) & (age <= 2 * window_seconds)).alias("events_prior_window"),
     ]
     aggregates += [F.count_if(category == value).alias(f"_cat{i}") for i, value in enumerate(slots.categories)]
+    key_length = "_user_id_length"
+    return events.groupBy("user_id", F.length("user_id").alias(key_length)).agg(*aggregates).drop(key_length)
+
+
+def _object_event_aggregates(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
+    """The medians, sets and modes (object buffers): a sort aggregation that streams through each
+    user's events as ingest sorted them, never spilling a hash map of every user's buffers."""
+    kind, price = F.col("event_type"), F.col("price")
+    accuracy = cfg.median_accuracy
+    aggregates = [
+        F.percentile_approx(F.when(kind == "view", price), 0.5, accuracy).alias("price_viewed_median"),
+        F.percentile_approx(F.when(kind == "purchase", price), 0.5, accuracy).alias("price_bought_median"),
+        F.size(F.collect_set(_local_day(cfg))).alias("active_days"),
+        F.size(F.collect_set("item_id")).alias("distinct_items"),
+        F.size(F.collect_set(_category(cfg))).alias("distinct_categories"),
+    ]
     # deterministic: of equally frequent values the lowest, so re-runs (and the streaming state) agree.
     aggregates += [F.mode(column, True).alias(f"_mode_{column}") for column in slots.one_hot]
     return events.groupBy("user_id").agg(*aggregates)

@@ -32,7 +32,8 @@ REQUIRED_CONF: dict[str, str] = {
     # Ingest leaves events partitioned and sorted by user, so the feature aggregations can stream
     # through each user's rows instead of hashing them; percentile, collect_set and mode otherwise
     # spill out of the object hash map and sort everything again (about 40% of the feature stage).
-    # Spark applies it only where the input is already sorted by the grouping keys.
+    # Spark applies it only where the input is already sorted by the grouping keys. (The plain
+    # counts and sums keep the generated hash aggregation: features.behaviour._plain_event_aggregates.)
     "spark.sql.execution.replaceHashWithSortAgg": "true",
 }
 
