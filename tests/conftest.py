@@ -39,18 +39,23 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # The suite starts about a hundred short-lived JVMs (CLI and spark-submit subprocesses, a Connect
 # server, cluster daemons and executors) on 2 cores. In a JVM that lives a minute, the C2 compiler's
 # threads and G1's concurrent threads cost more CPU than they win back: C1 only and the serial collector
-# halved the CPU of tests/test_local_cluster.py (248-279 -> 120-125 cpu-s, /proc/stat over the test).
-# The test processes' own sessions live for the whole run and do most of the in-process work: they keep
-# the JVM's defaults. C1 there took less CPU for single files alone (tests/test_pipeline.py and
-# test_deep_pipeline.py: 157-165 cpu-s against 178-192) but not in the whole suite: its two sessions used
-# 722 cpu-s against 692, and a fresh clone's suite took 14 min 29 s against 13 min 23 s. A subprocess
-# whose one JVM computes for long keeps the defaults too (`long_lived_jvm_env`). Results do not change
+# halved the CPU of tests/test_local_cluster.py (248-279 -> 120-125 cpu-s, /proc/stat over the test), and
+# a code cache of 512 MB (see below) took it from 109 to 98 cpu-s.
+# The test processes' own sessions live for the whole run and do most of the in-process work: C1 there
+# too, with a code cache of 512 MB (IN_PROCESS_JVM). C1 with the default cache had lost in the whole
+# suite (its two sessions 722 cpu-s against 692 on the defaults, 14 min 29 s against 13 min 23 s): Spark's
+# generated classes keep arriving, and the sweeper thread that makes room in the cache took 19.6 cpu-s
+# over three test files. With room to spare (69 MB used of 512 at the end), tests/test_pipeline.py,
+# test_privacy.py and test_baselines.py in one process took 116 JVM cpu-s against 189 on the defaults
+# (86 of them in C2's compiler threads), and 130 s against 149 (per-thread CPU from /proc). A subprocess
+# whose one JVM computes for long keeps the defaults (`long_lived_jvm_env`). Results do not change
 # either way (Java's floating point is strict since 17). Test-only: segspark itself sets neither.
 #   SPARK_SUBMIT_OPTS: every driver JVM started by spark-submit (the CLI, jobs, the Connect server); its
 #     -Dspark.executor.extraJavaOptions reaches the executors those drivers start.
 #   SPARK_DAEMON_JAVA_OPTS: a standalone master and worker started with spark-class.
-SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -XX:ReservedCodeCacheSize=512m"
 SHORT_LIVED_SUBMIT_OPTS = f"{SHORT_LIVED_JVM} -Dspark.executor.extraJavaOptions='{SHORT_LIVED_JVM}'"
+IN_PROCESS_JVM = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=512m"
 os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_LIVED_SUBMIT_OPTS)
 os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 
@@ -67,8 +72,11 @@ def long_lived_jvm_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def spark():
-    # This process's JVM lives for the whole run: started without the short-lived JVM options above.
-    short_lived = os.environ.pop("SPARK_SUBMIT_OPTS") if os.environ.get("SPARK_SUBMIT_OPTS") == SHORT_LIVED_SUBMIT_OPTS else None
+    # This process's JVM lives for the whole run: started with IN_PROCESS_JVM, not the short-lived
+    # options (unless the surrounding shell set SPARK_SUBMIT_OPTS: then that, as for every JVM).
+    short_lived = os.environ.get("SPARK_SUBMIT_OPTS") == SHORT_LIVED_SUBMIT_OPTS
+    if short_lived:
+        os.environ["SPARK_SUBMIT_OPTS"] = IN_PROCESS_JVM
     try:
         session = get_spark(
             app_name="segspark-tests",
@@ -76,8 +84,8 @@ def spark():
             conf={"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "4"},
         )
     finally:
-        if short_lived is not None:
-            os.environ["SPARK_SUBMIT_OPTS"] = short_lived
+        if short_lived:
+            os.environ["SPARK_SUBMIT_OPTS"] = SHORT_LIVED_SUBMIT_OPTS
     yield session
     # Stop before exit: a process that loaded delta-rs and left Spark running was seen aborting
     # with code 134, which would hide the real exit status.

@@ -254,3 +254,18 @@ def test_utc_suffixed_times_read_as_the_pattern_reads_them(spark):
     assert str(parsed["2019-10-01 00:00:03 UTC"]) == "2019-10-01 00:00:03"
     assert str(parsed["2019-10-01 00:00:03 CET"]) == "2019-09-30 22:00:03"  # CEST in October: UTC+2
     assert parsed["2019-02-29 12:00:00 UTC"] is None
+
+
+def test_event_types_are_lowered_as_spark_lowers_them(spark):
+    """Event types match input.event_types whatever their case: ASCII values are lowered by a letter map
+    (ICU's case tables cost a second or two to build in each JVM); every value gets what lower() gives."""
+    from pyspark.sql import functions as F
+
+    from segspark.ingest.events import _lower
+
+    values = ["view", "VIEW", "Purchase", "remove_from_CART", "cart-2", " Cart ", "", None,
+              "ÉVÉNEMENT", "İstanbul", "\u212aelvin", "straße", "ΣΊΣΥΦΟΣ", "日本VIEW", "view\u0301", "\x00A\x7f"]
+    df = spark.createDataFrame([(v,) for v in values], "text string")
+    rows = df.select("text", _lower(F.col("text")).alias("mine"), F.lower("text").alias("spark")).collect()
+    assert [(r.text, r.mine) for r in rows] == [(r.text, r.spark) for r in rows]
+    assert {r.text: r.mine for r in rows}["remove_from_CART"] == "remove_from_cart"
