@@ -76,9 +76,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # uv, unlike pip, writes no .pyc files, and where PYTHONDONTWRITEBYTECODE is set (CI images, this
     # project's machines) Python then compiles every module on every import: `import tensorflow` took
     # 16 s instead of 6.6 s in every process that trains, and every Spark Python worker paid the same
-    # for pandas, pyarrow and scikit-learn. Compiled here once, the editable segspark included (25 s;
-    # files already compiled are skipped, so an environment uv left as it was is compiled too).
-    "$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" segspark >/dev/null
+    # for pandas, pyarrow and scikit-learn. Compiled here once, the editable segspark included (files
+    # already compiled are skipped, so an environment uv left as it was is compiled too). The packages'
+    # own test suites (tests/ and test/ folders: a fifth of the sources, never imported) are left out:
+    # 14.5 s instead of 18.8 s on 2 cores.
+    "$VENV/bin/python" -m compileall -q -j 0 -x '/tests?/' \
+      "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" segspark >/dev/null
     "$VENV/bin/python" -m pip check >&2 || { echo "setup: the lock $LOCK is inconsistent (pip check above); rebuild it with scripts/lock.sh" >&2; exit 1; }
   fi
   echo "$want" > "$stamp"
