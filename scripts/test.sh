@@ -8,9 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_chromium.sh || echo "test: without Chromium, tests/test_report.py fails (the rest runs)" >&2
 bash scripts/install_mosquitto.sh || echo "test: without Mosquitto, tests/test_mqtt_stream.py fails (the rest runs)" >&2
-# A class-data archive of Spark's classpath that the suite's JVMs map instead of loading every class
-# from the jars (tests/jvm_class_archive.py): built once per environment under build/, then reused.
-"${SEGSPARK_VENV:-.venv}/bin/python" -m tests.jvm_class_archive
 cores=$(nproc 2>/dev/null || echo 2)
 workers=${SEGSPARK_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 exec "${SEGSPARK_VENV:-.venv}/bin/python" -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder --durations=25 "$@"

@@ -25,8 +25,6 @@ import pytest
 
 from segspark.runtime.session import get_spark
 
-from .jvm_class_archive import existing_archive, jvm_options
-
 # The same results on any machine: before any JVM starts, the process runs in UTC (pyspark turns naive
 # datetimes into timestamps, and collected timestamps back into datetimes, in the machine's zone) and
 # ignores settings of the surrounding shell that would point Spark elsewhere.
@@ -52,18 +50,15 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # test_privacy.py and test_baselines.py in one process took 116 JVM cpu-s against 189 on the defaults
 # (86 of them in C2's compiler threads), and 130 s against 149 (per-thread CPU from /proc). A subprocess
 # whose one JVM computes for long keeps C2, with the larger cache (`long_lived_jvm_env`). Results do not change
-# either way (Java's floating point is strict since 17). Every one of them maps the class-data archive of
-# Spark's classpath when scripts/test.sh has built it (tests/jvm_class_archive.py: a cold `segspark run`
-# 46-48 -> 42-43 cpu-s). Test-only: segspark itself sets none of this.
+# either way (Java's floating point is strict since 17). Test-only: segspark itself sets neither.
 #   SPARK_SUBMIT_OPTS: every driver JVM started by spark-submit (the CLI, jobs, the Connect server); its
 #     -Dspark.executor.extraJavaOptions reaches the executors those drivers start.
 #   SPARK_DAEMON_JAVA_OPTS: a standalone master and worker started with spark-class.
-CLASS_ARCHIVE = jvm_options(existing_archive())
 SHORT_LIVED_JVM = ("-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -XX:ReservedCodeCacheSize=512m -XX:+IgnoreUnrecognizedVMOptions "
-                   f"-XX:+UnlockDiagnosticVMOptions -XX:-BytecodeVerificationRemote {CLASS_ARCHIVE}").strip()
+                   "-XX:+UnlockDiagnosticVMOptions -XX:-BytecodeVerificationRemote")
 SHORT_LIVED_SUBMIT_OPTS = f"{SHORT_LIVED_JVM} -Dspark.executor.extraJavaOptions='{SHORT_LIVED_JVM}'"
-IN_PROCESS_JVM = f"-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=512m {CLASS_ARCHIVE}".strip()
-LONG_LIVED_JVM = f"-XX:ReservedCodeCacheSize=512m {CLASS_ARCHIVE}".strip()
+IN_PROCESS_JVM = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=512m"
+LONG_LIVED_JVM = "-XX:ReservedCodeCacheSize=512m"
 os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_LIVED_SUBMIT_OPTS)
 os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 
