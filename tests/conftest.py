@@ -36,8 +36,8 @@ for _variable in ("SPARK_REMOTE", "PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRE
 # this kind): held at AVX2 so that trainings in the tests round the same way on both.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
-# The suite starts about a hundred short-lived JVMs (CLI and spark-submit subprocesses, a Connect
-# server, cluster daemons and executors) on 2 cores. In a JVM that lives a minute, the C2 compiler's
+# The suite starts about forty JVMs (42 in a whole run sampled from /proc: CLI and spark-submit subprocesses,
+# a Connect server, cluster daemons and executors, the test processes' own two) on 2 cores. In a JVM that lives a minute, the C2 compiler's
 # threads and G1's concurrent threads cost more CPU than they win back: C1 only and the serial collector
 # halved the CPU of tests/test_local_cluster.py (248-279 -> 120-125 cpu-s, /proc/stat over the test), a
 # code cache of 512 MB (see below) took it from 109 to 98 cpu-s, and leaving the bytecode of Spark's jars
