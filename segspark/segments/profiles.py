@@ -63,7 +63,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
@@ -141,11 +141,15 @@ class SegmentProfiles:
 
     def with_names(self, assignments: DataFrame, column: str = "segment_name") -> DataFrame:
         """Adds the segment's name to each assignment row (a literal map, evaluated on the executors)."""
-        names = self.names()
-        if not names:
-            return assignments.withColumn(column, F.lit(None).cast("string"))
-        lookup = F.create_map(*[x for seg, name in sorted(names.items()) for x in (F.lit(seg), F.lit(name))])
-        return assignments.withColumn(column, lookup[F.col("segment")])
+        return assignments.withColumn(column, segment_name_column(self.names()))
+
+
+def segment_name_column(names: Mapping[int, str]) -> Column:
+    """The name of the column `segment`'s segment (a literal map, evaluated on the executors)."""
+    if not names:
+        return F.lit(None).cast("string")
+    lookup = F.create_map(*[x for seg, name in sorted(names.items()) for x in (F.lit(seg), F.lit(name))])
+    return lookup[F.col("segment")]
 
 
 def segment_profiles(

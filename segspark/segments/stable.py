@@ -26,7 +26,7 @@ from functools import reduce
 import numpy as np
 import pandas as pd
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
@@ -37,12 +37,17 @@ from segspark.models.contract import ASSIGNMENT_COLUMNS, TrainedModel
 from segspark.models.sample import UserSample
 from segspark.segments.ids import (
     SegmentMapping,
-    apply_mapping,
     cross_counts_by_model,
     match_from_counts,
+    stable_segment,
     transitions_from_counts,
 )
-from segspark.segments.profiles import NOISE_SEGMENT, SegmentProfiles, segment_profiles_by_model
+from segspark.segments.profiles import (
+    NOISE_SEGMENT,
+    SegmentProfiles,
+    segment_name_column,
+    segment_profiles_by_model,
+)
 from segspark.segments.separation import separation
 
 log = logging.getLogger(__name__)
@@ -54,12 +59,21 @@ class ModelSegments:
     reason: str
     fitted: object  # the model's fitted object (models.contract.SegmentModel)
     curve: list[dict]
-    assignments: DataFrame  # user_id, segment (stable), segment_name, probability, anomaly_score, ...
     profiles: SegmentProfiles
     mapping: SegmentMapping
     previous_run_id: str | None
     transitions: list[tuple]  # (from_segment, to_segment, users); empty on a model's first run
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunSegments:
+    """Every model's stable segments of a run."""
+
+    models: list[ModelSegments]
+    # user_id, model, segment (stable), segment_name, probability, anomaly_score, ...: every model's
+    # rows, as one projection of the persisted raw assignments (see `_stable_assignments`).
+    assignments: DataFrame | None
 
 
 def stable_segments(
@@ -75,7 +89,7 @@ def stable_segments(
     sample: UserSample | None = None,
     prepared_names: Sequence[str] = (),
     silhouette_rows: int = 2000,
-) -> list[ModelSegments]:
+) -> RunSegments:
     """Stable ids, profiles, names and transitions of every trained model of the run, together.
 
     The models' raw assignments are persisted once (appended to `cached`; the caller unpersists them
@@ -84,7 +98,7 @@ def stable_segments(
     its `separation` on that sample (its first `silhouette_rows` users for the silhouette): one more
     Spark job fetches the sampled users' segments."""
     if not trained:
-        return []
+        return RunSegments([], None)
     names = [t.name for t in trained]
     raw = reduce(
         DataFrame.unionByName,
@@ -117,9 +131,6 @@ def stable_segments(
                 next_id=before.max_id + 1,
             )
         profiles = profiles_raw.relabel(mapping.mapping)  # no second pass over the users
-        assignments = profiles.with_names(
-            apply_mapping(raw.where(F.col("model") == model.name).select("user_id", *ASSIGNMENT_COLUMNS), mapping)
-        )
         moved = [] if before is None else transitions_from_counts(cells.get(model.name, []), mapping.mapping)
         metrics = {
             **model.metrics,
@@ -136,10 +147,32 @@ def stable_segments(
             metrics["separation"] = _separation(model, mapping, sampled.get(model.name), sample, list(prepared_names),
                                                 silhouette_rows)
         built.append(ModelSegments(
-            model.name, model.k, model.reason, model.fitted, model.curve, assignments, profiles, mapping,
+            model.name, model.k, model.reason, model.fitted, model.curve, profiles, mapping,
             None if before is None else before.run_id, moved, metrics,
         ))
-    return built
+    return RunSegments(built, _stable_assignments(raw, built))
+
+
+def _stable_assignments(raw: DataFrame, built: Sequence[ModelSegments]) -> DataFrame:
+    """Every model's assignments in stable ids with their segment names: one projection of `raw` (the
+    persisted union of the models' raw assignments), each model's mapping and names chosen by its name.
+
+    One frame over `raw`, not a union of one filtered frame per model: each of those would carry the
+    whole union's plan, so the driver would analyse the models' scoring plans models x models times
+    (~2 s of planning for four models on any data size)."""
+    model = F.col("model")
+
+    def by_model(expression_of) -> Column:
+        cases = [(model == m.name, expression_of(m)) for m in built]
+        column = F.when(*cases[0])
+        for condition, value in cases[1:]:
+            column = column.when(condition, value)
+        return column
+
+    stable = raw.select("user_id", "model", by_model(lambda m: stable_segment(m.mapping)).alias("segment"),
+                        *ASSIGNMENT_COLUMNS[1:])
+    named = stable.withColumn("segment_name", by_model(lambda m: segment_name_column(m.profiles.names())))
+    return named.select("user_id", "model", "segment", "segment_name", *ASSIGNMENT_COLUMNS[1:])
 
 
 _UNSAMPLED = -2  # a sampled user without an assignment of the model (not expected: every user is assigned)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from functools import reduce
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -24,7 +23,7 @@ from segspark.models.sample import UserSample, collect_user_sample
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.session import share_session
 from segspark.segments.ids import NOISE_SEGMENT
-from segspark.segments.stable import ModelSegments, stable_segments, transition_rows
+from segspark.segments.stable import ModelSegments, RunSegments, stable_segments, transition_rows
 from segspark.segments.train import train_baselines, users_check
 from segspark.usecases.context import RunContext
 
@@ -72,9 +71,10 @@ def train_models(ctx: RunContext, features: DataFrame, slots: FeatureSlots, loca
                 _write_outputs(ctx, model.scored)
             trained += [future.result() for future in pending]
         # Separation per segment on the sweep's users: the rows of the silhouette the sweep reported.
-        built = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels, ctx.cached,
-                                sample=sample.head(models.selection.sample_size), prepared_names=prep.selected,
-                                silhouette_rows=models.selection.silhouette_sample)
+        segments = stable_segments(spark, out, run_id, trained, features, feature_columns(cfg.features), labels,
+                                   ctx.cached, sample=sample.head(models.selection.sample_size),
+                                   prepared_names=prep.selected, silhouette_rows=models.selection.silhouette_sample)
+        built = segments.models
         for model in built:
             if registry.get(model.name).noise:
                 _note_noise(model)
@@ -87,7 +87,7 @@ def train_models(ctx: RunContext, features: DataFrame, slots: FeatureSlots, loca
         if not built:
             choices = ", ".join(f"models.{m.config_key}.enabled: true for {m.name}" for m in registry.MODELS)
             raise ValueError(f"no model is enabled: set {choices}")
-        _write_segment_tables(ctx, built)
+        _write_segment_tables(ctx, segments)
         counts.update(models=len(built), **{m.name: f"k={m.k}" for m in built})
 
     with ctx.stage("bundle") as counts:
@@ -150,16 +150,14 @@ def _note_noise(model: ModelSegments) -> None:
     log.info("%s: %s", model.name, model.reason)
 
 
-def _write_segment_tables(ctx: RunContext, built: list) -> None:
+def _write_segment_tables(ctx: RunContext, run_segments: RunSegments) -> None:
     """One commit per table for all models, so that a run's rows appear (and are replaced) together.
     The tables are independent, so the small ones are written while user_segments is."""
     spark, cfg, result = ctx.spark, ctx.cfg, ctx.result
     out, run_id, as_of = cfg.output, result.run_id, result.as_of
+    built = run_segments.models
     keys = [F.lit(as_of).cast("date").alias("as_of"), F.lit(run_id).alias("run_id")]
-    segments = reduce(DataFrame.unionByName, [
-        model.assignments.select("user_id", *keys, F.lit(model.name).alias("model"), *USER_SEGMENTS_COLUMNS[4:])
-        for model in built
-    ])
+    segments = run_segments.assignments.select("user_id", *keys, "model", *USER_SEGMENTS_COLUMNS[4:])
     # Typed rows: the embedded committer writes them on the driver, without a Spark job.
     small = {
         "model_selection": [row for model in built for row in _selection_rows(model, as_of, run_id)],
