@@ -37,6 +37,7 @@ from segspark.models.prepare import FittedPreparation
 from segspark.runtime.expressions import memoised
 from segspark.runtime.run_ids import owned_child, remove_owned
 from segspark.segments.ids import stable_segment
+from segspark.segments.profiles import segment_name_column
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def prepare_with_bundle(loaded: LoadedBundle, features: DataFrame) -> DataFrame:
 
 def _stable_columns(saved) -> tuple[Column, Column]:
     """(stable segment id, segment name) of a saved model's assignments (`segments.ids.apply_mapping`)."""
-    names = F.create_map(*[F.lit(x) for pair in sorted(saved.segment_names.items()) for x in pair])
-    return stable_segment(saved.segment_ids), F.coalesce(names[F.col("segment")], F.lit("unnamed segment"))
+    return stable_segment(saved.segment_ids), F.coalesce(segment_name_column(saved.segment_names), F.lit("unnamed segment"))
 
 
 def score_prepared(loaded: LoadedBundle, prepared: DataFrame) -> BundleScores:
