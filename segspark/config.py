@@ -52,8 +52,8 @@ class SparkConfig(_Section):
     app_name: str = "segspark"
     master: str = "local[2]"
     remote: str | None = None  # Spark Connect URL (sc://host:port); also the SPARK_REMOTE variable
-    # `auto`: each batch run sizes its shuffles from its input (runtime/shuffle_sizing.py); a number pins
-    # the session's spark.sql.shuffle.partitions.
+    # `auto`: each batch run, and each micro-batch of a stream, sizes its shuffles from its input
+    # (runtime/shuffle_sizing.py); a number pins the session's spark.sql.shuffle.partitions.
     shuffle_partitions: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     conf: dict[str, str] = Field(default_factory=dict)
 

@@ -12,7 +12,14 @@ from deltalake import DeltaTable
 from segspark.config import load_config
 from segspark.io.readers import read_raw_events
 from segspark.runtime.session import set_at_launch
-from segspark.runtime.shuffle_sizing import MIB, SETTING, input_bytes, shuffle_partitions_for
+from segspark.runtime.shuffle_sizing import (
+    MIB,
+    SETTING,
+    input_bytes,
+    shuffle_partitions_for,
+    sized_for_block,
+    sizing_is_on,
+)
 from segspark.usecases.context import RunContext, RunResult
 
 from .conftest import REPO, TRAINED_RUN_ID
@@ -60,3 +67,25 @@ def test_the_run_records_its_shuffle_partitions(trained_run, spark):
     (run,) = [r for r in runs if r["run_id"] == TRAINED_RUN_ID]
     assert json.loads(run["metrics"])["shuffle_partitions"]["partitions"] == 1
     assert spark.conf.get(SETTING) == "4"  # the shared session's own setting, restored after the run
+
+
+def test_a_block_sizes_every_session_given_and_gives_each_its_setting_back(spark, sample_parquet):
+    """What a stream does per micro-batch: its frame belongs to the query's copy of the session, the
+    tables' frames to the caller's; both are sized for the batch, then set back, also on failure."""
+    other = spark.newSession()  # like the query's copy: its own SQL settings
+    other.conf.set(SETTING, "7")
+    session_value = spark.conf.get(SETTING)
+    cfg = load_config(REPO / "conf/local.yaml", [f"input.path={sample_parquet}/events"])
+    records = read_raw_events(other, cfg.input)
+    with sized_for_block(records, "parquet", spark, other) as partitions:
+        assert partitions == 1 and spark.conf.get(SETTING) == other.conf.get(SETTING) == "1"
+    assert (spark.conf.get(SETTING), other.conf.get(SETTING)) == (session_value, "7")
+    with pytest.raises(RuntimeError, match="batch failed"), sized_for_block(records, "parquet", spark, other):
+        raise RuntimeError("batch failed")
+    assert (spark.conf.get(SETTING), other.conf.get(SETTING)) == (session_value, "7")
+
+
+@pytest.mark.parametrize(("overrides", "on"), [([], True), (["spark.shuffle_partitions=3"], False),
+                                               (["spark.conf.spark.sql.shuffle.partitions=3"], False)])
+def test_sizing_is_on_only_with_auto_and_nothing_pinned(spark, overrides, on):
+    assert sizing_is_on(spark, load_config(REPO / "conf/local.yaml", overrides).spark) is on

@@ -74,6 +74,9 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
     (landing / "a.json").write_text("\n".join(lines[middle:]) + "\n")
     first = job.run_stream(spark, cfg, available_now=True)
     assert [r.batch_id for r in first.reports] == [0] and first.reports[0].users > 0
+    # spark.shuffle_partitions auto: the batch's shuffles sized from its file (one partition for a few
+    # hundred kB), and the session's own setting back once the batch is done.
+    assert first.reports[0].shuffle_partitions == 1 and spark.conf.get("spark.sql.shuffle.partitions") == "4"
 
     (landing / "b.json").write_text("\n".join(lines[:middle]) + "\n")
     (landing / "c.json").write_text('{"user_id": "u1", "event_time": \nnot json\n')

@@ -9,9 +9,10 @@ memory. So a run with `auto` sets `spark.sql.shuffle.partitions` from its input 
 (RunContext restores the session's value when the run ends): one partition for an input of up to
 32 MiB of Parquet or Delta (192 MiB of text: CSV and JSON take about six times the bytes per event),
 else one per that many bytes and never fewer than the session's task slots, so that a large input
-keeps every core busy. The session's setting stays where it is pinned: a number in
-`spark.shuffle_partitions`, `spark.sql.shuffle.partitions` in `spark.conf`, or the setting given
-when the session was launched (a spark-submit --conf, a cluster's Spark config).
+keeps every core busy. A stream sizes each micro-batch the same way, from the files of that batch
+(`sized_for_block`), and sets the value back when the batch ends. The session's setting stays where
+it is pinned: a number in `spark.shuffle_partitions`, `spark.sql.shuffle.partitions` in `spark.conf`,
+or the setting given when the session was launched (a spark-submit --conf, a cluster's Spark config).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
-from segspark.runtime.session import is_connect, task_slots
+from segspark.config import SparkConfig
+from segspark.runtime.session import is_connect, set_at_launch, task_slots
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +64,30 @@ def sized_partitions(records: DataFrame, input_format: str) -> tuple[int, int] |
     if size is None:
         return None
     return shuffle_partitions_for(size, input_format, task_slots(records.sparkSession)), size
+
+
+def sizing_is_on(spark: SparkSession, spark_cfg: SparkConfig) -> bool:
+    """`spark.shuffle_partitions: auto`, and the setting pinned nowhere else (module docstring)."""
+    return spark_cfg.shuffle_partitions == "auto" and SETTING not in spark_cfg.conf and not set_at_launch(spark, SETTING)
+
+
+@contextmanager
+def sized_for_block(records: DataFrame, input_format: str, *sessions: SparkSession) -> Iterator[int | None]:
+    """Within the block, the `sessions`' shuffle partitions sized from `records` (a micro-batch: its
+    frame belongs to the query's own copy of the session, and the frames read from the tables to the
+    caller's), then each session's own value again. Yields the partitions, or None when the size of
+    `records` is unknown (the sessions are then left as they are)."""
+    sized = sized_partitions(records, input_format)
+    if sized is None:
+        yield None
+        return
+    partitions = str(sized[0])
+    previous = []
+    try:
+        for session in sessions:
+            previous.append((session, session.conf.get(SETTING)))
+            session.conf.set(SETTING, partitions)
+        yield sized[0]
+    finally:
+        for session, value in reversed(previous):  # the first one saved holds the value from before
+            session.conf.set(SETTING, value)

@@ -22,9 +22,9 @@ from segspark.io.tables import check_output, table_path, write_rows
 from segspark.runtime import progress
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.run_ids import check_batch_run_id
-from segspark.runtime.session import apply_required_conf, set_at_launch
+from segspark.runtime.session import apply_required_conf
 from segspark.runtime.shuffle_sizing import SETTING as SHUFFLE_PARTITIONS
-from segspark.runtime.shuffle_sizing import sized_partitions
+from segspark.runtime.shuffle_sizing import sized_partitions, sizing_is_on
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ class RunContext:
     def size_shuffles(self, records: DataFrame) -> DataFrame:
         """With spark.shuffle_partitions `auto`, this run's shuffle partitions sized from the input
         `records` (runtime/shuffle_sizing.py), until the run ends. Returns `records`."""
-        spark_cfg = self.cfg.spark
-        pinned = SHUFFLE_PARTITIONS in spark_cfg.conf or set_at_launch(self.spark, SHUFFLE_PARTITIONS)
-        if spark_cfg.shuffle_partitions != "auto" or pinned:
+        if not sizing_is_on(self.spark, self.cfg.spark):
             return records
         sized = sized_partitions(records, self.cfg.input.format)
         if sized is not None:
