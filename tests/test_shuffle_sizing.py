@@ -13,9 +13,11 @@ from segspark.config import load_config
 from segspark.io.readers import read_raw_events
 from segspark.runtime.session import set_at_launch
 from segspark.runtime.shuffle_sizing import (
+    ADAPTIVE,
     MIB,
     SETTING,
     input_bytes,
+    settings_for,
     shuffle_partitions_for,
     sized_for_block,
     sizing_is_on,
@@ -54,19 +56,29 @@ def test_a_run_sizes_its_shuffles_unless_pinned_and_gives_the_session_its_settin
     records = read_raw_events(spark, ctx.cfg.input)
     assert ctx.size_shuffles(records) is records
     if pin is None:
-        assert spark.conf.get(SETTING) == "1"  # a few hundred kB of events: one partition
-        assert ctx.result.metrics["shuffle_partitions"] == {"partitions": 1, "input_bytes": input_bytes(records)}
+        # A few hundred kB of events: one partition, and no adaptive execution for it to re-plan.
+        assert (spark.conf.get(SETTING), spark.conf.get(ADAPTIVE)) == ("1", "false")
+        assert ctx.result.metrics["shuffle_partitions"] == {"partitions": 1, "input_bytes": input_bytes(records),
+                                                            "adaptive": False}
     else:
         assert spark.conf.get(SETTING) == session_value and "shuffle_partitions" not in ctx.result.metrics
+        assert spark.conf.get(ADAPTIVE) == "true"
     ctx.restore_session()
-    assert spark.conf.get(SETTING) == session_value
+    assert (spark.conf.get(SETTING), spark.conf.get(ADAPTIVE)) == (session_value, "true")
+
+
+def test_only_a_single_partition_turns_adaptive_execution_off():
+    assert settings_for(1) == {SETTING: "1", ADAPTIVE: "false"}
+    assert settings_for(8) == {SETTING: "8"}  # adaptive execution as the session has it
 
 
 def test_the_run_records_its_shuffle_partitions(trained_run, spark):
     runs = DeltaTable(str(trained_run.root / "runs")).to_pyarrow_table().to_pylist()
     (run,) = [r for r in runs if r["run_id"] == TRAINED_RUN_ID]
-    assert json.loads(run["metrics"])["shuffle_partitions"]["partitions"] == 1
-    assert spark.conf.get(SETTING) == "4"  # the shared session's own setting, restored after the run
+    sized = json.loads(run["metrics"])["shuffle_partitions"]
+    assert (sized["partitions"], sized["adaptive"]) == (1, False) and sized["input_bytes"] > 0
+    # the shared session's own settings, restored after the run
+    assert (spark.conf.get(SETTING), spark.conf.get(ADAPTIVE)) == ("4", "true")
 
 
 def test_a_block_sizes_every_session_given_and_gives_each_its_setting_back(spark, sample_parquet):
@@ -79,7 +91,9 @@ def test_a_block_sizes_every_session_given_and_gives_each_its_setting_back(spark
     records = read_raw_events(other, cfg.input)
     with sized_for_block(records, "parquet", spark, other) as partitions:
         assert partitions == 1 and spark.conf.get(SETTING) == other.conf.get(SETTING) == "1"
+        assert spark.conf.get(ADAPTIVE) == other.conf.get(ADAPTIVE) == "false"
     assert (spark.conf.get(SETTING), other.conf.get(SETTING)) == (session_value, "7")
+    assert spark.conf.get(ADAPTIVE) == other.conf.get(ADAPTIVE) == "true"
     with pytest.raises(RuntimeError, match="batch failed"), sized_for_block(records, "parquet", spark, other):
         raise RuntimeError("batch failed")
     assert (spark.conf.get(SETTING), other.conf.get(SETTING)) == (session_value, "7")

@@ -263,7 +263,8 @@ def process_batch(spark: SparkSession, cfg: Config, models: StreamModels, record
     report = BatchReport(batch_id)
     if not sizing_is_on(spark, cfg.spark):
         return _process_batch(spark, cfg, models, records, report, protection, started, started_at)
-    # spark.shuffle_partitions auto: the batch's shuffles sized from its own files, as a batch run's.
+    # spark.shuffle_partitions auto: the batch's shuffles sized from its own files, as a batch run's
+    # (and adaptive execution off for a batch of one partition: shuffle_sizing.settings_for).
     # Micro-batches of 10k events (the streaming bench's files, a session launched with 16 partitions)
     # committed their assignments after 4.4-4.5 s on average with one partition, 5.2-6.2 s with 16
     # (three alternated runs each): 16 near-empty tasks per stage, in every job of the batch.

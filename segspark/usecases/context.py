@@ -23,8 +23,13 @@ from segspark.runtime import progress
 from segspark.runtime.redaction import redact_text
 from segspark.runtime.run_ids import check_batch_run_id
 from segspark.runtime.session import apply_required_conf
-from segspark.runtime.shuffle_sizing import SETTING as SHUFFLE_PARTITIONS
-from segspark.runtime.shuffle_sizing import sized_partitions, sizing_is_on
+from segspark.runtime.shuffle_sizing import (
+    ADAPTIVE,
+    apply_settings,
+    settings_for,
+    sized_partitions,
+    sizing_is_on,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class RunContext:
     result: RunResult
     started_at: dt.datetime
     cached: list[DataFrame] = field(default_factory=list)
-    session_partitions: str | None = None  # the session's shuffle partitions, while the run has its own
+    session_settings: dict[str, str] | None = None  # the session's own, while the run has sized ones
 
     @property
     def run_id(self) -> str:
@@ -68,25 +73,30 @@ class RunContext:
 
     def size_shuffles(self, records: DataFrame) -> DataFrame:
         """With spark.shuffle_partitions `auto`, this run's shuffle partitions sized from the input
-        `records` (runtime/shuffle_sizing.py), until the run ends. Returns `records`."""
+        `records`, and adaptive execution off where that is one partition (runtime/shuffle_sizing.py),
+        until the run ends. Returns `records`."""
         if not sizing_is_on(self.spark, self.cfg.spark):
             return records
         sized = sized_partitions(records, self.cfg.input.format)
         if sized is not None:
             partitions, size = sized
-            if self.session_partitions is None:
-                self.session_partitions = str(self.spark.conf.get(SHUFFLE_PARTITIONS))
-            self.spark.conf.set(SHUFFLE_PARTITIONS, str(partitions))
-            self.result.metrics["shuffle_partitions"] = {"partitions": partitions, "input_bytes": size}
-            log.info("shuffle partitions: %d for %.1f MB of %s input (spark.shuffle_partitions auto)",
-                     partitions, size / 1e6, self.cfg.input.format)
+            settings = settings_for(partitions)
+            previous = apply_settings(self.spark, settings)
+            if self.session_settings is None:
+                self.session_settings = previous
+            adaptive = str(self.spark.conf.get(ADAPTIVE)).lower() == "true"
+            self.result.metrics["shuffle_partitions"] = {"partitions": partitions, "input_bytes": size,
+                                                         "adaptive": adaptive}
+            log.info("shuffle partitions: %d for %.1f MB of %s input (spark.shuffle_partitions auto)%s",
+                     partitions, size / 1e6, self.cfg.input.format, "" if adaptive else ", adaptive execution off")
         return records
 
     def restore_session(self) -> None:
-        """The session's own shuffle partitions again (a notebook's session outlives the run)."""
-        if self.session_partitions is not None:
-            self.spark.conf.set(SHUFFLE_PARTITIONS, self.session_partitions)
-            self.session_partitions = None
+        """The session's own shuffle partitions (and adaptive execution) again: a notebook's session
+        outlives the run."""
+        if self.session_settings is not None:
+            apply_settings(self.spark, self.session_settings)
+            self.session_settings = None
 
     def keep(self, frame: DataFrame) -> DataFrame:
         """`frame`, persisted until the run ends."""
