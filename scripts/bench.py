@@ -503,7 +503,7 @@ def suite_stream_state(spark, args):
         curve.append((history, report.seconds, recompute))
         emit("stream_state", "batch_vs_recompute", round(report.seconds, 3), "s", baseline=round(recompute, 3),
              ratio=round(ratio, 3), history=history, batch_events=report.clean_rows,
-             step_seconds=report.step_seconds, note="one 10k-event micro-batch / one batch score of every event so far")
+             step_seconds=report.step_seconds, state_compacted=report.state_compacted, note="one 10k-event micro-batch / one batch score of every event so far")
     crossing = _break_even(curve)
     emit("stream_state", "break_even_history", crossing, "events",
          note="history (events) where the micro-batch starts to cost less than recomputing (log-linear "

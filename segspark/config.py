@@ -482,9 +482,12 @@ class StreamingConfig(_Section):
     trigger_seconds: float = Field(10.0, ge=0.1)
     # Model bundle that scores the stream; None: the bundle of the latest successful training run.
     bundle: str | None = None
-    # The feature state is partitioned into this many buckets of users; a micro-batch rewrites the
-    # buckets its users fall in (copy-on-write, as a Delta MERGE would).
+    # The feature state is partitioned into this many buckets of users.
     state_buckets: int = Field(16, ge=1, le=4096)
+    # A micro-batch appends its users' new state rows; when the rows appended since the last
+    # compaction reach this many times the rows it wrote, the batch compacts the state to one row per
+    # user instead (streaming/state_store.py). 0: every batch compacts.
+    state_compaction: float = Field(0.5, ge=0.0)
     # Online k-means (Spark StreamingKMeans semantics): history weight per batch or per point.
     decay: float = Field(1.0, ge=0.0, le=1.0)
     time_unit: Literal["batches", "points"] = "batches"

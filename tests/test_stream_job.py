@@ -34,6 +34,7 @@ from segspark.streaming.identity import (
     TableCommits,
     check_identity,
 )
+from segspark.streaming.state_store import read_current_state
 
 from .conftest import REPO, TRAINED_RUN_ID, data_lines
 
@@ -77,6 +78,7 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
     # spark.shuffle_partitions auto: the batch's shuffles sized from its file (one partition for a few
     # hundred kB), and the session's own setting back once the batch is done.
     assert first.reports[0].shuffle_partitions == 1 and spark.conf.get("spark.sql.shuffle.partitions") == "4"
+    assert first.reports[0].state_compacted  # the first batch writes the state one row per user
 
     (landing / "b.json").write_text("\n".join(lines[:middle]) + "\n")
     (landing / "c.json").write_text('{"user_id": "u1", "event_time": \nnot json\n')
@@ -130,11 +132,16 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
     assert per_batch == {0: batches.iloc[0].users, 1: batches.iloc[1].users}
     assert (live.groupby(["batch_id", "model"]).size().unstack().nunique(axis=1) == 1).all()
 
+    # Batch 1 appended its users' rows (state_compaction 0.5 of batch 0's rows not reached): the users
+    # of both batches have two rows, and their current one is batch 1's.
+    stored = _table(cfg, "stream_feature_state")
+    assert set(stored.batch_id) == {0, 1} and stored.user_id.duplicated().any()
+    assert not stored.duplicated(["user_id", "batch_id"]).any()
     # The merged state is the batch job's features of all the events (no batch merged twice).
     clean = ingest.clean_events(ingest.tag_events(read_raw_events(spark, cfg.input), cfg.input))
     as_of = batches.as_of.max()
     slots = job.bundle_slots(restarted.bundle)
-    state = read_table(spark, f"{cfg.output.root}/stream_feature_state").drop("bucket")
+    state = read_current_state(spark, cfg).drop("bucket", "batch_id")  # each user's row of its latest batch
     got = {r.user_id: r.asDict() for r in state_features(state, as_of, cfg.features, slots).collect()}
     expected = {r.user_id: r.asDict() for r in user_features(clean, as_of, cfg.features, slots).collect()}
     assert set(got) == set(expected)

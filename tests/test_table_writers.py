@@ -106,5 +106,12 @@ def test_replace_partitions_with_txn(spark, tmp_path, writer):
     data = table.to_pandas().sort_values("user_id")
     assert data[["user_id", "events", bucket]].values.tolist() == [["a", 1, 0], ["b", 2, 1], ["d", 1, 1]]
     assert committed_version(out, spec, app) == 1
+    # No partitions: the rows are appended (a stream batch's new state rows), once per txn.
+    third = spark.createDataFrame([("a", 3, 0)], schema)
+    assert not write_rows(spark, out, spec, third, partitions=[], txn=(app, 2), writer=writer).skipped
+    assert write_rows(spark, out, spec, third, partitions=[], txn=(app, 2), writer=writer).skipped
+    data = _delta(out, spec.name).to_pandas().sort_values(["user_id", "events"])
+    assert data[["user_id", "events"]].values.tolist() == [["a", 1], ["a", 3], ["b", 2], ["d", 1]]
+    assert committed_version(out, spec, app) == 2
     back = read_output_table(spark, out, spec).where(f"{bucket} = 1").orderBy("user_id").collect()
     assert [(r.user_id, r.events) for r in back] == [("b", 2), ("d", 1)]

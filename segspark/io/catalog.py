@@ -372,7 +372,8 @@ class WritePolicy(enum.Enum):
     REPLACE_RUN = "replace the run's rows"
     # Appended with a txn (app id, batch id): a batch Spark replays after a crash is skipped.
     APPEND_TXN = "append once per txn"
-    # The partitions the rows fall in are replaced (a copy-on-write upsert of those partitions), with a txn.
+    # The partitions the rows fall in are replaced (a copy-on-write upsert of those partitions), or
+    # with no partitions given the rows are appended; with a txn.
     REPLACE_PARTITIONS = "replace the written partitions"
 
 
@@ -443,8 +444,9 @@ TABLES: dict[str, Table] = dict([
     _table("segment_transitions", "users moving between segments since the previous run", SEGMENT_TRANSITIONS,
            ("run_id", "model", "from_segment", "to_segment"), _RUN, row=SegmentTransitionRow),
     _table("runs", "one row per run: status, counts, metrics", RUNS, ("run_id",), _RUN, row=RunRow),
-    _table("stream_feature_state", "the stream's per-user feature state, by hash bucket of user_id", None,
-           ("user_id",), WritePolicy.REPLACE_PARTITIONS, partition_by=("bucket",), txn_suffix="state"),
+    _table("stream_feature_state", "the stream's per-user feature state, by hash bucket of user_id; a user's row of "
+           "the latest batch is current", None, ("user_id", "batch_id"), WritePolicy.REPLACE_PARTITIONS,
+           partition_by=("bucket",), txn_suffix="state"),
     _table("user_segments_live", "the stream's assignments; the latest batch per user and model is current",
            USER_SEGMENTS_LIVE, ("app_id", "batch_id", "user_id", "model"), _TXN, txn_suffix="live"),
     _table("segment_centroids_online", "a snapshot of the online k-means centres per batch",

@@ -74,7 +74,8 @@ def write_rows(
     - REPLACE_RUN: the rows of run `run_id` (every row of `data` has it) replace that run's rows;
     - APPEND_TXN: appended, with `txn` (app id, version) needed;
     - REPLACE_PARTITIONS: `data` replaces the rows of `partitions` (values of the table's one
-      partition column, which every row of `data` falls in), with `txn` needed.
+      partition column, which every row of `data` falls in), with `txn` needed; with no partitions
+      (an empty list) it is appended.
 
     txn: (app id, version) of an idempotent writer: a commit with that transaction already in the
     table is skipped (`skipped=True`). writer: see `io.delta.write_table`."""
@@ -102,7 +103,7 @@ def write_rows(
         replace_where = {"run_id": run_id}
     elif policy is WritePolicy.REPLACE_PARTITIONS:
         (column,) = spec.partition_by
-        replace_where = {column: list(partitions)}
+        replace_where = {column: list(partitions)} if partitions else None
     return write_table(spark, df, table_path(output, spec), replace_where=replace_where,
                        partition_by=list(spec.partition_by) or None, txn=txn, commit_metadata=commit_metadata,
                        writer=writer)

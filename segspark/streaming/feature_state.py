@@ -179,14 +179,18 @@ def _normalised(state: DataFrame, slots: FeatureSlots, *kept: str) -> DataFrame:
 
 # merge_state's column: true on the rows of the batch's users (merged or new), false on the others.
 TOUCHED = "_touched"
+# A stored state row's version: the batch that wrote it (`state_store`: a user's latest row is current).
+VERSION = "batch_id"
 
 
-def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
-    """Every row of `state` (its current rows, or those of the buckets the batch touches) with `batch`
-    added, and the column TOUCHED: the batch's users merged (new ones as the batch has them), true;
-    the users only in `state` as they were, false. One full outer join by user gives both the rows
-    a stream writes back and the ones it scores, without joining the state to the batch again to
-    find the users it did not touch."""
+def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots,
+                batch_id: int | None = None) -> DataFrame:
+    """Every row of `state` (one current row per user: all of them, or those of the batch's users)
+    with `batch` added, and the column TOUCHED: the batch's users merged (new ones as the batch has
+    them), true; the users only in `state` as they were, false. One full outer join by user gives
+    both the rows a stream writes back and the ones it scores, without joining the state to the
+    batch again to find the users it did not touch. With `batch_id`, the rows also carry VERSION:
+    `batch_id` on the touched ones, the state's own on the others."""
     both = join_by_user(
         state.withColumn("_known", F.lit(True)).alias("a"), batch.withColumn("_new", F.lit(True)).alias("b"), "full"
     )
@@ -194,7 +198,11 @@ def merge_state(state: DataFrame, batch: DataFrame, cfg: FeaturesConfig, slots: 
     key = ("merged", cfg.model_dump_json(), tuple(sorted(types.items())))
     merged = memoised(slots, key, lambda: _merged_columns(cfg, slots, types))
     untouched = F.col("b._new").isNull()
-    return _normalised(both.select(F.col("user_id"), *merged, (~untouched).alias(TOUCHED)), slots, TOUCHED)
+    if batch_id is None:
+        return _normalised(both.select(F.col("user_id"), *merged, (~untouched).alias(TOUCHED)), slots, TOUCHED)
+    version = F.when(untouched, F.col(f"a.{VERSION}")).otherwise(F.lit(batch_id)).cast("long").alias(VERSION)
+    return _normalised(both.select(F.col("user_id"), *merged, version, (~untouched).alias(TOUCHED)), slots, VERSION,
+                       TOUCHED)
 
 
 def _merged_columns(cfg: FeaturesConfig, slots: FeatureSlots, types: dict[str, str]) -> list[Column]:
@@ -331,5 +339,5 @@ def count_map_mode(counts: Column) -> Column:
     return best["key"]
 
 
-__all__ = ["TOUCHED", "batch_state", "count_map_median", "count_map_mode", "join_by_user", "merge_keyed", "merge_nested", "merge_state",
+__all__ = ["TOUCHED", "VERSION", "batch_state", "count_map_median", "count_map_mode", "join_by_user", "merge_keyed", "merge_nested", "merge_state",
            "state_features"]

@@ -5,8 +5,8 @@ For every micro-batch of the landing folder (or Kafka), exactly once per batch i
 1. ingest: the batch rules and quarantine (`micro_batch`: tagged and counted first, the quarantine
    rows committed after the assignments);
 2. state: the batch's per-user aggregates merged into the feature state (`feature_state`), a Delta
-   table partitioned by a hash bucket of user_id; the buckets the batch touches are rewritten in one
-   commit (a copy-on-write upsert, what a Delta MERGE does, which the embedded committer lacks);
+   table partitioned by a hash bucket of user_id: the touched users' new rows are appended, and now
+   and then a batch compacts the table to one row per user (`state_store`);
 3. assignment: the touched users' features from the merged state, as of the date the stream has
    reached (the newest event day seen), scored with every model of the bundle and appended to
    `user_segments_live`; the latest batch_id per (user_id, model) is a user's current segment;
@@ -84,10 +84,11 @@ from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.expressions import memoised
 from segspark.runtime.session import apply_required_conf
 from segspark.runtime.shuffle_sizing import sized_for_block, sizing_is_on
-from segspark.streaming import drift, emerging, identity, mqtt_landing
-from segspark.streaming.feature_state import TOUCHED, batch_state, join_by_user, merge_state, state_features
+from segspark.streaming import drift, emerging, identity, mqtt_landing, state_store
+from segspark.streaming.feature_state import VERSION, batch_state, join_by_user, state_features
 from segspark.streaming.micro_batch import IngestedBatch, commit_quarantine, start_stream, tag_micro_batch
 from segspark.streaming.online_kmeans import POINT, OnlineKMeans, as_points, batch_statistics, nearest_centre
+from segspark.streaming.state_store import BUCKET, StateLog, bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,6 @@ STATE, LIVE, CENTROIDS, DRIFT, BATCHES = (
 NOISE_MODELS = {m.name for m in registry.MODELS if m.noise}  # their segment -1 is noise
 ONLINE_BASE = registry.online_base().name  # the bundle's model whose centres are updated online
 ONLINE_MODEL = f"{ONLINE_BASE}_online"
-(BUCKET,) = TABLES[STATE].partition_by
 BUCKETS = "buckets"  # the ingest's list of the buckets a batch touches
 # Each table the stream writes -> the suffix of its txn app id (`<app_id>.<suffix>`), from the catalog.
 STREAM_TXNS = {table.name: table.txn_suffix for table in stream_tables()}
@@ -125,6 +125,7 @@ class StreamModels:
     outlier_thresholds: dict[str, float | None] = field(default_factory=dict)  # model -> anomaly score gate
     training_embeddings: np.ndarray | None = None  # the deep model's HDBSCAN sample of training users
     category_labels: dict[str, str] = field(default_factory=dict)
+    state_log: StateLog = field(default_factory=StateLog)  # the state table's rows: when a batch compacts
 
     def commit_metadata(self, app_id: str) -> dict[str, str]:
         return identity.commit_metadata(app_id, self.query_id)
@@ -147,6 +148,7 @@ class BatchReport:
     # a file's or message's latency runs to, since the later commits do not change what users see.
     assigned_at: float | None = None
     shuffle_partitions: int | None = None  # sized from the batch (None: the session's own setting)
+    state_compacted: bool | None = None  # the batch compacted the feature state (None: it wrote no state)
 
     @contextmanager
     def step(self, name: str):
@@ -215,6 +217,7 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
         online=online, online_batch=online_batch, as_of=_previous_as_of(spark, cfg), population=population,
         outlier_thresholds=thresholds, training_embeddings=_training_embeddings(loaded),
         category_labels=dict(zip(category_slot_names(cfg.features), slots.categories, strict=False)),
+        state_log=StateLog.of_table(spark, cfg),
     )
 
 
@@ -279,7 +282,7 @@ def _process_batch(spark: SparkSession, cfg: Config, models: StreamModels, recor
     with report.step("ingest"):
         # The same pass counts the records and lists the state buckets the batch's users fall in.
         ingested = tag_micro_batch(spark, cfg, records, batch_id, protection,
-                                   clean_aggregates={BUCKETS: F.collect_set(_bucket(cfg))})
+                                   clean_aggregates={BUCKETS: F.collect_set(bucket_of(cfg))})
     try:
         report.input_rows, report.clean_rows = ingested.input_rows, ingested.clean_rows
         report.quarantined_rows = ingested.quarantined_rows
@@ -327,18 +330,15 @@ def _assign(spark, cfg: Config, models: StreamModels, ingested: IngestedBatch, b
     try:
         with report.step("batch_state"):
             events = _by_user(spark, ingested.clean)
-            batch = batch_state(events, cfg.features, models.slots).withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
+            batch = batch_state(events, cfg.features, models.slots).withColumn(BUCKET, bucket_of(cfg)).localCheckpoint()
             buckets = sorted(ingested.clean_values[BUCKETS])
         with report.step("state_merge"):
             if _done(cfg, STATE, batch_id):  # a replay: the state holds this batch already
-                touched = (
-                    read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets))
-                    .join(batch.select("user_id"), "user_id", "left_semi")
-                    .localCheckpoint()
-                )
-                state_rows = None
+                touched = state_store.stored_rows_of(spark, cfg, batch, buckets).drop(VERSION).localCheckpoint()
+                update = None
             else:
-                touched, state_rows = _merge_into_state(spark, cfg, models, batch, buckets)
+                update = state_store.merge_batch(spark, cfg, models.state_log, batch, buckets, batch_id, models.slots)
+                touched = update.touched
         with report.step("features"):
             report.as_of = _stream_as_of(models, ingested.last_day)
             features = state_features(touched.drop(BUCKET), report.as_of, cfg.features, models.slots).localCheckpoint()
@@ -360,12 +360,16 @@ def _assign(spark, cfg: Config, models: StreamModels, ingested: IngestedBatch, b
                        txn=(TABLES[LIVE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app))
             report.assigned_at = time.time()
         with report.step("state_write"):
-            if state_rows is not None:
+            if update is not None:
                 written = write_rows(
-                    spark, cfg.output, STATE, state_rows, partitions=buckets,
+                    spark, cfg.output, STATE, update.rows, partitions=update.replaced,
                     txn=(TABLES[STATE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app),
                 )
-                log.info("stream batch %d: feature state buckets %s rewritten (%d rows)", batch_id, buckets, written.rows)
+                rows = written.rows if written.rows >= 0 else update.rows.count()  # -1: the connector's write
+                models.state_log.wrote(update, rows)
+                report.state_compacted = update.compaction
+                log.info("stream batch %d: feature state %s (%d rows)", batch_id,
+                         "compacted" if update.compaction else "appended", rows)
             if centres:
                 write_rows(spark, cfg.output, CENTROIDS, centres, txn=(TABLES[CENTROIDS].txn_app(app), batch_id),
                            commit_metadata=models.commit_metadata(app))
@@ -389,24 +393,6 @@ def _by_user(spark: SparkSession, frame: DataFrame) -> DataFrame:
     (the ingest's cached events are), Spark leaves the repartition out of the plan."""
     value = str(spark.conf.get("spark.sql.shuffle.partitions", "200"))
     return frame.repartition(int(value) if value.isdigit() else 200, "user_id")
-
-
-def _bucket(cfg: Config):
-    """The state partition of a user: a hash bucket of user_id."""
-    return F.pmod(F.xxhash64("user_id"), F.lit(cfg.streaming.state_buckets)).cast("int")
-
-
-def _merge_into_state(spark, cfg, models, batch, buckets) -> tuple[DataFrame, DataFrame]:
-    """The batch merged into the state's touched buckets: (the batch's users' new rows, every row of
-    those buckets as they are to be written). The buckets' rows are read once, by the merge's join,
-    and the merged rows checkpointed once: the state is shuffled by user once per batch."""
-    if output_table_exists(spark, cfg.output, STATE):
-        old = read_output_table(spark, cfg.output, STATE).where(F.col(BUCKET).isin(buckets))
-    else:
-        old = batch.limit(0)
-    rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, models.slots)
-    rows = rows.withColumn(BUCKET, _bucket(cfg)).localCheckpoint()
-    return rows.where(F.col(TOUCHED)).drop(TOUCHED), rows.drop(TOUCHED)
 
 
 def _stream_as_of(models: StreamModels, newest: dt.date) -> dt.date:
