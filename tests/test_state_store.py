@@ -58,10 +58,29 @@ def test_appends_then_compacts_and_its_current_rows_are_the_batch_features(spark
     # Each user's row carries its latest batch (null: untouched since batch 0, whose rows had none).
     assert set(table[VERSION].dropna()) <= {1, 2, 3} and (table[VERSION] == 3).sum() == parts[3].select("user_id").distinct().count()
 
-    current = read_current_state(spark, cfg)
-    assert current.count() == current.select("user_id").distinct().count() == users3
-    got = _rows(state_features(current.drop(BUCKET, VERSION), as_of, cfg.features, slots))
     expected = _rows(user_features(clean, as_of, cfg.features, slots))
-    assert set(got) == set(expected)
-    differences = _differences(got, expected)
-    assert not differences, differences[:5]
+
+    def current_is_the_batch_features(cfg):
+        current = read_current_state(spark, cfg)
+        assert current.count() == current.select("user_id").distinct().count() == users3
+        got = _rows(state_features(current.drop(BUCKET, VERSION), as_of, cfg.features, slots))
+        assert set(got) == set(expected)
+        differences = _differences(got, expected)
+        assert not differences, differences[:5]
+
+    current_is_the_batch_features(cfg)
+
+    # streaming.state_buckets changed (4 -> 3): the stream finds rows in the wrong buckets when it
+    # starts, and its next batch compacts, re-bucketing every row; the bucket 3 it no longer has goes.
+    cfg3 = cfg.model_copy(update={"streaming": cfg.streaming.model_copy(update={"state_buckets": 3})})
+    log = StateLog.of_table(spark, cfg3)
+    assert log.misplaced and log.buckets == (0, 1, 2, 3)
+    empty, _ = state_rows(parts[0].limit(0))  # a batch of no users: the state stays what it is
+    update = merge_batch(spark, cfg3, log, empty, [], 4, slots)
+    assert update.compaction and update.replaced == [0, 1, 2, 3]
+    written = write_rows(spark, cfg3.output, STATE, update.rows, partitions=update.replaced, txn=(txn, 4))
+    log.wrote(update, written.rows)
+    assert not log.misplaced and not StateLog.of_table(spark, cfg3).misplaced
+    stored = read_current_state(spark, cfg3)
+    assert stored.where(F.col(BUCKET) != bucket_of(cfg3)).count() == 0
+    current_is_the_batch_features(cfg3)

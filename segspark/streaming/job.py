@@ -334,7 +334,8 @@ def _assign(spark, cfg: Config, models: StreamModels, ingested: IngestedBatch, b
             buckets = sorted(ingested.clean_values[BUCKETS])
         with report.step("state_merge"):
             if _done(cfg, STATE, batch_id):  # a replay: the state holds this batch already
-                touched = state_store.stored_rows_of(spark, cfg, batch, buckets).drop(VERSION).localCheckpoint()
+                touched = state_store.stored_rows_of(spark, cfg, batch, buckets, models.state_log)
+                touched = touched.drop(VERSION).localCheckpoint()
                 update = None
             else:
                 update = state_store.merge_batch(spark, cfg, models.state_log, batch, buckets, batch_id, models.slots)

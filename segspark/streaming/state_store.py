@@ -17,6 +17,7 @@ Rows written before the state carried versions have a null batch_id: older than 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -27,6 +28,8 @@ from segspark.features.behaviour import FeatureSlots
 from segspark.io.catalog import TABLES
 from segspark.io.tables import output_table_exists, read_output_table
 from segspark.streaming.feature_state import TOUCHED, VERSION, merge_state
+
+log = logging.getLogger(__name__)
 
 STATE = "stream_feature_state"
 (BUCKET,) = TABLES[STATE].partition_by
@@ -61,22 +64,31 @@ class StateLog:
 
     compacted_rows: int = 0
     appended_rows: int = 0
+    # The table's rows are bucketed for another streaming.state_buckets (it was changed): the next
+    # batch compacts, re-bucketing every row and replacing every bucket the table has.
+    misplaced: bool = False
+    buckets: tuple[int, ...] = ()  # the buckets the table has (counted when the stream starts)
 
     @classmethod
     def of_table(cls, spark: SparkSession, cfg: Config) -> StateLog:
         """Counted once when the stream starts (then kept up to date by `wrote`)."""
         if not output_table_exists(spark, cfg.output, STATE):
             return cls()
-        rows, users = read_output_table(spark, cfg.output, STATE).agg(
-            F.count(F.lit(1)), F.count_distinct("user_id")).first()
-        return cls(compacted_rows=users, appended_rows=rows - users)
+        rows, users, misplaced, buckets = read_output_table(spark, cfg.output, STATE).agg(
+            F.count(F.lit(1)), F.count_distinct("user_id"), F.count_if(F.col(BUCKET) != bucket_of(cfg)),
+            F.collect_set(BUCKET)).first()
+        if misplaced:
+            log.warning("stream: the feature state's rows are bucketed for another streaming.state_buckets than %d: "
+                        "the next batch re-buckets them (a compaction)", cfg.streaming.state_buckets)
+        return cls(compacted_rows=users, appended_rows=rows - users, misplaced=bool(misplaced), buckets=tuple(sorted(buckets)))
 
     def compacts(self, ratio: float) -> bool:
-        return self.appended_rows >= ratio * self.compacted_rows
+        return self.misplaced or self.appended_rows >= ratio * self.compacted_rows
 
     def wrote(self, update: StateUpdate, rows: int) -> None:
         if update.compaction:
             self.compacted_rows, self.appended_rows = rows, 0
+            self.misplaced, self.buckets = False, tuple(update.replaced)
         else:
             self.appended_rows += rows
 
@@ -97,7 +109,7 @@ def merge_batch(spark: SparkSession, cfg: Config, log: StateLog, batch: DataFram
     """The batch (`batch_state` rows with their bucket) merged into the state. The merged rows are
     checkpointed once: the state is shuffled by user once per batch."""
     if not log.compacts(cfg.streaming.state_compaction):
-        old = stored_rows_of(spark, cfg, batch, buckets)
+        old = stored_rows_of(spark, cfg, batch, buckets, log)
         rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, slots, batch_id)
         rows = rows.drop(TOUCHED).withColumn(BUCKET, bucket_of(cfg)).localCheckpoint()
         return StateUpdate(rows.drop(VERSION), rows, replaced=[], compaction=False)
@@ -108,14 +120,18 @@ def merge_batch(spark: SparkSession, cfg: Config, log: StateLog, batch: DataFram
     rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, slots, batch_id)
     rows = rows.withColumn(BUCKET, bucket_of(cfg)).localCheckpoint()
     touched = rows.where(F.col(TOUCHED)).drop(TOUCHED, VERSION)
-    return StateUpdate(touched, rows.drop(TOUCHED), replaced=list(range(cfg.streaming.state_buckets)), compaction=True)
+    replaced = sorted(set(range(cfg.streaming.state_buckets)) | set(log.buckets))
+    return StateUpdate(touched, rows.drop(TOUCHED), replaced=replaced, compaction=True)
 
 
-def stored_rows_of(spark: SparkSession, cfg: Config, batch: DataFrame, buckets: list[int]) -> DataFrame:
-    """The current state rows of the batch's users (none for a stream's first batch)."""
+def stored_rows_of(spark: SparkSession, cfg: Config, batch: DataFrame, buckets: list[int], log: StateLog) -> DataFrame:
+    """The current state rows of the batch's users (none for a stream's first batch), read from the
+    buckets they fall in (from every bucket while the table is bucketed otherwise)."""
     if not output_table_exists(spark, cfg.output, STATE):
         return batch.limit(0).withColumn(VERSION, F.lit(None).cast("long"))
-    stored = _stored(spark, cfg).where(F.col(BUCKET).isin(buckets))
+    stored = _stored(spark, cfg)
+    if not log.misplaced:
+        stored = stored.where(F.col(BUCKET).isin(buckets))
     # The batch's user ids are broadcast, so the scan drops the other users' rows where it reads them:
     # a shuffle join would move every stored row (nested maps and arrays) to find a few.
     return current_rows(stored.join(F.broadcast(batch.select("user_id")), "user_id", "left_semi"))
