@@ -11,7 +11,15 @@ from segspark.config import load_config
 from segspark.features import resolve_slots, user_features
 from segspark.io.tables import write_rows
 from segspark.streaming.feature_state import VERSION, batch_state, state_features
-from segspark.streaming.state_store import BUCKET, STATE, StateLog, bucket_of, merge_batch, read_current_state
+from segspark.streaming.state_store import (
+    BUCKET,
+    LOG_BUCKET,
+    STATE,
+    StateLog,
+    bucket_of,
+    merge_batch,
+    read_current_state,
+)
 
 from .conftest import REPO
 from .test_feature_state import _differences, _rows, stream_events  # noqa: F401 (the module's fixture)
@@ -46,14 +54,17 @@ def test_appends_then_compacts_and_its_current_rows_are_the_batch_features(spark
         log.wrote(update, written.rows)
         compactions.append(update.compaction)
         table = DeltaTable(f"{cfg.output.root}/{STATE}").to_pandas()
-        sizes.append((len(table), table.user_id.nunique()))
+        sizes.append((len(table), table.user_id.nunique(), (table.bucket == LOG_BUCKET).sum()))
         # The rows the stream counts in memory are the table's, as a stream starting now counts them.
         fresh = StateLog.of_table(spark, cfg)
         assert log.compacted_rows + log.appended_rows == fresh.compacted_rows + fresh.appended_rows == len(table)
     # Appended twice (the rows appended stay below 1.5 times the 0th batch's), then compacted.
     assert compactions == [False, False, True]
-    (rows1, users1), (rows2, users2), (rows3, users3) = sizes
+    (rows1, users1, log1), (rows2, users2, log2), (rows3, users3, log3) = sizes
     assert rows1 > users1 and rows2 > rows1 and rows3 == users3  # superseded rows, then one row per user
+    # The appended rows were in the log partition until the compaction put every row in its hash bucket.
+    assert log1 == rows1 - first.count() and log2 == rows2 - first.count() and log3 == 0
+    assert set(table.bucket) == set(range(4))
     table = DeltaTable(f"{cfg.output.root}/{STATE}").to_pandas()
     # Each user's row carries its latest batch (null: untouched since batch 0, whose rows had none).
     assert set(table[VERSION].dropna()) <= {1, 2, 3} and (table[VERSION] == 3).sum() == parts[3].select("user_id").distinct().count()
@@ -77,7 +88,7 @@ def test_appends_then_compacts_and_its_current_rows_are_the_batch_features(spark
     assert log.misplaced and log.buckets == (0, 1, 2, 3)
     empty, _ = state_rows(parts[0].limit(0))  # a batch of no users: the state stays what it is
     update = merge_batch(spark, cfg3, log, empty, [], 4, slots)
-    assert update.compaction and update.replaced == [0, 1, 2, 3]
+    assert update.compaction and update.replaced == [LOG_BUCKET, 0, 1, 2, 3]
     written = write_rows(spark, cfg3.output, STATE, update.rows, partitions=update.replaced, txn=(txn, 4))
     log.wrote(update, written.rows)
     assert not log.misplaced and not StateLog.of_table(spark, cfg3).misplaced

@@ -6,6 +6,10 @@ current segment is in `user_segments_live`. A batch so merges and writes only it
 before, every batch rewrote each bucket it touched (copy-on-write), and a batch touches nearly all of
 them: a 10k-event batch on top of 1M events of history rewrote 47k rows to change 1.4k.
 
+Appended rows go to one partition of their own, bucket `LOG_BUCKET` (-1): a batch adds one file,
+where its users' hash buckets would add one per bucket, and every file is opened by the next batches'
+merges (with 16 buckets, each appended batch made the next ones' merge about 0.1-0.2 s slower).
+
 When the rows appended since the last compaction reach `streaming.state_compaction` times the rows
 that compaction wrote, the batch compacts instead: its merge reads every bucket, keeps each user's
 current row, and replaces all buckets with one row per user (a Delta MERGE's copy-on-write, which
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 STATE = "stream_feature_state"
 (BUCKET,) = TABLES[STATE].partition_by
+LOG_BUCKET = -1  # the partition of the rows appended since the last compaction (hash buckets are 0..n-1)
 
 
 def bucket_of(cfg: Config):
@@ -75,7 +80,8 @@ class StateLog:
         if not output_table_exists(spark, cfg.output, STATE):
             return cls()
         rows, users, misplaced, buckets = read_output_table(spark, cfg.output, STATE).agg(
-            F.count(F.lit(1)), F.count_distinct("user_id"), F.count_if(F.col(BUCKET) != bucket_of(cfg)),
+            F.count(F.lit(1)), F.count_distinct("user_id"),
+            F.count_if((F.col(BUCKET) != LOG_BUCKET) & (F.col(BUCKET) != bucket_of(cfg))),
             F.collect_set(BUCKET)).first()
         if misplaced:
             log.warning("stream: the feature state's rows are bucketed for another streaming.state_buckets than %d: "
@@ -111,7 +117,7 @@ def merge_batch(spark: SparkSession, cfg: Config, log: StateLog, batch: DataFram
     if not log.compacts(cfg.streaming.state_compaction):
         old = stored_rows_of(spark, cfg, batch, buckets, log)
         rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, slots, batch_id)
-        rows = rows.drop(TOUCHED).withColumn(BUCKET, bucket_of(cfg)).localCheckpoint()
+        rows = rows.drop(TOUCHED).withColumn(BUCKET, F.lit(LOG_BUCKET)).localCheckpoint()
         return StateUpdate(rows.drop(VERSION), rows, replaced=[], compaction=False)
     if output_table_exists(spark, cfg.output, STATE):
         old = current_rows(_stored(spark, cfg))
@@ -120,22 +126,23 @@ def merge_batch(spark: SparkSession, cfg: Config, log: StateLog, batch: DataFram
     rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, slots, batch_id)
     rows = rows.withColumn(BUCKET, bucket_of(cfg)).localCheckpoint()
     touched = rows.where(F.col(TOUCHED)).drop(TOUCHED, VERSION)
-    replaced = sorted(set(range(cfg.streaming.state_buckets)) | set(log.buckets))
+    replaced = sorted(set(range(cfg.streaming.state_buckets)) | set(log.buckets) | {LOG_BUCKET})
     return StateUpdate(touched, rows.drop(TOUCHED), replaced=replaced, compaction=True)
 
 
 def stored_rows_of(spark: SparkSession, cfg: Config, batch: DataFrame, buckets: list[int], log: StateLog) -> DataFrame:
     """The current state rows of the batch's users (none for a stream's first batch), read from the
-    buckets they fall in (from every bucket while the table is bucketed otherwise)."""
+    buckets they fall in and the appended rows (from every bucket while the table is bucketed
+    otherwise)."""
     if not output_table_exists(spark, cfg.output, STATE):
         return batch.limit(0).withColumn(VERSION, F.lit(None).cast("long"))
     stored = _stored(spark, cfg)
     if not log.misplaced:
-        stored = stored.where(F.col(BUCKET).isin(buckets))
+        stored = stored.where(F.col(BUCKET).isin([*buckets, LOG_BUCKET]))
     # The batch's user ids are broadcast, so the scan drops the other users' rows where it reads them:
     # a shuffle join would move every stored row (nested maps and arrays) to find a few.
     return current_rows(stored.join(F.broadcast(batch.select("user_id")), "user_id", "left_semi"))
 
 
-__all__ = ["BUCKET", "STATE", "StateLog", "StateUpdate", "bucket_of", "current_rows", "merge_batch",
+__all__ = ["BUCKET", "LOG_BUCKET", "STATE", "StateLog", "StateUpdate", "bucket_of", "current_rows", "merge_batch",
            "read_current_state", "stored_rows_of"]
