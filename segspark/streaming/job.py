@@ -92,9 +92,8 @@ from segspark.streaming.state_store import BUCKET, StateLog, bucket_of
 
 log = logging.getLogger(__name__)
 
-STATE, LIVE, CENTROIDS, DRIFT, BATCHES = (
-    "stream_feature_state", "user_segments_live", "segment_centroids_online", "segment_drift", "stream_batches",
-)
+STATE = state_store.STATE
+LIVE, CENTROIDS, DRIFT, BATCHES = "user_segments_live", "segment_centroids_online", "segment_drift", "stream_batches"
 NOISE_MODELS = {m.name for m in registry.MODELS if m.noise}  # their segment -1 is noise
 ONLINE_BASE = registry.online_base().name  # the bundle's model whose centres are updated online
 ONLINE_MODEL = f"{ONLINE_BASE}_online"
