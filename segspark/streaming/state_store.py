@@ -33,7 +33,7 @@ from segspark.io.catalog import TABLES
 from segspark.io.tables import output_table_exists, read_output_table
 from segspark.streaming.feature_state import TOUCHED, VERSION, merge_state
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STATE = "stream_feature_state"
 (BUCKET,) = TABLES[STATE].partition_by
@@ -84,7 +84,7 @@ class StateLog:
             F.count_if((F.col(BUCKET) != LOG_BUCKET) & (F.col(BUCKET) != bucket_of(cfg))),
             F.collect_set(BUCKET)).first()
         if misplaced:
-            log.warning("stream: the feature state's rows are bucketed for another streaming.state_buckets than %d: "
+            logger.warning("stream: the feature state's rows are bucketed for another streaming.state_buckets than %d: "
                         "the next batch re-buckets them (a compaction)", cfg.streaming.state_buckets)
         return cls(compacted_rows=users, appended_rows=rows - users, misplaced=bool(misplaced), buckets=tuple(sorted(buckets)))
 
