@@ -123,6 +123,77 @@ def test_live_segment_ids_do_not_change(streamed):
         assert len(planted) == PLANTED and set(planted.segment) <= set(want) | {-1}, model
 
 
+def _window_by_query(spark, cfg, batch_id: int, batch_users: int) -> tuple[int, int, list]:
+    """The window as a query of the tables gives it (what every batch ran before the stream kept it
+    in memory): (users, outliers, sample rows as (user_id, batch_id, embedding, features))."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from segspark.io.tables import output_table_exists, read_output_table
+
+    settings, app = cfg.streaming.drift.emerging, cfg.streaming.app_id
+    inside = (F.col("app_id") == app) & F.col("batch_id").between(batch_id - settings.window_batches + 1, batch_id)
+    users = batch_users
+    if output_table_exists(spark, cfg.output, "stream_batches"):
+        batches = read_output_table(spark, cfg.output, "stream_batches").where(inside & (F.col("batch_id") < batch_id))
+        users += int(batches.agg(F.sum("users")).first()[0] or 0)
+    rows = read_output_table(spark, cfg.output, "stream_outliers").where(inside)
+    latest = Window.partitionBy("user_id").orderBy(F.col("batch_id").desc())
+    picked = (rows.withColumn("_n", F.row_number().over(latest)).where(F.col("_n") == 1)
+              .orderBy(F.xxhash64("user_id"), "user_id").limit(settings.max_users).collect())
+    sample = sorted((r.user_id, r.batch_id, list(r.embedding), dict(r.features)) for r in picked)
+    return users, rows.count(), sample
+
+
+def test_the_window_kept_in_memory_is_the_window_of_the_tables(spark, make_config):
+    """OutlierWindow, batch by batch and after a restart (loaded from the tables), against a query of
+    the whole window: the same counts, and the same sampled users with their latest rows, where
+    users come back in later batches and the window holds more outliers than max_users."""
+    import datetime as dt
+
+    import numpy as np
+
+    from segspark.io.catalog import STREAM_OUTLIERS, TABLES, StreamBatchRow
+    from segspark.io.tables import write_rows
+    from segspark.streaming.emerging import OutlierWindow
+
+    cfg = make_config("streaming.app_id=window", "streaming.drift.emerging.window_batches=3",
+                      "streaming.drift.emerging.max_users=10")
+    settings, names = cfg.streaming.drift.emerging, ["monetary", "night_share"]
+    rng = np.random.default_rng(3)
+    at = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    window = OutlierWindow(names, settings)
+    for batch in range(4):
+        flagged = sorted(int(u) for u in rng.choice(40, size=15, replace=False))  # users come back
+        rows = spark.createDataFrame([
+            ("window", batch, dt.date(2026, 3, 1), f"u{u:02d}", ["kmeans"], [float(x) for x in rng.normal(size=3)],
+             {"monetary": float(batch * 100 + u), "night_share": None if u % 7 == 0 else 0.5}, at)
+            for u in flagged
+        ], STREAM_OUTLIERS)
+        written = write_rows(spark, cfg.output, "stream_outliers", rows,
+                             txn=(TABLES["stream_outliers"].txn_app("window"), batch))
+        batch_users = 100 + batch
+        window.load(spark, cfg, batch)  # the first batch only: nothing before it
+        window.add(batch, batch_users, written.rows, rows)
+        users, outliers, sample = _window_by_query(spark, cfg, batch, batch_users)
+        assert window.counts(batch) == (users, outliers)
+        kept = window.sample(batch)
+        assert [(o.user_id, o.batch_id, list(o.embedding), o.features) for o in kept] == sample
+        assert len(kept) == min(10, len({s[0] for s in sample})) and len(window.batches) <= 3
+        write_rows(spark, cfg.output, "stream_batches", [StreamBatchRow(
+            "window", batch, None, 0, 0, 0, batch_users, False, [], 0.0, "{}", at, None)],
+            txn=(TABLES["stream_batches"].txn_app("window"), batch))
+    assert outliers > 10  # the sample was a choice
+
+    # A restart at the last batch (a replay: its outliers are in the table): loaded from the tables.
+    restarted = OutlierWindow(names, settings)
+    restarted.load(spark, cfg, 3)
+    assert sorted(restarted.batches) == [1, 2]
+    restarted.add(3, batch_users, written.rows, rows)
+    assert restarted.counts(3) == window.counts(3)
+    assert [(o.user_id, o.batch_id, list(o.embedding), o.features) for o in restarted.sample(3)] == sample
+
+
 # --- without Spark: the settings and the clustering rule ---------------------------------------------
 
 

@@ -23,12 +23,19 @@ beyond the training run's anomaly threshold). Every batch, per `streaming.drift.
 The live models are not touched: a candidate becomes a segment only when a retrain finds it, and
 until then its users keep the segment (or -1) the bundle gives them.
 
-Why the window is a Delta table and not driver memory: the window spans batches, and a restarted
-stream (a crash, a redeploy) must see the outliers of the batches before it, which only a table
-gives without re-scoring history; the rows are few (outliers only), written by the executors once
-per batch under the stream's txn (a replayed batch adds nothing), and they let an analyst look at
-the users behind a candidate. Recomputing the window from the other tables would need every window
-user's embedding again, i.e. scoring them again. Only the bounded sample ever reaches the driver.
+Why the window is a Delta table: the window spans batches, and a restarted stream (a crash, a
+redeploy) must see the outliers of the batches before it, which only a table gives without
+re-scoring history; the rows are few (outliers only), written by the executors once per batch under
+the stream's txn (a replayed batch adds nothing), and they let an analyst look at the users behind a
+candidate. Recomputing the window from the other tables would need every window user's embedding
+again, i.e. scoring them again.
+
+Why the stream also keeps it in memory (`OutlierWindow`): reading the window back from the tables
+every batch took three Spark jobs, 0.8 s of a 100k-event batch, and their cost grew with the
+stream's age (each batch adds a file to both tables, and every read lists and opens them all). The
+tables are read once, when the stream starts; after that each batch adds its own counts and its
+`max_users` outliers of lowest hash, one query of the rows it has just written, whose cost does not
+grow. Only bounded samples reach the driver.
 """
 
 from __future__ import annotations
@@ -175,42 +182,127 @@ def vectors_of(embeddings: DataFrame | None, prepared: DataFrame) -> tuple[DataF
     return prepared.select(F.col("user_id").cast("string"), vector_to_array(PREPARED_VECTOR).alias("embedding")), PREPARED_SPACE
 
 
-def _window(spark: SparkSession, cfg: Config, name: str, batch_id: int) -> DataFrame | None:
-    """The app's rows of table `name` in the window's batches (None: no such table yet)."""
-    if not output_table_exists(spark, cfg.output, name):
-        return None
-    first = batch_id - cfg.streaming.drift.emerging.window_batches + 1
-    return read_output_table(spark, cfg.output, name).where(
-        (F.col("app_id") == cfg.streaming.app_id) & F.col("batch_id").between(first, batch_id)
-    )
+@dataclass(frozen=True)
+class WindowOutlier:
+    """One outlier row of a batch as the window keeps it on the driver: `rank` is xxhash64(user_id),
+    the sample's order; the features are an array in the window's `names` order (NaN: missing), a
+    fraction of the memory of a dict per row."""
+
+    user_id: str
+    batch_id: int
+    rank: int
+    embedding: np.ndarray
+    values: np.ndarray
+    names: tuple[str, ...]
+
+    @property
+    def features(self) -> dict[str, float | None]:
+        return {n: (None if math.isnan(v) else float(v)) for n, v in zip(self.names, self.values, strict=True)}
 
 
-def window_counts(spark: SparkSession, cfg: Config, batch_id: int, batch_users: int) -> tuple[int, int]:
-    """(users scored, outlier rows) in the window. The earlier batches' users are their stream_batches
-    rows; this batch's row is written last, so it is counted from `batch_users` (a replay too)."""
-    earlier = _window(spark, cfg, BATCHES, batch_id)
-    users = batch_users
-    if earlier is not None:
-        users += int(earlier.where(F.col("batch_id") < batch_id).agg(F.sum("users")).first()[0] or 0)
-    outliers = _window(spark, cfg, OUTLIERS, batch_id)
-    return users, (outliers.count() if outliers is not None else 0)
+@dataclass(frozen=True)
+class _WindowBatch:
+    users: int  # users the batch scored
+    outliers: int  # its outlier rows
+    lowest: list[WindowOutlier]  # its max_users outliers of lowest (rank, user_id)
 
 
-def window_sample(spark: SparkSession, cfg: Config, batch_id: int) -> list:
-    """The window's outliers for the fit: the latest row of each user (its newest embedding and
-    features), at most max_users of them chosen by a hash of user_id (the same users on a replay),
-    sorted by user_id so that the fit sees them in one order."""
-    rows = _window(spark, cfg, OUTLIERS, batch_id)
-    if rows is None:
-        return []
-    latest = Window.partitionBy("user_id").orderBy(F.col("batch_id").desc())
-    picked = (
-        rows.withColumn("_n", F.row_number().over(latest)).where(F.col("_n") == 1)
-        .orderBy(F.xxhash64("user_id"), "user_id").limit(cfg.streaming.drift.emerging.max_users)
-        .select("user_id", "embedding", "features")
-        .collect()
-    )
-    return sorted(picked, key=lambda r: r.user_id)
+class OutlierWindow:
+    """The emerging check's window, kept on the driver for the life of a stream (module docstring):
+    per batch, the users it scored, its outliers, and its `max_users` outliers of lowest hash with
+    their vectors and features, so at most window_batches x max_users rows.
+
+    That is all the sample needs. The sample is the max_users window users of lowest hash, each with
+    its latest row. A user among them is among the max_users lowest of every batch it is an outlier
+    in (a batch holds no more users below it than the whole window does), so the batches' lowest
+    hold every sampled user and each one's latest row: the same users and rows as a query of the
+    whole window."""
+
+    def __init__(self, names: Sequence[str], settings: EmergingConfig):
+        self.names = tuple(names)
+        self.size, self.max_users = settings.window_batches, settings.max_users
+        self.batches: dict[int, _WindowBatch] = {}
+        self.loaded = False
+
+    def first(self, batch_id: int) -> int:
+        return batch_id - self.size + 1
+
+    def load(self, spark: SparkSession, cfg: Config, batch_id: int) -> None:
+        """The batches of the window before `batch_id`, from the tables: once per stream (the first
+        batch it runs, which may be a restart's)."""
+        if self.loaded:
+            return
+        self.loaded = True
+        first, app = self.first(batch_id), cfg.streaming.app_id
+        earlier = (F.col("app_id") == app) & F.col("batch_id").between(first, batch_id - 1)
+        users: dict[int, int] = {}
+        if output_table_exists(spark, cfg.output, BATCHES):
+            for row in read_output_table(spark, cfg.output, BATCHES).where(earlier).select("batch_id", "users").collect():
+                users[int(row.batch_id)] = int(row.users or 0)
+        counts: dict[int, int] = {}
+        lowest: dict[int, list[WindowOutlier]] = {}
+        if output_table_exists(spark, cfg.output, OUTLIERS):
+            rows = read_output_table(spark, cfg.output, OUTLIERS).where(earlier)
+            order = Window.partitionBy("batch_id").orderBy(F.xxhash64("user_id"), "user_id")
+            ranked = (rows.withColumn("_n", F.row_number().over(order))
+                      .withColumn("_outliers", F.count(F.lit(1)).over(Window.partitionBy("batch_id"))))
+            table = self._query(ranked.where(F.col("_n") <= self.max_users), "_outliers").toArrow()
+            for outlier, count in zip(self._rows(table), table["_outliers"].to_pylist(), strict=True):
+                counts[outlier.batch_id] = int(count)
+                lowest.setdefault(outlier.batch_id, []).append(outlier)
+        for batch in sorted(set(users) | set(counts)):
+            ordered = sorted(lowest.get(batch, []), key=lambda o: (o.rank, o.user_id))
+            self.batches[batch] = _WindowBatch(users.get(batch, 0), counts.get(batch, 0), ordered)
+
+    def add(self, batch_id: int, users: int, outliers: int, rows: DataFrame) -> None:
+        """Batch `batch_id`'s users and outliers, and its lowest outliers from `rows` (its
+        stream_outliers rows, one small query); a replayed batch's entry is made again, the same."""
+        lowest = self._rows(self._query(rows).orderBy("_rank", "user_id").limit(self.max_users).toArrow())
+        self.batches[batch_id] = _WindowBatch(users, outliers, lowest)
+        for old in [b for b in self.batches if b < self.first(batch_id)]:
+            del self.batches[old]
+
+    def counts(self, batch_id: int) -> tuple[int, int]:
+        """(users scored, outlier rows) of the window that ends with `batch_id`."""
+        inside = [b for n, b in self.batches.items() if self.first(batch_id) <= n <= batch_id]
+        return sum(b.users for b in inside), sum(b.outliers for b in inside)
+
+    def sample(self, batch_id: int) -> list[WindowOutlier]:
+        """The window's outliers for the fit: the latest row of each user (its newest embedding and
+        features), at most max_users of them chosen by a hash of user_id (the same users on a
+        replay), sorted by user_id so that the fit sees them in one order."""
+        latest: dict[str, WindowOutlier] = {}
+        for n in sorted(self.batches):
+            if self.first(batch_id) <= n <= batch_id:
+                latest.update((o.user_id, o) for o in self.batches[n].lowest)
+        picked = sorted(latest.values(), key=lambda o: (o.rank, o.user_id))[: self.max_users]
+        return sorted(picked, key=lambda o: o.user_id)
+
+    def _query(self, rows: DataFrame, *extra: str) -> DataFrame:
+        values = F.array(*[F.col("features")[n].cast("double") for n in self.names]) if self.names else F.array().cast("array<double>")
+        return rows.select("batch_id", "user_id", F.xxhash64("user_id").alias("_rank"),
+                           F.col("embedding").cast("array<double>").alias("embedding"), values.alias("_values"), *extra)
+
+    def _rows(self, table) -> list[WindowOutlier]:
+        if table.num_rows == 0:
+            return []
+        embeddings, values = _matrix(table["embedding"]), _matrix(table["_values"])
+        return [
+            WindowOutlier(user_id, int(batch), int(rank), embeddings[i], values[i], self.names)
+            for i, (user_id, batch, rank) in enumerate(zip(table["user_id"].to_pylist(), table["batch_id"].to_pylist(),
+                                                           table["_rank"].to_pylist(), strict=True))
+        ]
+
+
+def _matrix(column) -> np.ndarray | list[np.ndarray]:
+    """An Arrow column of lists of doubles as a (rows x length) float64 matrix (null elements NaN), or
+    one array per row where the lists differ in length or are missing."""
+    lists = column.combine_chunks()
+    lengths = np.diff(lists.offsets.to_numpy())
+    if lists.null_count or (lengths != lengths[0]).any():
+        return [np.asarray(v if v is not None else [], dtype=np.float64) for v in lists.to_pylist()]
+    flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    return flat.reshape(len(lists), int(lengths[0]))
 
 
 def reference_points(points: np.ndarray | None, limit: int) -> np.ndarray | None:
@@ -283,10 +375,12 @@ def detect(
     thresholds: Mapping[str, float | None],
     reference: np.ndarray | None,
     category_labels: Mapping[str, str] | None,
+    window: OutlierWindow,
     commit_metadata: Mapping[str, str] | None = None,
 ) -> Finding | None:
     """The emerging-segment check of one batch (module docstring); writes its `stream_outliers` and
-    `candidate_segments` commits once per batch id. None when streaming.drift.emerging is off."""
+    `candidate_segments` commits once per batch id, and keeps `window` (the stream's, made with
+    `feature_names`) up to date. None when streaming.drift.emerging is off."""
     settings = cfg.streaming.drift.emerging
     if not settings.enabled:
         return None
@@ -298,12 +392,18 @@ def detect(
         log.warning("emerging segments: the bundle scores none of streaming.drift.emerging.outlier_models %s",
                     settings.outlier_models)
         flags = spark.createDataFrame([], "user_id string, models array<string>")
-    write_rows(spark, cfg.output, OUTLIERS, outlier_rows(flags, vectors, features, feature_names, app, batch_id, as_of),
-               txn=(TABLES[OUTLIERS].txn_app(app), batch_id), commit_metadata=commit_metadata)
-    users, outliers = window_counts(spark, cfg, batch_id, features.count())
+    rows = outlier_rows(flags, vectors, features, feature_names, app, batch_id, as_of)
+    written = write_rows(spark, cfg.output, OUTLIERS, rows, txn=(TABLES[OUTLIERS].txn_app(app), batch_id),
+                         commit_metadata=commit_metadata)
+    window.load(spark, cfg, batch_id)
+    # The rows just written (a count of their files' records), or counted where the write was skipped
+    # (a replay) or went through the connector, which does not say.
+    outliers = written.rows if not written.skipped and written.rows >= 0 else rows.count()
+    window.add(batch_id, features.count(), outliers, rows)
+    users, outliers = window.counts(batch_id)
     finding = Finding(models, users, outliers, space)
     if finding.share > settings.outlier_share:
-        sample = window_sample(spark, cfg, batch_id)
+        sample = window.sample(batch_id)
         finding.clustered = len(sample)
         # The training embeddings share the outliers' space only when that space is the autoencoder's.
         known = reference_points(reference, settings.max_users) if space == EMBEDDINGS_SPACE else None
@@ -346,5 +446,5 @@ def _zscore(mean: float | None, pop_mean: float | None, pop_std: float | None) -
     return (mean - pop_mean) / pop_std
 
 
-__all__ = ["Candidate", "Finding", "Population", "detect", "find_candidates", "outlier_flags", "outlier_rows",
-           "population", "reference_points", "training_thresholds", "vectors_of", "window_counts", "window_sample"]
+__all__ = ["Candidate", "Finding", "OutlierWindow", "Population", "WindowOutlier", "detect", "find_candidates",
+           "outlier_flags", "outlier_rows", "population", "reference_points", "training_thresholds", "vectors_of"]

@@ -124,6 +124,7 @@ class StreamModels:
     outlier_thresholds: dict[str, float | None] = field(default_factory=dict)  # model -> anomaly score gate
     training_embeddings: np.ndarray | None = None  # the deep model's HDBSCAN sample of training users
     category_labels: dict[str, str] = field(default_factory=dict)
+    outlier_window: emerging.OutlierWindow | None = None  # the emerging check's window (None: off)
     state_log: StateLog = field(default_factory=StateLog)  # the state table's rows: when a batch compacts
 
     def commit_metadata(self, app_id: str) -> dict[str, str]:
@@ -187,10 +188,11 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
     run_id = manifest.run_id
     training = read_output_table(spark, cfg.output, "user_features").where(F.col("run_id") == run_id)
     reference = drift.reference_bins(training, cfg.streaming.drift.features, cfg.streaming.drift.bins)
-    population, thresholds = None, {}
+    population, thresholds, window = None, {}, None
     settings = cfg.streaming.drift.emerging
     if settings.enabled:
         population = emerging.population(training, feature_columns(cfg.features))
+        window = emerging.OutlierWindow(list(population.means), settings)
         trained_segments = read_output_table(spark, cfg.output, "user_segments").where(F.col("run_id") == run_id)
         thresholds = emerging.training_thresholds(
             trained_segments, [m for m in settings.outlier_models if m in manifest.models], settings.anomaly_quantile)
@@ -216,7 +218,7 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
         online=online, online_batch=online_batch, as_of=_previous_as_of(spark, cfg), population=population,
         outlier_thresholds=thresholds, training_embeddings=_training_embeddings(loaded),
         category_labels=dict(zip(category_slot_names(cfg.features), slots.categories, strict=False)),
-        state_log=StateLog.of_table(spark, cfg),
+        outlier_window=window, state_log=StateLog.of_table(spark, cfg),
     )
 
 
@@ -481,7 +483,8 @@ def _emerging(spark, cfg: Config, models: StreamModels, assignments: dict[str, D
         embeddings=outputs.get("user_embeddings"), prepared=prepared,
         features=features, feature_names=list(models.population.means), population=models.population,
         thresholds=models.outlier_thresholds, reference=models.training_embeddings,
-        category_labels=models.category_labels, commit_metadata=models.commit_metadata(cfg.streaming.app_id),
+        category_labels=models.category_labels, window=models.outlier_window,
+        commit_metadata=models.commit_metadata(cfg.streaming.app_id),
     )
 
 
