@@ -68,7 +68,7 @@ os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 
 def long_lived_jvm_env() -> dict[str, str]:
     """This process's environment for a subprocess whose one JVM computes for a minute or more (the
-    skew job: 2M events on a 1 GB heap): C2 and a code cache of 512 MB, without the short-lived options
+    skew job: a million events on a 512 MB heap): C2 and a code cache of 512 MB, without the short-lived options
     above. Measured alone: C1 and the serial collector took 74 cpu-s and 58 s there, the defaults 67
     cpu-s and 39 s. The larger cache: 78 and 77 cpu-s against 82 and 80 on the defaults (/proc/stat over
     the test, two runs each); C1 with it stayed worse (115 cpu-s against 94, counted over every process).

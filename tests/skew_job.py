@@ -1,8 +1,9 @@
-"""A skewed log: one user with millions of events among ordinary users, featurised on a 1 GB heap.
+"""A skewed log: one user with a million events among ordinary users, featurised on a 512 MB heap.
 
 Run by tests/test_skew.py in its own JVM (the heap is fixed when the JVM starts):
     python tests/skew_job.py WORKDIR HEAVY_EVENTS
-Prints one JSON line with the heavy user's features.
+Prints one JSON line with the heavy user's features, the number of users, and the bytes the job's
+tasks spilled from memory to disk.
 """
 
 import datetime as dt
@@ -54,8 +55,22 @@ def skewed_events(spark, heavy_events: int):
     )
 
 
+def spilled_bytes(spark) -> int:
+    """Bytes spilled from memory by every stage so far, from the driver's status store (what the UI's
+    stage pages show; the store exists without the UI). Internal API: its Scala defaults are passed
+    explicitly, as py4j cannot leave them out."""
+    store = spark.sparkContext._jsc.sc().statusStore()
+    stages = store.stageList(None, *(getattr(store, f"stageList$default${i}")() for i in range(2, 6))).iterator()
+    spilled = 0
+    while stages.hasNext():  # a Scala iterator
+        spilled += stages.next().memoryBytesSpilled()
+    return spilled
+
+
 def main(work: str, heavy_events: int) -> int:
-    conf = {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "4"}
+    # 512 MB: Spark's execution and storage memory is then (512 - 300 reserved) x 0.6 = 127 MB, less than
+    # the heavy user's million rows (~140 bytes each as Spark's rows), so that they cannot all be held.
+    conf = {"spark.driver.memory": "512m", "spark.sql.shuffle.partitions": "4"}
     with spark_session("segspark-skew", "local[2]", conf) as spark:
         path = f"{work}/events"
         skewed_events(spark, heavy_events).write.mode("overwrite").parquet(path)
@@ -65,8 +80,8 @@ def main(work: str, heavy_events: int) -> int:
         # One pass: every user's row (a few hundred), the heavy user's picked out here.
         rows = features.collect()
         heavy = next(row for row in rows if row.user_id == str(HEAVY)).asDict()
-        users = len(rows)
-    print(json.dumps({"users": users, **{k: v for k, v in heavy.items() if k != "as_of"}}))
+        users, spilled = len(rows), spilled_bytes(spark)
+    print(json.dumps({"users": users, "spilled_bytes": spilled, **{k: v for k, v in heavy.items() if k != "as_of"}}))
     return 0
 
 
