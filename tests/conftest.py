@@ -241,22 +241,24 @@ def data_lines(folder) -> int:
 # sort them by their number of tests (scripts/test.sh: --no-loadscope-reorder, else a file of one
 # 4-minute test comes last): starting the long ones first keeps one worker from picking up a long
 # file when the others are nearly done.
-LONGEST_FIRST = (  # each file's summed test times on a fresh clone of 2026-12-05 (scripts/test.sh)
-    "test_standalone_cluster.py",  # 160 s
-    "test_stream_job.py",  # 112 s, the shared training run's 39 s included
-    "test_spark_connect.py",  # 83 s
-    "test_skew.py",  # 58 s
-    "test_report.py",  # 55 s
-    "test_stream_emerging.py",  # 54 s
-    "test_local_cluster.py",  # 54 s
-    "test_concurrency.py",  # 50 s
-    "test_mqtt_stream.py",  # 49 s
-    "test_pipeline.py",  # 45 s
-    "test_deep_pipeline.py",  # 40 s
-    "test_cli.py",  # 30 s
-    "test_privacy.py",  # 29 s
-    "test_jobs.py",  # 26 s
-    "test_baselines.py",  # 22 s
+LONGEST_FIRST = (  # each file's summed test times on a fresh clone of 2026-12-06 (scripts/test.sh)
+    "test_standalone_cluster.py",  # 173 s
+    "test_stream_job.py",  # 125 s, the shared training run's ~38 s included
+    "test_spark_connect.py",  # 82 s
+    "test_stream_emerging.py",  # 70 s
+    "test_concurrency.py",  # 57 s
+    "test_report.py",  # 56 s
+    "test_local_cluster.py",  # 55 s
+    "test_pipeline.py",  # 50 s
+    "test_mqtt_stream.py",  # 48 s
+    "test_deep_pipeline.py",  # 37 s
+    "test_skew.py",  # ~32 s (60 s before its million events on 512 MB)
+    "test_cli.py",  # 29 s
+    "test_privacy.py",  # 27 s
+    "test_state_store.py",  # 24 s
+    "test_jobs.py",  # 24 s
+    "test_features.py",  # 24 s
+    "test_baselines.py",  # 23 s
     "test_progress.py",  # 22 s
 )
 
