@@ -70,7 +70,14 @@ def spilled_bytes(spark) -> int:
 def main(work: str, heavy_events: int) -> int:
     # 512 MB: Spark's execution and storage memory is then (512 - 300 reserved) x 0.6 = 127 MB, less than
     # the heavy user's million rows (~140 bytes each as Spark's rows), so that they cannot all be held.
-    conf = {"spark.driver.memory": "512m", "spark.sql.shuffle.partitions": "4"}
+    # G1's regions are 1 MB on a heap this small, and Spark's memory pages (1-2 MB here) are then
+    # "humongous" objects that each take whole regions, up to half of them empty: the heap ran out with
+    # Spark's pool inside its limit (3 of 6 runs, two at once; Java heap space while allocating a page in
+    # the session window over the heavy user). 16 MB regions make the pages ordinary objects (6 of 6), as
+    # Spark's tuning guide advises for large objects; on the default 4 GB driver the pages are 64 MB,
+    # where humongous regions waste ~3 %.
+    conf = {"spark.driver.memory": "512m", "spark.sql.shuffle.partitions": "4",
+            "spark.driver.extraJavaOptions": "-XX:G1HeapRegionSize=16m"}
     with spark_session("segspark-skew", "local[2]", conf) as spark:
         path = f"{work}/events"
         skewed_events(spark, heavy_events).write.mode("overwrite").parquet(path)
