@@ -51,14 +51,29 @@ if [ "$LOCK" != none ] && [ ! -f "$LOCK" ]; then
   exit 2
 fi
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# The venv starts without pip: venv's ensurepip (pip installing its bundled copy of itself) took 3.9 s
+# on a fresh clone, and the lock's pip replaced that copy right after. The base interpreter's pip
+# installs the lock's pip and build tools into it instead (`pip --python`, pip 22.3 or newer); without
+# one, ensurepip runs as before (`venv_pip`).
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --without-pip "$VENV"
+# `venv_pip ARGS...`: pip, installing into $VENV: its own pip, else the base interpreter's, else the one
+# ensurepip puts there.
+venv_pip() {
+  if "$VENV/bin/python" -c 'import pip' 2>/dev/null; then
+    "$VENV/bin/python" -m pip "$@"
+  elif "$PYTHON" -m pip --version 2>/dev/null | awk '{split($2, v, "."); exit !(v[1] > 22 || (v[1] == 22 && v[2] >= 3))}'; then
+    "$PYTHON" -m pip --python "$VENV/bin/python" "$@"
+  else
+    "$VENV/bin/python" -m ensurepip >/dev/null && "$VENV/bin/python" -m pip "$@"
+  fi
+}
 # The stamp names what was installed: a changed lock or pyproject.toml installs again ("bytecode": an
 # environment installed before its packages were compiled goes through the install once more).
 want="bytecode lock=$LOCK $(cat pyproject.toml "$([ "$LOCK" = none ] && echo /dev/null || echo "$LOCK")" | sha256sum | cut -c1-16)"
 stamp="$VENV/.segspark-installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if [ "$LOCK" = none ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    venv_pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e ".[dev,mlflow]"
   else
     # Every package, pip and the build tools included, comes from the lock and is checked against its
@@ -69,7 +84,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # about a fifth of pip's time on a fresh clone (unpacking TensorFlow and friends dominates).
     tools=$(mktemp)
     awk '/^(pip|setuptools|wheel|uv)==/ {keep=1} /^[A-Za-z0-9]/ && !/^(pip|setuptools|wheel|uv)==/ {keep=0} keep' "$LOCK" > "$tools"
-    "$VENV/bin/python" -m pip install -q --require-hashes --no-deps -r "$tools"
+    venv_pip install -q --require-hashes --no-deps -r "$tools"
     rm -f "$tools"
     "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --require-hashes --no-deps --no-build-isolation -r "$LOCK"
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
