@@ -73,7 +73,7 @@ def main(work: str, heavy_events: int) -> int:
     # G1's regions are 1 MB on a heap this small, and Spark's memory pages (1-2 MB here) are then
     # "humongous" objects that each take whole regions, up to half of them empty: the heap ran out with
     # Spark's pool inside its limit (3 of 6 runs, two at once; Java heap space while allocating a page in
-    # the session window over the heavy user). 16 MB regions make the pages ordinary objects (6 of 6), as
+    # the session window over the heavy user). 16 MB regions make the pages ordinary objects (14 of 14 two at once), as
     # Spark's tuning guide advises for large objects; on the default 4 GB driver the pages are 64 MB,
     # where humongous regions waste ~3 %.
     conf = {"spark.driver.memory": "512m", "spark.sql.shuffle.partitions": "4",
