@@ -24,6 +24,7 @@ from segspark.cli import main
 from segspark.features import user_features
 from segspark.io.delta import read_table
 from segspark.io.readers import read_raw_events
+from segspark.runtime.expressions import memoised
 from segspark.streaming import job
 from segspark.streaming.feature_state import state_features
 from segspark.streaming.identity import (
@@ -167,6 +168,23 @@ def test_stream_replay_kill_restart_exactly_once(spark, trained, monkeypatch):
     assert drift[drift.model == "kmeans_online"].max_centroid_shift.notna().all()
     runs = read_table(spark, f"{cfg.output.root}/runs").where(F.col("run_id") == restarted.run_id).collect()
     assert runs[0].status == "succeeded" and '"batches": 2' in runs[0].metrics
+
+
+def test_the_scoring_is_built_when_the_models_load_not_in_the_first_batch(spark, trained):
+    """load_stream_models builds the preparation's and every model's scoring expressions (memoised per
+    loaded bundle) before the query starts: the first batch's assignments do not wait for them."""
+    cfg, _, _ = trained
+    models = job.load_stream_models(spark, cfg, str(Path(cfg.output.root) / "_models" / TRAINED_RUN_ID))
+
+    def built_again():
+        raise AssertionError("built again by the first batch")
+
+    memoised(models.loaded.preparation, "capped", built_again)
+    memoised(models.loaded.preparation, "scaled", built_again)
+    for name, saved in models.loaded.models.items():
+        memoised(saved, "stable", built_again)
+        if name in ("kmeans", "bisecting_kmeans"):
+            memoised(saved.fitted, "scores", built_again)
 
 
 def test_stream_cli_exit_codes(trained, tmp_path):
