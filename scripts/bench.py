@@ -133,7 +133,7 @@ def ingest_features_at(spark, args, scale: int):
         # What a run's ingest, quarantine and features stages compute (written to the noop sink).
         ingested = ingest.ingest_records(read_raw_events(spark, cfg.input), cfg.input)
         ingest.quarantine_rows(ingested.tagged, "bench", str(path)).write.format("noop").mode("overwrite").save()
-        user_features(ingested.clean, as_of, cfg.features).write.format("noop").mode("overwrite").save()
+        user_features(ingested.clean, as_of, cfg.features, keys=ingested.source_keys).write.format("noop").mode("overwrite").save()
         ingested.unpersist()
 
     def plain_aggregation():

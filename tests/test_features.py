@@ -246,3 +246,64 @@ def test_local_hour_day_and_weekday_are_those_of_the_zone(spark, zone):
     assert len(rows) == len(instants)
     for row in rows:
         assert (row.hour, row.weekday, row.day) == (row.spark_hour, row.spark_weekday, row.spark_day), row
+
+
+@pytest.mark.parametrize("as_of", [dt.date(2026, 10, 20), dt.date(2026, 10, 31)])
+def test_sessions_by_source_id_give_the_features_of_gap_numbering(spark, sample_parquet, as_of):
+    """Where every clean event has a session id, sessions (and, without order ids, orders) are grouped
+    by it with no window (SourceKeys): the features are those of the general path, to the float's
+    rounding, with and without order ids and with events after the as-of day. ingest's counts tell
+    which path applies: the generated clickstream has every session id and no order id."""
+    import math
+
+    from pyspark.sql import functions as F
+
+    from segspark import ingest
+    from segspark.config import load_config
+    from segspark.features.behaviour import SourceKeys
+    from segspark.io.readers import read_raw_events
+
+    input_cfg = load_config(make_features_config(), [f"input.path={sample_parquet}/events"]).input
+    ingested = ingest.ingest_records(read_raw_events(spark, input_cfg), input_cfg)
+    try:
+        assert ingested.source_keys == SourceKeys(every_event_has_session=True, some_event_has_order=False)
+        clean = ingested.clean.localCheckpoint()
+        # Order ids on a third of the purchase lines (one per user and day), so that orders and sessions differ.
+        with_orders = clean.withColumn("order_id", F.when(
+            (F.col("event_type") == "purchase") & (F.abs(F.hash("user_id")) % 3 == 0),
+            F.concat_ws("-", "user_id", F.to_date("event_time").cast("string"))))
+        cfg = FeaturesConfig()
+        for events, keys in ((clean, ingested.source_keys), (with_orders, SourceKeys(True, True))):
+            general = {r.user_id: r.asDict() for r in user_features(events, as_of, cfg).collect()}
+            by_id = {r.user_id: r.asDict() for r in user_features(events, as_of, cfg, keys=keys).collect()}
+            assert set(by_id) == set(general) and len(general) > 100
+            for user, row in general.items():
+                for column, value in row.items():
+                    mine = by_id[user][column]
+                    assert mine == value or (isinstance(value, float) and math.isclose(mine, value, rel_tol=1e-9)), (
+                        user, column, mine, value)
+            assert any(r["frequency"] > 1 for r in general.values())
+    finally:
+        ingested.unpersist()
+
+
+def test_a_missing_session_id_keeps_the_gap_numbering(spark):
+    """One event without a session id among events with them: its session is numbered over all the
+    user's events, so the source-id path does not apply, and ingest's counts say so."""
+    from segspark import ingest
+    from segspark.config import load_config
+
+    times = ("2026-10-01 10:00:00", "2026-10-01 10:20:00", "2026-10-01 10:40:00")
+    raw = spark.createDataFrame(
+        [("m", t, "view", 1, "c", 1.0, session, None) for t, session in zip(times, ("s1", None, "s2"), strict=True)],
+        "user_id string, event_time string, event_type string, product_id long, category_code string, price double, "
+        "user_session string, _corrupt_record string")  # the columns read_raw_events gives
+    input_cfg = load_config(make_features_config(), ["input.path=unused"]).input
+    ingested = ingest.ingest_records(raw, input_cfg)
+    try:
+        assert ingested.clean_rows == 3 and ingested.clean_without_session == 1
+        assert not ingested.source_keys.every_event_has_session
+    finally:
+        ingested.unpersist()
+    rows = [ev("m", t, session=session) for t, session in zip(times, ("s1", None, "s2"), strict=True)]
+    assert features_of(spark.createDataFrame(rows, EVENTS))["m"].sessions == 3

@@ -269,3 +269,33 @@ def test_event_types_are_lowered_as_spark_lowers_them(spark):
     rows = df.select("text", _lower(F.col("text")).alias("mine"), F.lower("text").alias("spark")).collect()
     assert [(r.text, r.mine) for r in rows] == [(r.text, r.spark) for r in rows]
     assert {r.text: r.mine for r in rows}["remove_from_CART"] == "remove_from_cart"
+
+
+def test_counting_keeps_the_tagged_events_unencoded_and_gives_the_session_its_setting_back(
+    spark, make_config, tmp_path, monkeypatch
+):
+    """ingest_records keeps the tagged events in Spark's columnar cache without its per-column
+    encoding (records._UNENCODED_CACHE): the setting is in the session while the cache is built, and
+    the session's own value is back afterwards, the cache still readable."""
+    from segspark.ingest import records
+
+    key = "spark.sql.inMemoryColumnarStorage.compressed"
+    path = tmp_path / "events.json"
+    path.write_text("\n".join(json.dumps(rec(product_id=i)) for i in range(5)) + "\n")
+    cfg = make_config(f"input.path={path}", "input.format=json")
+    seen = []
+    real = records.tag_events
+
+    def tag_and_look(*args, **kwargs):
+        seen.append(spark.conf.get(key))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(records, "tag_events", tag_and_look)
+    spark.conf.set(key, "true")
+    ingested = records.ingest_records(read_raw_events(spark, cfg.input), cfg.input)
+    try:
+        assert seen == ["false"] and spark.conf.get(key) == "true"
+        assert ingested.clean_rows == 5 and ingested.clean.count() == 5
+    finally:
+        ingested.unpersist()
+        spark.conf.unset(key)

@@ -15,6 +15,14 @@ user_id, so none needs an exchange:
   user's orders, which are few).
 The three user-level results are joined on user_id (co-partitioned, small).
 
+Sessions have two paths (`SourceKeys`, from ingest's counting pass). Where every event carries the
+source's session id (REES46-style clickstream), a session is that id: one hash aggregation per
+(user, session) gives the sessions and, without order ids, the orders too (a session with a
+purchase), with no window over the events. Anywhere else (invoice lines, a source without session
+ids, or one that lacks them on some events) the gaps between a user's events number its sessions
+in a window over every event, and the orders are aggregated from the purchase lines on their own.
+Both paths give the same values.
+
 Rates never divide by zero: a rate whose denominator is 0 is null (documented per feature), and
 shares are over the user's events, of which there is at least one.
 """
@@ -40,6 +48,27 @@ SECONDS_PER_DAY_INT = 86_400
 def as_of_cutoff(as_of: dt.date) -> dt.datetime:
     """First instant after the as-of day (UTC)."""
     return dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time(0, 0), tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class SourceKeys:
+    """What ingest's counting pass saw of the source's own keys among the clean events. The default
+    knows nothing, and takes the path that derives sessions and orders from the events alone."""
+
+    every_event_has_session: bool = False
+    some_event_has_order: bool = True
+
+    def sessions_by_source_id(self, cfg: FeaturesConfig) -> bool:
+        return cfg.use_source_sessions and self.every_event_has_session
+
+    def orders_from_sessions(self, cfg: FeaturesConfig) -> bool:
+        return self.sessions_by_source_id(cfg) and not self.some_event_has_order
+
+    def describe(self, cfg: FeaturesConfig) -> dict[str, str]:
+        """How the features find sessions and orders (the run's metrics.feature_paths)."""
+        sessions = "source session ids" if self.sessions_by_source_id(cfg) else "numbered by gaps in a window"
+        orders = "sessions with a purchase" if self.orders_from_sessions(cfg) else "aggregated from purchase lines"
+        return {"sessions": sessions, "orders": orders}
 
 
 @dataclass(frozen=True)
@@ -242,6 +271,37 @@ def _session_aggregates(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
     )
 
 
+def _source_session_aggregates(events: DataFrame, cfg: FeaturesConfig, with_orders: bool) -> DataFrame:
+    """`_session_aggregates` for events that all carry the source's session id, which is then each
+    event's session key: one generated hash aggregation per (user, session), where the general path
+    runs two windows over every event to number gap sessions it does not use, and aggregates the
+    orders from another read of the events (11.7M events: 3.4-3.6 s with the orders, against 5.7-5.9 s
+    for the general path's sessions and 1.8 s for its orders). with_orders (no event has an order id, so an order is a session with a
+    purchase, placed at its first purchase): `_order_aggregates`' columns too, from the same
+    sessions, with the intervals in a window over each user's sessions (a few per user) ordered by
+    that time, the sessions without a purchase last."""
+    ts = F.col("event_time")
+    per_session = events.groupBy("user_id", "session_id").agg(
+        ((F.max(ts).cast("double") - F.min(ts).cast("double")) / 60.0).alias("_minutes"),
+        F.min(F.when(F.col("event_type") == "purchase", ts)).cast("double").alias("_placed"),
+    )
+    aggregates = [
+        F.count(F.lit(1)).alias("sessions"),
+        F.avg("_minutes").alias("session_duration_mean_min"),
+        F.percentile_approx("_minutes", 0.5, cfg.median_accuracy).cast("double").alias("session_duration_median_min"),
+    ]
+    if with_orders:
+        placed = F.col("_placed")
+        previous = F.lag(placed).over(Window.partitionBy("user_id").orderBy(placed.asc_nulls_last()))
+        per_session = per_session.withColumn("_interval", (placed - previous) / SECONDS_PER_DAY)
+        aggregates += [
+            F.count(placed).alias("frequency"),
+            F.avg("_interval").alias("purchase_interval_mean_days"),
+            F.stddev_pop("_interval").alias("purchase_interval_std_days"),
+        ]
+    return per_session.groupBy("user_id").agg(*aggregates)
+
+
 def _order_aggregates(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
     # An order is the order id when the source has one; without one, a session with a purchase.
     purchases = with_sessions(events.filter(F.col("event_type") == "purchase"), cfg)
@@ -264,21 +324,30 @@ def order_interval_aggregates(orders: DataFrame) -> DataFrame:
 
 
 def user_features(
-    events: DataFrame, as_of: dt.date, cfg: FeaturesConfig, slots: FeatureSlots | None = None
+    events: DataFrame, as_of: dt.date, cfg: FeaturesConfig, slots: FeatureSlots | None = None,
+    keys: SourceKeys = SourceKeys(),
 ) -> DataFrame:
     """One row per user with events up to `as_of`: user_id, as_of + the catalog's feature columns.
 
     `events` are clean canonical events (ingest.clean_events). `slots` fixes the category and
-    one-hot slot values; by default they are resolved from the events (one small extra job)."""
+    one-hot slot values; by default they are resolved from the events (one small extra job).
+    `keys`: what ingest found of the source's session and order ids (`Ingested.source_keys`); it
+    chooses the sessions' path, never the values."""
     slots = slots or resolve_slots(events, as_of, cfg)
     cutoff = F.lit(as_of_cutoff(as_of)).cast("timestamp")
     window = events.filter(F.col("event_time") < cutoff)
 
-    per_user = (
-        _event_aggregates(window, cutoff, cfg, slots)
-        .join(_session_aggregates(window, cfg), "user_id")
-        .join(_order_aggregates(window, cfg), "user_id", "left")
-    )
+    per_user = _event_aggregates(window, cutoff, cfg, slots)
+    if keys.sessions_by_source_id(cfg):
+        with_orders = keys.orders_from_sessions(cfg)
+        per_user = per_user.join(_source_session_aggregates(window, cfg, with_orders), "user_id")
+        if not with_orders:
+            per_user = per_user.join(_order_aggregates(window, cfg), "user_id", "left")
+    else:
+        per_user = (
+            per_user.join(_session_aggregates(window, cfg), "user_id")
+            .join(_order_aggregates(window, cfg), "user_id", "left")
+        )
     return features_from_aggregates(per_user, as_of, cfg, slots)
 
 

@@ -158,7 +158,12 @@ def _event_type(src: _Source, cfg: InputConfig) -> Column:
         return F.lit(cfg.default_event_type)
     pairs = sorted((source.lower(), target) for source, target in cfg.event_types.items())
     mapping = F.create_map(*[F.lit(x) for pair in pairs for x in pair])
-    return F.element_at(mapping, _lower(src.text(cfg.columns.event_type)))
+    text = src.text(cfg.columns.event_type)
+    # The keys are lower case, and most sources write their types that way: the value itself is
+    # looked up first, and lowered only when that misses (coalesce evaluates its second argument only
+    # for a null first). A value that is a key is its own lower case, so the result is the same. The
+    # lowering cost 1.4 s of the 10.4 s that typing 11.7M events took (translate's per-character map).
+    return F.coalesce(F.element_at(mapping, text), F.element_at(mapping, _lower(text)))
 
 
 def _lower(text: Column) -> Column:

@@ -72,7 +72,8 @@ def compute_features(ctx: RunContext, slots: FeatureSlots | None = None) -> tupl
         clean = ingested.clean
         slots = slots or resolve_slots(clean, result.as_of, cfg.features)
         result.metrics["feature_slots"] = slots.as_dict()
-        features = user_features(clean, result.as_of, cfg.features, slots)
+        result.metrics["feature_paths"] = ingested.source_keys.describe(cfg.features)
+        features = user_features(clean, result.as_of, cfg.features, slots, ingested.source_keys)
         # Keys first (the table contract): Delta keeps file statistics for the first 32 columns only,
         # and replacing a run's rows finds its files by the statistics of run_id.
         features = ctx.keep(features.select(
