@@ -245,19 +245,33 @@ def _plain_event_aggregates(events: DataFrame, cutoff: Column, cfg: FeaturesConf
 
 def _object_event_aggregates(events: DataFrame, cfg: FeaturesConfig, slots: FeatureSlots) -> DataFrame:
     """The medians, sets and modes (object buffers): a sort aggregation that streams through each
-    user's events as ingest sorted them, never spilling a hash map of every user's buffers."""
+    user's events as ingest sorted them, never spilling a hash map of every user's buffers.
+
+    Each function reads a column of the projection below it rather than an expression: the sort
+    aggregation evaluates its functions' inputs interpreted, row by row, where the projection is
+    generated code, and percentile_approx works out the type of a CASE WHEN input again on every
+    row (11.7M events, four alternated runs: 7.1-8.5 s before, 5.7-6.8 s after)."""
     kind, price = F.col("event_type"), F.col("price")
     accuracy = cfg.median_accuracy
+    inputs = events.select(
+        "user_id",
+        F.when(kind == "view", price).alias("_viewed_price"),
+        F.when(kind == "purchase", price).alias("_bought_price"),
+        _local_day(cfg).alias("_day"),
+        "item_id",
+        _category(cfg).alias("_category"),
+        *slots.one_hot,
+    )
     aggregates = [
-        F.percentile_approx(F.when(kind == "view", price), 0.5, accuracy).alias("price_viewed_median"),
-        F.percentile_approx(F.when(kind == "purchase", price), 0.5, accuracy).alias("price_bought_median"),
-        F.size(F.collect_set(_local_day(cfg))).alias("active_days"),
+        F.percentile_approx("_viewed_price", 0.5, accuracy).alias("price_viewed_median"),
+        F.percentile_approx("_bought_price", 0.5, accuracy).alias("price_bought_median"),
+        F.size(F.collect_set("_day")).alias("active_days"),
         F.size(F.collect_set("item_id")).alias("distinct_items"),
-        F.size(F.collect_set(_category(cfg))).alias("distinct_categories"),
+        F.size(F.collect_set("_category")).alias("distinct_categories"),
     ]
     # deterministic: of equally frequent values the lowest, so re-runs (and the streaming state) agree.
     aggregates += [F.mode(column, True).alias(f"_mode_{column}") for column in slots.one_hot]
-    return events.groupBy("user_id").agg(*aggregates)
+    return inputs.groupBy("user_id").agg(*aggregates)
 
 
 def _session_aggregates(events: DataFrame, cfg: FeaturesConfig) -> DataFrame:
