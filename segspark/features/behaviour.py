@@ -289,11 +289,13 @@ def _source_session_aggregates(events: DataFrame, cfg: FeaturesConfig, with_orde
     """`_session_aggregates` for events that all carry the source's session id, which is then each
     event's session key: one generated hash aggregation per (user, session), where the general path
     runs two windows over every event to number gap sessions it does not use, and aggregates the
-    orders from another read of the events (11.7M events: 3.4-3.6 s with the orders, against 5.7-5.9 s
-    for the general path's sessions and 1.8 s for its orders). with_orders (no event has an order id, so an order is a session with a
-    purchase, placed at its first purchase): `_order_aggregates`' columns too, from the same
-    sessions, with the intervals in a window over each user's sessions (a few per user) ordered by
-    that time, the sessions without a purchase last."""
+    orders from another read of the events (11.7M events: 3.4-3.6 s with the orders, against
+    5.7-5.9 s for the general path's sessions and 1.8 s for its orders).
+
+    with_orders (no event has an order id, so an order is a session with a purchase, placed at its
+    first purchase): `_order_aggregates`' columns too, from the same sessions, with the intervals in
+    a window over each user's sessions (a few per user) ordered by that time, those without a
+    purchase last."""
     ts = F.col("event_time")
     per_session = events.groupBy("user_id", "session_id").agg(
         ((F.max(ts).cast("double") - F.min(ts).cast("double")) / 60.0).alias("_minutes"),

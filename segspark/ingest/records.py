@@ -25,6 +25,7 @@ from segspark.ingest.events import REASON, clean_events, quarantine_rows, tag_ev
 from segspark.ingest.privacy import Protection
 from segspark.io.delta import WriteResult
 from segspark.io.tables import write_rows
+from segspark.runtime.shuffle_sizing import apply_settings
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def ingest_records(
         tagged.unpersist()
         raise
     finally:
-        _restore(spark, previous)
+        apply_settings(spark, previous)
     reasons = {row.reason: int(row.rows) for row in summary if row.reason is not None}
     clean = next((row for row in summary if row.reason is None), None)
     return Ingested(
@@ -136,11 +137,6 @@ def _set_for_the_cache(spark: SparkSession) -> dict[str, str]:
             previous.pop(key, None)
             log.debug("ingest: %s stays as the session has it (%s)", key, refused)
     return previous
-
-
-def _restore(spark: SparkSession, previous: dict[str, str]) -> None:
-    for key, value in previous.items():
-        spark.conf.set(key, value)
 
 
 def write_quarantine(
