@@ -24,7 +24,8 @@ For every micro-batch of the landing folder (or Kafka), exactly once per batch i
 
 The live assignments (3) are committed as soon as they are known, before the state's buckets (2)
 and the centres' snapshot (4), which they do not need: a file's latency runs to them
-(`BatchReport.assigned_at`). Each table's commit carries the Delta transaction (`<app_id>.<table>`,
+(`BatchReport.assigned_at`). Those two writes then run beside the emerging check (5), and the drift
+(6) waits for them. Each table's commit carries the Delta transaction (`<app_id>.<table>`,
 batch id) and is skipped when `transaction_version` shows it was already committed: a batch that
 Spark re-runs after a crash (its offsets were logged, its commit was not) finishes what is missing
 and duplicates nothing. The app id comes from the config; each commit also records the checkpoint's query id, and
@@ -40,6 +41,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -82,7 +84,7 @@ from segspark.models import registry
 from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.expressions import memoised
-from segspark.runtime.session import apply_required_conf
+from segspark.runtime.session import apply_required_conf, share_session
 from segspark.runtime.shuffle_sizing import sized_for_block, sizing_is_on
 from segspark.streaming import drift, emerging, identity, mqtt_landing, state_store
 from segspark.streaming.feature_state import VERSION, batch_state, join_by_user, state_features
@@ -331,7 +333,7 @@ def _assign(spark, cfg: Config, models: StreamModels, ingested: IngestedBatch, b
             report: BatchReport) -> None:
     """The batch's state, features and assignments. The live assignments are committed first, as
     soon as they are known: the writes they do not need (the state's buckets, the online centres'
-    snapshot) come after them, then the emerging check and drift. Each table has its own
+    snapshot) come after them, beside the emerging check, then the drift. Each table has its own
     transaction, so a batch re-run after a crash between two commits recomputes the same rows from
     the state as it was (the merge reads the state only while its commit is missing) and writes only
     what is missing."""
@@ -375,29 +377,44 @@ def _assign(spark, cfg: Config, models: StreamModels, ingested: IngestedBatch, b
             write_rows(spark, cfg.output, LIVE, _live_rows(scores, report.as_of, app, batch_id),
                        txn=(TABLES[LIVE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app))
             report.assigned_at = time.time()
-        with report.step("state_write"):
-            if update is not None:
-                written = write_rows(
-                    spark, cfg.output, STATE, update.rows, partitions=update.replaced,
-                    txn=(TABLES[STATE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app),
-                )
-                rows = written.rows if written.rows >= 0 else update.rows.count()  # -1: the connector's write
-                models.state_log.wrote(update, rows)
-                report.state_compacted = update.compaction
-                log.info("stream batch %d: feature state %s (%d rows)", batch_id,
-                         "compacted" if update.compaction else "appended", rows)
-            if centres:
-                write_rows(spark, cfg.output, CENTROIDS, centres, txn=(TABLES[CENTROIDS].txn_app(app), batch_id),
-                           commit_metadata=models.commit_metadata(app))
-        with report.step("emerging"):
-            bundle_scores = {m: scores.where(F.col("model") == m) for m in scored.assignments}
-            finding = _emerging(spark, cfg, models, bundle_scores, scored.outputs, prepared, features, batch_id,
-                                report.as_of)
+        # The state's and the centres' writes need nothing the emerging check computes, and a batch's
+        # one shuffle partition leaves the second core idle: they run beside it. The drift waits for
+        # them, so its commit stays after the state's; leaving the pool waits for the writes also when
+        # the emerging check fails.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segspark-state-write",
+                                initializer=share_session, initargs=(spark,)) as background:
+            state_written = background.submit(_write_state, spark, cfg, models, update, centres, report)
+            with report.step("emerging"):
+                bundle_scores = {m: scores.where(F.col("model") == m) for m in scored.assignments}
+                finding = _emerging(spark, cfg, models, bundle_scores, scored.outputs, prepared, features, batch_id,
+                                    report.as_of)
+        state_written.result()  # the writes' own error, if any
         with report.step("drift"):
             _drift(spark, cfg, models, features, scores, batch_id, report, finding)
     finally:
         for frame in cached:
             frame.unpersist()
+
+
+def _write_state(spark, cfg: Config, models: StreamModels, update: state_store.StateUpdate | None,
+                 centres: list[CentroidRow], report: BatchReport) -> None:
+    """Commit the batch's merged feature state (`update`; None: a replay found it committed) and the
+    online centres' snapshot, each in its own transaction."""
+    app, batch_id = cfg.streaming.app_id, report.batch_id
+    with report.step("state_write"):
+        if update is not None:
+            written = write_rows(
+                spark, cfg.output, STATE, update.rows, partitions=update.replaced,
+                txn=(TABLES[STATE].txn_app(app), batch_id), commit_metadata=models.commit_metadata(app),
+            )
+            rows = written.rows if written.rows >= 0 else update.rows.count()  # -1: the connector's write
+            models.state_log.wrote(update, rows)
+            report.state_compacted = update.compaction
+            log.info("stream batch %d: feature state %s (%d rows)", batch_id,
+                     "compacted" if update.compaction else "appended", rows)
+        if centres:
+            write_rows(spark, cfg.output, CENTROIDS, centres, txn=(TABLES[CENTROIDS].txn_app(app), batch_id),
+                       commit_metadata=models.commit_metadata(app))
 
 
 def _by_user(spark: SparkSession, frame: DataFrame) -> DataFrame:
