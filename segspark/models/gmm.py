@@ -70,6 +70,10 @@ from segspark.models.contract import (
     check_fit_arguments,
     threshold_aggregate,
 )
+
+# The per-row mixture math in a numpy-only module: the pandas UDFs below run in Python workers,
+# which then import it alone, not this module with pyspark.ml and the config (0.25 s per new worker).
+from segspark.models.mixture_math import components, projected, weighted_log_densities
 from segspark.models.prepare import PREPARED_VECTOR, check_prepared
 from segspark.models.sample_grid import SampleFit
 from segspark.runtime.expressions import memoised
@@ -85,7 +89,6 @@ LOG_LIKELIHOOD_RTOL = 1e-6
 # per user below this: the test scikit-learn applies on the sample (its default tol).
 WARM_TOL_PER_USER = 1e-3
 MLLIB_EPSILON = float(np.finfo(float).eps)  # MLUtils.EPSILON, added to each w_j * N_j(x) by MLlib
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 class DegenerateModelError(RuntimeError):
@@ -317,7 +320,7 @@ def fit_one(
     rejected: list[dict] = []
     parameters, warm, iterations, mllib_log_likelihood, fit_seed = None, False, 0, None, seed
     if start is not None:
-        local = None if points is None else _projected(np.asarray(points, dtype=float), projection)
+        local = None if points is None else projected(np.asarray(points, dtype=float), projection)
         weights, means, covariances, iterations = _em(
             prepared, start.params["weights"], start.params["means"], start.params["covariances"],
             max_iter=max_iter, tol_per_user=WARM_TOL_PER_USER, reg_covar=reg_covar, points=local,
@@ -526,35 +529,11 @@ def _parameters(model: GaussianMixtureModel) -> tuple[list[float], list[list[flo
     return weights, means, covariances
 
 
-def _components(weights: Sequence[float], means, covariances) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(means k x d, whitening matrices k x d x d, log coefficients k) of a mixture: each covariance
-    is factored once as Sigma = U diag(s) U^T, so that A = diag(s^-1/2) U^T whitens,
-    (x - mu)^T Sigma^-1 (x - mu) = |A (x - mu)|^2 and log det Sigma = sum log s."""
-    mu = np.asarray(means, dtype=float)
-    d = mu.shape[1]
-    whitening, log_coef = [], []
-    for w, cov in zip(weights, covariances, strict=True):
-        sym = (np.asarray(cov, dtype=float) + np.asarray(cov, dtype=float).T) / 2.0
-        s, u = np.linalg.eigh(sym)
-        whitening.append((u / np.sqrt(s)).T)
-        log_coef.append(math.log(w) - 0.5 * (d * _LOG_2PI + float(np.log(s).sum())))
-    return mu, np.stack(whitening), np.asarray(log_coef)
-
-
-def _weighted_log_densities(x: np.ndarray, mu: np.ndarray, whiten: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """n x k: log w_j + log N(x | mu_j, Sigma_j)."""
-    out = np.empty((x.shape[0], len(coef)))
-    for j in range(len(coef)):
-        z = (x - mu[j]) @ whiten[j].T
-        out[:, j] = coef[j] - 0.5 * np.einsum("ij,ij->i", z, z)
-    return out
-
-
 def _mixture_udf(weights: Sequence[float], means: Sequence[Sequence[float]], covariances: Sequence):
     """A pandas UDF array<double> -> struct(segment, probabilities, log_density) with the mixture in its
     closure: the most likely component, the exact posteriors and the log-density, with log-sum-exp so
     that a far-away point keeps a finite log-density and normalised posteriors."""
-    mu, whiten, coef = _components(weights, means, covariances)
+    mu, whiten, coef = components(weights, means, covariances)
 
     @F.pandas_udf("segment int, probabilities array<double>, log_density double")
     def mixture(points: pd.Series) -> pd.DataFrame:
@@ -565,7 +544,7 @@ def _mixture_udf(weights: Sequence[float], means: Sequence[Sequence[float]], cov
         valid = points.notna().to_numpy()
         if valid.any():
             x = np.stack(points[valid].to_numpy()).astype(float)
-            comp = _weighted_log_densities(x, mu, whiten, coef)
+            comp = weighted_log_densities(x, mu, whiten, coef)
             top = comp.max(axis=1)
             log_total = top + np.log(np.exp(comp - top[:, None]).sum(axis=1))
             density[valid] = log_total
@@ -631,7 +610,7 @@ def _em(
 
 
 def _em_partition(weights: np.ndarray, means: np.ndarray, covariances: np.ndarray):
-    mu, whiten, coef = _components(weights, means, covariances)
+    mu, whiten, coef = components(weights, means, covariances)
     k, d = means.shape
 
     def run(batches):
@@ -640,7 +619,7 @@ def _em_partition(weights: np.ndarray, means: np.ndarray, covariances: np.ndarra
             if batch.empty:
                 continue
             x = np.stack(batch["x"].to_numpy()).astype(float)
-            comp = _weighted_log_densities(x, mu, whiten, coef)
+            comp = weighted_log_densities(x, mu, whiten, coef)
             top = comp.max(axis=1)
             log_total = top + np.log(np.exp(comp - top[:, None]).sum(axis=1))
             r = np.exp(comp - log_total[:, None])  # responsibilities, n x k
@@ -689,11 +668,6 @@ def _initialise_lapack_constants(spark) -> None:
         spark._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().dlamch("E")
 
 
-def _projected(points: np.ndarray, projection) -> np.ndarray:
-    """The GMM input of prepared vectors in memory: what `_gmm_input` computes on the executors."""
-    return points if projection is None else points @ np.asarray(projection, dtype=float)
-
-
 def _gmm_input(prepared: DataFrame, projection) -> DataFrame:
     """`prepared` with the GMM input column: the prepared vector, or its projection x @ axes (a pandas
     UDF with the d x components axes in its closure)."""
@@ -707,7 +681,7 @@ def _gmm_input(prepared: DataFrame, projection) -> DataFrame:
     def project(points: pd.Series) -> pd.Series:
         if len(points) == 0:
             return pd.Series([], dtype=object)
-        return pd.Series(list(_projected(np.stack(points.to_numpy()).astype(float), axes)))
+        return pd.Series(list(projected(np.stack(points.to_numpy()).astype(float), axes)))
 
     return prepared.withColumn(GMM_INPUT, array_to_vector(project(vector_to_array(F.col(PREPARED_VECTOR)))))
 

@@ -34,21 +34,25 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
-from pyspark.ml.feature import VectorAssembler
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, StructField, StructType
 
-from segspark.config import PrepareConfig, SelectionConfig
 from segspark.errors import ConfigError, UsageError
 from segspark.features.finite import check_finite, non_finite_counts
 from segspark.runtime.expressions import memoised
 from segspark.runtime.jvm import approx_quantiles
+
+# The preparation's mapInArrow runs in Python workers, which import this module to unpickle it: the
+# config's pydantic models (annotations here) and pyspark.ml (the driver's VectorAssembler) would
+# cost each new worker 0.25 s.
+if TYPE_CHECKING:
+    from segspark.config import PrepareConfig, SelectionConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,8 @@ class FittedPreparation:
             capped = rank_mapped(capped, self.knots)
         prepared = capped.select("user_id", *memoised(
             self, "scaled", lambda: [self.scaled(F.col(n), n).alias(n) for n in self.selected]))
+        from pyspark.ml.feature import VectorAssembler
+
         assembler = VectorAssembler(inputCols=list(self.selected), outputCol=PREPARED_VECTOR, handleInvalid="error")
         return assembler.transform(prepared)
 

@@ -64,15 +64,23 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hdbscan
 import numpy as np
-from sklearn.neighbors import KDTree
 
-from segspark.config import HdbscanConfig
 from segspark.models.deep.knn import CompiledKDTree
 from segspark.models.npz import open_npz
+
+# Prediction, which every Python worker that scores users imports this module for, needs numpy and
+# the compiled KD-tree only. hdbscan and scikit-learn (0.8 s of imports, in each new worker) are
+# imported where a fit or a tie needs them: a worker then starts scoring that much sooner, which
+# showed as a stream's first micro-batch after a (re)start taking 1.2 s longer to score when its task
+# landed on a fresh worker.
+if TYPE_CHECKING:
+    import hdbscan
+    from sklearn.neighbors import KDTree
+
+    from segspark.config import HdbscanConfig
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +240,8 @@ class SlimHdbscan:
         """hdbscan's own neighbour index (scikit-learn KDTree, leaf_size 40, euclidean), for the rows
         whose neighbours include equal distances: only it returns them in hdbscan's order."""
         if "reference" not in self._cache:
+            from sklearn.neighbors import KDTree
+
             self._cache["reference"] = KDTree(self.points, leaf_size=_LEAF_SIZE)
         return self._cache["reference"]
 
@@ -728,6 +738,8 @@ def fit_hdbscan(embeddings: Any, cfg: HdbscanConfig, repair_cluster_map: bool = 
         raise ValueError(problem)
     if n > cfg.sample_size:
         log.warning("HDBSCAN fitted on %d embeddings, more than sample_size = %d", n, cfg.sample_size)
+    import hdbscan
+
     clusterer = hdbscan.HDBSCAN(
         min_cluster_size=int(min_cluster_size),
         min_samples=cfg.min_samples,

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
@@ -30,8 +29,6 @@ from pyspark.sql.types import (
     StructType,
 )
 from threadpoolctl import threadpool_limits
-
-from segspark.models.prepare import PREPARED_VECTOR
 
 FEATURES_ARRAY = "_features"
 
@@ -78,8 +75,13 @@ def deep_scores(prepared: DataFrame, encoder, density) -> DataFrame:
     (GLOSH outlier score) for every row of `prepared` (user_id + the prepared vector).
 
     encoder: segspark.models.deep.encoder.NumpyEncoder; density: segspark.models.deep.density.SlimHdbscan."""
+    # Imported here, on the driver: a Python worker unpickling `score` imports this module, and
+    # pyspark.ml and the preparation's module (pydantic's config with it) would cost it 0.3 s.
+    from pyspark.ml.functions import vector_to_array
+
     from segspark.models.deep.density import SlimHdbscan
     from segspark.models.deep.encoder import NumpyEncoder
+    from segspark.models.prepare import PREPARED_VECTOR
 
     encoder_bytes, density_bytes = encoder.to_bytes(), density.to_bytes()
     encoder_key = "encoder:" + hashlib.sha256(encoder_bytes).hexdigest()
