@@ -94,6 +94,13 @@ def _batch_run_id(run_id: str | None, cfg) -> None:
         check_batch_run_id(run_id, cfg.streaming.app_id)
 
 
+def _key_checked(cfg) -> None:
+    """A command that ingests events: a missing or short pseudonym key fails now, before Spark starts."""
+    from segspark.ingest.privacy import check_key_before_spark
+
+    check_key_before_spark(cfg.privacy)
+
+
 def _parse_date(ctx, param, value: str | None) -> dt.date | None:
     if value is None:
         return None
@@ -211,6 +218,7 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
+    _key_checked(cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = usecases.run(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
@@ -248,6 +256,7 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
     from segspark import usecases
 
     _batch_run_id(run_id, cfg)
+    _key_checked(cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = usecases.features(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
@@ -314,6 +323,7 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
 
     # A broken, tampered or (with bundle.signing_key_env) unsigned bundle fails now, before Spark starts.
     open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))
+    _key_checked(cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
         result = usecases.score(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
     _print_summary(result)
@@ -359,6 +369,7 @@ def stream_command(config_path, available_now, bundle_dir, overrides, more_overr
         from segspark.streaming.mqtt_landing import check_source
 
         check_source(cfg.input)  # a non-local landing folder or an unreachable broker fails now, before Spark starts
+    _key_checked(cfg)
     with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark:
         run = run_stream(spark, cfg, available_now=available_now, bundle=bundle_dir)
     summary = run.summary()

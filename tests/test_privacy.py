@@ -71,7 +71,7 @@ def test_missing_key_exits_2_with_a_clear_message(sample_parquet, tmp_path):
     assert f"error: privacy.pseudonymise_user_id is on but no key is set: set the environment variable {KEY_ENV}" \
         in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out" / "user_features").exists()  # nothing was stored
+    assert not (tmp_path / "out").exists()  # checked before Spark started: nothing stored, no run begun
 
 
 @pytest.fixture(scope="module")

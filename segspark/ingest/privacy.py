@@ -72,7 +72,16 @@ def check_same_pseudonyms(trained: dict | None, now: dict | None, bundle: str) -
                 "ids in the two", how(now), bundle, how(trained))
 
 
-def _read_key(privacy: PrivacyConfig, spark) -> bytes:
+def check_key_before_spark(privacy: PrivacyConfig) -> None:
+    """UsageError (exit 2) now, before a SparkSession starts, when pseudonymisation is on and the key's
+    environment variable is missing or too short: the CLI's one-line error in about a second, not
+    after a JVM started and a run began. A key from a Databricks secret scope needs the session's
+    dbutils, so that one is read when the run starts."""
+    if privacy.pseudonymise_user_id and privacy.secret_scope is None:
+        _read_key(privacy, None, announce=False)
+
+
+def _read_key(privacy: PrivacyConfig, spark, announce: bool = True) -> bytes:
     text, source = None, None
     if privacy.secret_scope is not None:
         dbutils = _dbutils(spark)
@@ -98,7 +107,8 @@ def _read_key(privacy: PrivacyConfig, spark) -> bytes:
     if len(key) < MIN_KEY_BYTES:
         raise UsageError(f"the pseudonym key in the {source} has {len(key)} bytes; use at least {MIN_KEY_BYTES} "
                          "(e.g. `openssl rand -hex 32`): a short key can be guessed, and with it every user id")
-    log.info("user ids are pseudonymised (%s, key from the %s, key check %s)", ALGORITHM, source, key_check(key))
+    if announce:
+        log.info("user ids are pseudonymised (%s, key from the %s, key check %s)", ALGORITHM, source, key_check(key))
     return key
 
 
@@ -147,4 +157,4 @@ def key_check(key: bytes) -> str:
     return hmac.new(key, b"segspark pseudonym key check", hashlib.sha256).hexdigest()[:12]
 
 
-__all__ = ["Protection", "check_same_pseudonyms", "key_check", "pseudonym", "pseudonym_of", "resolve_protection"]
+__all__ = ["Protection", "check_key_before_spark", "check_same_pseudonyms", "key_check", "pseudonym", "pseudonym_of", "resolve_protection"]
