@@ -5,6 +5,8 @@ input. Pure numpy and hdbscan (no Spark); data sets of a few hundred points so t
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import warnings
 
 import hdbscan
@@ -409,3 +411,17 @@ def test_noise_assignment_round_trips_and_older_artifacts_predict_as_hdbscan(dat
     older = SlimHdbscan.from_bytes(buffer.getvalue())
     assert not older.assign_noise
     np.testing.assert_array_equal(older.assign(held_out)[0], artifact.predict(held_out)[0])
+
+
+def test_the_modules_of_executor_functions_import_without_the_drivers_libraries():
+    """A Python worker imports the module of each function it unpickles: the deep scoring's, the
+    GMM's mixture math and the preparation's. scikit-learn, hdbscan and pyspark.ml (1.3-1.5 s in a
+    fresh worker) are for fitting on the driver; the KD-tree's numba is what scoring needs."""
+    code = (
+        "import sys, segspark.models.deep.scoring, segspark.models.deep.density, segspark.models.deep.encoder, "
+        "segspark.models.mixture_math, segspark.models.prepare; "
+        "bad = [m for m in ('sklearn', 'hdbscan', 'pyspark.ml', 'tensorflow', 'keras') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
