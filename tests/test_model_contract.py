@@ -18,7 +18,7 @@ from segspark.models.contract import (
     POINT,
     Scored,
     SegmentModel,
-    double_sql,
+    double_array,
     squared_distances,
 )
 from segspark.models.sample import UserSample
@@ -147,15 +147,13 @@ def test_save_and_load_assign_every_user_the_same_way(planted, fitted, name, tmp
         assert row.anomaly_score == pytest.approx(again.anomaly_score, rel=1e-5, abs=1e-6)
 
 
-def test_double_sql_reads_back_every_double_exactly(spark):
-    """The centres' coordinates in SQL text are the same doubles as F.lit of each: no rounding."""
-    from pyspark.sql import functions as F
-
+def test_double_array_reads_back_every_double_exactly(spark):
+    """The centres' literal (one SQL text) holds the same doubles as F.lit of each: no rounding."""
     values = [0.1, -0.0, 1e-300, -2.5e-17, 1.7976931348623157e308, 123456789.123456789, -1 / 3, 5e-324, 42.0]
-    (row,) = spark.range(1).select(F.expr(f"array({', '.join(double_sql(v) for v in values)})").alias("a")).collect()
+    (row,) = spark.range(1).select(double_array(values).alias("a")).collect()
     assert [np.float64(x).tobytes() for x in row.a] == [np.float64(x).tobytes() for x in values]
     with pytest.raises(ValueError, match="not a finite number"):
-        double_sql(float("nan"))
+        double_array([1.0, float("nan")])
 
 
 def test_squared_distances_are_the_doubles_of_the_aggregate_over_zip_with(spark):
@@ -166,7 +164,7 @@ def test_squared_distances_are_the_doubles_of_the_aggregate_over_zip_with(spark)
     rng = np.random.default_rng(3)
     points, centres = rng.normal(size=(40, 7)) * 10, rng.normal(size=(4, 7))
     frame = spark.createDataFrame([(p.tolist(),) for p in points], f"{POINT} array<double>")
-    folded = [F.aggregate(F.zip_with(POINT, F.array(*[F.lit(float(x)) for x in c]), lambda a, b: (a - b) * (a - b)), F.lit(0.0),
+    folded = [F.aggregate(F.zip_with(POINT, double_array(c), lambda a, b: (a - b) * (a - b)), F.lit(0.0),
                           lambda total, v: total + v) for c in centres]
     rows = frame.select(squared_distances(POINT, centres).alias("got"), F.array(*folded).alias("folded")).collect()
     assert [np.float64(x).tobytes() for r in rows for x in r.got] == [np.float64(x).tobytes() for r in rows for x in r.folded]

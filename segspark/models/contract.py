@@ -11,8 +11,8 @@ The shared pieces exist once, here:
 - `anomaly_flag`: the is_anomaly column of every model (a null score is never flagged);
 - `threshold_aggregate` / `sample_threshold`: the (1 - contamination) quantile of the training
   users' scores, computed by Spark or on a sample;
-- `assignments`: the assignment columns in their table order; `squared_distances` to fixed centres,
-  their k x d terms in one SQL text, with each centre's coordinates as `double_sql` writes them;
+- `assignments`: the assignment columns in their table order; `squared_distances` to centres, and
+  `double_array`, its literal in one call to the JVM;
 - `check_fit_arguments`: k, contamination and quantile accuracy, checked the same way by every fit;
 - `MLlibSaving`: saving a fitted dataclass whose fields are numbers or MLlib models.
 """
@@ -164,12 +164,24 @@ def summed(values: Sequence[Column]) -> Column:
     return total
 
 
+def double_array(values: Sequence[float]) -> Column:
+    """An array<double> literal of finite `values`, built in one call to the JVM: `F.array` of `F.lit`s
+    makes one call per value, thousands per scoring of a few models (seconds in a stream's batch).
+    Python's repr of a float is the shortest text that reads back as the same double, which is what
+    Spark's parser does with it."""
+    return F.expr(double_array_sql(values)) if len(values) else F.array().cast(ArrayType(DoubleType()))
+
+
+def double_array_sql(values: Sequence[float]) -> str:
+    """`double_array`'s SQL text: array(v1D, v2D, ...)."""
+    return f"array({', '.join(double_sql(value) for value in values)})"
+
+
 def double_sql(value: float) -> str:
-    """A finite double as SQL text that reads back as the same double: Python's repr of a float is
-    the shortest text that reads back as the same double, which is what Spark's parser does with it."""
+    """A finite double as SQL text that reads back as the same double."""
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"double_sql: {value} is not a finite number")
+        raise ValueError(f"double_array: {value} is not a finite number")
     return f"{value!r}D"
 
 
