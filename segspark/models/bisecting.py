@@ -110,7 +110,7 @@ class FittedBisectingKMeans(MLlibSaving):
     def predict(self, prepared: DataFrame) -> DataFrame:
         """Every column of `prepared` plus `segment` (int)."""
         check_prepared(prepared, need_user_id=False)
-        return self.model.transform(_with_shifted(prepared, self)).select(*prepared.columns, F.col("segment").cast("int"))
+        return self.model.transform(_with_shifted(prepared)).select(*prepared.columns, F.col("segment").cast("int"))
 
     def assign(self, prepared: DataFrame) -> DataFrame:
         """user_id, segment, probability, anomaly_score, is_anomaly, probabilities (null) per user."""
@@ -330,7 +330,7 @@ def _scored(fitted: FittedBisectingKMeans, prepared: DataFrame) -> DataFrame:
     """user_id (when present), segment, probability, anomaly_score; column expressions only."""
     distances, outputs = memoised(fitted, "scores", lambda: _score_expressions(fitted))
     keep = ["user_id"] if "user_id" in prepared.columns else []
-    scored = fitted.model.transform(_with_shifted(prepared, fitted)).select(
+    scored = fitted.model.transform(_with_shifted(prepared)).select(
         *keep, F.col("segment").cast("int"), vector_to_array(F.col(PREPARED_VECTOR)).alias(POINT)
     ).select(*keep, "segment", distances)
     return scored.select(*keep, "segment", *outputs)
@@ -353,20 +353,9 @@ def _score_expressions(fitted: FittedBisectingKMeans) -> tuple[Column, list[Colu
     ]
 
 
-def _with_shifted(prepared: DataFrame, fitted: FittedBisectingKMeans | None = None) -> DataFrame:
-    """`prepared` with MLlib's input column: the prepared vector shifted off the origin. With a fitted
-    model, whose dimension is known, the shift is written out coordinate by coordinate (memoised per
-    model): `transform` reads every element interpreted (models.contract, above squared_distances:
-    why that is slow). The fit, before the dimension is known, shifts with `transform` once."""
-    if fitted is None:
-        shifted = F.transform(vector_to_array(F.col(PREPARED_VECTOR)), lambda x: x + F.lit(_SHIFT))
-        return prepared.withColumn(_BISECT_INPUT, array_to_vector(shifted))
-
-    def build() -> Column:
-        point = vector_to_array(F.col(PREPARED_VECTOR))
-        return array_to_vector(F.array(*[point[j] + _SHIFT for j in range(len(fitted.centroids[0]))]))
-
-    return prepared.withColumn(_BISECT_INPUT, memoised(fitted, "shifted", build))
+def _with_shifted(prepared: DataFrame) -> DataFrame:
+    shifted = F.transform(vector_to_array(F.col(PREPARED_VECTOR)), lambda x: x + F.lit(_SHIFT))
+    return prepared.withColumn(_BISECT_INPUT, array_to_vector(shifted))
 
 
 FITTED = FittedBisectingKMeans
