@@ -44,13 +44,11 @@ from pyspark.sql import functions as F
 
 from segspark.config import BisectingKMeansConfig
 from segspark.models.contract import (
-    POINT,
     QUANTILE_RELATIVE_ERROR,
     MLlibSaving,
     assignments,
     check_fit_arguments,
-    squared_distances,
-    summed,
+    squared_distance,
     threshold_aggregate,
 )
 from segspark.models.mllib_start import can_start_from_sample
@@ -330,22 +328,22 @@ def _scored(fitted: FittedBisectingKMeans, prepared: DataFrame) -> DataFrame:
     """user_id (when present), segment, probability, anomaly_score; column expressions only."""
     distances, outputs = memoised(fitted, "scores", lambda: _score_expressions(fitted))
     keep = ["user_id"] if "user_id" in prepared.columns else []
-    scored = fitted.model.transform(_with_shifted(prepared)).select(
-        *keep, F.col("segment").cast("int"), vector_to_array(F.col(PREPARED_VECTOR)).alias(POINT)
-    ).select(*keep, "segment", distances)
+    scored = fitted.model.transform(_with_shifted(prepared)).select(*keep, F.col("segment").cast("int"), distances)
     return scored.select(*keep, "segment", *outputs)
 
 
 def _score_expressions(fitted: FittedBisectingKMeans) -> tuple[Column, list[Column]]:
     """The squared distances to the leaves' centres (`_d2`), then probability and anomaly_score from
     them: expressions of the fitted constants, built once per fitted model (`memoised`)."""
-    distances = squared_distances(POINT, fitted.centroids).alias("_d2")
+    point = vector_to_array(F.col(PREPARED_VECTOR))
+    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids]).alias("_d2")
     nearest = F.array_min("_d2")
     own = F.element_at("_d2", F.col("segment") + 1)  # the assigned leaf, not necessarily the nearest
     two_sigma2 = F.lit(2.0 * fitted.sigma2)
     # Shift by the nearest distance before exponentiating so that far-away users do not underflow.
-    # Summed leaf by leaf, not with transform and aggregate (contract.squared_distances: why).
-    total = summed([F.exp(-(F.col("_d2")[j] - nearest) / two_sigma2) for j in range(len(fitted.centroids))])
+    total = F.aggregate(
+        F.transform("_d2", lambda d2: F.exp(-(d2 - nearest) / two_sigma2)), F.lit(0.0), lambda acc, w: acc + w
+    )
     rms = math.sqrt(fitted.sigma2 * len(fitted.centroids[0]))
     return distances, [
         (F.exp(-(own - nearest) / two_sigma2) / total).alias("probability"),

@@ -11,7 +11,7 @@ The shared pieces exist once, here:
 - `anomaly_flag`: the is_anomaly column of every model (a null score is never flagged);
 - `threshold_aggregate` / `sample_threshold`: the (1 - contamination) quantile of the training
   users' scores, computed by Spark or on a sample;
-- `assignments`: the assignment columns in their table order; `squared_distances` to centres, and
+- `assignments`: the assignment columns in their table order; `squared_distance` to a centre, and
   `double_array`, its literal in one call to the JVM;
 - `check_fit_arguments`: k, contamination and quantile accuracy, checked the same way by every fit;
 - `MLlibSaving`: saving a fitted dataclass whose fields are numbers or MLlib models.
@@ -37,7 +37,6 @@ from pyspark.sql.types import ArrayType, DoubleType
 ASSIGNMENT_COLUMNS = ("segment", "probability", "anomaly_score", "is_anomaly", "probabilities")
 QUANTILE_RELATIVE_ERROR = 0.001  # rank error of an anomaly threshold: 0.1% of the training users
 NOISE_SEGMENT = -1  # the segment of users a density model calls noise
-POINT = "_point"  # a prepared vector as array<double>: the column `squared_distances` reads
 
 
 @runtime_checkable
@@ -137,31 +136,9 @@ def assignments(scored: DataFrame, threshold: float | None, probabilities: str |
     )
 
 
-# Why the centres' arithmetic is written out coordinate by coordinate, not as higher-order functions
-# (aggregate, zip_with, transform): those run interpreted, and in Spark 4.2 every array element they
-# read looks its type up through SQLConf (TypeOps.apply), which on an executor builds a new read-only
-# conf from the task's properties each time. In a stream's steady 100k-event batch that lookup took
-# about a quarter of the executors' task time, nearly all of it in the distances to the k-means,
-# bisecting and online centres (JFR). Written out, the expressions compile to plain Java (element
-# reads and arithmetic) and sum in the same order from the same start: the same doubles as before.
-
-
-def squared_distances(column: str, centres: Sequence[Sequence[float]]) -> Column:
-    """array(||x - c_0||^2, ||x - c_1||^2, ...) of the array<double> column `column` (as long as the
-    centres) and fixed centres, each ((0 + (x0 - c0)^2) + (x1 - c1)^2) + ... in the order of the
-    coordinates. One SQL text, so one call to the JVM for k x d terms."""
-    x = f"`{column}`"
-    terms = [" + ".join(["0.0D", *[f"({x}[{j}] - {double_sql(c)}) * ({x}[{j}] - {double_sql(c)})"
-                                   for j, c in enumerate(centre)]]) for centre in centres]
-    return F.expr(f"array({', '.join(terms)})") if terms else F.array().cast(ArrayType(DoubleType()))
-
-
-def summed(values: Sequence[Column]) -> Column:
-    """((0 + v0) + v1) + ...: a sum of a fixed number of columns, in their order."""
-    total = F.lit(0.0)
-    for value in values:
-        total = total + value
-    return total
+def squared_distance(point: Column, centre: Sequence[float]) -> Column:
+    """||point - centre||^2 of an array column and a fixed centre, as Spark expressions (no UDF)."""
+    return F.aggregate(F.zip_with(point, double_array(centre), lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
 
 
 def double_array(values: Sequence[float]) -> Column:

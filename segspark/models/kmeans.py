@@ -30,12 +30,10 @@ from pyspark.sql import functions as F
 
 from segspark.config import ClusteringConfig
 from segspark.models.contract import (
-    POINT,
     MLlibSaving,
     assignments,
     check_fit_arguments,
-    squared_distances,
-    summed,
+    squared_distance,
     threshold_aggregate,
 )
 from segspark.models.mllib_start import can_start_from_sample, kmeans_from_centres
@@ -144,8 +142,10 @@ def fit_one(
     # distance to the centroid over the RMS training distance sqrt(cost / n), so the quantile of the
     # plain distance is taken and divided afterwards.
     scored = model.transform(vectors).select(
-        F.col("segment").cast("int").alias("segment"), vector_to_array(F.col(PREPARED_VECTOR)).alias(POINT)
-    ).select("segment", F.array_min(squared_distances(POINT, centroids)).alias("_nearest"))
+        F.col("segment").cast("int").alias("segment"), F.array(*[
+            squared_distance(vector_to_array(F.col(PREPARED_VECTOR)), c) for c in centroids
+        ]).alias("_d2")
+    ).select("segment", F.array_min("_d2").alias("_nearest"))
     aggregates = [F.sum("_nearest").alias("cost"), F.count(F.lit(1)).alias("n")]
     aggregates += [F.sum(F.when(F.col("segment") == j, 1).otherwise(0)).alias(f"size_{j}") for j in range(len(centroids))]
     if contamination > 0:
@@ -166,21 +166,20 @@ def fit_one(
 
 def _scores(fitted: FittedKMeans, prepared: DataFrame) -> DataFrame:
     distances, outputs = memoised(fitted, "scores", lambda: _score_expressions(fitted))
-    scored = fitted.model.transform(prepared).select(
-        "user_id", F.col("segment").cast("int"), vector_to_array(F.col(PREPARED_VECTOR)).alias(POINT)
-    ).select("user_id", "segment", distances)
+    scored = fitted.model.transform(prepared).select("user_id", F.col("segment").cast("int"), distances)
     return scored.select("user_id", "segment", *outputs)
 
 
 def _score_expressions(fitted: FittedKMeans) -> tuple[Column, list[Column]]:
     """The squared distances to the centroids (`_d2`), then probability and anomaly_score from them:
     expressions of the fitted constants, built once per fitted model (`memoised`)."""
-    distances = squared_distances(POINT, fitted.centroids).alias("_d2")
+    point = vector_to_array(F.col(PREPARED_VECTOR))
+    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids]).alias("_d2")
     two_sigma2 = 2.0 * fitted.sigma2
     nearest = F.array_min("_d2")
     # Subtract the nearest distance before exponentiating so that far-away users do not underflow.
-    # Summed centre by centre, not with transform and aggregate (contract.squared_distances: why).
-    total = summed([F.exp(-(F.col("_d2")[j] - nearest) / F.lit(two_sigma2)) for j in range(len(fitted.centroids))])
+    weights = F.transform("_d2", lambda d2: F.exp(-(d2 - nearest) / F.lit(two_sigma2)))
+    total = F.aggregate(weights, F.lit(0.0), lambda acc, w: acc + w)
     rms = math.sqrt(fitted.sigma2 * len(fitted.centroids[0]))
     return distances, [
         (F.lit(1.0) / total).alias("probability"),  # the nearest centroid has weight exp(0) = 1

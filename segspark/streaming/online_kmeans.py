@@ -28,7 +28,7 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from segspark.models.contract import POINT, double_sql
+from segspark.models.contract import double_array_sql, double_sql
 
 TIME_UNITS = ("batches", "points")
 
@@ -112,6 +112,10 @@ class OnlineKMeans:
         )
 
 
+# The prepared vector as array<double>, the column `nearest_centre` reads.
+POINT = "_point"
+
+
 def as_points(frame: DataFrame, vector_col: str, *keep: str) -> DataFrame:
     """`keep` columns and the vector column as array<double> (`POINT`), what `nearest_centre` reads."""
     return frame.select(*keep, vector_to_array(F.col(vector_col), "float64").alias(POINT))
@@ -124,18 +128,16 @@ def nearest_centre(array_col: str, centers: np.ndarray) -> tuple[Column, Column]
     once (`runtime.expressions`), and as function calls it cost ~400 calls to the JVM per batch."""
     centers = np.asarray(centers, dtype=np.float64)
     x = f"`{array_col}`"
-    d = centers.shape[1] if centers.ndim == 2 else 0
     # Squared distance to centre j, minus the row's own |x|^2 (the same for every j): -2 x.c_j + |c_j|^2,
-    # summed from |c_j|^2 in the order of the coordinates. Written out term by term, not with
-    # aggregate and zip_with (models.contract, above squared_distances: why).
+    # summed from |c_j|^2 in the order of the coordinates. The centre is one literal, as `double_array` writes it.
     scores = [
-        " + ".join([double_sql(float((centre ** 2).sum())),
-                    *[f"{x}[{i}] * {double_sql(value)}" for i, value in enumerate(-2.0 * centre)]])
+        f"aggregate(zip_with({x}, {double_array_sql(-2.0 * centre)}, (a, b) -> a * b), "
+        f"{double_sql(float((centre ** 2).sum()))}, (total, v) -> total + v)"
         for centre in centers
     ]
     # argmin with ties to the lower index: the smallest (score, j) struct.
     nearest = F.expr("least(" + ", ".join(f"named_struct('score', {score}, 'j', {j})" for j, score in enumerate(scores)) + ")")
-    own = F.expr(" + ".join(["0.0D", *[f"{x}[{i}] * {x}[{i}]" for i in range(d)]]))
+    own = F.expr(f"aggregate({x}, 0.0D, (total, v) -> total + v * v)")
     return nearest["j"], F.greatest(nearest["score"] + own, F.lit(0.0))
 
 
