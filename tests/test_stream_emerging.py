@@ -152,10 +152,11 @@ def test_the_window_kept_in_memory_is_the_window_of_the_tables(spark, make_confi
     import datetime as dt
 
     import numpy as np
+    from pyspark.sql.types import ArrayType, DoubleType, StructField, StructType
 
     from segspark.io.catalog import STREAM_OUTLIERS, TABLES, StreamBatchRow
     from segspark.io.tables import write_rows
-    from segspark.streaming.emerging import OutlierWindow
+    from segspark.streaming.emerging import VALUES, OutlierWindow
 
     cfg = make_config("streaming.app_id=window", "streaming.drift.emerging.window_batches=3",
                       "streaming.drift.emerging.max_users=10")
@@ -165,16 +166,20 @@ def test_the_window_kept_in_memory_is_the_window_of_the_tables(spark, make_confi
     window = OutlierWindow(names, settings)
     for batch in range(4):
         flagged = sorted(int(u) for u in rng.choice(40, size=15, replace=False))  # users come back
-        rows = spark.createDataFrame([
+        records = [
             ("window", batch, dt.date(2026, 3, 1), f"u{u:02d}", ["kmeans"], [float(x) for x in rng.normal(size=3)],
              {"monetary": float(batch * 100 + u), "night_share": None if u % 7 == 0 else 0.5}, at)
             for u in flagged
-        ], STREAM_OUTLIERS)
+        ]
+        rows = spark.createDataFrame(records, STREAM_OUTLIERS)
         written = write_rows(spark, cfg.output, "stream_outliers", rows,
                              txn=(TABLES["stream_outliers"].txn_app("window"), batch))
         batch_users = 100 + batch
         window.load(spark, cfg, batch)  # the first batch only: nothing before it
-        window.add(batch, batch_users, written.rows, rows)
+        # As a batch's own rows reach it (outlier_rows): the features also as an array in names' order.
+        own = spark.createDataFrame([(*r, [r[6][n] for n in names]) for r in records],
+                                    StructType([*STREAM_OUTLIERS.fields, StructField(VALUES, ArrayType(DoubleType()))]))
+        window.add(batch, batch_users, written.rows, own)
         users, outliers, sample = _window_by_query(spark, cfg, batch, batch_users)
         assert window.counts(batch) == (users, outliers)
         kept = window.sample(batch)
@@ -185,7 +190,8 @@ def test_the_window_kept_in_memory_is_the_window_of_the_tables(spark, make_confi
             txn=(TABLES["stream_batches"].txn_app("window"), batch))
     assert outliers > 10  # the sample was a choice
 
-    # A restart at the last batch (a replay: its outliers are in the table): loaded from the tables.
+    # A restart at the last batch (a replay: its outliers are in the table): loaded from the tables,
+    # whose features are maps, and given the last batch's rows as the table holds them.
     restarted = OutlierWindow(names, settings)
     restarted.load(spark, cfg, 3)
     assert sorted(restarted.batches) == [1, 2]
