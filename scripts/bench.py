@@ -452,7 +452,9 @@ def suite_streaming(spark, args):
 
 
 def suite_stream_state(spark, args):
-    """batch_vs_recompute as the stream's history grows, where it crosses 1, and a PNG of the curve."""
+    """batch_vs_recompute as the stream's history grows (a restarted stream's first batch, and where the
+    history spans batches also the running stream's last: running_batch_vs_recompute), where it crosses
+    1, and a PNG of the curve."""
     import shutil
 
     from segspark import usecases
