@@ -200,6 +200,26 @@ def test_the_window_kept_in_memory_is_the_window_of_the_tables(spark, make_confi
     assert [(o.user_id, o.batch_id, list(o.embedding), o.features) for o in restarted.sample(3)] == sample
 
 
+def test_the_window_reads_stored_features_by_name_where_their_order_is_not_its_own(spark, make_config):
+    """A stored row's features map in the window's order is read as its values; one in another order,
+    with a feature missing, or no map at all, is read name by name (missing: NaN)."""
+    import math
+
+    from pyspark.sql import functions as F
+
+    from segspark.streaming.emerging import OutlierWindow
+
+    window = OutlierWindow(["a", "b", "c"], make_config().streaming.drift.emerging)
+    rows = spark.createDataFrame([
+        (1, "u1", [0.1], ["a", "b", "c"], [1.0, 2.0, 3.0]),
+        (1, "u2", [0.2], ["c", "a"], [30.0, 10.0]),
+        (1, "u3", [0.3], None, None),
+    ], "batch_id long, user_id string, embedding array<double>, keys array<string>, values array<double>")
+    rows = rows.select("batch_id", "user_id", "embedding", F.map_from_arrays("keys", "values").alias("features"))
+    got = {o.user_id: [None if math.isnan(v) else v for v in o.values] for o in window._rows(window._query(rows).toArrow())}
+    assert got == {"u1": [1.0, 2.0, 3.0], "u2": [10.0, None, 30.0], "u3": [None, None, None]}
+
+
 # --- without Spark: the settings and the clustering rule ---------------------------------------------
 
 

@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -65,6 +66,7 @@ OUTLIERS, CANDIDATES, BATCHES = "stream_outliers", "candidate_segments", "stream
 EMBEDDINGS_SPACE, PREPARED_SPACE = "autoencoder embeddings", "prepared features"
 TOP_FEATURES = 5  # as segment_profiles
 VALUES = "_feature_values"  # `outlier_rows`' features as an array, for the window (not a table column)
+BY_NAME = "_features_by_name"  # a stored row's features map where its keys are not the window's names in order
 
 
 @dataclass(frozen=True)
@@ -288,23 +290,34 @@ class OutlierWindow:
         return sorted(picked, key=lambda o: o.user_id)
 
     def _query(self, rows: DataFrame, *extra: str) -> DataFrame:
-        """The window's columns of stream_outliers rows: their features in `names` order from
-        `outlier_rows`' array (a batch's own rows), else from each row's map (the table's rows, read
-        back once per stream). The map's lookups made a batch's query 3x slower (0.29-0.34 s against
-        0.10-0.12 s for 2,500 rows of 53 features)."""
+        """The window's columns of stream_outliers rows, their features in `names` order: from
+        `outlier_rows`' array (a batch's own rows), else from the table's maps (read back once per
+        stream), as the map's values where its keys are `names` in order (`outlier_rows` writes them
+        so), otherwise as the map itself (`BY_NAME`), which `_rows` reads by name. Looked up by name in
+        the query, 53 features made a batch's query 3x slower (2,500 rows: 0.29-0.34 s against 0.10-0.12
+        s from an array) and a restart's read of 10,000 rows 0.96-1.06 s against 0.15-0.22 s."""
+        by_name = []
         if VALUES in rows.columns:
             values = F.col(VALUES)
         elif self.names:
-            values = F.array(*[F.col("features")[n].cast("double") for n in self.names])
+            in_order = F.coalesce(F.map_keys("features") == F.array(*[F.lit(n) for n in self.names]), F.lit(False))
+            values = F.when(in_order, F.map_values("features"))
+            by_name = [F.when(~in_order, F.col("features")).alias(BY_NAME)]
         else:
             values = F.array().cast("array<double>")
         return rows.select("batch_id", "user_id", F.xxhash64("user_id").alias("_rank"),
-                           F.col("embedding").cast("array<double>").alias("embedding"), values.alias("_values"), *extra)
+                           F.col("embedding").cast("array<double>").alias("embedding"),
+                           values.cast("array<double>").alias("_values"), *by_name, *extra)
 
     def _rows(self, table) -> list[WindowOutlier]:
         if table.num_rows == 0:
             return []
-        embeddings, values = _matrix(table["embedding"]), _matrix(table["_values"])
+        values = table["_values"]
+        if BY_NAME in table.column_names and values.null_count:  # maps whose keys are not `names` in order
+            maps = table[BY_NAME].to_pylist()  # a map as (key, value) pairs; None: no map
+            values = pa.chunked_array([[row if row is not None else [dict(maps[i] or ()).get(n) for n in self.names]
+                                        for i, row in enumerate(values.to_pylist())]], pa.list_(pa.float64()))
+        embeddings, values = _matrix(table["embedding"]), _matrix(values)
         return [
             WindowOutlier(user_id, int(batch), int(rank), embeddings[i], values[i], self.names)
             for i, (user_id, batch, rank) in enumerate(zip(table["user_id"].to_pylist(), table["batch_id"].to_pylist(),
