@@ -199,6 +199,20 @@ def test_the_window_kept_in_memory_is_the_window_of_the_tables(spark, make_confi
     assert restarted.counts(3) == window.counts(3)
     assert [(o.user_id, o.batch_id, list(o.embedding), o.features) for o in restarted.sample(3)] == sample
 
+    # Read back beside the stream's start (`preload`), for a checkpoint that planned up to batch 3: the
+    # restart's first batch, batch 3 again (a replay) or batch 4, gets the batches a read in it gives;
+    # any other batch (not a restart's first) is read in it.
+    def kept(loaded):
+        return [(n, b.users, b.outliers, [(o.user_id, o.batch_id, list(o.embedding), o.features) for o in b.lowest])
+                for n, b in sorted(loaded.batches.items())]
+
+    for first_batch, expected in ((3, [1, 2]), (4, [2, 3]), (1, [0])):
+        direct, preloaded = OutlierWindow(names, settings), OutlierWindow(names, settings)
+        direct.load(spark, cfg, first_batch)
+        preloaded.preload(spark, cfg, 3)
+        preloaded.load(spark, cfg, first_batch)
+        assert sorted(preloaded.batches) == expected and kept(preloaded) == kept(direct)
+
 
 def test_the_window_reads_stored_features_by_name_where_their_order_is_not_its_own(spark, make_config):
     """A stored row's features map in the window's order is read as its values; one in another order,

@@ -182,7 +182,9 @@ def latest_bundle(spark: SparkSession, cfg: Config) -> str:
     )
 
 
-def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamModels:
+def load_stream_models(spark: SparkSession, cfg: Config, bundle: str, last_batch: int | None = None) -> StreamModels:
+    """What the stream's batches need from the training run (`StreamModels`). `last_batch`: the last
+    batch the stream's checkpoint planned (a restart), whose emerging window is read back meanwhile."""
     signing = bundle_signing(cfg.bundle)
     loaded = load_bundle(bundle, signing)
     manifest = loaded.manifest
@@ -197,6 +199,8 @@ def load_stream_models(spark: SparkSession, cfg: Config, bundle: str) -> StreamM
     if settings.enabled:
         population = emerging.population(training, feature_columns(cfg.features))
         window = emerging.OutlierWindow(list(population.means), settings)
+        if last_batch is not None:
+            window.preload(spark, cfg, last_batch)
         trained_segments = read_output_table(spark, cfg.output, "user_segments").where(F.col("run_id") == run_id)
         thresholds = emerging.training_thresholds(
             trained_segments, [m for m in settings.outlier_models if m in manifest.models], settings.anomaly_quantile)
@@ -614,7 +618,7 @@ def run_stream(spark: SparkSession, cfg: Config, *, available_now: bool = False,
         checkpoint, commits = check_stream_identity(cfg)
         _check_no_batch_run_in_namespace(spark, cfg)
         bundle = bundle or cfg.streaming.bundle or latest_bundle(spark, cfg)
-        models = load_stream_models(spark, cfg, bundle)
+        models = load_stream_models(spark, cfg, bundle, last_batch=checkpoint.last_batch)
         check_same_pseudonyms(models.loaded.manifest.training_data.get("privacy"), protection.describe(), bundle)
         started_at = dt.datetime.now(dt.UTC)
         run = StreamRun(run_id or f"{app}-{started_at:%Y%m%dT%H%M%S}", bundle)
