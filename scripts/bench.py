@@ -501,8 +501,9 @@ def suite_stream_state(spark, args):
                  batches=len(reports), events=events, seconds=round(seconds, 2),
                  largest_batch=max(r.clean_rows for r in reports), history=history)
         # One micro-batch of 10k events on top of that history, in a stream started for it (an
-        # available-now run's first batch: the bundle, the emerging window and the expressions are
-        # loaded and built in it), against recomputing everything.
+        # available-now run's first batch: the bundle is loaded and its scoring built before it, the
+        # emerging window read back beside that; the state merge's expressions are built in it), against
+        # recomputing everything.
         land(lines[cursor:cursor + per_batch], f"b{cursor:09d}.json")
         cursor += per_batch
         (report,) = job.run_stream(spark, stream_cfg, available_now=True).reports
