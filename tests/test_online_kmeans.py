@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pyspark.ml.linalg import Vectors
+from pyspark.sql import functions as F
 
-from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics
+from segspark.models.contract import squared_distances
+from segspark.streaming.online_kmeans import OnlineKMeans, batch_statistics, nearest_centre
 
 
 def _batches(seed: int, batches: int = 3, rows: int = 300):
@@ -45,6 +47,31 @@ def test_batch_statistics_are_the_nearest_centre_sums(spark):
     assert counts.tolist() == np.bincount(nearest, minlength=4).astype(float).tolist() and counts[3] == 0
     for j in range(3):
         np.testing.assert_allclose(sums[j], batch[nearest == j].sum(axis=0), rtol=1e-12)
+
+
+def test_distances_are_sums_in_coordinate_order_and_ties_go_to_the_lower_centre(spark):
+    # Both read each point once (`centre_sums`); each sum must be the same double as adding the
+    # coordinates' terms one by one in order, and the nearest of two equal centres is the first.
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(5, 7)).round(2)
+    centres[3] = centres[1]
+    points = rng.normal(size=(40, 7)).round(2)
+    points[0] = centres[1]  # at distance 0 from centres 1 and 3
+    frame = spark.createDataFrame([(row.tolist(),) for row in points], "p array<double>")
+    index, squared = nearest_centre("p", centres)
+    rows = frame.select("p", squared_distances(F.col("p"), centres).alias("d"), index.alias("j"), squared.alias("s")).collect()
+    for row in rows:
+        x = np.array(row.p)
+        expected = []
+        for centre in centres:
+            total = 0.0
+            for a, b in zip(x, centre, strict=True):
+                total += (a - b) * (a - b)
+            expected.append(total)
+        assert list(row.d) == expected
+        assert row.j == int(np.argmin(expected))  # numpy's argmin: the first of equal minima
+        assert row.s == pytest.approx(min(expected), abs=1e-9)  # |x|^2 - 2x.c + |c|^2, rounded otherwise
+    assert rows[0].j == 1 and rows[0].d[1] == rows[0].d[3] == 0.0
 
 
 def test_dying_cluster_is_reseeded_from_the_largest():

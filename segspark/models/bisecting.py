@@ -48,7 +48,7 @@ from segspark.models.contract import (
     MLlibSaving,
     assignments,
     check_fit_arguments,
-    squared_distance,
+    squared_distances,
     threshold_aggregate,
 )
 from segspark.models.mllib_start import can_start_from_sample
@@ -336,7 +336,7 @@ def _score_expressions(fitted: FittedBisectingKMeans) -> tuple[Column, list[Colu
     """The squared distances to the leaves' centres (`_d2`), then probability and anomaly_score from
     them: expressions of the fitted constants, built once per fitted model (`memoised`)."""
     point = vector_to_array(F.col(PREPARED_VECTOR))
-    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids]).alias("_d2")
+    distances = squared_distances(point, fitted.centroids).alias("_d2")
     nearest = F.array_min("_d2")
     own = F.element_at("_d2", F.col("segment") + 1)  # the assigned leaf, not necessarily the nearest
     two_sigma2 = F.lit(2.0 * fitted.sigma2)

@@ -33,7 +33,7 @@ from segspark.models.contract import (
     MLlibSaving,
     assignments,
     check_fit_arguments,
-    squared_distance,
+    squared_distances,
     threshold_aggregate,
 )
 from segspark.models.mllib_start import can_start_from_sample, kmeans_from_centres
@@ -142,9 +142,8 @@ def fit_one(
     # distance to the centroid over the RMS training distance sqrt(cost / n), so the quantile of the
     # plain distance is taken and divided afterwards.
     scored = model.transform(vectors).select(
-        F.col("segment").cast("int").alias("segment"), F.array(*[
-            squared_distance(vector_to_array(F.col(PREPARED_VECTOR)), c) for c in centroids
-        ]).alias("_d2")
+        F.col("segment").cast("int").alias("segment"),
+        squared_distances(vector_to_array(F.col(PREPARED_VECTOR)), centroids).alias("_d2"),
     ).select("segment", F.array_min("_d2").alias("_nearest"))
     aggregates = [F.sum("_nearest").alias("cost"), F.count(F.lit(1)).alias("n")]
     aggregates += [F.sum(F.when(F.col("segment") == j, 1).otherwise(0)).alias(f"size_{j}") for j in range(len(centroids))]
@@ -174,7 +173,7 @@ def _score_expressions(fitted: FittedKMeans) -> tuple[Column, list[Column]]:
     """The squared distances to the centroids (`_d2`), then probability and anomaly_score from them:
     expressions of the fitted constants, built once per fitted model (`memoised`)."""
     point = vector_to_array(F.col(PREPARED_VECTOR))
-    distances = F.array(*[squared_distance(point, centre) for centre in fitted.centroids]).alias("_d2")
+    distances = squared_distances(point, fitted.centroids).alias("_d2")
     two_sigma2 = 2.0 * fitted.sigma2
     nearest = F.array_min("_d2")
     # Subtract the nearest distance before exponentiating so that far-away users do not underflow.

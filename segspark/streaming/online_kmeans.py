@@ -28,7 +28,7 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from segspark.models.contract import double_array_sql, double_sql
+from segspark.models.contract import centre_sums
 
 TIME_UNITS = ("batches", "points")
 
@@ -122,22 +122,22 @@ def as_points(frame: DataFrame, vector_col: str, *keep: str) -> DataFrame:
 
 
 def nearest_centre(array_col: str, centers: np.ndarray) -> tuple[Column, Column]:
-    """(index of the nearest centre, squared distance to it) of an array<double> column, as SQL
+    """(index of the nearest centre, squared distance to it) of an array<double> column, as Spark
     expressions with the centres inlined as literals (k x d numbers); ties go to the lower index, as
-    MLlib. Written as one SQL text: the centres move every batch, so the expression cannot be built
-    once (`runtime.expressions`), and as function calls it cost ~400 calls to the JVM per batch."""
+    MLlib. The centres move every batch, so the expression cannot be built once (`runtime.expressions`);
+    it takes a few dozen calls to the JVM (the centres are one literal, `double_array`)."""
     centers = np.asarray(centers, dtype=np.float64)
-    x = f"`{array_col}`"
-    # Squared distance to centre j, minus the row's own |x|^2 (the same for every j): -2 x.c_j + |c_j|^2,
-    # summed from |c_j|^2 in the order of the coordinates. The centre is one literal, as `double_array` writes it.
-    scores = [
-        f"aggregate(zip_with({x}, {double_array_sql(-2.0 * centre)}, (a, b) -> a * b), "
-        f"{double_sql(float((centre ** 2).sum()))}, (total, v) -> total + v)"
-        for centre in centers
-    ]
-    # argmin with ties to the lower index: the smallest (score, j) struct.
-    nearest = F.expr("least(" + ", ".join(f"named_struct('score', {score}, 'j', {j})" for j, score in enumerate(scores)) + ")")
-    own = F.expr(f"aggregate({x}, 0.0D, (total, v) -> total + v * v)")
+    # Squared distance to centre j, minus the row's own |x|^2 (the same for every j): |c_j|^2 - 2 x.c_j,
+    # summed from |c_j|^2 in the order of the coordinates, in one pass over the point (`centre_sums`);
+    # then the smallest score, and the first centre that has it.
+    nearest = centre_sums(
+        F.col(array_col), -2.0 * centers, [float((centre ** 2).sum()) for centre in centers], lambda x, c: x * c,
+        finish=lambda scores: F.struct(
+            F.array_min(scores).alias("score"),
+            (F.array_position(scores, F.array_min(scores)) - 1).cast("int").alias("j"),
+        ),
+    )
+    own = F.expr(f"aggregate(`{array_col}`, 0.0D, (total, v) -> total + v * v)")
     return nearest["j"], F.greatest(nearest["score"] + own, F.lit(0.0))
 
 
