@@ -71,8 +71,8 @@ BUILT_CONTEXT_DEFAULTS: dict[str, str] = {
     # Spark 4.2 reads this internal setting for every array element that an interpreted expression
     # (a higher-order function: the centres' distances, the stream's state merge) reads on an executor
     # (`TypeOps.apply`), and its default is a function that looks the SPARK_TESTING environment
-    # variable up each time: 17 % of the CPU of 200,000 distances to 8 centres in a JFR profile, 5 %
-    # of a steady 100k-event stream batch. Set, it is a lookup in the task's properties instead;
+    # variable up each time: 17 % of the JFR samples of 200,000 distances to 8 centres, 5 % of those
+    # of ten 100k-event stream batches. Set, it is a lookup in the task's properties instead;
     # false is the default's value outside Spark's own tests, so nothing else changes.
     "spark.sql.types.framework.enabled": "false",
 }
