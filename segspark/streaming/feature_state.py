@@ -326,7 +326,8 @@ def count_map_median(counts: Column) -> Column:
         n.alias("n"),
         F.greatest(F.ceil(n * 0.5), F.lit(1)).alias("rank"),
     )
-    found = F.aggregate(
+    # The result is taken in the fold's finish step: read from the column twice, the fold could run twice.
+    return F.aggregate(
         F.array_sort(F.map_entries(counts)),
         start,
         lambda acc, e: F.when(acc["seen"] >= acc["rank"], acc).otherwise(
@@ -337,8 +338,8 @@ def count_map_median(counts: Column) -> Column:
                 acc["rank"].alias("rank"),
             )
         ),
+        lambda acc: F.when(acc["n"] > 0, acc["value"]),
     )
-    return F.when(found["n"] > 0, found["value"])
 
 
 def count_map_mode(counts: Column) -> Column:
