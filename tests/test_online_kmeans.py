@@ -1,5 +1,6 @@
 """Online k-means follows Spark's StreamingKMeans update rule exactly (checked against MLlib's own
-StreamingKMeansModel on the same batches), and its batch statistics come from one aggregation."""
+StreamingKMeansModel on the same batches), its batch statistics come from one aggregation, and the
+distances to the centres read each point once and give the same doubles as adding term by term."""
 
 from __future__ import annotations
 
