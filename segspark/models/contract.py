@@ -158,8 +158,7 @@ def centre_sums(point: Column, centres: Sequence[Sequence[float]], start: Sequen
     centres = np.asarray(centres, dtype=np.float64)
     by_coordinate = F.expr(f"array({', '.join(double_array_sql(column) for column in centres.T)})")
     terms = F.zip_with(point, by_coordinate, lambda x, column: F.transform(column, lambda c: term(x, c)))
-    merge = lambda sums, t: F.zip_with(sums, t, lambda s, v: s + v)  # noqa: E731
-    return F.aggregate(terms, double_array(start), merge, finish) if finish else F.aggregate(terms, double_array(start), merge)
+    return F.aggregate(terms, double_array(start), lambda sums, t: F.zip_with(sums, t, lambda s, v: s + v), finish)
 
 
 def double_array(values: Sequence[float]) -> Column:
