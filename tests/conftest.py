@@ -25,8 +25,6 @@ import pytest
 
 from segspark.runtime.session import get_spark
 
-from . import jvm_archive
-
 # The same results on any machine: before any JVM starts, the process runs in UTC (pyspark turns naive
 # datetimes into timestamps, and collected timestamps back into datetimes, in the machine's zone) and
 # ignores settings of the surrounding shell that would point Spark elsewhere.
@@ -61,14 +59,9 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 #   SPARK_DAEMON_JAVA_OPTS: a standalone master and worker started with spark-class.
 SHORT_LIVED_JVM = ("-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -XX:ReservedCodeCacheSize=512m -XX:+IgnoreUnrecognizedVMOptions "
                    "-XX:+UnlockDiagnosticVMOptions -XX:-BytecodeVerificationRemote")
-# Every JVM also maps the class-data-sharing archive of Spark's classes (tests/jvm_archive.py). The
-# run's first process starts its build in the background before any worker exists; the xdist workers
-# inherit its path.
-_ARCHIVE_BUILDER = None if os.environ.get("PYTEST_XDIST_WORKER") else jvm_archive.start(SHORT_LIVED_JVM)
-SHORT_LIVED_JVM = f"{SHORT_LIVED_JVM} {jvm_archive.options()}".strip()
 SHORT_LIVED_SUBMIT_OPTS = f"{SHORT_LIVED_JVM} -Dspark.executor.extraJavaOptions='{SHORT_LIVED_JVM}'"
-IN_PROCESS_JVM = f"-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=512m -XX:+UseParallelGC {jvm_archive.options()}".strip()
-LONG_LIVED_JVM = f"-XX:ReservedCodeCacheSize=512m {jvm_archive.options()}".strip()
+IN_PROCESS_JVM = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=512m -XX:+UseParallelGC"
+LONG_LIVED_JVM = "-XX:ReservedCodeCacheSize=512m"
 os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_LIVED_SUBMIT_OPTS)
 os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 
@@ -268,10 +261,6 @@ LONGEST_FIRST = (  # each file's summed test times on a fresh clone of 2026-12-0
     "test_baselines.py",  # 23 s
     "test_progress.py",  # 22 s
 )
-
-
-def pytest_unconfigure(config):
-    jvm_archive.stop(_ARCHIVE_BUILDER)
 
 
 def pytest_collection_modifyitems(items):
