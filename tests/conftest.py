@@ -51,7 +51,10 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # (86 of them in C2's compiler threads), and 130 s against 149 (per-thread CPU from /proc). Their
 # collector is the parallel one: the same three files took 141, 147, 144 and 133 busy cpu-s with it
 # against 148, 163, 154 and 148 with G1, the default (/proc/stat, alternated; likely G1's concurrent
-# threads and costlier write barriers, in a JVM that mostly makes short-lived garbage). A subprocess
+# threads and costlier write barriers, in a JVM that mostly makes short-lived garbage). The streaming
+# tests gain from C2 in time but not in CPU (tests/test_stream_job.py, test_stream_emerging.py,
+# test_state_store.py and test_feature_state.py in one process: 205 s against 277 s with C1, but 335
+# busy cpu-s against 319), and the suite is CPU-bound, so C1 stays. A subprocess
 # whose one JVM computes for long keeps C2, with the larger cache (`long_lived_jvm_env`). Results do not change
 # either way (Java's floating point is strict since 17). Test-only: segspark itself sets neither.
 #   SPARK_SUBMIT_OPTS: every driver JVM started by spark-submit (the CLI, jobs, the Connect server); its
