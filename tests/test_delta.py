@@ -11,7 +11,14 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from segspark.io.delta import STAGE_PREFIX, _sql_predicate, read_table, table_exists, write_table
+from segspark.io.delta import (
+    CHECKPOINT_INTERVAL,
+    STAGE_PREFIX,
+    _sql_predicate,
+    read_table,
+    table_exists,
+    write_table,
+)
 from segspark.runtime.session import has_delta_connector
 
 SCHEMA = "run_id string, user_id long, amount double, ts timestamp, day date"
@@ -225,6 +232,29 @@ def test_txn_replay_is_skipped(spark, tmp_path):
     table = DeltaTable(path)
     assert (table.transaction_version("stream-a"), table.transaction_version("stream-b")) == (2, 1)
     assert run_counts(path) == {"r1": 2, "r2": 1, "r3": 1}
+
+
+def test_every_tenth_version_gets_a_checkpoint_that_keeps_the_rows_and_the_txn(spark, tmp_path):
+    """A stream commits to each of its tables once per batch: every CHECKPOINT_INTERVAL-th version is
+    checkpointed, so that opening the table does not replay all of its commits (delta-rs alone
+    writes one every 100). The rows, the writer's txn and a replay's skip survive the checkpoint."""
+    path = str(tmp_path / "t")
+    arrow_rows = pa.table({"batch": pa.array([0], pa.int64())})
+    for batch in range(2 * CHECKPOINT_INTERVAL + 1):  # versions 0..20; Arrow rows: no Spark job each
+        result = write_table(spark, arrow_rows.set_column(0, "batch", pa.array([batch], pa.int64())), path,
+                             txn=("stream-a.live", batch))
+        assert result.version == batch
+    log_files = os.listdir(os.path.join(path, "_delta_log"))
+    assert sorted(f for f in log_files if "checkpoint.parquet" in f) == [
+        f"{v:020d}.checkpoint.parquet" for v in (CHECKPOINT_INTERVAL, 2 * CHECKPOINT_INTERVAL)]
+    with open(os.path.join(path, "_delta_log", "_last_checkpoint")) as fh:
+        assert json.load(fh)["version"] == 2 * CHECKPOINT_INTERVAL
+    table = DeltaTable(path)
+    assert table.transaction_version("stream-a.live") == 2 * CHECKPOINT_INTERVAL
+    assert sorted(table.to_pandas()["batch"]) == list(range(2 * CHECKPOINT_INTERVAL + 1))
+    assert sorted(r.batch for r in read_table(spark, path).collect()) == list(range(2 * CHECKPOINT_INTERVAL + 1))
+    replay = write_table(spark, arrow_rows, path, txn=("stream-a.live", 2 * CHECKPOINT_INTERVAL))
+    assert replay.skipped and DeltaTable(path).version() == 2 * CHECKPOINT_INTERVAL
 
 
 def test_schema_mismatch_is_refused_and_table_stays_readable(spark, tmp_path):
