@@ -187,7 +187,13 @@ def _implausible_time(event_time: Column, cfg: InputConfig, now: dt.datetime) ->
     if window.earliest is not None:
         outside = outside | (event_time < F.lit(dt.datetime.combine(window.earliest, dt.time(), tzinfo=dt.UTC)))
     if window.max_future_hours is not None:
-        outside = outside | (event_time > F.lit(now + dt.timedelta(hours=window.max_future_hours)))
+        # Rounded up to the whole minute: Spark writes a timestamp literal into the generated code,
+        # so a new cut-off gave every stream micro-batch a fresh compile of its typing and rules (two
+        # 60k-character classes); batches within a minute now share them. Never stricter than the
+        # exact bound: a record it accepts is accepted.
+        cutoff = now + dt.timedelta(hours=window.max_future_hours)
+        cutoff += (dt.datetime.min.replace(tzinfo=cutoff.tzinfo) - cutoff) % dt.timedelta(minutes=1)
+        outside = outside | (event_time > F.lit(cutoff))
     return outside
 
 
