@@ -39,7 +39,7 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # The suite starts about forty JVMs (42 in a whole run sampled from /proc: CLI and spark-submit subprocesses,
 # a Connect server, cluster daemons and executors, the test processes' own two) on 2 cores. In a JVM that lives a minute, the C2 compiler's
 # threads and G1's concurrent threads cost more CPU than they win back: C1 only and the serial collector
-# halved the CPU of tests/test_local_cluster.py (248-279 -> 120-125 cpu-s, /proc/stat over the test), a
+# halved the CPU of the suite's local-cluster run of that time (248-279 -> 120-125 cpu-s, /proc/stat over the test), a
 # code cache of 512 MB (see below) took it from 109 to 98 cpu-s, and leaving the bytecode of Spark's jars
 # unverified (each JVM loads some 20,000 classes) from 85 to 81 (a small spark-submit: 8.1-9.3 -> 7.3-7.5).
 # The test processes' own sessions live for the whole run and do most of the in-process work: C1 there
@@ -245,13 +245,12 @@ def data_lines(folder) -> int:
 # 4-minute test comes last): starting the long ones first keeps one worker from picking up a long
 # file when the others are nearly done.
 LONGEST_FIRST = (  # each file's summed test times on a fresh clone of 2026-12-06 (scripts/test.sh)
-    "test_standalone_cluster.py",  # 173 s
+    "test_standalone_cluster.py",  # 173 s (before it took in the local-cluster run's two executors)
     "test_stream_job.py",  # 125 s, the shared training run's ~38 s included
     "test_spark_connect.py",  # 82 s
     "test_stream_emerging.py",  # 70 s
     "test_concurrency.py",  # 57 s
     "test_report.py",  # 56 s
-    "test_local_cluster.py",  # 55 s
     "test_pipeline.py",  # 50 s
     "test_mqtt_stream.py",  # 48 s
     "test_deep_pipeline.py",  # 37 s

@@ -1,5 +1,5 @@
-"""CLI: exit codes and messages, in-process on the shared session (the end-to-end run on
-`local-cluster[2,1,1024]` is tests/test_local_cluster.py)."""
+"""CLI: exit codes and messages, in-process on the shared session (the jobs on a cluster with two
+executor JVMs are tests/test_standalone_cluster.py)."""
 
 import json
 import subprocess

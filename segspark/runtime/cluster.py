@@ -104,7 +104,7 @@ def describe_cluster(spark: SparkSession) -> list[str]:
         listed = executors(spark)
         lines.append(
             f"executors: {len(listed)}, {sum(e.cores for e in listed)} cores: "
-            + ", ".join(f"{e.id} on {e.host_port} ({e.cores} cores, {e.max_memory / 2**20:,.0f} MiB storage)"
+            + ", ".join(f"{e.id} on {e.host_port} ({_cores(e.cores)}, {e.max_memory / 2**20:,.0f} MiB storage)"
                         for e in listed)
         )
     except Exception as exc:  # noqa: BLE001 - an internal API: the list is informative only
@@ -115,6 +115,10 @@ def describe_cluster(spark: SparkSession) -> list[str]:
             f"{python.prefix}; segspark {python.segspark})"
         )
     return lines
+
+
+def _cores(n: int) -> str:
+    return f"{n} core" if n == 1 else f"{n} cores"
 
 
 def log_cluster(spark: SparkSession) -> None:
