@@ -1,5 +1,5 @@
-"""CLI: exit codes and messages, in-process on the shared session (the jobs on a cluster with two
-executor JVMs are tests/test_standalone_cluster.py)."""
+"""CLI: exit codes and messages, in-process on the shared session (the jobs on a cluster, with an
+executor JVM apart from the driver's, are tests/test_standalone_cluster.py)."""
 
 import json
 import subprocess
