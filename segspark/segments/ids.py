@@ -43,11 +43,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from scipy.optimize import linear_sum_assignment
 
 from segspark.models.contract import NOISE_SEGMENT
 
 log = logging.getLogger(__name__)
+
+
+def _hungarian(matrix: np.ndarray, maximize: bool = False) -> list[tuple[int, int]]:
+    """The optimal one-to-one pairs (row, column) of `matrix` (scipy's Hungarian algorithm). scipy.optimize
+    is imported here, not with the module: it takes ~0.4 s, and the commands that never match segments
+    (features, score, stream) import this module too."""
+    from scipy.optimize import linear_sum_assignment
+
+    return list(zip(*linear_sum_assignment(matrix, maximize=maximize), strict=True))
 
 
 DEFAULT_MIN_OVERLAP = 0.1  # minimum Jaccard index of a member-overlap match
@@ -166,7 +174,7 @@ def match_from_counts(
                 both = overlap.get((c, p), 0)
                 if both:
                     score[i, j] = both / (cur_common[c] + prev_common[p] - both)
-        for i, j in zip(*linear_sum_assignment(score, maximize=True), strict=True):
+        for i, j in _hungarian(score, maximize=True):
             if score[i, j] >= min_overlap:
                 c, p = cur_clusters[i], prev_clusters[j]
                 mapping[c], method[c], jaccard[c] = p, "overlap", float(score[i, j])
@@ -222,7 +230,7 @@ def _match_centroids(cur, prev, current_centroids, previous_centroids, max_dista
         log.info("segment ids: fewer than 2 previous centroids and no max_distance, no centroid matching")
         return
     dist = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2))
-    for i, j in zip(*linear_sum_assignment(dist), strict=True):
+    for i, j in _hungarian(dist):
         if dist[i, j] <= limit:
             c, p = cur[i], prev[j]
             mapping[c], method[c], distance[c] = p, "centroid", float(dist[i, j])

@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import pairwise_distances
 
 from segspark.segments.profiles import NOISE_SEGMENT, ranked
 
@@ -56,6 +55,10 @@ def segment_silhouettes(points: np.ndarray, labels: np.ndarray) -> SegmentSilhou
 
     From one distance matrix and its per-label sums (n x k), which also give each label's nearest
     other label; O(n^2 d) like sklearn, so `points` must be a bounded sample."""
+    # Imported here, not with the module: sklearn takes ~0.9 s to import, and the commands that never
+    # profile segments (features, score, stream) import this module too.
+    from sklearn.metrics import pairwise_distances
+
     points = np.asarray(points, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64, copy=False)
     segments, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
