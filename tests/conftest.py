@@ -245,7 +245,7 @@ def data_lines(folder) -> int:
 # 4-minute test comes last): starting the long ones first keeps one worker from picking up a long
 # file when the others are nearly done.
 LONGEST_FIRST = (  # each file's summed test times on a fresh clone of 2026-12-06 (scripts/test.sh)
-    "test_standalone_cluster.py",  # 173 s (before it took in the local-cluster run's two executors)
+    "test_standalone_cluster.py",  # 173 s (before it ran the bisecting k-means too, 2026-12-07)
     "test_stream_job.py",  # 125 s, the shared training run's ~38 s included
     "test_spark_connect.py",  # 82 s
     "test_stream_emerging.py",  # 70 s
