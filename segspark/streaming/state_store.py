@@ -11,13 +11,10 @@ where its users' hash buckets would add one per bucket, and every file is opened
 merges (with 16 buckets, each appended batch made the next ones' merge about 0.1-0.2 s slower).
 
 When the rows appended since the last compaction reach `streaming.state_compaction` times the rows
-that compaction wrote, the batch compacts instead: its users' rows are merged as in any batch, and its write reads every
-bucket, keeps each user's current row, and replaces all buckets with one row per user (a Delta
-MERGE's copy-on-write, which the embedded committer lacks). That read is in the write, after the
-batch's assignments are committed: when the merge read every bucket, a compacting 10k-event batch
-committed its assignments 0.5-1.0 s later than the batches around it. The table, and the rows a
-batch's merge reads, so stay within (1 + state_compaction) times the users. `state_compaction: 0`
-compacts in every batch.
+that compaction wrote, the batch compacts instead: its merge reads every bucket, keeps each user's
+current row, and replaces all buckets with one row per user (a Delta MERGE's copy-on-write, which
+the embedded committer lacks). The table, and the rows a batch's merge reads, so stay within
+(1 + state_compaction) times the users. `state_compaction: 0` compacts in every batch.
 
 Rows written before the state carried versions have a null batch_id: older than any batch.
 """
@@ -115,29 +112,22 @@ class StateUpdate:
 
 def merge_batch(spark: SparkSession, cfg: Config, log: StateLog, batch: DataFrame, buckets: list[int],
                 batch_id: int, slots: FeatureSlots) -> StateUpdate:
-    """The batch (`batch_state` rows with their bucket) merged into its users' current rows, which are
-    checkpointed once (the state is shuffled by user once per batch): what the batch scores. A batch
-    that compacts writes every user's current row instead of appending its users': that frame
-    (`compacted`) is left unevaluated, so that reading the whole table happens in the state's write,
-    after the batch's assignments are committed, not on their way."""
-    old = stored_rows_of(spark, cfg, batch, buckets, log)
-    rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, slots, batch_id)
-    rows = rows.drop(TOUCHED).withColumn(BUCKET, F.lit(LOG_BUCKET)).localCheckpoint()
+    """The batch (`batch_state` rows with their bucket) merged into the state. The merged rows are
+    checkpointed once: the state is shuffled by user once per batch."""
     if not log.compacts(cfg.streaming.state_compaction):
+        old = stored_rows_of(spark, cfg, batch, buckets, log)
+        rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, slots, batch_id)
+        rows = rows.drop(TOUCHED).withColumn(BUCKET, F.lit(LOG_BUCKET)).localCheckpoint()
         return StateUpdate(rows.drop(VERSION), rows, replaced=[], compaction=False)
+    if output_table_exists(spark, cfg.output, STATE):
+        old = current_rows(_stored(spark, cfg))
+    else:
+        old = batch.limit(0).withColumn(VERSION, F.lit(None).cast("long"))
+    rows = merge_state(old.drop(BUCKET), batch.drop(BUCKET), cfg.features, slots, batch_id)
+    rows = rows.withColumn(BUCKET, bucket_of(cfg)).localCheckpoint()
+    touched = rows.where(F.col(TOUCHED)).drop(TOUCHED, VERSION)
     replaced = sorted(set(range(cfg.streaming.state_buckets)) | set(log.buckets) | {LOG_BUCKET})
-    return StateUpdate(rows.drop(VERSION), compacted(spark, cfg, rows), replaced=replaced, compaction=True)
-
-
-def compacted(spark: SparkSession, cfg: Config, appended: DataFrame) -> DataFrame:
-    """One row per user, in its hash bucket: the current row of every user of the table with the
-    batch's merged rows (`appended`, stamped with the batch) added, which are the current rows of its
-    users. The same rows as merging the batch into every user's current row: the users it did not
-    touch keep theirs as they are, batch_id included."""
-    if not output_table_exists(spark, cfg.output, STATE):
-        return appended.withColumn(BUCKET, bucket_of(cfg))
-    every = _stored(spark, cfg).unionByName(appended)
-    return current_rows(every).withColumn(BUCKET, bucket_of(cfg)).select(*appended.columns)
+    return StateUpdate(touched, rows.drop(TOUCHED), replaced=replaced, compaction=True)
 
 
 def stored_rows_of(spark: SparkSession, cfg: Config, batch: DataFrame, buckets: list[int], log: StateLog) -> DataFrame:
@@ -154,5 +144,5 @@ def stored_rows_of(spark: SparkSession, cfg: Config, batch: DataFrame, buckets: 
     return current_rows(stored.join(F.broadcast(batch.select("user_id")), "user_id", "left_semi"))
 
 
-__all__ = ["BUCKET", "LOG_BUCKET", "STATE", "StateLog", "StateUpdate", "bucket_of", "compacted", "current_rows", "merge_batch",
+__all__ = ["BUCKET", "LOG_BUCKET", "STATE", "StateLog", "StateUpdate", "bucket_of", "current_rows", "merge_batch",
            "read_current_state", "stored_rows_of"]
