@@ -15,11 +15,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from segspark import ingest
+from segspark.bundle.manifest import BundleError
 from segspark.cli import main
 from segspark.features import user_features
 from segspark.io.delta import read_table
@@ -185,6 +187,31 @@ def test_the_scoring_is_built_when_the_models_load_not_in_the_first_batch(spark,
         memoised(saved, "stable", built_again)
         if name in ("kmeans", "bisecting_kmeans"):
             memoised(saved.fitted, "scores", built_again)
+
+
+def test_a_restart_in_the_same_session_reuses_the_loaded_bundle_and_still_verifies_it(spark, trained, tmp_path):
+    """A stream started again in this session (a notebook, a restarted query) takes the bundle's models
+    and training inputs as the earlier start loaded them, its scoring already built; the bundle's files
+    are still checked at every start, so a file changed since is refused."""
+    cfg, _, _ = trained
+    bundle = tmp_path / "bundle"  # a bundle of its own: the other tests' starts share the original's
+    shutil.copytree(Path(cfg.output.root) / "_models" / TRAINED_RUN_ID, bundle)
+    first = job.load_stream_models(spark, cfg, str(bundle))
+    again = job.load_stream_models(spark, cfg, str(bundle))
+    assert again.loaded is first.loaded and again.population is first.population
+    assert again.online is not first.online  # what a start reads anew: the online centres, the window, the state
+    assert again.online_batch == first.online_batch and np.array_equal(again.online.centers, first.online.centers)
+    # Other settings read from the training run: loaded again, not mixed up with the first.
+    other = cfg.model_copy(update={"streaming": cfg.streaming.model_copy(update={
+        "drift": cfg.streaming.drift.model_copy(update={"bins": cfg.streaming.drift.bins + 1})})})
+    assert job.load_stream_models(spark, other, str(bundle)).loaded is not first.loaded
+
+    target = bundle / "models" / "kmeans.json"
+    document = json.loads(target.read_text())
+    document["segment_ids"] = {k: v + 1 for k, v in document["segment_ids"].items()}
+    target.write_text(json.dumps(document))
+    with pytest.raises(BundleError, match="models/kmeans.json"):
+        job.load_stream_models(spark, cfg, str(bundle))
 
 
 def test_stream_cli_exit_codes(trained, tmp_path):

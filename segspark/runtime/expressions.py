@@ -23,7 +23,7 @@ _MEMO: dict[int, tuple[object, dict[Hashable, Any]]] = {}
 def memoised(owner: object, key: Hashable, build: Callable[[], T]) -> T:
     """`build()` (Columns, or anything made of them) the first time `owner` asks for `key` in this
     JVM context, the same value afterwards. `owner` must not change what `build` reads."""
-    context = _jvm_context()
+    context = jvm_context()
     entry = _MEMO.get(id(owner))
     if entry is None or entry[0] is not context:
         entry = (context, {})
@@ -36,7 +36,7 @@ def memoised(owner: object, key: Hashable, build: Callable[[], T]) -> T:
     return values[key]
 
 
-def _jvm_context() -> object:
+def jvm_context() -> object:
     """What the Columns `pyspark.sql.functions` builds now belong to: the Connect marker while Spark
     Connect is on (the functions then build Connect's plain expression trees, which any Connect
     session can send; a process may hold a classic session beside it), else the active
@@ -52,4 +52,4 @@ def _jvm_context() -> object:
 
 _CONNECT = object()
 
-__all__ = ["memoised"]
+__all__ = ["jvm_context", "memoised"]
