@@ -85,7 +85,7 @@ from segspark.models import registry
 from segspark.models.contract import NOISE_SEGMENT
 from segspark.models.prepare import PREPARED_VECTOR
 from segspark.runtime.expressions import jvm_context, memoised
-from segspark.runtime.session import apply_required_conf, share_session
+from segspark.runtime.session import apply_required_conf, is_connect, share_session
 from segspark.runtime.shuffle_sizing import sized_for_block, sizing_is_on
 from segspark.streaming import drift, emerging, identity, mqtt_landing, state_store
 from segspark.streaming.feature_state import VERSION, batch_state, join_by_user, state_features
@@ -216,7 +216,8 @@ def trained_inputs(spark: SparkSession, cfg: Config, bundle: str) -> TrainedInpu
     manifest = open_bundle(bundle, signing=signing)
     key = (str(manifest.path.resolve()), manifest.content_sha256, cfg.output.model_dump_json(),
            cfg.features.model_dump_json(), cfg.streaming.drift.model_dump_json())
-    context = jvm_context()
+    # Classic: the session's JVM; Spark Connect: the session itself (its MLlib models live on its server).
+    context = spark if is_connect(spark) else jvm_context()
     with _TRAINED_LOCK:
         kept = _TRAINED.get(key)
         if kept is not None and kept[0] is context:
