@@ -127,10 +127,10 @@ class LoadedBundle:
     models: dict  # name -> persist.SavedSegments
 
 
-def load_bundle(location: str, signing: SigningKey | None = None) -> LoadedBundle:
+def load_bundle(location: str, signing: SigningKey | None = None, manifest: Manifest | None = None) -> LoadedBundle:
     """Verify the bundle (checksums, and the signature when a key is given), then load only files
-    its manifest lists."""
-    manifest = open_bundle(location, signing=signing)
+    its manifest lists. `manifest`: the bundle's, verified by the caller a moment ago (not again)."""
+    manifest = manifest or open_bundle(location, signing=signing)
     preparation = FittedPreparation.load(str(manifest.file("prepare/prepare.json", what="the fitted preparation")))
     models = {name: load_fitted(name, location, manifest) for name in manifest.models}
     return LoadedBundle(location, manifest, preparation, models)

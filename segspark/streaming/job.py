@@ -224,7 +224,7 @@ def trained_inputs(spark: SparkSession, cfg: Config, bundle: str) -> TrainedInpu
             _TRAINED.move_to_end(key)
             log.info("stream: bundle %s (run %s) as loaded by an earlier start in this session", bundle, manifest.run_id)
             return kept[1]
-    trained = _load_trained(spark, cfg, bundle)
+    trained = _load_trained(spark, cfg, bundle, manifest)
     with _TRAINED_LOCK:
         _TRAINED[key] = (context, trained)
         while len(_TRAINED) > _TRAINED_KEPT:
@@ -232,10 +232,10 @@ def trained_inputs(spark: SparkSession, cfg: Config, bundle: str) -> TrainedInpu
     return trained
 
 
-def _load_trained(spark: SparkSession, cfg: Config, bundle: str) -> TrainedInputs:
+def _load_trained(spark: SparkSession, cfg: Config, bundle: str, manifest: Manifest) -> TrainedInputs:
+    """`trained_inputs`' loading, from the bundle's `manifest` that it has just verified."""
     signing = bundle_signing(cfg.bundle)
-    loaded = load_bundle(bundle, signing)
-    manifest = loaded.manifest
+    loaded = load_bundle(bundle, signing, manifest)
     slots = bundle_slots(bundle, signing)
     if slots is None:
         raise ConfigError(f"stream: bundle {bundle} does not record its feature slots; retrain with this version")
