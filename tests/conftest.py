@@ -85,15 +85,21 @@ def long_lived_jvm_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def spark():
-    # This process's JVM lives for the whole run: started with IN_PROCESS_JVM, not the short-lived
-    # options (unless the surrounding shell set SPARK_SUBMIT_OPTS: then that, as for every JVM).
+def start_process_session():
+    """This test process's own SparkSession (local[2]), started on first use; the `spark` fixture's.
+    Its JVM lives for the whole run: started with IN_PROCESS_JVM, not the short-lived options (unless
+    the surrounding shell set SPARK_SUBMIT_OPTS: then that, as for every JVM). Whatever starts it
+    first, the fixture or a collection hook (tests/test_table_writers.py asks the session which
+    writers it has while the files are collected, before any fixture runs), gets these options: until
+    2026-12-07 that hook started it with the short-lived ones, so in a whole run both test processes'
+    sessions had the serial collector (tests/test_pipeline.py, test_baselines.py, test_features.py
+    and test_deep_pipeline.py in one process, alternated: 237 and 196 busy cpu-s, 197 and 166 s with
+    them; 210 and 182 cpu-s, 174 and 153 s with IN_PROCESS_JVM)."""
     short_lived = os.environ.get("SPARK_SUBMIT_OPTS") == SHORT_LIVED_SUBMIT_OPTS
     if short_lived:
         os.environ["SPARK_SUBMIT_OPTS"] = IN_PROCESS_JVM
     try:
-        session = get_spark(
+        return get_spark(
             app_name="segspark-tests",
             master="local[2]",
             conf={"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "4"},
@@ -101,6 +107,11 @@ def spark():
     finally:
         if short_lived:
             os.environ["SPARK_SUBMIT_OPTS"] = SHORT_LIVED_SUBMIT_OPTS
+
+
+@pytest.fixture(scope="session")
+def spark():
+    session = start_process_session()
     yield session
     # Stop before exit: a process that loaded delta-rs and left Spark running was seen aborting
     # with code 134, which would hide the real exit status.

@@ -13,20 +13,20 @@ from segspark.config import OutputConfig
 from segspark.io.catalog import TABLES, RunRow, StreamBatchRow
 from segspark.io.delta import CONNECTOR, EMBEDDED, table_writers
 from segspark.io.tables import committed_version, read_output_table, table_path, write_rows
-from segspark.runtime.session import get_spark, has_delta_connector
+from segspark.runtime.session import has_delta_connector
+
+from .conftest import start_process_session
 
 AT = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 
 
 def pytest_generate_tests(metafunc):
     # Which writers exist is a property of the session's classpath, known only once it runs: the
-    # session is started here, at collection, with the arguments of the `spark` fixture (conftest),
-    # which then gets this same session (get_spark returns the active one). A missing connector is
-    # left out, not collected as a skipped or a passing test.
+    # test process's session is started here, at collection, as the `spark` fixture starts it
+    # (conftest), which then gets this same session. A missing connector is left out, not collected
+    # as a skipped or a passing test.
     if "writer" in metafunc.fixturenames:
-        spark = get_spark(app_name="segspark-tests", master="local[2]",
-                          conf={"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "4"})
-        metafunc.parametrize("writer", table_writers(spark))
+        metafunc.parametrize("writer", table_writers(start_process_session()))
 
 
 def test_the_embedded_committer_is_always_a_writer(spark):
