@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 from .conftest import IN_PROCESS_JVM, SHORT_LIVED_SUBMIT_OPTS
 
@@ -13,6 +14,8 @@ def test_the_test_process_session_has_the_in_process_jvm_options(spark):
     arguments = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
     submit_opts = os.environ.get("SPARK_SUBMIT_OPTS")
     expected = IN_PROCESS_JVM if submit_opts == SHORT_LIVED_SUBMIT_OPTS else submit_opts  # else the shell's own
-    assert set((expected or "").split()) <= set(arguments), arguments
+    # Split as Spark's launcher splits SPARK_SUBMIT_OPTS (quotes group words), so a shell's own options with
+    # quoted values compare whole.
+    assert set(shlex.split(expected or "")) <= set(arguments), arguments
     if submit_opts == SHORT_LIVED_SUBMIT_OPTS:
         assert "-XX:+UseSerialGC" not in arguments, arguments
