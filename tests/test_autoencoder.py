@@ -134,6 +134,25 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(trained, blobs):
     assert not np.allclose(other.encoder.encode(x), trained.encoder.encode(x))
 
 
+@pytest.mark.parametrize("variational", [False, True], ids=["ae", "vae"])
+def test_an_epoch_per_call_trains_the_weights_of_a_batch_per_call(blobs, variational):
+    # Training runs a whole epoch's batches in one call of Keras' compiled function (less overhead per
+    # batch): the same batches through the same ops, so the same weights to the bit as one batch per call.
+    from segspark.models.deep.autoencoder import _fit, _set_seeds, _split, build_autoencoder
+
+    x = blobs[0]
+    cfg = _cfg(epochs=4, variational=variational)  # 540 training rows: 17 batches of 32, the last partial
+    train, val = _split(len(x), cfg)
+    weights, histories = [], []
+    for steps in (1, None):  # one batch per call; the default, an epoch's
+        _set_seeds(cfg.seed)
+        model, _ = build_autoencoder(N_FEATURES, cfg)
+        histories.append(_fit(model, x[train], x[val], cfg, steps_per_execution=steps))
+        weights.append(model.get_weights())
+    assert histories[0]["loss"] == histories[1]["loss"] and histories[0]["val_loss"] == histories[1]["val_loss"]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+
+
 def test_early_stopping_stops_and_restores_the_best_weights(blobs):
     from segspark.models.deep.autoencoder import train_autoencoder
 

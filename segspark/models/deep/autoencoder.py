@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -501,16 +502,25 @@ def _training_rows(sample: np.ndarray, cfg: AutoencoderConfig, feature_names: li
     return x
 
 
-def _fit(model: Any, x_train: np.ndarray, x_val: np.ndarray, cfg: AutoencoderConfig) -> dict[str, Any]:
+def _fit(model: Any, x_train: np.ndarray, x_val: np.ndarray, cfg: AutoencoderConfig,
+         steps_per_execution: int | None = None) -> dict[str, Any]:
     """Compile and fit with early stopping on the validation loss (the training loss without a
     validation set); the per-epoch history, the best epoch and whether training stopped early.
-    A diverged training (a non-finite loss) is an error that says which setting to lower."""
+    A diverged training (a non-finite loss) is an error that says which setting to lower.
+    steps_per_execution: batches per call of Keras' compiled training function (default: an epoch's)."""
     tf, keras = _tf(), _keras()
     optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+    # A whole epoch's steps in one call of the compiled training function: the model is small, and
+    # Keras' per-call overhead (Python, the eager dispatch) outweighed its arithmetic. The same batches
+    # go through the same ops in the same order, so the weights are bit-identical (checked for the
+    # autoencoder at 4,500 and 20,000 rows and for the VAE); only batch-level callbacks would see fewer
+    # calls, and the ones below act per epoch. The demo's 4,500 x 33 rows, 60 epochs, alone: 4.5-6.0 s
+    # against 5.8-7.4 s (three runs each, twice).
+    steps = steps_per_execution or max(1, math.ceil(len(x_train) / cfg.batch_size))
     if cfg.variational:
-        model.compile(optimizer=optimizer)  # the VAE adds its own loss terms
+        model.compile(optimizer=optimizer, steps_per_execution=steps)  # the VAE adds its own loss terms
     else:
-        model.compile(optimizer=optimizer, loss="mse")
+        model.compile(optimizer=optimizer, loss="mse", steps_per_execution=steps)
 
     def batches(arr: np.ndarray, shuffle: bool) -> Any:
         ds = tf.data.Dataset.from_tensor_slices(arr)
