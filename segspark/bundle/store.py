@@ -98,11 +98,13 @@ def finish_bundle(
     )
 
 
-def bundle_slots(location: str, signing: SigningKey | None = None) -> FeatureSlots | None:
+def bundle_slots(location: str, signing: SigningKey | None = None, manifest: Manifest | None = None) -> FeatureSlots | None:
     """The category and one-hot slot values the bundle's models were trained on (None for bundles
     written before they were recorded: the new data's own are used then, as before). With `signing`
-    the manifest they come from is authenticated first."""
-    recorded = open_bundle(location, verify=False, signing=signing).training_data.get("feature_slots")
+    the manifest they come from is authenticated first. `manifest`: the bundle's, verified by the
+    caller a moment ago (not read again)."""
+    manifest = manifest or open_bundle(location, verify=False, signing=signing)
+    recorded = manifest.training_data.get("feature_slots")
     if recorded is None:
         log.warning("bundle %s does not record its feature slots; resolving them from the data to score", location)
         return None

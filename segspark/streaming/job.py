@@ -50,7 +50,7 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from segspark.bundle.manifest import Manifest, open_bundle
+from segspark.bundle.manifest import Manifest, SigningKey, open_bundle
 from segspark.bundle.store import (
     LoadedBundle,
     bundle_signing,
@@ -224,7 +224,7 @@ def trained_inputs(spark: SparkSession, cfg: Config, bundle: str) -> TrainedInpu
             _TRAINED.move_to_end(key)
             log.info("stream: bundle %s (run %s) as loaded by an earlier start in this session", bundle, manifest.run_id)
             return kept[1]
-    trained = _load_trained(spark, cfg, bundle, manifest)
+    trained = _load_trained(spark, cfg, bundle, manifest, signing)
     with _TRAINED_LOCK:
         _TRAINED[key] = (context, trained)
         while len(_TRAINED) > _TRAINED_KEPT:
@@ -232,11 +232,11 @@ def trained_inputs(spark: SparkSession, cfg: Config, bundle: str) -> TrainedInpu
     return trained
 
 
-def _load_trained(spark: SparkSession, cfg: Config, bundle: str, manifest: Manifest) -> TrainedInputs:
-    """`trained_inputs`' loading, from the bundle's `manifest` that it has just verified."""
-    signing = bundle_signing(cfg.bundle)
+def _load_trained(spark: SparkSession, cfg: Config, bundle: str, manifest: Manifest,
+                  signing: SigningKey | None) -> TrainedInputs:
+    """`trained_inputs`' loading, from the bundle's `manifest` that it has just verified (with `signing`)."""
     loaded = load_bundle(bundle, signing, manifest)
-    slots = bundle_slots(bundle, signing)
+    slots = bundle_slots(bundle, signing, manifest)
     if slots is None:
         raise ConfigError(f"stream: bundle {bundle} does not record its feature slots; retrain with this version")
     run_id = manifest.run_id
