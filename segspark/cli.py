@@ -157,7 +157,10 @@ def _progress(spark):
               help="rees46: clickstream events; invoices: the purchases as invoice lines in the UCI Online "
                    "Retail layout, with cancellations (read with conf/generated_invoices.yaml).")
 @click.option("--overwrite", is_flag=True, help="Replace DIR/events and DIR/truth if they exist (else refused).")
-@click.option("--master", default=None, help="Spark master for a local session (default local[2]).")
+@click.option("--master", default=None,
+              help="Generate in a Spark session on this master. Without it, a sample of up to 100,000 users on "
+                   "a local path is written by this process alone (the same files, no Spark to start); a "
+                   "larger one in a local[2] session.")
 def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malformed, personas, layout, overwrite,
              master) -> None:
     """Write a synthetic clickstream (or invoice lines) with planted personas.
@@ -173,6 +176,7 @@ def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malfor
       segspark generate --out invoices --users 5000 --layout invoices --personas overlapping
     """
     from segspark.datagen import GenerateSpec, check_out_dir, write_dataset
+    from segspark.datagen_local import write_dataset_on_driver, writes_on_driver
 
     check_out_dir(out_dir, overwrite)  # before Spark starts
     fmt = fmt or ("csv" if layout == "invoices" else "parquet")
@@ -191,8 +195,11 @@ def generate(out_dir, users, days, seed, fmt, duplicates, missing_prices, malfor
         )
     except ValueError as exc:  # names the allowed values
         raise click.BadParameter(str(exc)) from None
-    with _session("segspark-generate", master) as spark:
-        summary = write_dataset(spark, spec, out_dir, fmt, overwrite=overwrite)
+    if master is None and not _is_job() and writes_on_driver(spec, out_dir):
+        summary = write_dataset_on_driver(spec, out_dir, fmt, overwrite=overwrite)  # no Spark to start
+    else:
+        with _session("segspark-generate", master) as spark:
+            summary = write_dataset(spark, spec, out_dir, fmt, overwrite=overwrite)
     click.echo(f"events: {out_dir}/events ({fmt})   truth: {out_dir}/truth")
     for key, value in summary.items():
         click.echo(f"  {key}: {value}")

@@ -4,7 +4,8 @@ Users are generated in blocks of BLOCK_USERS consecutive ids. Each block draws f
 Generator seeded by (seed, block), inside `mapInPandas` on the executors: generation is parallel,
 nothing per user or per event runs on the driver, memory per task is bounded by one block (about
 50k events), and the data depend only on the seed and the number of users, never on how Spark
-partitions the blocks.
+partitions the blocks. A small sample on a local path is drawn from the same blocks by the driver
+alone (`datagen_local`), which writes the same files without starting Spark.
 
 Personas differ in visit frequency, recency, session length and duration, funnel conversion,
 price level, time of day and category mix; every user draws their own rates around the persona's
@@ -697,7 +698,8 @@ def _malformed(rng: np.random.Generator, lines: np.ndarray, count: int, fmt: str
     return bad
 
 
-def _lines_with_noise(spec: GenerateSpec, block: int, fmt: str) -> list[str] | np.ndarray:
+def block_lines(spec: GenerateSpec, block: int, fmt: str) -> list[str] | np.ndarray:
+    """One block's records as json or csv lines, with its malformed lines mixed in."""
     lines = _to_lines(generate_block(spec, block), fmt)
     if spec.malformed_share <= 0 or len(lines) == 0:
         return lines
@@ -715,6 +717,12 @@ def _lines_with_noise(spec: GenerateSpec, block: int, fmt: str) -> list[str] | n
 
 def _blocks(spark: SparkSession, spec: GenerateSpec) -> DataFrame:
     return spark.range(0, spec.blocks, 1, spec.num_partitions()).withColumnRenamed("id", "block")
+
+
+def partition_blocks(spec: GenerateSpec) -> list[range]:
+    """The blocks of each partition (file) that `_blocks` gives: spark.range's contiguous slices."""
+    blocks, partitions = spec.blocks, spec.num_partitions()
+    return [range(i * blocks // partitions, (i + 1) * blocks // partitions) for i in range(partitions)]
 
 
 def generate_events(spark: SparkSession, spec: GenerateSpec) -> tuple[DataFrame, DataFrame]:
@@ -736,16 +744,20 @@ def generate_events(spark: SparkSession, spec: GenerateSpec) -> tuple[DataFrame,
 
 def _text_lines(spark: SparkSession, spec: GenerateSpec, fmt: str) -> DataFrame:
     """Records as json/csv text lines with malformed lines mixed in; every csv file starts with a header."""
-    header = ",".join(spec.schema.fieldNames())
+    header = csv_header(spec)
 
     def lines(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         if fmt == "csv":
             yield pd.DataFrame({"value": [header]})  # first line of this partition's file
         for batch in batches:
             for block in batch["block"].tolist():
-                yield pd.DataFrame({"value": _lines_with_noise(spec, int(block), fmt)})
+                yield pd.DataFrame({"value": block_lines(spec, int(block), fmt)})
 
     return _blocks(spark, spec).mapInPandas(lines, LINE_SCHEMA)
+
+
+def csv_header(spec: GenerateSpec) -> str:
+    return ",".join(spec.schema.fieldNames())
 
 
 def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
@@ -770,6 +782,22 @@ def write_dataset(
 
     Returns a summary: users, days, seed, format, users per persona (from the small truth table) and,
     for parquet, the number of events (read from the Parquet footers, no scan)."""
+    check_request(spec, out_dir, fmt, overwrite)
+    root = out_dir.rstrip("/")
+    events, truth = generate_events(spark, spec)
+    log_start(spec, root, fmt)
+    if fmt == "parquet":
+        events.write.mode("overwrite").parquet(f"{root}/events")
+    else:
+        _text_lines(spark, spec, fmt).write.mode("overwrite").text(f"{root}/events")
+    truth.write.mode("overwrite").parquet(f"{root}/truth")
+    personas = spark.read.parquet(f"{root}/truth").groupBy("persona").count().collect()
+    events_written = spark.read.parquet(f"{root}/events").count() if fmt == "parquet" else None  # from the footers
+    return summarise(spec, fmt, {row["persona"]: int(row["count"]) for row in personas}, events_written)
+
+
+def check_request(spec: GenerateSpec, out_dir: str, fmt: str, overwrite: bool) -> None:
+    """What any writer of a sample checks first: the folders (check_out_dir) and the format."""
     check_out_dir(out_dir, overwrite)
     if fmt not in ("parquet", "json", "csv"):
         raise ValueError(f"format {fmt!r} is not one of parquet, json, csv")
@@ -778,16 +806,16 @@ def write_dataset(
             f"malformed_share={spec.malformed_share} needs a text format: malformed lines cannot be written "
             "as Parquet; use --format json or csv, or set the share to 0"
         )
-    root = out_dir.rstrip("/")
-    events, truth = generate_events(spark, spec)
+
+
+def log_start(spec: GenerateSpec, root: str, fmt: str) -> None:
     log.info("generating %s users over %d days (seed %d) into %s/events as %s", f"{spec.users:,}", spec.days,
              spec.seed, root, fmt)
-    if fmt == "parquet":
-        events.write.mode("overwrite").parquet(f"{root}/events")
-    else:
-        _text_lines(spark, spec, fmt).write.mode("overwrite").text(f"{root}/events")
-    truth.write.mode("overwrite").parquet(f"{root}/truth")
-    personas = spark.read.parquet(f"{root}/truth").groupBy("persona").count().collect()
+
+
+def summarise(spec: GenerateSpec, fmt: str, personas: dict[str, int], events: int | None) -> dict:
+    """A written sample's summary: users, days, seed, format, users per persona and, for parquet, the
+    number of events."""
     summary: dict = {
         "users": spec.users,
         "days": spec.days,
@@ -795,9 +823,9 @@ def write_dataset(
         "layout": spec.layout,
         "seed": spec.seed,
         "format": fmt,
-        "personas": {row["persona"]: int(row["count"]) for row in sorted(personas, key=lambda r: r["persona"])},
+        "personas": dict(sorted(personas.items())),
     }
-    if fmt == "parquet":
-        summary["events"] = spark.read.parquet(f"{root}/events").count()  # from the footers
+    if events is not None:
+        summary["events"] = events
     log.info("generated %s", summary)
     return summary

@@ -207,10 +207,12 @@ def test_generate_refuses_malformed_lines_in_parquet(capsys, tmp_path):
     assert code == 2 and "--format json" in err
 
 
-def test_generate_writes_events_and_truth(spark, capsys, tmp_path):
-    code, out, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "50", "--format", "csv")
+@pytest.mark.parametrize("master", [[], ["--master", "local[2]"]], ids=["on-the-driver", "in-spark"])
+def test_generate_writes_events_and_truth(spark, capsys, tmp_path, master):
+    code, out, err = run_cli(capsys, "generate", "--out", str(tmp_path), "--users", "50", "--format", "csv", *master)
     assert code == 0, err
     assert "truth" in out and (tmp_path / "truth").is_dir() and (tmp_path / "events").is_dir()
+    assert "users: 50" in out
 
 
 def test_log_format_json_gives_one_object_per_line(tmp_path):
@@ -224,6 +226,8 @@ def test_log_format_json_gives_one_object_per_line(tmp_path):
     assert ours and all(set(entry) >= {"time", "level", "logger", "message"} for entry in ours)
     assert any(entry["logger"].startswith("segspark") and entry["level"] == "INFO" for entry in ours)
     assert not [line for line in proc.stderr.splitlines() if " INFO  segspark" in line]  # no text lines of ours
+    # A sample this small is written by the process alone: no Spark session is started for it.
+    assert not [entry for entry in ours if "SparkSession" in entry["message"]]
 
 
 def test_generate_refuses_to_overwrite_events_or_truth_without_overwrite(spark, capsys, tmp_path):

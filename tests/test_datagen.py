@@ -108,3 +108,49 @@ def test_bad_spec_is_refused(spark, tmp_path):
         GenerateSpec(users=10, duplicate_share=1.5)
     with pytest.raises(ValueError, match="text format"):
         write_dataset(spark, GenerateSpec(users=10, malformed_share=0.1), str(tmp_path), "parquet")
+
+
+def _files_in_order(folder, suffix):
+    """A folder's part files in partition order (Spark's and the driver's names both start part-NNNNN)."""
+    return sorted(p for p in folder.iterdir() if p.name.startswith("part-") and p.name.endswith(suffix))
+
+
+@pytest.mark.parametrize("fmt, spec", [
+    ("parquet", GenerateSpec(users=2500, days=20, seed=8, duplicate_share=0.01, missing_price_share=0.01)),
+    ("csv", GenerateSpec(users=1200, days=20, seed=9, layout="invoices", malformed_share=0.01)),
+    ("json", GenerateSpec(users=700, days=10, seed=10, malformed_share=0.02, missing_price_share=0.01)),
+], ids=["parquet", "csv-invoices", "json"])
+def test_the_driver_writes_the_sample_the_spark_job_writes(spark, tmp_path, fmt, spec):
+    """The same records in the same partitions and order, the same schema, `_SUCCESS`, the same summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from segspark.datagen_local import write_dataset_on_driver, writes_on_driver
+
+    assert writes_on_driver(spec, str(tmp_path / "driver"))
+    by_spark = write_dataset(spark, spec, str(tmp_path / "spark"), fmt)
+    by_driver = write_dataset_on_driver(spec, str(tmp_path / "driver"), fmt)
+    assert by_driver == by_spark
+
+    def parquet(root, name):
+        return pa.concat_tables([pq.read_table(p) for p in _files_in_order(root / name, ".parquet")])
+
+    def lines(root):  # every line of every file, files in partition order; csv headers apart
+        text = [p.read_text(encoding="utf-8").splitlines() for p in _files_in_order(root / "events", ".txt")]
+        header = [f[0] for f in text if fmt == "csv"]
+        return [line for f in text for line in f[1 if fmt == "csv" else 0:]], set(header)
+
+    spark_root, driver_root = tmp_path / "spark", tmp_path / "driver"
+    for name in ("events", "truth"):
+        assert (driver_root / name / "_SUCCESS").exists()
+    assert parquet(driver_root, "truth").equals(parquet(spark_root, "truth"))
+    if fmt == "parquet":
+        written, expected = parquet(driver_root, "events"), parquet(spark_root, "events")
+        assert written.schema.equals(expected.schema) and written.num_rows == by_spark["events"] > 0
+        assert written.equals(expected)
+    else:
+        assert lines(driver_root) == lines(spark_root) and lines(driver_root)[0]
+    # What a run reads: the same rows through Spark's own reader.
+    read = {"parquet": spark.read.parquet, "json": spark.read.text, "csv": spark.read.text}[fmt]
+    ours, theirs = read(str(driver_root / "events")), read(str(spark_root / "events"))
+    assert ours.schema == theirs.schema and ours.exceptAll(theirs).count() == 0 == theirs.exceptAll(ours).count()
