@@ -55,12 +55,11 @@ def write_dataset_on_driver(spec: GenerateSpec, out_dir: str, fmt: str = "parque
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     events, personas = 0, collections.Counter()
+    # A file for every partition, an empty one too, as the Spark job writes (a csv file then holds its header).
     for part, blocks in enumerate(partition_blocks(spec)):
-        if not blocks:
-            continue  # (Spark writes no Parquet file for an empty partition, and a csv one only its header)
         name = f"part-{part:05d}"
         if fmt == "parquet":
-            records = pd.concat([generate_block(spec, block) for block in blocks], ignore_index=True)
+            records = _frame([generate_block(spec, block) for block in blocks], spec.schema)
             _write_parquet(records, spec.schema, events_dir / f"{name}.snappy.parquet")
             events += len(records)
         else:
@@ -68,12 +67,18 @@ def write_dataset_on_driver(spec: GenerateSpec, out_dir: str, fmt: str = "parque
             for block in blocks:
                 lines.extend(block_lines(spec, block, fmt))
             (events_dir / f"{name}.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-        truth = pd.concat([block_truth(spec, block) for block in blocks], ignore_index=True)
+        truth = _frame([block_truth(spec, block) for block in blocks], TRUTH_SCHEMA)
         _write_parquet(truth, TRUTH_SCHEMA, truth_dir / f"{name}.snappy.parquet")
         personas.update(truth["persona"].tolist())
     for folder in (events_dir, truth_dir):
         (folder / "_SUCCESS").touch()
     return summarise(spec, fmt, dict(personas), events if fmt == "parquet" else None)
+
+
+def _frame(blocks: list[pd.DataFrame], schema: StructType) -> pd.DataFrame:
+    if not blocks:
+        return pd.DataFrame({name: pd.Series([], dtype=object) for name in schema.fieldNames()})
+    return pd.concat(blocks, ignore_index=True)
 
 
 def _write_parquet(frame: pd.DataFrame, schema: StructType, path: Path) -> None:

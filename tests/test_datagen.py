@@ -144,6 +144,9 @@ def test_the_driver_writes_the_sample_the_spark_job_writes(spark, tmp_path, fmt,
     for name in ("events", "truth"):
         assert (driver_root / name / "_SUCCESS").exists()
     assert parquet(driver_root, "truth").equals(parquet(spark_root, "truth"))
+    for name in ("events", "truth") if fmt == "parquet" else ("truth",):  # rows per file: the same partitions
+        assert [pq.read_metadata(p).num_rows for p in _files_in_order(driver_root / name, ".parquet")] == \
+            [pq.read_metadata(p).num_rows for p in _files_in_order(spark_root / name, ".parquet")]
     if fmt == "parquet":
         written, expected = parquet(driver_root, "events"), parquet(spark_root, "events")
         assert written.schema.equals(expected.schema) and written.num_rows == by_spark["events"] > 0
