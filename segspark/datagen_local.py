@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import shutil
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import pandas as pd
 import pyarrow as pa
@@ -35,6 +35,7 @@ from segspark.datagen import (
     partition_blocks,
     summarise,
 )
+from segspark.io.files import local_path
 
 # About 5.8M events (~5 s to draw on one core): beyond it the Spark job's two cores win back its start.
 DRIVER_MAX_USERS = 100_000
@@ -48,7 +49,7 @@ def writes_on_driver(spec: GenerateSpec, out_dir: str) -> bool:
 def write_dataset_on_driver(spec: GenerateSpec, out_dir: str, fmt: str = "parquet", *, overwrite: bool = False) -> dict:
     """`datagen.write_dataset` without Spark: out_dir/events/ and out_dir/truth/, and the same summary."""
     check_request(spec, out_dir, fmt, overwrite)
-    root = _local_path(out_dir)
+    root = local_path(out_dir)
     log_start(spec, str(root), fmt)
     events_dir, truth_dir = root / "events", root / "truth"
     for folder in (events_dir, truth_dir):  # as Spark's overwrite mode: the folder is replaced
@@ -87,7 +88,3 @@ def _write_parquet(frame: pd.DataFrame, schema: StructType, path: Path) -> None:
     table = pa.Table.from_pandas(frame[arrow_schema.names], schema=arrow_schema, preserve_index=False)
     pq.write_table(table, path, compression="snappy")
 
-
-def _local_path(out_dir: str) -> Path:
-    parsed = urlparse(out_dir)
-    return Path(unquote(parsed.path) if parsed.scheme == "file" else out_dir.rstrip("/") or "/")

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def path_exists(path: str) -> bool:
     """Whether a file or folder is at `path` (a local path, file: URI or file-system URI)."""
-    local = _local(path)
+    local = local_path(path)
     if local is not None:
         return local.exists()
     import pyarrow.fs as pafs
@@ -27,7 +27,8 @@ def path_exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
-def _local(path: str) -> pathlib.Path | None:
+def local_path(path: str) -> pathlib.Path | None:
+    """The local file-system path of `path` (a plain path, a file: URI, dbfs:/ as /dbfs), else None."""
     parsed = urlparse(path)
     if parsed.scheme == "dbfs":  # Databricks: DBFS is mounted on the driver at /dbfs
         parsed = urlparse("file:///dbfs/" + (parsed.netloc + parsed.path).lstrip("/"))
@@ -39,7 +40,7 @@ def _local(path: str) -> pathlib.Path | None:
 def write_text_file(path: str, text: str) -> int:
     """Write `text` (UTF-8) to `path`, replacing an existing file; returns the number of bytes."""
     data = text.encode("utf-8")
-    local = _local(path)
+    local = local_path(path)
     if local is not None:
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.partial")
