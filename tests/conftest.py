@@ -181,22 +181,26 @@ def copied(folder: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_parquet(spark, tmp_path_factory):
-    """A small generated clickstream (Parquet) shared by the end-to-end tests. Read-only."""
-    from segspark.datagen import GenerateSpec, write_dataset
+def sample_parquet(tmp_path_factory):
+    """A small generated clickstream (Parquet) shared by the end-to-end tests. Read-only. The shared
+    samples are written as `segspark generate` writes them, without a Spark job (datagen_local: the
+    files the Spark job writes, tests/test_datagen.py)."""
+    from segspark.datagen import GenerateSpec
+    from segspark.datagen_local import write_dataset_on_driver
 
     return built_once(tmp_path_factory, "sample-parquet",
-                      lambda out: write_dataset(spark, GenerateSpec(users=400, days=30, seed=11), str(out), "parquet"))
+                      lambda out: write_dataset_on_driver(GenerateSpec(users=400, days=30, seed=11), str(out), "parquet"))
 
 
 @pytest.fixture(scope="session")
-def noisy_json(spark, tmp_path_factory):
+def noisy_json(tmp_path_factory):
     """A small generated clickstream as JSON lines with duplicates, missing prices, malformed lines.
     Read-only."""
-    from segspark.datagen import GenerateSpec, write_dataset
+    from segspark.datagen import GenerateSpec
+    from segspark.datagen_local import write_dataset_on_driver
 
     spec = GenerateSpec(users=300, days=30, seed=5, duplicate_share=0.02, missing_price_share=0.02, malformed_share=0.01)
-    return built_once(tmp_path_factory, "noisy-json", lambda out: write_dataset(spark, spec, str(out), "json"))
+    return built_once(tmp_path_factory, "noisy-json", lambda out: write_dataset_on_driver(spec, str(out), "json"))
 
 
 TRAINED_RUN_ID = "r1"  # the run id of `trained_run`

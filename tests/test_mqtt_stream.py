@@ -194,10 +194,11 @@ def trained(spark, tmp_path_factory):
     """A k-means training run on generated events, and 2000 of those events as JSON texts."""
     from segspark import usecases
     from segspark.config import load_config
-    from segspark.datagen import GenerateSpec, write_dataset
+    from segspark.datagen import GenerateSpec
+    from segspark.datagen_local import write_dataset_on_driver
 
     root = tmp_path_factory.mktemp("mqtt-stream")
-    write_dataset(spark, GenerateSpec(users=150, days=30, seed=7), str(root / "data"), "json")
+    write_dataset_on_driver(GenerateSpec(users=150, days=30, seed=7), str(root / "data"), "json")
     overrides = [f"input.path={root}/data/events", "input.format=json", f"output.root={root}/out", *FAST_MODELS,
                  *KMEANS_ONLY, "models.kmeans.k=3"]
     usecases.run(spark, load_config(REPO / "conf/local.yaml", overrides), run_id="train-1")

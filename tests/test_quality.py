@@ -7,7 +7,8 @@ from deltalake import DeltaTable
 from sklearn.metrics import adjusted_rand_score
 
 from segspark import usecases
-from segspark.datagen import PERSONAS, GenerateSpec, write_dataset
+from segspark.datagen import PERSONAS, GenerateSpec
+from segspark.datagen_local import write_dataset_on_driver
 
 from .conftest import REPO
 
@@ -17,7 +18,7 @@ def personas_run(spark, tmp_path_factory):
     from segspark.config import load_config
 
     data = tmp_path_factory.mktemp("personas")
-    write_dataset(spark, GenerateSpec(users=1500, seed=5), str(data), "parquet")
+    write_dataset_on_driver(GenerateSpec(users=1500, seed=5), str(data), "parquet")
     cfg = load_config(
         REPO / "conf/local.yaml",
         [

@@ -52,11 +52,12 @@ def trained(spark, trained_run, tmp_path_factory):
     add its tables beside the run's, and generated JSON events (other users than the training's) as
     the lines the stream's files are made of."""
     from segspark.config import load_config
-    from segspark.datagen import GenerateSpec, write_dataset
+    from segspark.datagen import GenerateSpec
+    from segspark.datagen_local import write_dataset_on_driver
 
     root = tmp_path_factory.mktemp("stream-job")
     shutil.copytree(trained_run.root, root / "out")
-    write_dataset(spark, GenerateSpec(users=300, days=30, seed=5), str(root / "data"), "json")
+    write_dataset_on_driver(GenerateSpec(users=300, days=30, seed=5), str(root / "data"), "json")
     cfg = load_config(REPO / "conf/local.yaml", [*trained_run.overrides, f"input.path={root}/data/events",
                                                  "input.format=json", f"output.root={root}/out"])
     lines = sorted(line for p in (root / "data/events").glob("part-*") for line in p.read_text().splitlines() if line.strip())
