@@ -75,6 +75,15 @@ def producer(table: str) -> ModelType:
     return next(m for m in MODELS if table in m.outputs)
 
 
+def warm_up(models_cfg: Any) -> None:
+    """Let every enabled model whose implementation offers `warm_up` start loading what its fit needs
+    (the deep model: TensorFlow, in a background thread) while a training run's first stages run."""
+    for model in enabled(models_cfg):
+        hook = getattr(model.implementation(), "warm_up", None)
+        if hook is not None:
+            hook()
+
+
 def online_base() -> ModelType:
     """The model whose centres the stream updates online."""
     return next(m for m in MODELS if m.online)

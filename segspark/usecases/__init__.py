@@ -20,6 +20,7 @@ from segspark.bundle.store import bundle_location, bundle_signing, bundle_slots
 from segspark.config import Config
 from segspark.features.runs import load_feature_run
 from segspark.io.tracking import check_tracking
+from segspark.models import registry
 from segspark.usecases.context import RunContext, RunResult, begin, execute, new_run_id
 from segspark.usecases.featurize import compute_features, features_of_run
 from segspark.usecases.scoring import score_users
@@ -35,10 +36,12 @@ def _context(spark: SparkSession, cfg: Config, run_id: str | None, as_of: dt.dat
 def _training_checks(ctx: RunContext) -> str:
     """Configuration problems of the training stages fail before any work, not after an hour of
     features: the bundle's location, MLflow tracking and a signing key missing from the environment.
-    Returns where the run's bundle goes."""
+    Returns where the run's bundle goes. The checks passed, the models start loading what their
+    fits need (registry.warm_up), beside the stages before the fits."""
     location = bundle_location(ctx.cfg.output, ctx.run_id)
     check_tracking(ctx.cfg.mlflow)
     bundle_signing(ctx.cfg.bundle)
+    registry.warm_up(ctx.cfg.models)
     return location
 
 

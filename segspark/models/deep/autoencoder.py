@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,26 @@ def _keras() -> Any:
     import keras
 
     return keras
+
+
+_importer_lock = threading.Lock()
+_importer: threading.Thread | None = None
+
+
+def import_in_background() -> None:
+    """Start importing TensorFlow and Keras in a thread of their own (once per process), so that the
+    autoencoder's fit finds them loaded. The import takes about 5 s of one core (4.6-5.5 s here, a
+    fresh process); a run's deep model otherwise paid it when its fit began, on the segments stage's
+    critical path (the demo's log: 5.0 s between the model's sample and the start of its training).
+    Started when a training run starts, it overlaps the ingest and feature stages, whose work is in
+    the JVM. The fit's own import then waits for this one (Python's per-module import locks). Not a
+    daemon thread: a process that ends while the import runs (a run that failed early) waits for it
+    rather than finalising the interpreter under a half-imported TensorFlow."""
+    global _importer
+    with _importer_lock:
+        if _importer is None:
+            _importer = threading.Thread(target=_keras, name="segspark-import-keras")
+            _importer.start()
 
 
 def device_name() -> str:

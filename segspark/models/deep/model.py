@@ -125,6 +125,14 @@ def users_problem(users: int, models_cfg: ModelsConfig) -> str | None:
     return f"{MODEL_NAME} {need}, the run has {users:,}: {found}"
 
 
+def warm_up() -> None:
+    """What the fit needs, loading while the run's first stages run: TensorFlow and Keras
+    (autoencoder.import_in_background)."""
+    from segspark.models.deep.autoencoder import import_in_background
+
+    import_in_background()
+
+
 def sample_size(models_cfg: ModelsConfig) -> int:
     """Users of the run's sample this model fits on: the autoencoder's and HDBSCAN's samples are
     prefixes of it."""
