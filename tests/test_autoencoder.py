@@ -343,34 +343,35 @@ def test_importing_the_modules_does_not_import_tensorflow():
 
 
 def test_a_training_run_imports_tensorflow_in_the_background_only_for_the_deep_model():
-    """registry.warm_up (a training run's start): with the deep model disabled nothing is imported;
-    enabled, a thread of its own imports TensorFlow and Keras once, while the caller goes on."""
+    """registry.warm_up (a training run's start): with the deep model disabled nothing is imported (a
+    fresh process); enabled, a thread of its own imports TensorFlow and Keras, once per process."""
+    from segspark.config import load_config
+    from segspark.models import registry
+    from segspark.models.deep import autoencoder
+
     code = textwrap.dedent("""
         import sys, threading
         from segspark.config import load_config
         from segspark.models import registry
         from segspark.models.deep import autoencoder
 
-        def importers():
-            return [t for t in threading.enumerate() if t.name == "segspark-import-keras"]
-
-        off = load_config("conf/local.yaml", ["models.autoencoder.enabled=false"])
-        registry.warm_up(off.models)
-        assert not importers() and autoencoder._importer is None
+        registry.warm_up(load_config("conf/local.yaml", ["models.autoencoder.enabled=false"]).models)
+        assert autoencoder._importer is None
+        assert not [t for t in threading.enumerate() if t.name == "segspark-import-keras"]
         assert not [m for m in ("tensorflow", "keras") if m in sys.modules]
-
-        on = load_config("conf/local.yaml", [])
-        registry.warm_up(on.models)
-        started = autoencoder._importer
-        assert started is not None and not started.daemon
-        registry.warm_up(on.models)  # once per process
-        assert autoencoder._importer is started
-        started.join(120)
-        assert "tensorflow" in sys.modules and "keras" in sys.modules
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+    enabled = load_config(REPO / "conf/local.yaml", []).models
+    registry.warm_up(enabled)
+    started = autoencoder._importer  # this process's (an earlier training run here may have started it)
+    assert started is not None and started.name == "segspark-import-keras" and not started.daemon
+    registry.warm_up(enabled)
+    assert autoencoder._importer is started
+    started.join(120)
+    assert not started.is_alive() and "tensorflow" in sys.modules and "keras" in sys.modules
 
 
 def test_denoising_noise_acts_only_while_training(blobs):
