@@ -6,6 +6,8 @@ costs nothing) and says how the model is trained:
 - `swept`: k is chosen by the k sweep on the user sample (models.sample_grid; the module offers
   `options`, `fit_sample`, `fit_one` and `users_per_cluster`), then fitted once on every user;
 - otherwise the model finds its own k (the deep model: `train` and `users_problem`).
+A module may also offer `warm_up()`: what its fit needs, started loading when a training run
+starts (the deep model imports TensorFlow in a thread of its own; `warm_up` below).
 
 An implementation module also names its fitted class (`FITTED`), which keeps the contract
 (models.contract.SegmentModel) and loads itself from a bundle.
