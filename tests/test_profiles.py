@@ -9,8 +9,11 @@ import pytest
 from segspark.io.catalog import SEGMENT_PROFILES
 from segspark.segments.profiles import (
     NOISE_NAME,
+    UNASSIGNED,
     name_segment,
     segment_profiles,
+    segment_profiles_by_model,
+    segment_profiles_in_memory,
 )
 
 FEATURES = ["recency_days", "frequency", "monetary", "sessions", "night_share", "constant"]
@@ -185,6 +188,38 @@ def test_duplicate_names_are_disambiguated(spark):
     names = result.names()
     assert names[0] == "browsers, high sessions" and names[1] == "browsers, high views"
     assert len(set(names.values())) == 3
+
+
+def test_profiles_on_the_driver_are_the_spark_aggregations(spark, data):
+    """A run whose users all fit on the driver profiles them there (segments.stable): the same sizes,
+    shares, means, population statistics, z-scores and names as the two Spark aggregations, for two
+    models at once, one of which left a user unassigned and has no noise."""
+    values = data[["user_id", *FEATURES]]
+    other = np.where(data["segment"] == -1, 3, (data["segment"] + 1) % 3)
+    other[0] = UNASSIGNED
+    features = spark.createDataFrame(values.astype(object).where(values.notna(), None))
+    assigned = pd.concat([
+        pd.DataFrame({"model": "a", "user_id": data["user_id"], "segment": data["segment"]}),
+        pd.DataFrame({"model": "b", "user_id": data["user_id"], "segment": other}).iloc[1:],
+    ])
+    in_spark = segment_profiles_by_model(features, spark.createDataFrame(assigned), FEATURES, top_n=3,
+                                         models=["a", "b", "c"])
+    on_driver = segment_profiles_in_memory(values, {"a": data["segment"].to_numpy(), "b": other}, FEATURES, top_n=3,
+                                           models=["a", "b", "c"])
+
+    assert sorted(on_driver) == sorted(in_spark) == ["a", "b", "c"]
+    assert on_driver["c"].segments == in_spark["c"].segments == []
+    for model in ("a", "b"):
+        got, want = on_driver[model], in_spark[model]
+        assert got.population_means == pytest.approx(want.population_means)
+        assert got.population_stds == pytest.approx(want.population_stds)
+        assert [(p.segment, p.name, p.size, p.share, p.top_features) for p in got.segments] == [
+            (p.segment, p.name, p.size, p.share, p.top_features) for p in want.segments]
+        for mine, theirs in zip(got.segments, want.segments, strict=True):
+            assert mine.means == pytest.approx(theirs.means, nan_ok=True)
+            assert mine.zscores == pytest.approx(theirs.zscores)
+    assert sum(p.size for p in on_driver["b"].segments) == len(data) - 1
+    assert on_driver["a"].by_segment()[2].means["recency_days"] is None  # every member's value is null
 
 
 def test_relabel_equals_profiling_the_relabelled_assignments(spark, data, profiles):

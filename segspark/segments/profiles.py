@@ -3,7 +3,10 @@
 `segment_profiles` describes every segment of one model run with two Spark aggregations (per
 segment: size and the mean of every feature; over all users: each feature's mean and population
 standard deviation); `segment_profiles_by_model` does the same for every model of a run in the same
-two aggregations. Only k x d numbers come back to the driver. For each segment:
+two aggregations. Only k x d numbers come back to the driver. A run whose users all fit on the driver
+(its user sample is every user) computes the same statistics there instead, from every user's features
+and segments (`segment_profiles_in_memory`): each Spark query costs a run of a few thousand users more
+in planning than in work. For each segment:
 
 - `size` (users), `share` (of all assigned users, the noise segment -1 included);
 - `means`: the segment's mean of each feature, over the members where the feature is not null;
@@ -63,6 +66,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
@@ -78,6 +83,7 @@ STANDS_OUT = 0.5  # |z| at which a feature "is high/low" in the naming rules
 ONE_TIMER_ORDERS = (0.8, 1.5)
 NON_BUYER_ORDERS = 0.5
 CATEGORY_MIN_SHARE = 0.25
+UNASSIGNED = -2  # `segment_profiles_in_memory`: a user the model assigned no segment (noise is -1)
 
 @dataclass(frozen=True)
 class SegmentProfile:
@@ -223,20 +229,76 @@ def segment_profiles_by_model(
     ).collect()[0]
     pop_means = {n: _finite(population[f"m{alias[n]}"]) for n in names}
     pop_stds = {n: _finite(population[f"s{alias[n]}"]) for n in names}
+    segments = [(row["model"], row["segment"], int(row["_size"]), {n: row[alias[n]] for n in names}) for row in per_segment]
+    return _profiles_of_models(names, segments, pop_means, pop_stds, top_n, category_labels, models)
 
+
+def segment_profiles_in_memory(
+    values: pd.DataFrame,
+    labels: Mapping[str, np.ndarray],
+    feature_names: Sequence[str],
+    *,
+    top_n: int = 5,
+    category_labels: Mapping[str, str] | None = None,
+    models: Sequence[str] = (),
+) -> dict[str, SegmentProfiles]:
+    """`segment_profiles_by_model` of a run whose users all fit on the driver, without a Spark job:
+    `values` holds every user's features (one row per user; null as NaN) and `labels` each model's
+    segment of every user, aligned with `values`' rows (`UNASSIGNED` where the model assigned none).
+    The same statistics as the Spark aggregations (means over the members where a feature is not
+    null, the population standard deviation with ddof 0), to rounding."""
+    names = list(feature_names)
+    missing = [n for n in names if n not in values.columns]
+    if missing:
+        raise ValueError(f"segment_profiles: features has no column(s) {missing}; it has {list(values.columns)}")
+    if top_n < 0:
+        raise ValueError(f"segment_profiles: top_n must be >= 0, got {top_n}")
+    matrix = values[names].to_numpy(dtype=np.float64, na_value=np.nan).reshape(len(values), len(names))
+    present = ~np.isnan(matrix)
+    counts = present.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pop_mean = np.where(present, matrix, 0.0).sum(axis=0) / counts
+        pop_std = np.sqrt(np.where(present, (matrix - pop_mean) ** 2, 0.0).sum(axis=0) / counts)
+    pop_means = {n: _finite(pop_mean[i]) for i, n in enumerate(names)}
+    pop_stds = {n: _finite(pop_std[i]) for i, n in enumerate(names)}
+    segments = []
+    for model, assigned in labels.items():
+        assigned = np.asarray(assigned, dtype=np.int64)
+        if assigned.shape != (len(values),):
+            raise ValueError(f"segment_profiles: {model} has {assigned.shape[0]} labels for {len(values)} users")
+        for segment in np.unique(assigned[assigned != UNASSIGNED]):
+            members = assigned == segment
+            inside = present[members]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = np.where(inside, matrix[members], 0.0).sum(axis=0) / inside.sum(axis=0)
+            segments.append((model, int(segment), int(members.sum()), {n: means[i] for i, n in enumerate(names)}))
+    return _profiles_of_models(names, segments, pop_means, pop_stds, top_n, category_labels, models)
+
+
+def _profiles_of_models(
+    names: list[str],
+    segments: Sequence[tuple[str, int | None, int, Mapping[str, float | None]]],
+    pop_means: dict[str, float | None],
+    pop_stds: dict[str, float | None],
+    top_n: int,
+    category_labels: Mapping[str, str] | None,
+    models: Sequence[str],
+) -> dict[str, SegmentProfiles]:
+    """Every model's SegmentProfiles from its segments' (model, segment, size, means) and the
+    population's means and standard deviations: z-scores, top features and names."""
     by_model: dict[str, list] = {model: [] for model in models}
-    for row in per_segment:
-        by_model.setdefault(row["model"], []).append(row)
+    for row in segments:
+        by_model.setdefault(row[0], []).append(row)
     result = {}
     for model, rows in sorted(by_model.items()):
-        total = sum(int(r["_size"]) for r in rows)
+        total = sum(size for _, _, size, _ in rows)
         raw: list[tuple[int, int, dict, dict]] = []
-        for row in sorted(rows, key=lambda r: (r["segment"] is None, r["segment"])):
-            if row["segment"] is None:
+        for _, segment, size, segment_means in sorted(rows, key=lambda r: (r[1] is None, r[1])):
+            if segment is None:
                 raise ValueError("segment_profiles: assignments has users with a null segment; use -1 for noise")
-            means = {n: _finite(row[alias[n]]) for n in names}
+            means = {n: _finite(segment_means[n]) for n in names}
             zscores = {n: _zscore(means[n], pop_means[n], pop_stds[n]) for n in names}
-            raw.append((int(row["segment"]), int(row["_size"]), means, zscores))
+            raw.append((int(segment), size, means, zscores))
         unnamed = [
             SegmentProfile(seg, "", size, size / total if total else 0.0, means, z, ranked(z)[:top_n])
             for seg, size, means, z in raw

