@@ -226,7 +226,7 @@ def run_command(config_path, run_id, as_of, overrides, more_overrides) -> None:
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
     _key_checked(cfg)
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg, batch=True), cfg.spark.remote) as spark, _progress(spark):
         result = usecases.run(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
 
@@ -264,7 +264,7 @@ def features_command(list_catalog, markdown, config_path, run_id, as_of, overrid
 
     _batch_run_id(run_id, cfg)
     _key_checked(cfg)
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg, batch=True), cfg.spark.remote) as spark, _progress(spark):
         result = usecases.features(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
 
@@ -296,7 +296,7 @@ def train_command(config_path, run_id, as_of, overrides, more_overrides) -> None
 
     cfg = load_config(config_path, _overrides(overrides, more_overrides))
     _batch_run_id(run_id, cfg)
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg, batch=True), cfg.spark.remote) as spark, _progress(spark):
         result = usecases.train(spark, cfg, run_id=run_id, as_of=as_of)
     _print_summary(result)
 
@@ -331,7 +331,7 @@ def score_command(config_path, bundle_dir, run_id, as_of, overrides, more_overri
     # A broken, tampered or (with bundle.signing_key_env) unsigned bundle fails now, before Spark starts.
     open_bundle(bundle_dir, signing=bundle_signing(cfg.bundle))
     _key_checked(cfg)
-    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg), cfg.spark.remote) as spark, _progress(spark):
+    with _session(cfg.spark.app_name, cfg.spark.master, _spark_conf(cfg, batch=True), cfg.spark.remote) as spark, _progress(spark):
         result = usecases.score(spark, cfg, run_id=run_id, as_of=as_of, bundle=bundle_dir)
     _print_summary(result)
 
@@ -430,10 +430,13 @@ def _overrides(flagged: Sequence[str], trailing: Sequence[str]) -> list[str]:
     return [*flagged, *trailing]
 
 
-def _spark_conf(cfg) -> dict[str, str]:
-    """The settings of a session segspark builds (with `auto` shuffle partitions, runs size their own)."""
+def _spark_conf(cfg, batch: bool = False) -> dict[str, str]:
+    """The settings of a session segspark builds (with `auto` shuffle partitions, runs size their own);
+    `batch`: a batch command's, whose driver compiles by the size of its input (spark.jit)."""
+    from segspark.runtime.jit import driver_jit_conf
+
     pinned = {} if cfg.spark.shuffle_partitions == "auto" else {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions)}
-    return {**pinned, **cfg.spark.conf}
+    return {**pinned, **cfg.spark.conf, **(driver_jit_conf(cfg.spark, cfg.input) if batch else {})}
 
 
 def _print_summary(result) -> None:

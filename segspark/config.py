@@ -55,6 +55,9 @@ class SparkConfig(_Section):
     # `auto`: each batch run, and each micro-batch of a stream, sizes its shuffles from its input
     # (runtime/shuffle_sizing.py); a number pins the session's spark.sql.shuffle.partitions.
     shuffle_partitions: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # The driver JVM's compilers when segspark launches a local session for a batch command: `auto`
+    # C1 alone for a small input, `quick` C1 alone, `full` the JVM's default (runtime/jit.py).
+    jit: Literal["auto", "quick", "full"] = "auto"
     conf: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("conf", mode="before")

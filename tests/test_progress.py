@@ -104,5 +104,7 @@ def test_cli_draws_progress_on_a_real_terminal(sample_parquet, tmp_path):
     terminal = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0, terminal[-3000:]
     assert "segspark: ingest |" in terminal or "segspark: features |" in terminal
+    # A 400-user sample: the session segspark launches for it compiles with C1 alone (runtime/jit.py).
+    assert "driver JVM: C1 compiler alone (spark.jit auto:" in terminal
     assert progress.CLEAR_LINE in terminal
     assert "\x1b[" not in stdout.decode()  # the summary on stdout has no control codes
