@@ -3,8 +3,10 @@
 By default a JVM compiles hot code twice: at once with C1, then again with the optimising C2 compiler
 in background threads. A small input's run ends before C2's work pays back, and on a 2-core machine
 those threads compete with the run itself. Measured with `segspark run` on the demo's 5,000 users
-(7.7 MB of Parquet, local[2], four alternated pairs): 48.1 s and 59-75 busy cpu-s with C1 alone
-(`-XX:TieredStopAtLevel=1`) against 53.6 s and 90-104 cpu-s with both. At 20,000 users (26 MB) they
+(7.7 MB of Parquet, local[2], the machine's busy CPU from /proc/stat): with C1 alone
+(`-XX:TieredStopAtLevel=1`) 46.6 s and 64-68 busy cpu-s against 51.8 s and 89-98 cpu-s with both
+(`--set spark.jit=auto` and `full`, three alternated pairs; the option given through SPARK_SUBMIT_OPTS
+before: 48.1 s and 59-75 cpu-s against 53.6 s and 90-104, four pairs). At 20,000 users (26 MB) they
 were even (84.3 s against 81.5 s, 117 against 146 cpu-s), and past that C2 wins: the ingest and
 features of 1.4M events took 17.8 s with C1 alone against 10.5 s (`scripts/bench.py --suite
 ingest_features --scale 1200000`).
