@@ -27,6 +27,7 @@ def events(tmp_path):
 
 def test_a_small_local_input_gets_c1_alone_with_the_configs_own_options_kept(events):
     assert local_input_bytes(config(f"input.path={events}").input) == 3 * MIB
+    assert 1 * MIB < local_input_bytes(config(f"input.path={events}").input, stop_above=MIB) <= 3 * MIB
     assert quick_jit_conf(*parts(f"input.path={events}")) == {OPTIONS: QUICK}
     own = parts(f"input.path={events}", 'spark.conf={"spark.driver.extraJavaOptions": "-Dmine=1"}')
     assert quick_jit_conf(*own) == {OPTIONS: f"-Dmine=1 {QUICK}"}

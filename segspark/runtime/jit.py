@@ -57,8 +57,8 @@ def quick_jit_conf(spark_cfg: SparkConfig, input_cfg: InputConfig) -> dict[str, 
     if launched_elsewhere or spark_cfg.jit == "full" or any(option in own for option in _COMPILATION_OPTIONS):
         return {}
     if spark_cfg.jit == "auto":
-        size = local_input_bytes(input_cfg)
         limit = QUICK_MAX_BYTES.get(input_cfg.format)
+        size = None if limit is None else local_input_bytes(input_cfg, stop_above=limit)
         if size is None or limit is None or size > limit:
             return {}
         log.info("driver JVM: C1 compiler alone (spark.jit auto: %.1f MB of %s input, at most %d MiB)",
@@ -68,9 +68,10 @@ def quick_jit_conf(spark_cfg: SparkConfig, input_cfg: InputConfig) -> dict[str, 
     return {DRIVER_OPTIONS: f"{own} {QUICK}".strip()}
 
 
-def local_input_bytes(input_cfg: InputConfig) -> int | None:
+def local_input_bytes(input_cfg: InputConfig, stop_above: int | None = None) -> int | None:
     """The bytes of the files under input.path (a file, a folder or a glob on a local file system);
-    None when the path is not local or holds nothing."""
+    None when the path is not local or holds nothing. With `stop_above`, the count stops as soon as it
+    passes that many bytes (a large input's folder is not walked to the end only to learn it is large)."""
     local = local_path(input_cfg.path)
     if local is None:
         return None
@@ -78,10 +79,10 @@ def local_input_bytes(input_cfg: InputConfig) -> int | None:
     matches = glob.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
     total, found = 0, False
     for match in matches:
-        if os.path.isfile(match):
-            total, found = total + os.path.getsize(match), True
-            continue
-        for folder, _, files in os.walk(match):
-            for name in files:
+        files = [("", [], [match])] if os.path.isfile(match) else os.walk(match)
+        for folder, _, names in files:
+            for name in names:
                 total, found = total + os.path.getsize(os.path.join(folder, name)), True
+                if stop_above is not None and total > stop_above:
+                    return total
     return total if found else None
