@@ -208,6 +208,15 @@ def get_spark(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     log.info("started SparkSession (Spark %s, master %s)", spark.version, spark.sparkContext.master)
+    return _remembering_lookups(spark)
+
+
+def _remembering_lookups(spark: SparkSession) -> SparkSession:
+    """The session with PySpark's lookups of Spark's static classes kept in Python (runtime.jvm:
+    two of every column's three py4j round trips)."""
+    from segspark.runtime.jvm import remember_static_lookups  # runtime.jvm imports this module
+
+    remember_static_lookups(spark)
     return spark
 
 
@@ -225,11 +234,12 @@ def _connect_session(app_name: str, remote: str, conf: Mapping[str, str] | None)
 def apply_required_conf(spark: SparkSession) -> SparkSession:
     """Set the session-level SQL settings segspark relies on (REQUIRED_CONF) on a session someone
     else built: a notebook's `spark`, a Spark Connect session. Library entry points call it, so
-    `usecases.run(spark, cfg)` works on any session."""
+    `usecases.run(spark, cfg)` works on any session. On a classic session it also keeps PySpark's
+    lookups of Spark's static classes in Python (`_remembering_lookups`)."""
     for key, value in REQUIRED_CONF.items():
         if spark.conf.get(key, None) != value:
             spark.conf.set(key, value)
-    return spark
+    return _remembering_lookups(spark)
 
 
 def is_connect(spark: SparkSession) -> bool:
