@@ -63,7 +63,8 @@ def test_the_first_lookup_asks_once_and_fields_are_asked_every_time(spark, sent)
 
 def test_remembering_again_keeps_the_classes_and_a_missing_class_is_skipped(spark, monkeypatch):
     view = spark.sparkContext._jvm
-    before = {name: vars(view)[name] for name in jvm.STATIC_CLASSES}
+    before = {name: vars(view).get(name) for name in jvm.STATIC_CLASSES}
+    assert isinstance(before["org.apache.spark.sql.functions"], jvm._RememberedClass)
     monkeypatch.setattr(jvm, "STATIC_CLASSES", (*jvm.STATIC_CLASSES, "org.example.NoSuchClass"))
     assert apply_required_conf(spark) is spark
     assert {name: vars(view)[name] for name in before} == before
