@@ -145,10 +145,13 @@ def _utc_suffixed_time(text: Column) -> Column:
     against 6 s to read them). A value of exactly that shape in UTC (separators where the pattern puts
     them, so each field has its fixed width) is the timestamp cast of its first 19 characters, which
     reads it as the pattern does and refuses the same impossible dates and times; any other value
-    (another zone, another shape) still goes through the pattern."""
-    at = lambda position, expected: F.substring(text, position, 1) == expected  # noqa: E731 - 1-based
-    utc_shape = ((F.length(text) == 23) & text.endswith(" UTC") & at(5, "-") & at(8, "-") & at(11, " ")
-                 & at(14, ":") & at(17, ":"))
+    (another zone, another shape) still goes through the pattern.
+
+    The shape is one LIKE (each `_` one character): Spark matches it with one compiled regular
+    expression, where the same test written as five one-character substrings, a length and a suffix
+    built a string per check (11.7M events of REES46 CSV, the event time alone: 0.9 s above reading
+    it, against 2.0 s)."""
+    utc_shape = text.like("____-__-__ __:__:__ UTC")
     return F.when(utc_shape, F.substring(text, 1, 19).try_cast(TimestampType())).otherwise(
         F.try_to_timestamp(text, F.lit(UTC_SUFFIXED_FORMAT)))
 
