@@ -242,6 +242,8 @@ def test_utc_suffixed_times_read_as_the_pattern_reads_them(spark):
         "2019-10-01 00:00:03 CET", "2019-10-01 00:00:03 Europe/Paris", "2019-10-01 00:00:03 GMT+2",  # other zones
         "2019-10-01 0:00:03 UTC", "2019-10-01 00:00:03.5 UTC", "2019-10-01 00:00:03", "2019-10-01 00:00:03 utc",
         " 2019-10-01 00:00:03 UTC", "+2019-10-01 00:00:0 UTC", "UTC", "",
+        # the shape is a LIKE: its wildcards in a value, and a line break, are characters like any other
+        "2019_10_01 00:00:03 UTC", "2019-10-01 00:00:0% UTC", "2019-10-01 00:0\n:03 UTC", "2019-10-01 00:00:03 UTC\n",
     ]
     df = spark.createDataFrame([(v,) for v in values], "text string")
     rows = df.select(
