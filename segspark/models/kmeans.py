@@ -30,6 +30,7 @@ from pyspark.sql import functions as F
 
 from segspark.config import ClusteringConfig
 from segspark.models.contract import (
+    QUANTILE_RELATIVE_ERROR,
     MLlibSaving,
     assignments,
     check_fit_arguments,
@@ -44,7 +45,6 @@ from segspark.runtime.expressions import memoised
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "kmeans"
-QUANTILE_RELATIVE_ERROR = 1e-4  # rank error of the anomaly threshold
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ def fit_one(
     *,
     max_iter: int = 40,
     contamination: float = 0.01,
+    quantile_relative_error: float = QUANTILE_RELATIVE_ERROR,
     start: SampleFit | None = None,
     points: np.ndarray | None = None,
     **_: object,
@@ -123,7 +124,7 @@ def fit_one(
     on a classic session; otherwise, and without one, MLlib's k-means|| with `seed`). points: set
     when the sample holds every user (their prepared vectors); `start` is then already scikit-learn's
     fit of every user, and becomes the MLlib model as it is, without MLlib's iterations."""
-    check_fit_arguments(k, contamination)
+    check_fit_arguments(k, contamination, quantile_relative_error)
     # Fit on a projection, not on the cached `prepared` itself: MLlib caches its own deserialised
     # vectors only when its input is not cached, and re-reading Spark's columnar cache on every
     # iteration was measured 3.6x slower (200k users, 33 dimensions).
@@ -148,7 +149,7 @@ def fit_one(
     aggregates = [F.sum("_nearest").alias("cost"), F.count(F.lit(1)).alias("n")]
     aggregates += [F.sum(F.when(F.col("segment") == j, 1).otherwise(0)).alias(f"size_{j}") for j in range(len(centroids))]
     if contamination > 0:
-        aggregates.append(threshold_aggregate(F.sqrt("_nearest"), contamination, QUANTILE_RELATIVE_ERROR).alias("q"))
+        aggregates.append(threshold_aggregate(F.sqrt("_nearest"), contamination, quantile_relative_error).alias("q"))
     row = scored.agg(*aggregates).first()
     n, cost = int(row["n"]), float(row["cost"] or 0.0)
     sizes = [int(row[f"size_{j}"]) for j in range(len(centroids))]
